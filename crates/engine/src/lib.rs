@@ -1,1 +1,6 @@
+//! The `native` engine: a Llama-family model with a paged KV cache, its tokenizer and its sampler.
 #![forbid(unsafe_code)]
+
+pub mod error;
+
+pub use error::{EngineError, ErrorClass, Result};
