@@ -1,6 +1,21 @@
 //! The `native` engine: a Llama-family model with a paged KV cache, its tokenizer and its sampler.
+//!
+//! Layers: [`kernels`] (fixed-order CPU kernels), [`model`] (configuration, loading, forward pass),
+//! [`kv`] (block allocator and KV pool), [`engine`] (sequences and steps: what workers call),
+//! [`sampling`], [`generate`] (the single-process reference loop) and [`tiny`] (a random model for tests).
 #![forbid(unsafe_code)]
 
+pub mod engine;
 pub mod error;
+pub mod generate;
+pub mod kernels;
+pub mod kv;
+pub mod model;
+pub mod sampling;
+pub mod tiny;
 
+pub use engine::{Engine, SeqId, StepItem};
 pub use error::{EngineError, ErrorClass, Result};
+pub use generate::{Flow, Generated, generate};
+pub use model::{Model, ModelConfig};
+pub use sampling::{FinishReason, SamplingParams};
