@@ -4,7 +4,7 @@ use rayon::prelude::*;
 use wide::f32x8;
 
 use super::quant::{BlockFormat, QK, dequantize_row};
-use super::{finish, load8};
+use super::finish;
 
 /// Weight rows in their stored form: f32, or a GGUF block format dequantized on the fly.
 #[derive(Debug, Clone)]
@@ -167,6 +167,15 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
 /// Computes columns `cols` of `x · Wᵀ` for `m` rows into `out` (row stride `ld`, column 0 = cols.start).
 fn block(x: &[f32], m: usize, w: &Weight, cols: std::ops::Range<usize>, out: &mut [f32], ld: usize) {
     let k = w.k;
+    if let WeightData::Quant { format, bytes } = &w.data {
+        if m < ROW_SPLIT_MIN && k % QK == 0 {
+            // Few rows: dequantize in registers rather than into a panel that few rows would share.
+            let rb = format.row_bytes(k);
+            let wrows = &bytes[cols.start * rb..cols.end * rb];
+            super::fused::quant_block(*format, wrows, rb, x, m, k, out, ld);
+            return;
+        }
+    }
     let mut scratch: Vec<Vec<f32>> = vec![Vec::new(); NR];
     let mut c = cols.start;
     while c < cols.end {
@@ -205,20 +214,27 @@ fn block(x: &[f32], m: usize, w: &Weight, cols: std::ops::Range<usize>, out: &mu
 #[inline(always)]
 fn tile<const R: usize, const C: usize>(xr: [&[f32]; R], wr: [&[f32]; C]) -> [[f32; C]; R] {
     let k = xr[0].len();
-    let k8 = k / 8 * 8;
+    let k8 = k / 8;
+    let xs: [&[[f32; 8]]; R] = std::array::from_fn(|i| &xr[i].as_chunks::<8>().0[..k8]);
+    let ws: [&[[f32; 8]]; C] = std::array::from_fn(|j| &wr[j].as_chunks::<8>().0[..k8]);
     let mut acc = [[f32x8::ZERO; C]; R];
-    let mut p = 0;
-    while p < k8 {
-        let xv: [f32x8; R] = std::array::from_fn(|i| load8(&xr[i][p..]));
+    for p in 0..k8 {
+        let xv: [f32x8; R] = std::array::from_fn(|i| f32x8::new(xs[i][p]));
         for j in 0..C {
-            let wv = load8(&wr[j][p..]);
+            let wv = f32x8::new(ws[j][p]);
             for i in 0..R {
                 acc[i][j] = xv[i].mul_add(wv, acc[i][j]);
             }
         }
-        p += 8;
     }
-    std::array::from_fn(|i| std::array::from_fn(|j| finish(acc[i][j], &xr[i][k8..], &wr[j][k8..])))
+    // No closure may capture `acc`: taking its address keeps a copy in memory, stored at every FMA.
+    let mut out = [[0f32; C]; R];
+    for i in 0..R {
+        for j in 0..C {
+            out[i][j] = finish(acc[i][j], &xr[i][k8 * 8..], &wr[j][k8 * 8..]);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

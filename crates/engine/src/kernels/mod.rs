@@ -8,6 +8,7 @@
 //! the equivalence tests of a disaggregated run against a single process are exact, not approximate.
 
 mod attention;
+mod fused;
 mod matmul;
 mod ops;
 mod quant;

@@ -1,0 +1,31 @@
+//! Matmul kernel throughput on the shapes of SmolLM2 (GFLOP/s), f32 and Q4_1 weights.
+use std::time::Instant;
+
+use tandem_engine::kernels::{Weight, matmul};
+use tandem_engine::tiny::quantize_q4_1;
+
+fn main() {
+    let (n, k) = (1536usize, 576usize);
+    let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let f = Weight::f32(n, k, w.clone());
+    let q = quantize_q4_1(&w, n, k);
+    let only: Option<usize> = std::env::var("M").ok().and_then(|v| v.parse().ok());
+    let reps_env: Option<usize> = std::env::var("REPS").ok().and_then(|v| v.parse().ok());
+    for m in [1usize, 4, 16, 200] {
+        if only.is_some_and(|o| o != m) {
+            continue;
+        }
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 13) % 97) as f32 / 97.0).collect();
+        let mut out = vec![0f32; m * n];
+        for (name, wt) in [("f32", &f), ("q4_1", &q)] {
+            let reps = reps_env.unwrap_or((2000 / m).max(5));
+            matmul(&x, m, wt, &mut out);
+            let t = Instant::now();
+            for _ in 0..reps {
+                matmul(&x, m, wt, &mut out);
+            }
+            let dt = t.elapsed().as_secs_f64() / reps as f64;
+            println!("m={m:4} {name:5} {:8.1} us  {:6.1} GFLOP/s", dt * 1e6, 2.0 * (m * n * k) as f64 / dt / 1e9);
+        }
+    }
+}
