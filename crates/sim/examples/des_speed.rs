@@ -26,7 +26,7 @@ fn config(requests: usize) -> Result<SimConfig, tandem_sim::SimError> {
             link: Link::infiniband_ndr(),
         },
         workload: Workload {
-            arrivals: Arrivals::Poisson { rate: 150.0 },
+            arrivals: Arrivals::Poisson { rate: 95.0 },
             input: Lengths::Normal { mean: 1000.0, std: 400.0, lo: 50, hi: 3000 },
             output: Lengths::Uniform { lo: 64, hi: 512 },
         },

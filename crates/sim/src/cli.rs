@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use crate::catalog::Catalog;
 use crate::error::SimError;
-use crate::evaluate::static_batch;
+use crate::evaluate::{size_static, static_batch};
 use crate::peak::poisson_peak;
 use crate::perf::{Link, PerfModel};
 use crate::planner::{Grid, Mode, ModelSource, PlanInput, plan};
@@ -16,6 +16,15 @@ use crate::report;
 use crate::roofline::{Efficiency, Roofline};
 use crate::stats::Slo;
 use crate::workload::{Arrivals, Lengths, Workload};
+
+/// How `tandem plan` sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// Simulate continuous batching, aggregated and disaggregated, with the discrete-event simulator.
+    Simulate,
+    /// The sizing calculator's method: static batches (prefill together, decode in lock step).
+    Static,
+}
 
 /// Size a cluster for a workload under latency objectives, or cost one configuration.
 #[derive(Debug, Clone, Args)]
@@ -59,6 +68,9 @@ pub struct PlanArgs {
     /// Cost one configuration instead of searching: `tp=4,batch=128,mode=aggregated`.
     #[arg(long, env = "TANDEM_PLAN_EVALUATE")]
     pub evaluate: Option<String>,
+    /// Sizing method: simulate (continuous batching, the default) or static (the calculator's).
+    #[arg(long, env = "TANDEM_PLAN_METHOD", value_enum, default_value_t = Method::Simulate)]
+    pub method: Method,
     /// Print JSON instead of text.
     #[arg(long, env = "TANDEM_PLAN_JSON")]
     pub json: bool,
@@ -145,6 +157,20 @@ pub fn run_plan(args: &PlanArgs) -> Result<String, SimError> {
         return Err(SimError::invalid(format!("--rate must be positive, got {rate}")));
     }
     let slo = Slo { ttft_s: parse_duration(&args.ttft)?, tpot_s: parse_duration(&args.itl)? };
+    let models: Vec<Arc<dyn PerfModel>> = [1, 2, 4, 8].iter().filter_map(|&tp| src.at(tp)).collect();
+    let stat = size_static(&models, args.isl, args.osl, rate, slo.ttft_s, slo.tpot_s, per_node);
+    if args.method == Method::Static {
+        let Some(st) = stat else {
+            let best = models.iter().filter_map(|m| static_batch(m.as_ref(), 1, args.isl, args.osl).ok());
+            let ttft = best.map(|e| e.ttft_ms).fold(f64::INFINITY, f64::min);
+            let binding = if ttft > slo.ttft_s * 1e3 { "TTFT" } else { "ITL" };
+            return Err(SimError::Infeasible {
+                binding: binding.into(),
+                detail: format!("no static batch meets the objectives (best TTFT at batch 1: {ttft:.0} ms)"),
+            });
+        };
+        return Ok(report::static_sizing(&st, rate, models.iter().find(|m| m.tensor_parallel() == st.estimate.tp).map(|m| m.describe()), args.json));
+    }
     let input = PlanInput {
         source: src,
         workload: Workload { arrivals: Arrivals::Poisson { rate }, input: input_len, output: output_len },
@@ -157,7 +183,7 @@ pub fn run_plan(args: &PlanArgs) -> Result<String, SimError> {
         grid: Grid::default(),
     };
     let p = plan(&input)?;
-    let ctx = report::Context { input: &input, peak: peak_note, gpus_per_node: per_node };
+    let ctx = report::Context { input: &input, peak: peak_note, gpus_per_node: per_node, static_sizing: stat };
     if let Some(path) = &args.plot {
         let svg = crate::svg::plot(&ctx, &p)?;
         std::fs::write(path, svg).map_err(|source| SimError::Io { path: path.clone(), source })?;

@@ -103,9 +103,63 @@ mod tests {
     }
 
     #[test]
+    fn gpt43b_static_sizing_answers_13_dgx_give_or_take_one() {
+        let models: Vec<std::sync::Arc<dyn PerfModel>> =
+            [1, 2, 4, 8].iter().filter_map(|&tp| Some(std::sync::Arc::new(roof_opt("gpt-43b", tp)?) as _)).collect();
+        let s = size_static(&models, 3500, 500, 31.0, 3.0, 10.0, 8).unwrap();
+        assert!((12..=14).contains(&s.nodes), "{s:?}");
+        assert!(s.estimate.ttft_ms <= 3000.0);
+    }
+
+    fn roof_opt(model: &str, tp: u32) -> Option<Roofline> {
+        let c = Catalog::builtin().unwrap();
+        Roofline::new(c.model(model).unwrap(), c.gpu("h100").unwrap(), tp, Efficiency::CALIBRATED).ok()
+    }
+
+    #[test]
     fn oversized_batch_is_refused() {
         let r = roof("llama-2-70b", 4);
         let err = static_batch(&r, 4096, 3500, 500).unwrap_err();
         assert!(matches!(err, SimError::DoesNotFit { .. }), "{err}");
     }
+}
+
+/// The sizing calculator's answer for a rate: the static configuration (tensor parallelism and a
+/// power-of-two batch, as the published tables use) with the most prompts/s per GPU whose TTFT and
+/// ITL meet the objectives, replicated to the rate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StaticSizing {
+    pub estimate: StaticEstimate,
+    pub instances: u32,
+    pub gpus: u32,
+    pub nodes: u32,
+}
+
+/// Searches tensor parallelism in `tps` and batches 1, 2, 4, ... for the static sizing of `rate`.
+/// `None` when no configuration meets the objectives.
+pub fn size_static(
+    models: &[std::sync::Arc<dyn PerfModel>],
+    isl: u32,
+    osl: u32,
+    rate: f64,
+    ttft_s: f64,
+    itl_s: f64,
+    gpus_per_node: u32,
+) -> Option<StaticSizing> {
+    let mut best: Option<StaticEstimate> = None;
+    for m in models {
+        let mut batch = 1u32;
+        while batch <= 4096 {
+            let Ok(e) = static_batch(m.as_ref(), batch, isl, osl) else { break };
+            if e.ttft_ms <= ttft_s * 1e3 && e.itl_ms <= itl_s * 1e3 && best.is_none_or(|b| e.prompts_per_s_per_8gpu > b.prompts_per_s_per_8gpu) {
+                best = Some(e);
+            }
+            batch *= 2;
+        }
+    }
+    let e = best?;
+    let per_instance = e.prompts_per_s_per_8gpu * f64::from(e.tp) / 8.0;
+    let instances = (rate / per_instance).ceil().max(1.0) as u32;
+    let gpus = instances * e.tp;
+    Some(StaticSizing { estimate: e, instances, gpus, nodes: gpus.div_ceil(gpus_per_node) })
 }

@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use serde_json::{Value, json};
 
-use crate::evaluate::StaticEstimate;
+use crate::evaluate::{StaticEstimate, StaticSizing};
 use crate::perf::PerfModel;
 use crate::planner::{Candidate, Mode, Plan, PlanInput};
 use crate::stats::Dist;
@@ -16,6 +16,8 @@ pub struct Context<'a> {
     /// (average, percentile, peak) when the rate came from an average.
     pub peak: Option<(f64, f64, f64)>,
     pub gpus_per_node: u32,
+    /// The calculator's static-batch answer, for comparison.
+    pub static_sizing: Option<StaticSizing>,
 }
 
 fn ms(d: &Dist) -> Value {
@@ -75,6 +77,7 @@ pub fn json(ctx: &Context<'_>, p: &Plan) -> String {
         "objectives": { "ttft_ms": i.slo.ttft_s * 1e3, "itl_ms": i.slo.tpot_s * 1e3, "attainment": i.attainment },
         "recommended": candidate_json(ctx, &p.recommended),
         "runner_ups": p.runner_ups.iter().map(|c| candidate_json(ctx, c)).collect::<Vec<_>>(),
+        "static_sizing": ctx.static_sizing.map(|s| static_json(&s, i.rate, None)),
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }
@@ -126,6 +129,15 @@ pub fn text(ctx: &Context<'_>, p: &Plan) -> String {
     );
     let _ = writeln!(s, "model: {}", describe_model(ctx, p.recommended.tp_prefill));
     let _ = writeln!(s, "\nrecommended: {}", line(ctx, &p.recommended));
+    if let Some(st) = &ctx.static_sizing {
+        let _ = writeln!(
+            s,
+            "\nfor comparison, static batching (the sizing calculator's method): {} x TP{} batch {}, {} GPUs \
+             ({} nodes); TTFT {:.0} ms, ITL {:.1} ms, {:.2} prompts/s per 8 GPUs",
+            st.instances, st.estimate.tp, st.estimate.batch, st.gpus, st.nodes, st.estimate.ttft_ms,
+            st.estimate.itl_ms, st.estimate.prompts_per_s_per_8gpu
+        );
+    }
     if !p.runner_ups.is_empty() {
         let _ = writeln!(s, "\nrunner-ups:");
         for (k, c) in p.runner_ups.iter().enumerate() {
@@ -154,5 +166,36 @@ pub fn evaluation(e: &StaticEstimate, mode: Mode, model: &dyn PerfModel, as_json
         e.itl_ms,
         e.prompts_per_s_per_8gpu,
         e.tokens_per_s_per_gpu
+    )
+}
+
+fn static_json(s: &StaticSizing, rate: f64, model: Option<String>) -> Value {
+    let e = &s.estimate;
+    json!({
+        "mode": "static", "rate_rps": rate, "gpus": s.gpus, "nodes": s.nodes, "instances": s.instances,
+        "tp_prefill": e.tp, "tp_decode": e.tp, "batch": e.batch, "ttft_ms": e.ttft_ms, "itl_ms": e.itl_ms,
+        "prompts_per_s_per_8gpu": e.prompts_per_s_per_8gpu,
+        "goodput_per_gpu": e.prompts_per_s_per_8gpu / 8.0, "model": model,
+    })
+}
+
+/// The calculator method's answer (`--method static`).
+pub fn static_sizing(s: &StaticSizing, rate: f64, model: Option<String>, as_json: bool) -> String {
+    if as_json {
+        return serde_json::to_string_pretty(&static_json(s, rate, model)).unwrap_or_default();
+    }
+    let e = &s.estimate;
+    format!(
+        "{}\nstatic batching for {rate:.2} requests/s: {} x TP{} batch {}: {} GPUs ({} nodes)\n\
+         TTFT {:.0} ms (batch prefill + first step), ITL {:.1} ms, {:.2} prompts/s per 8 GPUs\n",
+        model.unwrap_or_default(),
+        s.instances,
+        e.tp,
+        e.batch,
+        s.gpus,
+        s.nodes,
+        e.ttft_ms,
+        e.itl_ms,
+        e.prompts_per_s_per_8gpu
     )
 }

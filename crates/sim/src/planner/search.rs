@@ -115,26 +115,41 @@ pub(super) fn disaggregated(input: &PlanInput, out: &mut Vec<Candidate>, binding
     if dec.is_empty() {
         binding.push("ITL".into());
     }
-    let per_gpu = |u: &Unit| u.rate / f64::from(u.tp);
-    pre.sort_by(|a, b| per_gpu(b).total_cmp(&per_gpu(a)));
-    dec.sort_by(|a, b| per_gpu(b).total_cmp(&per_gpu(a)));
-    for p in pre.iter().take(2) {
-        for d in dec.iter().take(2) {
-            let c = Candidate {
-                mode: Mode::Disaggregated,
-                tp_prefill: p.tp,
-                tp_decode: d.tp,
-                prefill_instances: (input.rate / p.rate).ceil().max(1.0) as u32,
-                decode_instances: (input.rate / d.rate).ceil().max(1.0) as u32,
-                max_batch: d.knob,
-                batch_tokens: p.knob,
-                gpus: 0,
-                at_rate: None,
-                goodput_rps: None,
-            };
-            if let Some(c) = settle(input, c)? {
-                out.push(c);
-            }
+    // Replicating a unit rounds up, so the best per-GPU unit is not always the cheapest cluster:
+    // rank every pairing by the GPUs it needs at the target rate, then by its spare capacity.
+    let count = |u: &Unit| (input.rate / u.rate).ceil().max(1.0) as u32;
+    let mut pairs: Vec<(u32, f64, &Unit, &Unit)> = Vec::new();
+    for p in &pre {
+        for d in &dec {
+            let gpus = count(p) * p.tp + count(d) * d.tp;
+            let spare = (f64::from(count(p)) * p.rate).min(f64::from(count(d)) * d.rate);
+            pairs.push((gpus, spare, p, d));
+        }
+    }
+    pairs.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
+    // One pairing per cluster shape (batch knobs aside), so that distinct shapes get settled.
+    let mut shapes = Vec::new();
+    pairs.retain(|(_, _, p, d)| {
+        let key = (p.tp, count(p), d.tp, count(d));
+        let new = !shapes.contains(&key);
+        shapes.push(key);
+        new
+    });
+    for &(_, _, p, d) in pairs.iter().take(4) {
+        let c = Candidate {
+            mode: Mode::Disaggregated,
+            tp_prefill: p.tp,
+            tp_decode: d.tp,
+            prefill_instances: count(p),
+            decode_instances: count(d),
+            max_batch: d.knob,
+            batch_tokens: p.knob,
+            gpus: 0,
+            at_rate: None,
+            goodput_rps: None,
+        };
+        if let Some(c) = settle(input, c)? {
+            out.push(c);
         }
     }
     Ok(())
@@ -164,7 +179,8 @@ pub(super) fn aggregated(input: &PlanInput, out: &mut Vec<Candidate>, binding: &
     if units.is_empty() {
         binding.push("TTFT or ITL on aggregated instances".into());
     }
-    units.sort_by(|a, b| (b.0.rate / f64::from(b.0.tp)).total_cmp(&(a.0.rate / f64::from(a.0.tp))));
+    let gpus_for = |u: &Unit| (input.rate / u.rate).ceil().max(1.0) as u32 * u.tp;
+    units.sort_by(|a, b| gpus_for(&a.0).cmp(&gpus_for(&b.0)).then(b.0.rate.total_cmp(&a.0.rate)));
     for (u, budget) in units.iter().take(3) {
         let c = Candidate {
             mode: Mode::Aggregated,
