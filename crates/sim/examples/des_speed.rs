@@ -17,8 +17,17 @@ use tandem_sim::workload::{Arrivals, Lengths, Workload};
 
 fn config(requests: usize) -> Result<SimConfig, tandem_sim::SimError> {
     let cat = Catalog::builtin()?;
-    let m: Arc<dyn PerfModel> = Arc::new(Roofline::new(cat.model("llama-3-8b")?, cat.gpu("h100")?, 1, Efficiency::CALIBRATED)?);
-    let spec = |running, tokens| InstanceSpec { model: m.clone(), max_running: running, max_batch_tokens: tokens };
+    let m: Arc<dyn PerfModel> = Arc::new(Roofline::new(
+        cat.model("llama-3-8b")?,
+        cat.gpu("h100")?,
+        1,
+        Efficiency::CALIBRATED,
+    )?);
+    let spec = |running, tokens| InstanceSpec {
+        model: m.clone(),
+        max_running: running,
+        max_batch_tokens: tokens,
+    };
     Ok(SimConfig {
         cluster: Cluster::Disaggregated {
             prefill: (0..4).map(|_| spec(1, 8192)).collect(),
@@ -27,14 +36,22 @@ fn config(requests: usize) -> Result<SimConfig, tandem_sim::SimError> {
         },
         workload: Workload {
             arrivals: Arrivals::Poisson { rate: 95.0 },
-            input: Lengths::Normal { mean: 1000.0, std: 400.0, lo: 50, hi: 3000 },
+            input: Lengths::Normal {
+                mean: 1000.0,
+                std: 400.0,
+                lo: 50,
+                hi: 3000,
+            },
             output: Lengths::Uniform { lo: 64, hi: 512 },
         },
         requests,
         seed: 7,
         warmup: 0.1,
         phase: Phase::Full,
-        slo: Slo { ttft_s: 1.0, tpot_s: 0.05 },
+        slo: Slo {
+            ttft_s: 1.0,
+            tpot_s: 0.05,
+        },
     })
 }
 
@@ -62,6 +79,8 @@ fn main() -> Result<(), tandem_sim::SimError> {
         rep.attainment * 100.0
     );
     let ratio = (big_s / 100_000.0) / (base_s / 10_000.0);
-    println!("cost per request vs a 10,000-request baseline: {ratio:.2}x ({base_s:.3} s for the baseline)");
+    println!(
+        "cost per request vs a 10,000-request baseline: {ratio:.2}x ({base_s:.3} s for the baseline)"
+    );
     Ok(())
 }

@@ -76,19 +76,27 @@ impl ModelSpec {
 
     /// K and V for one token across all layers and KV heads.
     pub fn kv_bytes_per_token(&self) -> u64 {
-        let per = 2.0 * f64::from(self.layers * self.kv_heads * self.head_dim()) * self.dtype_bytes();
+        let per =
+            2.0 * f64::from(self.layers * self.kv_heads * self.head_dim()) * self.dtype_bytes();
         per as u64
     }
 
     fn validate(&self) -> Result<(), SimError> {
-        let zero = [self.layers, self.hidden, self.heads, self.kv_heads, self.ffn, self.vocab];
+        let zero = [
+            self.layers,
+            self.hidden,
+            self.heads,
+            self.kv_heads,
+            self.ffn,
+            self.vocab,
+        ];
         if zero.contains(&0) || self.max_context == 0 {
             return Err(SimError::invalid(format!(
                 "model {}: layers, hidden, heads, kv_heads, ffn, vocab and max_context must be positive",
                 self.name
             )));
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(SimError::invalid(format!(
                 "model {}: heads ({}) must be a multiple of kv_heads ({})",
                 self.name, self.heads, self.kv_heads
@@ -117,7 +125,10 @@ pub struct GpuSpec {
 impl GpuSpec {
     pub fn flops_for(&self, dtype: &str) -> Result<f64, SimError> {
         self.flops.get(dtype).copied().ok_or_else(|| {
-            SimError::invalid(format!("GPU {} has no {dtype} throughput in the catalogue", self.name))
+            SimError::invalid(format!(
+                "GPU {} has no {dtype} throughput in the catalogue",
+                self.name
+            ))
         })
     }
 
@@ -151,7 +162,10 @@ pub struct Catalog {
 impl Catalog {
     /// The built-in catalogue.
     pub fn builtin() -> Result<Self, SimError> {
-        let mut c = Catalog { models: Vec::new(), gpus: Vec::new() };
+        let mut c = Catalog {
+            models: Vec::new(),
+            gpus: Vec::new(),
+        };
         c.merge_str(MODELS, "built-in models")?;
         c.merge_str(GPUS, "built-in GPUs")?;
         Ok(c)
@@ -161,8 +175,10 @@ impl Catalog {
     pub fn with_user_file(path: Option<&Path>) -> Result<Self, SimError> {
         let mut c = Self::builtin()?;
         if let Some(path) = path {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| SimError::Io { path: path.to_path_buf(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| SimError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
             c.merge_str(&text, &path.display().to_string())?;
         }
         Ok(c)
@@ -170,8 +186,10 @@ impl Catalog {
 
     /// Adds the entries of a catalogue document; an entry replaces a known one of the same name.
     pub fn merge_str(&mut self, text: &str, what: &str) -> Result<(), SimError> {
-        let file: CatalogFile = serde_json::from_str(text)
-            .map_err(|source| SimError::Parse { what: what.to_string(), source })?;
+        let file: CatalogFile = serde_json::from_str(text).map_err(|source| SimError::Parse {
+            what: what.to_string(),
+            source,
+        })?;
         for m in file.models {
             m.validate()?;
             self.models.retain(|k| k.name != m.name);
@@ -189,10 +207,15 @@ impl Catalog {
         let key = name.to_ascii_lowercase();
         self.models
             .iter()
-            .find(|m| m.name == key || m.aliases.iter().any(|a| *a == key))
+            .find(|m| m.name == key || m.aliases.contains(&key))
             .ok_or_else(|| SimError::UnknownModel {
                 name: name.to_string(),
-                known: self.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
+                known: self
+                    .models
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })
     }
 
@@ -200,10 +223,15 @@ impl Catalog {
         let key = name.to_ascii_lowercase();
         self.gpus
             .iter()
-            .find(|g| g.name == key || g.aliases.iter().any(|a| *a == key))
+            .find(|g| g.name == key || g.aliases.contains(&key))
             .ok_or_else(|| SimError::UnknownGpu {
                 name: name.to_string(),
-                known: self.gpus.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", "),
+                known: self
+                    .gpus
+                    .iter()
+                    .map(|g| g.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })
     }
 
@@ -225,15 +253,27 @@ mod tests {
         let c = Catalog::builtin().unwrap();
         let l70 = c.model("llama-2-70b").unwrap();
         assert_eq!(l70.kv_bytes_per_token(), 327_680);
-        assert!((l70.params() / 1e9 - 68.98).abs() < 0.05, "{}", l70.params());
+        assert!(
+            (l70.params() / 1e9 - 68.98).abs() < 0.05,
+            "{}",
+            l70.params()
+        );
         let l7 = c.model("llama-2-7b").unwrap();
         assert!((l7.params() / 1e9 - 6.74).abs() < 0.01, "{}", l7.params());
         let l3 = c.model("llama-3-8b").unwrap();
         assert!((l3.params() / 1e9 - 8.03).abs() < 0.01, "{}", l3.params());
         let smol = c.model("SmolLM2").unwrap();
-        assert!((smol.params() / 1e6 - 134.5).abs() < 1.0, "{}", smol.params());
+        assert!(
+            (smol.params() / 1e6 - 134.5).abs() < 1.0,
+            "{}",
+            smol.params()
+        );
         let g43 = c.model("gpt-43b").unwrap();
-        assert!((g43.params() / 1e9 - 42.85).abs() < 0.05, "{}", g43.params());
+        assert!(
+            (g43.params() / 1e9 - 42.85).abs() < 0.05,
+            "{}",
+            g43.params()
+        );
         assert_eq!(c.gpu("h100").unwrap().name, "h100-sxm");
         assert_eq!(c.gpu("h100").unwrap().flops_for("bf16").unwrap(), 989e12);
         assert_eq!(c.gpus().len(), 4);
@@ -244,9 +284,15 @@ mod tests {
     fn unknown_names_list_the_known_ones() {
         let c = Catalog::builtin().unwrap();
         let e = c.model("llama-9-1t").unwrap_err().to_string();
-        assert!(e.contains("unknown model \"llama-9-1t\"") && e.contains("llama-2-70b"), "{e}");
+        assert!(
+            e.contains("unknown model \"llama-9-1t\"") && e.contains("llama-2-70b"),
+            "{e}"
+        );
         let e = c.gpu("tpu-v9").unwrap_err().to_string();
-        assert!(e.contains("unknown GPU \"tpu-v9\"") && e.contains("h100-sxm"), "{e}");
+        assert!(
+            e.contains("unknown GPU \"tpu-v9\"") && e.contains("h100-sxm"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -263,6 +309,9 @@ mod tests {
         let bad = r#"{"models": [{"name": "x", "layers": 0, "hidden": 1, "heads": 1, "kv_heads": 1,
             "ffn": 1, "vocab": 1, "gated_ffn": true, "tied_embeddings": true, "dtype": "bf16",
             "max_context": 1}]}"#;
-        assert!(matches!(c.merge_str(bad, "t"), Err(SimError::InvalidInput(_))));
+        assert!(matches!(
+            c.merge_str(bad, "t"),
+            Err(SimError::InvalidInput(_))
+        ));
     }
 }

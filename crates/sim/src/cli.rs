@@ -101,11 +101,18 @@ pub fn parse_duration(s: &str) -> Result<f64, SimError> {
     } else if let Some(n) = t.strip_suffix('s') {
         (n, 1.0)
     } else {
-        return Err(SimError::invalid(format!("duration {s:?} needs a unit: s, ms or us")));
+        return Err(SimError::invalid(format!(
+            "duration {s:?} needs a unit: s, ms or us"
+        )));
     };
-    let v: f64 = num.trim().parse().map_err(|_| SimError::invalid(format!("bad duration {s:?}")))?;
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| SimError::invalid(format!("bad duration {s:?}")))?;
     if !(v.is_finite() && v > 0.0) {
-        return Err(SimError::invalid(format!("duration {s:?} must be positive")));
+        return Err(SimError::invalid(format!(
+            "duration {s:?} must be positive"
+        )));
     }
     Ok(v * scale)
 }
@@ -118,9 +125,14 @@ fn lengths(mean: u32, spread: u32, what: &str) -> Result<Lengths, SimError> {
         return Ok(Lengths::Fixed(mean));
     }
     if spread >= mean {
-        return Err(SimError::invalid(format!("{what} spread must be below the mean")));
+        return Err(SimError::invalid(format!(
+            "{what} spread must be below the mean"
+        )));
     }
-    Ok(Lengths::Uniform { lo: mean - spread, hi: mean + spread })
+    Ok(Lengths::Uniform {
+        lo: mean - spread,
+        hi: mean + spread,
+    })
 }
 
 /// The performance model source the flags name.
@@ -133,7 +145,14 @@ fn source(args: &PlanArgs) -> Result<(ModelSource, u32), SimError> {
         let m: Arc<dyn PerfModel> = Arc::new(Profiled::from_file(p)?);
         return Ok((ModelSource::Profiled(m), per_node));
     }
-    Ok((ModelSource::Roofline { model, gpu, eff: Efficiency::CALIBRATED }, per_node))
+    Ok((
+        ModelSource::Roofline {
+            model: Box::new(model),
+            gpu: Box::new(gpu),
+            eff: Efficiency::CALIBRATED,
+        },
+        per_node,
+    ))
 }
 
 /// Runs `tandem plan`: the text (or JSON) to print; writes the plot when asked.
@@ -154,26 +173,54 @@ pub fn run_plan(args: &PlanArgs) -> Result<String, SimError> {
         }
     };
     if !(rate.is_finite() && rate > 0.0) {
-        return Err(SimError::invalid(format!("--rate must be positive, got {rate}")));
+        return Err(SimError::invalid(format!(
+            "--rate must be positive, got {rate}"
+        )));
     }
-    let slo = Slo { ttft_s: parse_duration(&args.ttft)?, tpot_s: parse_duration(&args.itl)? };
-    let models: Vec<Arc<dyn PerfModel>> = [1, 2, 4, 8].iter().filter_map(|&tp| src.at(tp)).collect();
-    let stat = size_static(&models, args.isl, args.osl, rate, slo.ttft_s, slo.tpot_s, per_node);
+    let slo = Slo {
+        ttft_s: parse_duration(&args.ttft)?,
+        tpot_s: parse_duration(&args.itl)?,
+    };
+    let models: Vec<Arc<dyn PerfModel>> =
+        [1, 2, 4, 8].iter().filter_map(|&tp| src.at(tp)).collect();
+    let stat = size_static(
+        &models, args.isl, args.osl, rate, slo.ttft_s, slo.tpot_s, per_node,
+    );
     if args.method == Method::Static {
         let Some(st) = stat else {
-            let best = models.iter().filter_map(|m| static_batch(m.as_ref(), 1, args.isl, args.osl).ok());
+            let best = models
+                .iter()
+                .filter_map(|m| static_batch(m.as_ref(), 1, args.isl, args.osl).ok());
             let ttft = best.map(|e| e.ttft_ms).fold(f64::INFINITY, f64::min);
-            let binding = if ttft > slo.ttft_s * 1e3 { "TTFT" } else { "ITL" };
+            let binding = if ttft > slo.ttft_s * 1e3 {
+                "TTFT"
+            } else {
+                "ITL"
+            };
             return Err(SimError::Infeasible {
                 binding: binding.into(),
-                detail: format!("no static batch meets the objectives (best TTFT at batch 1: {ttft:.0} ms)"),
+                detail: format!(
+                    "no static batch meets the objectives (best TTFT at batch 1: {ttft:.0} ms)"
+                ),
             });
         };
-        return Ok(report::static_sizing(&st, rate, models.iter().find(|m| m.tensor_parallel() == st.estimate.tp).map(|m| m.describe()), args.json));
+        return Ok(report::static_sizing(
+            &st,
+            rate,
+            models
+                .iter()
+                .find(|m| m.tensor_parallel() == st.estimate.tp)
+                .map(|m| m.describe()),
+            args.json,
+        ));
     }
     let input = PlanInput {
         source: src,
-        workload: Workload { arrivals: Arrivals::Poisson { rate }, input: input_len, output: output_len },
+        workload: Workload {
+            arrivals: Arrivals::Poisson { rate },
+            input: input_len,
+            output: output_len,
+        },
         rate,
         slo,
         attainment: args.attainment,
@@ -183,21 +230,37 @@ pub fn run_plan(args: &PlanArgs) -> Result<String, SimError> {
         grid: Grid::default(),
     };
     let p = plan(&input)?;
-    let ctx = report::Context { input: &input, peak: peak_note, gpus_per_node: per_node, static_sizing: stat };
+    let ctx = report::Context {
+        input: &input,
+        peak: peak_note,
+        gpus_per_node: per_node,
+        static_sizing: stat,
+    };
     if let Some(path) = &args.plot {
         let svg = crate::svg::plot(&ctx, &p)?;
-        std::fs::write(path, svg).map_err(|source| SimError::Io { path: path.clone(), source })?;
+        std::fs::write(path, svg).map_err(|source| SimError::Io {
+            path: path.clone(),
+            source,
+        })?;
     }
-    if args.json { Ok(report::json(&ctx, &p)) } else { Ok(report::text(&ctx, &p)) }
+    if args.json {
+        Ok(report::json(&ctx, &p))
+    } else {
+        Ok(report::text(&ctx, &p))
+    }
 }
 
 fn evaluate(args: &PlanArgs, src: &ModelSource, spec: &str) -> Result<String, SimError> {
     let (mut tp, mut batch, mut mode) = (None, None, Mode::Aggregated);
     for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| SimError::invalid(format!("--evaluate wants key=value pairs, got {part:?}")))?;
-        let num = || v.trim().parse::<u32>().map_err(|_| SimError::invalid(format!("--evaluate {k}: bad number {v:?}")));
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            SimError::invalid(format!("--evaluate wants key=value pairs, got {part:?}"))
+        })?;
+        let num = || {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| SimError::invalid(format!("--evaluate {k}: bad number {v:?}")))
+        };
         match k.trim() {
             "tp" => tp = Some(num()?),
             "batch" => batch = Some(num()?),
@@ -208,7 +271,11 @@ fn evaluate(args: &PlanArgs, src: &ModelSource, spec: &str) -> Result<String, Si
                      the planner for disaggregated configurations"
                 )));
             }
-            other => return Err(SimError::invalid(format!("--evaluate: unknown key {other:?} (tp, batch, mode)"))),
+            other => {
+                return Err(SimError::invalid(format!(
+                    "--evaluate: unknown key {other:?} (tp, batch, mode)"
+                )));
+            }
         }
     }
     let tp = tp.ok_or_else(|| SimError::invalid("--evaluate needs tp=N"))?;
@@ -217,7 +284,10 @@ fn evaluate(args: &PlanArgs, src: &ModelSource, spec: &str) -> Result<String, Si
         ModelSource::Roofline { model, gpu, eff } => Arc::new(Roofline::new(model, gpu, tp, *eff)?),
         ModelSource::Profiled(m) if m.tensor_parallel() == tp => m.clone(),
         ModelSource::Profiled(m) => {
-            return Err(SimError::invalid(format!("the profile was taken at tp={}, not tp={tp}", m.tensor_parallel())));
+            return Err(SimError::invalid(format!(
+                "the profile was taken at tp={}, not tp={tp}",
+                m.tensor_parallel()
+            )));
         }
     };
     let e = static_batch(model.as_ref(), batch, args.isl, args.osl)?;

@@ -31,16 +31,26 @@ pub struct StaticEstimate {
 }
 
 /// Costs a static batch of `batch` prompts of `isl` tokens generating `osl` tokens each.
-pub fn static_batch(model: &dyn PerfModel, batch: u32, isl: u32, osl: u32) -> Result<StaticEstimate, SimError> {
+pub fn static_batch(
+    model: &dyn PerfModel,
+    batch: u32,
+    isl: u32,
+    osl: u32,
+) -> Result<StaticEstimate, SimError> {
     if batch == 0 || isl == 0 || osl == 0 {
-        return Err(SimError::invalid("batch, input and output lengths must be positive"));
+        return Err(SimError::invalid(
+            "batch, input and output lengths must be positive",
+        ));
     }
     let need = u64::from(batch) * blocks_for(u64::from(isl) + u64::from(osl));
     let fit = model.memory();
     if need > fit.kv_blocks {
         return Err(SimError::DoesNotFit {
             model: model.describe(),
-            reason: format!("a batch of {batch} needs {need} KV blocks; the instance holds {}", fit.kv_blocks),
+            reason: format!(
+                "a batch of {batch} needs {need} KV blocks; the instance holds {}",
+                fit.kv_blocks
+            ),
         });
     }
     let prompts = vec![PrefillItem::fresh(isl); batch as usize];
@@ -70,11 +80,20 @@ mod tests {
 
     fn roof(model: &str, tp: u32) -> Roofline {
         let c = Catalog::builtin().unwrap();
-        Roofline::new(c.model(model).unwrap(), c.gpu("h100").unwrap(), tp, Efficiency::CALIBRATED).unwrap()
+        Roofline::new(
+            c.model(model).unwrap(),
+            c.gpu("h100").unwrap(),
+            tp,
+            Efficiency::CALIBRATED,
+        )
+        .unwrap()
     }
 
     fn within(got: f64, want: f64, tol: f64) {
-        assert!((got / want - 1.0).abs() <= tol, "got {got}, published {want}");
+        assert!(
+            (got / want - 1.0).abs() <= tol,
+            "got {got}, published {want}"
+        );
     }
 
     #[test]
@@ -104,8 +123,10 @@ mod tests {
 
     #[test]
     fn gpt43b_static_sizing_answers_13_dgx_give_or_take_one() {
-        let models: Vec<std::sync::Arc<dyn PerfModel>> =
-            [1, 2, 4, 8].iter().filter_map(|&tp| Some(std::sync::Arc::new(roof_opt("gpt-43b", tp)?) as _)).collect();
+        let models: Vec<std::sync::Arc<dyn PerfModel>> = [1, 2, 4, 8]
+            .iter()
+            .filter_map(|&tp| Some(std::sync::Arc::new(roof_opt("gpt-43b", tp)?) as _))
+            .collect();
         let s = size_static(&models, 3500, 500, 31.0, 3.0, 10.0, 8).unwrap();
         assert!((12..=14).contains(&s.nodes), "{s:?}");
         assert!(s.estimate.ttft_ms <= 3000.0);
@@ -113,7 +134,13 @@ mod tests {
 
     fn roof_opt(model: &str, tp: u32) -> Option<Roofline> {
         let c = Catalog::builtin().unwrap();
-        Roofline::new(c.model(model).unwrap(), c.gpu("h100").unwrap(), tp, Efficiency::CALIBRATED).ok()
+        Roofline::new(
+            c.model(model).unwrap(),
+            c.gpu("h100").unwrap(),
+            tp,
+            Efficiency::CALIBRATED,
+        )
+        .ok()
     }
 
     #[test]
@@ -150,8 +177,13 @@ pub fn size_static(
     for m in models {
         let mut batch = 1u32;
         while batch <= 4096 {
-            let Ok(e) = static_batch(m.as_ref(), batch, isl, osl) else { break };
-            if e.ttft_ms <= ttft_s * 1e3 && e.itl_ms <= itl_s * 1e3 && best.is_none_or(|b| e.prompts_per_s_per_8gpu > b.prompts_per_s_per_8gpu) {
+            let Ok(e) = static_batch(m.as_ref(), batch, isl, osl) else {
+                break;
+            };
+            if e.ttft_ms <= ttft_s * 1e3
+                && e.itl_ms <= itl_s * 1e3
+                && best.is_none_or(|b| e.prompts_per_s_per_8gpu > b.prompts_per_s_per_8gpu)
+            {
                 best = Some(e);
             }
             batch *= 2;
@@ -161,5 +193,10 @@ pub fn size_static(
     let per_instance = e.prompts_per_s_per_8gpu * f64::from(e.tp) / 8.0;
     let instances = (rate / per_instance).ceil().max(1.0) as u32;
     let gpus = instances * e.tp;
-    Some(StaticSizing { estimate: e, instances, gpus, nodes: gpus.div_ceil(gpus_per_node) })
+    Some(StaticSizing {
+        estimate: e,
+        instances,
+        gpus,
+        nodes: gpus.div_ceil(gpus_per_node),
+    })
 }

@@ -6,10 +6,14 @@ use crate::error::SimError;
 /// The smallest count `k` with `P(N <= k) >= percentile` for `N ~ Poisson(avg_per_s)`.
 pub fn poisson_peak(avg_per_s: f64, percentile: f64) -> Result<f64, SimError> {
     if !(avg_per_s.is_finite() && avg_per_s > 0.0) {
-        return Err(SimError::invalid(format!("average rate must be positive, got {avg_per_s}")));
+        return Err(SimError::invalid(format!(
+            "average rate must be positive, got {avg_per_s}"
+        )));
     }
     if !(percentile > 0.0 && percentile < 1.0) {
-        return Err(SimError::invalid(format!("peak percentile must lie in (0, 1), got {percentile}")));
+        return Err(SimError::invalid(format!(
+            "peak percentile must lie in (0, 1), got {percentile}"
+        )));
     }
     // Terms in log space: exp(-avg) alone underflows for averages above ~745.
     let mut log_pmf = -avg_per_s;
@@ -41,7 +45,13 @@ mod tests {
 
     #[test]
     fn bad_input_is_refused() {
-        for (a, p) in [(0.0, 0.95), (-3.0, 0.95), (f64::NAN, 0.9), (10.0, 1.0), (10.0, 0.0)] {
+        for (a, p) in [
+            (0.0, 0.95),
+            (-3.0, 0.95),
+            (f64::NAN, 0.9),
+            (10.0, 1.0),
+            (10.0, 0.0),
+        ] {
             assert!(poisson_peak(a, p).is_err(), "{a} {p}");
         }
     }

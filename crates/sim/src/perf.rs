@@ -14,7 +14,10 @@ pub struct PrefillItem {
 
 impl PrefillItem {
     pub fn fresh(tokens: u32) -> Self {
-        PrefillItem { new_tokens: tokens, cached_tokens: 0 }
+        PrefillItem {
+            new_tokens: tokens,
+            cached_tokens: 0,
+        }
     }
 }
 
@@ -57,7 +60,10 @@ pub struct Link {
 impl Link {
     /// InfiniBand NDR, 400 Gb/s per port (one port per GPU on a DGX H100).
     pub fn infiniband_ndr() -> Self {
-        Link { bytes_per_s: 50e9, latency_s: 5e-6 }
+        Link {
+            bytes_per_s: 50e9,
+            latency_s: 5e-6,
+        }
     }
 }
 
@@ -80,12 +86,20 @@ pub trait PerfModel: Send + Sync + fmt::Debug {
 
     /// A prefill step over these prompts.
     fn prefill_time(&self, prompts: &[PrefillItem]) -> f64 {
-        self.step_time(&StepShape { prefill: prompts, decode_batch: 0, decode_context: 0 })
+        self.step_time(&StepShape {
+            prefill: prompts,
+            decode_batch: 0,
+            decode_context: 0,
+        })
     }
 
     /// A decode step for `batch` sequences attending to `context_tokens` tokens in all.
     fn decode_step_time(&self, batch: u32, context_tokens: u64) -> f64 {
-        self.step_time(&StepShape { prefill: &[], decode_batch: batch, decode_context: context_tokens })
+        self.step_time(&StepShape {
+            prefill: &[],
+            decode_batch: batch,
+            decode_context: context_tokens,
+        })
     }
 
     /// Time to move the KV of `tokens` tokens over `link`.

@@ -59,10 +59,14 @@ pub struct ProfileFile {
 
 impl ProfileFile {
     pub fn read(path: &Path) -> Result<Self, SimError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| SimError::Io { path: path.to_path_buf(), source })?;
-        let p: ProfileFile = serde_json::from_str(&text)
-            .map_err(|source| SimError::Parse { what: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| SimError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let p: ProfileFile = serde_json::from_str(&text).map_err(|source| SimError::Parse {
+            what: path.display().to_string(),
+            source,
+        })?;
         if p.format != PROFILE_FORMAT {
             return Err(SimError::Profile(format!(
                 "{} has format {}, this build reads {PROFILE_FORMAT}",
@@ -126,11 +130,12 @@ fn solve_masked(rows: &[([f64; 3], f64)], mask: [bool; 3]) -> Option<[f64; 3]> {
             return None;
         }
         a.swap(col, piv);
-        for r in 0..k {
+        let pivot_row = a[col].clone();
+        for (r, row) in a.iter_mut().enumerate() {
             if r != col {
-                let f = a[r][col] / a[col][col];
-                for c in col..=k {
-                    a[r][c] -= f * a[col][c];
+                let f = row[col] / pivot_row[col];
+                for (x, p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                    *x -= f * p;
                 }
             }
         }
@@ -145,25 +150,39 @@ fn solve_masked(rows: &[([f64; 3], f64)], mask: [bool; 3]) -> Option<[f64; 3]> {
 /// Non-negative least squares over the 8 subsets of 3 features: exact for this size.
 fn fit(rows: &[([f64; 3], f64)], what: &str) -> Result<Fit, SimError> {
     if rows.len() < 3 {
-        return Err(SimError::Profile(format!("{what}: need at least 3 samples, have {}", rows.len())));
+        return Err(SimError::Profile(format!(
+            "{what}: need at least 3 samples, have {}",
+            rows.len()
+        )));
     }
     if rows.iter().any(|(_, y)| !(*y > 0.0 && y.is_finite())) {
-        return Err(SimError::Profile(format!("{what}: every sample needs a positive time")));
+        return Err(SimError::Profile(format!(
+            "{what}: every sample needs a positive time"
+        )));
     }
     let mut best: Option<(f64, [f64; 3])> = None;
     for m in 1u8..8 {
         let mask = [m & 1 != 0, m & 2 != 0, m & 4 != 0];
-        let Some(coef) = solve_masked(rows, mask) else { continue };
+        let Some(coef) = solve_masked(rows, mask) else {
+            continue;
+        };
         if coef.iter().any(|c| *c < 0.0) {
             continue;
         }
-        let sse: f64 = rows.iter().map(|(x, y)| (dot(&coef, x) / y - 1.0).powi(2)).sum();
+        let sse: f64 = rows
+            .iter()
+            .map(|(x, y)| (dot(&coef, x) / y - 1.0).powi(2))
+            .sum();
         if best.is_none_or(|(b, _)| sse < b) {
             best = Some((sse, coef));
         }
     }
-    let (_, coef) = best.ok_or_else(|| SimError::Profile(format!("{what}: samples admit no fit")))?;
-    let errs: Vec<f64> = rows.iter().map(|(x, y)| (dot(&coef, x) / y - 1.0).abs()).collect();
+    let (_, coef) =
+        best.ok_or_else(|| SimError::Profile(format!("{what}: samples admit no fit")))?;
+    let errs: Vec<f64> = rows
+        .iter()
+        .map(|(x, y)| (dot(&coef, x) / y - 1.0).abs())
+        .collect();
     Ok(Fit {
         coef,
         samples: rows.len(),
@@ -186,16 +205,29 @@ pub struct Profiled {
 
 impl Profiled {
     pub fn from_profile(profile: ProfileFile) -> Result<Self, SimError> {
-        if profile.tensor_parallel == 0 || profile.kv_bytes_per_token == 0 || profile.kv_blocks == 0 {
+        if profile.tensor_parallel == 0 || profile.kv_bytes_per_token == 0 || profile.kv_blocks == 0
+        {
             return Err(SimError::Profile(
                 "tensor_parallel, kv_bytes_per_token and kv_blocks must be positive".into(),
             ));
         }
-        let p: Vec<_> = profile.prefill.iter().map(|s| (features_prefill(s), s.seconds)).collect();
-        let d: Vec<_> = profile.decode.iter().map(|s| (features_decode(s), s.seconds)).collect();
+        let p: Vec<_> = profile
+            .prefill
+            .iter()
+            .map(|s| (features_prefill(s), s.seconds))
+            .collect();
+        let d: Vec<_> = profile
+            .decode
+            .iter()
+            .map(|s| (features_decode(s), s.seconds))
+            .collect();
         let prefill_fit = fit(&p, "prefill")?;
         let decode_fit = fit(&d, "decode")?;
-        Ok(Profiled { source: profile, prefill_fit, decode_fit })
+        Ok(Profiled {
+            source: profile,
+            prefill_fit,
+            decode_fit,
+        })
     }
 
     pub fn from_file(path: &Path) -> Result<Self, SimError> {
@@ -245,7 +277,11 @@ impl PerfModel for Profiled {
             (false, true) => f,
             (true, true) => c.max(f),
         };
-        a * tokens + b * sq + d * f64::from(step.decode_batch) + e * step.decode_context as f64 + fixed
+        a * tokens
+            + b * sq
+            + d * f64::from(step.decode_batch)
+            + e * step.decode_context as f64
+            + fixed
     }
 
     fn kv_bytes_per_token(&self) -> u64 {
@@ -257,7 +293,8 @@ impl PerfModel for Profiled {
         MemoryFit {
             gpus: tp,
             weight_bytes_per_gpu: self.source.weight_bytes as f64 / f64::from(tp),
-            kv_bytes_per_gpu: (self.source.kv_blocks * 16 * self.source.kv_bytes_per_token) as f64 / f64::from(tp),
+            kv_bytes_per_gpu: (self.source.kv_blocks * 16 * self.source.kv_bytes_per_token) as f64
+                / f64::from(tp),
             kv_blocks: self.source.kv_blocks,
         }
     }
@@ -272,17 +309,32 @@ mod tests {
         let (a, b, c, d, e, f) = (2e-4, 1e-8, 5e-3, 3e-4, 2e-7, 8e-3);
         let mut prefill = Vec::new();
         let mut k = 0;
-        for lens in [vec![32], vec![128], vec![512], vec![1024], vec![128; 4], vec![256, 512, 64]] {
+        for lens in [
+            vec![32],
+            vec![128],
+            vec![512],
+            vec![1024],
+            vec![128; 4],
+            vec![256, 512, 64],
+        ] {
             let t: f64 = lens.iter().map(|&n| f64::from(n)).sum();
             let s: f64 = lens.iter().map(|&n| f64::from(n).powi(2)).sum();
             k += 1;
             let jitter = if noise && k % 2 == 0 { 1.03 } else { 1.0 };
-            prefill.push(PrefillSample { prompt_lens: lens, cached_lens: vec![], seconds: (a * t + b * s + c) * jitter });
+            prefill.push(PrefillSample {
+                prompt_lens: lens,
+                cached_lens: vec![],
+                seconds: (a * t + b * s + c) * jitter,
+            });
         }
         let mut decode = Vec::new();
         for (batch, ctx) in [(1u32, 100u64), (4, 800), (16, 4000), (32, 16000), (8, 512)] {
             let secs = d * f64::from(batch) + e * ctx as f64 + f;
-            decode.push(DecodeSample { batch, context_tokens: ctx, seconds: secs });
+            decode.push(DecodeSample {
+                batch,
+                context_tokens: ctx,
+                seconds: secs,
+            });
         }
         ProfileFile {
             format: PROFILE_FORMAT,
@@ -302,10 +354,17 @@ mod tests {
     fn exact_samples_are_recovered() {
         let m = Profiled::from_profile(synthetic(false)).unwrap();
         let [a, b, c] = m.prefill_fit.coef;
-        assert!((a / 2e-4 - 1.0).abs() < 1e-6 && (b / 1e-8 - 1.0).abs() < 1e-6 && (c / 5e-3 - 1.0).abs() < 1e-6);
+        assert!(
+            (a / 2e-4 - 1.0).abs() < 1e-6
+                && (b / 1e-8 - 1.0).abs() < 1e-6
+                && (c / 5e-3 - 1.0).abs() < 1e-6
+        );
         assert!(m.decode_fit.max_rel_err < 1e-9);
         let t = m.prefill_time(&[PrefillItem::fresh(300)]);
-        assert!((t - (2e-4 * 300.0 + 1e-8 * 90_000.0 + 5e-3)).abs() < 1e-9, "{t}");
+        assert!(
+            (t - (2e-4 * 300.0 + 1e-8 * 90_000.0 + 5e-3)).abs() < 1e-9,
+            "{t}"
+        );
         assert!((m.decode_step_time(10, 1000) - (3e-3 + 2e-4 + 8e-3)).abs() < 1e-9);
     }
 
@@ -319,7 +378,11 @@ mod tests {
             assert!((x.seconds / y.seconds - 1.0).abs() < 1e-12);
         }
         let m = Profiled::from_profile(back).unwrap();
-        assert!(m.prefill_fit.max_rel_err > 0.005 && m.prefill_fit.max_rel_err < 0.03, "{:?}", m.prefill_fit);
+        assert!(
+            m.prefill_fit.max_rel_err > 0.005 && m.prefill_fit.max_rel_err < 0.03,
+            "{:?}",
+            m.prefill_fit
+        );
         assert!(m.describe().contains("prefill fit 6 samples"));
     }
 

@@ -25,7 +25,11 @@ fn ms(d: &Dist) -> Value {
 }
 
 fn describe_model(ctx: &Context<'_>, tp: u32) -> String {
-    ctx.input.source.at(tp).map(|m| m.describe()).unwrap_or_default()
+    ctx.input
+        .source
+        .at(tp)
+        .map(|m| m.describe())
+        .unwrap_or_default()
 }
 
 fn shape(c: &Candidate) -> String {
@@ -36,13 +40,19 @@ fn shape(c: &Candidate) -> String {
         ),
         Mode::Disaggregated => format!(
             "disaggregated: {} x prefill TP{} ({} prompt tokens per batch) + {} x decode TP{} (batch {})",
-            c.prefill_instances, c.tp_prefill, c.batch_tokens, c.decode_instances, c.tp_decode, c.max_batch
+            c.prefill_instances,
+            c.tp_prefill,
+            c.batch_tokens,
+            c.decode_instances,
+            c.tp_decode,
+            c.max_batch
         ),
     }
 }
 
 fn ratio(c: &Candidate) -> Option<String> {
-    (c.mode == Mode::Disaggregated).then(|| format!("{}:{}", c.prefill_instances, c.decode_instances))
+    (c.mode == Mode::Disaggregated)
+        .then(|| format!("{}:{}", c.prefill_instances, c.decode_instances))
 }
 
 fn candidate_json(ctx: &Context<'_>, c: &Candidate) -> Value {
@@ -83,9 +93,20 @@ pub fn json(ctx: &Context<'_>, p: &Plan) -> String {
 }
 
 fn line(ctx: &Context<'_>, c: &Candidate) -> String {
-    let mut s = format!("{}\n    GPUs: {} ({} nodes of {})", shape(c), c.gpus, c.gpus.div_ceil(ctx.gpus_per_node), ctx.gpus_per_node);
+    let mut s = format!(
+        "{}\n    GPUs: {} ({} nodes of {})",
+        shape(c),
+        c.gpus,
+        c.gpus.div_ceil(ctx.gpus_per_node),
+        ctx.gpus_per_node
+    );
     if let Some(r) = ratio(c) {
-        let _ = write!(s, "; prefill:decode = {r} instances ({}:{} GPUs)", c.prefill_instances * c.tp_prefill, c.decode_instances * c.tp_decode);
+        let _ = write!(
+            s,
+            "; prefill:decode = {r} instances ({}:{} GPUs)",
+            c.prefill_instances * c.tp_prefill,
+            c.decode_instances * c.tp_decode
+        );
     }
     if let (Some(g), Some(pg)) = (c.goodput_rps, c.goodput_per_gpu()) {
         let _ = write!(s, "\n    goodput: {g:.2} requests/s, {pg:.3} per GPU");
@@ -118,7 +139,11 @@ pub fn text(ctx: &Context<'_>, p: &Plan) -> String {
         i.rate
     );
     if let Some((avg, pct, peak)) = ctx.peak {
-        let _ = writeln!(s, "peak: the {:.0}th percentile of a Poisson count averaging {avg}/s is {peak}/s", pct * 100.0);
+        let _ = writeln!(
+            s,
+            "peak: the {:.0}th percentile of a Poisson count averaging {avg}/s is {peak}/s",
+            pct * 100.0
+        );
     }
     let _ = writeln!(
         s,
@@ -127,15 +152,25 @@ pub fn text(ctx: &Context<'_>, p: &Plan) -> String {
         i.slo.tpot_s * 1e3,
         i.attainment * 100.0
     );
-    let _ = writeln!(s, "model: {}", describe_model(ctx, p.recommended.tp_prefill));
+    let _ = writeln!(
+        s,
+        "model: {}",
+        describe_model(ctx, p.recommended.tp_prefill)
+    );
     let _ = writeln!(s, "\nrecommended: {}", line(ctx, &p.recommended));
     if let Some(st) = &ctx.static_sizing {
         let _ = writeln!(
             s,
             "\nfor comparison, static batching (the sizing calculator's method): {} x TP{} batch {}, {} GPUs \
              ({} nodes); TTFT {:.0} ms, ITL {:.1} ms, {:.2} prompts/s per 8 GPUs",
-            st.instances, st.estimate.tp, st.estimate.batch, st.gpus, st.nodes, st.estimate.ttft_ms,
-            st.estimate.itl_ms, st.estimate.prompts_per_s_per_8gpu
+            st.instances,
+            st.estimate.tp,
+            st.estimate.batch,
+            st.gpus,
+            st.nodes,
+            st.estimate.ttft_ms,
+            st.estimate.itl_ms,
+            st.estimate.prompts_per_s_per_8gpu
         );
     }
     if !p.runner_ups.is_empty() {

@@ -99,7 +99,7 @@ mod tests {
         let first = a.next_u64();
         assert_eq!(first, b.next_u64());
         // Pinned so that a change to the generator (and so to every seeded run) is noticed.
-        assert_eq!(first, Rng::new(42).next_u64());
+        assert_eq!(first, 1_546_998_764_402_558_742);
         assert_ne!(Rng::new(43).next_u64(), first);
     }
 

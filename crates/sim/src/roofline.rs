@@ -68,21 +68,32 @@ pub struct Roofline {
 }
 
 impl Roofline {
-    pub fn new(model: &ModelSpec, gpu: &GpuSpec, tp: u32, eff: Efficiency) -> Result<Self, SimError> {
+    pub fn new(
+        model: &ModelSpec,
+        gpu: &GpuSpec,
+        tp: u32,
+        eff: Efficiency,
+    ) -> Result<Self, SimError> {
         if tp == 0 || !tp.is_power_of_two() || tp > gpu.gpus_per_node {
             return Err(SimError::invalid(format!(
                 "tensor parallelism {tp} must be a power of two between 1 and {} (one node)",
                 gpu.gpus_per_node
             )));
         }
-        if model.heads % tp != 0 {
+        if !model.heads.is_multiple_of(tp) {
             return Err(SimError::invalid(format!(
                 "{} has {} heads, which {tp} GPUs cannot split evenly",
                 model.name, model.heads
             )));
         }
         let peak_flops = gpu.flops_for(&model.dtype)?;
-        let r = Roofline { model: model.clone(), gpu: gpu.clone(), tp, eff, peak_flops };
+        let r = Roofline {
+            model: model.clone(),
+            gpu: gpu.clone(),
+            tp,
+            eff,
+            peak_flops,
+        };
         let fit = r.memory();
         if fit.kv_blocks == 0 {
             return Err(SimError::DoesNotFit {
@@ -113,7 +124,8 @@ impl Roofline {
     /// KV bytes per token held by one GPU: KV heads split across GPUs, replicated when fewer than `tp`.
     fn kv_bytes_per_token_per_gpu(&self) -> f64 {
         let heads = self.model.kv_heads.div_ceil(self.tp);
-        2.0 * f64::from(self.model.layers * heads * self.model.head_dim()) * self.model.dtype_bytes()
+        2.0 * f64::from(self.model.layers * heads * self.model.head_dim())
+            * self.model.dtype_bytes()
     }
 }
 

@@ -21,7 +21,13 @@ impl Dist {
         xs.sort_by(f64::total_cmp);
         let n = xs.len();
         let q = |p: f64| xs[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
-        Dist { mean: xs.iter().sum::<f64>() / n as f64, p50: q(0.5), p90: q(0.9), p99: q(0.99), max: xs[n - 1] }
+        Dist {
+            mean: xs.iter().sum::<f64>() / n as f64,
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            max: xs[n - 1],
+        }
     }
 
     /// From (value, weight) samples: each step's duration counted once per token it produced.
@@ -44,7 +50,13 @@ impl Dist {
             }
             xs[xs.len() - 1].0
         };
-        Dist { mean, p50: q(0.5), p90: q(0.9), p99: q(0.99), max: xs[xs.len() - 1].0 }
+        Dist {
+            mean,
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            max: xs[xs.len() - 1].0,
+        }
     }
 }
 
@@ -87,9 +99,22 @@ pub(crate) struct Outcome {
     pub output: u32,
 }
 
-pub(crate) fn summarise(out: &[Outcome], steps: Vec<(f64, u32)>, slo: &Slo, check_ttft: bool, check_tpot: bool, events: u64) -> SimReport {
+pub(crate) fn summarise(
+    out: &[Outcome],
+    steps: Vec<(f64, u32)>,
+    slo: &Slo,
+    check_ttft: bool,
+    check_tpot: bool,
+    events: u64,
+) -> SimReport {
     let n = out.len();
-    let tpot_of = |o: &Outcome| if o.output > 1 { (o.finish - o.first) / f64::from(o.output - 1) } else { 0.0 };
+    let tpot_of = |o: &Outcome| {
+        if o.output > 1 {
+            (o.finish - o.first) / f64::from(o.output - 1)
+        } else {
+            0.0
+        }
+    };
     let (mut ok_t, mut ok_p, mut ok) = (0usize, 0usize, 0usize);
     for o in out {
         let t = !check_ttft || o.first - o.arrival <= slo.ttft_s;
@@ -99,8 +124,15 @@ pub(crate) fn summarise(out: &[Outcome], steps: Vec<(f64, u32)>, slo: &Slo, chec
         ok += usize::from(t && p);
     }
     let start = out.iter().map(|o| o.arrival).fold(f64::INFINITY, f64::min);
-    let end = out.iter().map(|o| o.finish).fold(f64::NEG_INFINITY, f64::max);
-    let span = if n > 0 { (end - start).max(f64::MIN_POSITIVE) } else { 0.0 };
+    let end = out
+        .iter()
+        .map(|o| o.finish)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let span = if n > 0 {
+        (end - start).max(f64::MIN_POSITIVE)
+    } else {
+        0.0
+    };
     let share = |k: usize| if n > 0 { k as f64 / n as f64 } else { 0.0 };
     let tokens: u64 = out.iter().map(|o| u64::from(o.output)).sum();
     SimReport {
@@ -126,7 +158,10 @@ mod tests {
     #[test]
     fn percentiles_are_nearest_rank() {
         let d = Dist::of((1..=100).map(f64::from).collect());
-        assert_eq!((d.p50, d.p90, d.p99, d.max, d.mean), (50.0, 90.0, 99.0, 100.0, 50.5));
+        assert_eq!(
+            (d.p50, d.p90, d.p99, d.max, d.mean),
+            (50.0, 90.0, 99.0, 100.0, 50.5)
+        );
         let w = Dist::weighted(vec![(1.0, 9), (10.0, 1)]);
         assert_eq!((w.p50, w.p90, w.p99), (1.0, 1.0, 10.0));
         assert!((w.mean - 1.9).abs() < 1e-12);

@@ -20,7 +20,9 @@ pub enum Arrivals {
 impl Arrivals {
     pub fn rate(&self) -> Option<f64> {
         match self {
-            Arrivals::Poisson { rate } | Arrivals::Gamma { rate, .. } | Arrivals::Constant { rate } => Some(*rate),
+            Arrivals::Poisson { rate }
+            | Arrivals::Gamma { rate, .. }
+            | Arrivals::Constant { rate } => Some(*rate),
             Arrivals::Trace(_) => None,
         }
     }
@@ -29,7 +31,10 @@ impl Arrivals {
     pub fn at_rate(&self, new_rate: f64) -> Arrivals {
         match self {
             Arrivals::Poisson { .. } => Arrivals::Poisson { rate: new_rate },
-            Arrivals::Gamma { cv, .. } => Arrivals::Gamma { rate: new_rate, cv: *cv },
+            Arrivals::Gamma { cv, .. } => Arrivals::Gamma {
+                rate: new_rate,
+                cv: *cv,
+            },
             Arrivals::Constant { .. } => Arrivals::Constant { rate: new_rate },
             Arrivals::Trace(t) => {
                 let n = t.len() as f64;
@@ -43,14 +48,20 @@ impl Arrivals {
     pub fn validate(&self) -> Result<(), SimError> {
         let ok_rate = |r: f64| r.is_finite() && r > 0.0;
         match self {
-            Arrivals::Poisson { rate } | Arrivals::Constant { rate } if !ok_rate(*rate) => {
-                Err(SimError::invalid(format!("arrival rate must be positive, got {rate}")))
+            Arrivals::Poisson { rate } | Arrivals::Constant { rate } if !ok_rate(*rate) => Err(
+                SimError::invalid(format!("arrival rate must be positive, got {rate}")),
+            ),
+            Arrivals::Gamma { rate, cv } if !(ok_rate(*rate) && cv.is_finite() && *cv > 0.0) => {
+                Err(SimError::invalid(format!(
+                    "gamma arrivals need a positive rate and cv, got {rate}, {cv}"
+                )))
             }
-            Arrivals::Gamma { rate, cv } if !ok_rate(*rate) || !(cv.is_finite() && *cv > 0.0) => {
-                Err(SimError::invalid(format!("gamma arrivals need a positive rate and cv, got {rate}, {cv}")))
-            }
-            Arrivals::Trace(t) if t.is_empty() || t.windows(2).any(|w| w[1] < w[0]) || t[0] < 0.0 => {
-                Err(SimError::invalid("a trace needs ascending, non-negative arrival times"))
+            Arrivals::Trace(t)
+                if t.is_empty() || t.windows(2).any(|w| w[1] < w[0]) || t[0] < 0.0 =>
+            {
+                Err(SimError::invalid(
+                    "a trace needs ascending, non-negative arrival times",
+                ))
             }
             _ => Ok(()),
         }
@@ -62,9 +73,17 @@ impl Arrivals {
 pub enum Lengths {
     Fixed(u32),
     /// Uniform over [lo, hi].
-    Uniform { lo: u32, hi: u32 },
+    Uniform {
+        lo: u32,
+        hi: u32,
+    },
     /// Normal, redrawn until it lands in [lo, hi].
-    Normal { mean: f64, std: f64, lo: u32, hi: u32 },
+    Normal {
+        mean: f64,
+        std: f64,
+        lo: u32,
+        hi: u32,
+    },
 }
 
 impl Lengths {
@@ -104,9 +123,17 @@ impl Lengths {
         let ok = match *self {
             Lengths::Fixed(n) => n > 0,
             Lengths::Uniform { lo, hi } => lo > 0 && lo <= hi,
-            Lengths::Normal { mean, std, lo, hi } => lo > 0 && lo <= hi && std >= 0.0 && mean.is_finite(),
+            Lengths::Normal { mean, std, lo, hi } => {
+                lo > 0 && lo <= hi && std >= 0.0 && mean.is_finite()
+            }
         };
-        if ok { Ok(()) } else { Err(SimError::invalid(format!("{what} lengths must be positive with lo <= hi"))) }
+        if ok {
+            Ok(())
+        } else {
+            Err(SimError::invalid(format!(
+                "{what} lengths must be positive with lo <= hi"
+            )))
+        }
     }
 }
 
@@ -145,7 +172,12 @@ pub struct RequestStream<'a> {
 
 impl<'a> RequestStream<'a> {
     pub fn new(w: &'a Workload, seed: u64) -> Self {
-        RequestStream { w, rng: Rng::new(seed), now: 0.0, index: 0 }
+        RequestStream {
+            w,
+            rng: Rng::new(seed),
+            now: 0.0,
+            index: 0,
+        }
     }
 }
 
@@ -166,7 +198,11 @@ impl Iterator for RequestStream<'_> {
         self.index += 1;
         let input = self.w.input.sample(&mut self.rng);
         let output = self.w.output.sample(&mut self.rng);
-        Some(RequestSpec { arrival, input, output })
+        Some(RequestSpec {
+            arrival,
+            input,
+            output,
+        })
     }
 }
 
@@ -175,23 +211,46 @@ mod tests {
     use super::*;
 
     fn w(arrivals: Arrivals) -> Workload {
-        Workload { arrivals, input: Lengths::Uniform { lo: 50, hi: 400 }, output: Lengths::Fixed(64) }
+        Workload {
+            arrivals,
+            input: Lengths::Uniform { lo: 50, hi: 400 },
+            output: Lengths::Fixed(64),
+        }
     }
 
     #[test]
     fn rates_and_lengths_come_out_as_asked() {
-        for a in [Arrivals::Poisson { rate: 20.0 }, Arrivals::Gamma { rate: 20.0, cv: 2.0 }, Arrivals::Constant { rate: 20.0 }] {
+        for a in [
+            Arrivals::Poisson { rate: 20.0 },
+            Arrivals::Gamma {
+                rate: 20.0,
+                cv: 2.0,
+            },
+            Arrivals::Constant { rate: 20.0 },
+        ] {
             let wl = w(a.clone());
             let reqs: Vec<_> = RequestStream::new(&wl, 3).take(40_000).collect();
             let rate = reqs.len() as f64 / reqs.last().unwrap().arrival;
             assert!((rate / 20.0 - 1.0).abs() < 0.03, "{a:?}: {rate}");
-            assert!(reqs.iter().all(|r| (50..=400).contains(&r.input) && r.output == 64));
+            assert!(
+                reqs.iter()
+                    .all(|r| (50..=400).contains(&r.input) && r.output == 64)
+            );
             let mean_in = reqs.iter().map(|r| f64::from(r.input)).sum::<f64>() / reqs.len() as f64;
             assert!((mean_in - 225.0).abs() < 3.0, "{mean_in}");
         }
-        let n = Lengths::Normal { mean: 200.0, std: 80.0, lo: 50, hi: 400 };
+        let n = Lengths::Normal {
+            mean: 200.0,
+            std: 80.0,
+            lo: 50,
+            hi: 400,
+        };
         let mut rng = Rng::new(1);
-        assert!((0..10_000).map(|_| n.sample(&mut rng)).all(|x| (50..=400).contains(&x)));
+        assert!(
+            (0..10_000)
+                .map(|_| n.sample(&mut rng))
+                .all(|x| (50..=400).contains(&x))
+        );
     }
 
     #[test]
@@ -199,7 +258,10 @@ mod tests {
         let wl = w(Arrivals::Trace(vec![0.0, 1.0, 2.0, 4.0]));
         let times: Vec<f64> = RequestStream::new(&wl, 1).map(|r| r.arrival).collect();
         assert_eq!(times, vec![0.0, 1.0, 2.0, 4.0]);
-        assert_eq!(wl.arrivals.at_rate(2.0), Arrivals::Trace(vec![0.0, 0.5, 1.0, 2.0]));
+        assert_eq!(
+            wl.arrivals.at_rate(2.0),
+            Arrivals::Trace(vec![0.0, 0.5, 1.0, 2.0])
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@ struct Cli {
 }
 
 fn args(line: &str) -> PlanArgs {
-    Cli::try_parse_from(std::iter::once("plan").chain(line.split_whitespace())).unwrap().plan
+    Cli::try_parse_from(std::iter::once("plan").chain(line.split_whitespace()))
+        .unwrap()
+        .plan
 }
 
 fn json(line: &str) -> serde_json::Value {
@@ -17,18 +19,30 @@ fn json(line: &str) -> serde_json::Value {
 
 #[test]
 fn evaluate_reports_the_calculator_figures() {
-    let v = json("--model llama-2-70b --gpu h100 --isl 128 --osl 512 --evaluate tp=4,batch=128,mode=aggregated --json");
+    let v = json(
+        "--model llama-2-70b --gpu h100 --isl 128 --osl 512 --evaluate tp=4,batch=128,mode=aggregated --json",
+    );
     let ttft = v["ttft_ms"].as_f64().unwrap();
     let itl = v["itl_ms"].as_f64().unwrap();
     let thr = v["prompts_per_s_per_8gpu"].as_f64().unwrap();
-    assert!((ttft / 1516.7 - 1.0).abs() < 0.2 && (itl / 41.6 - 1.0).abs() < 0.2 && (thr / 11.2 - 1.0).abs() < 0.2, "{v}");
-    let text = run_plan(&args("--model llama-2-70b --gpu h100 --isl 128 --osl 512 --evaluate tp=8,batch=1")).unwrap();
+    assert!(
+        (ttft / 1516.7 - 1.0).abs() < 0.2
+            && (itl / 41.6 - 1.0).abs() < 0.2
+            && (thr / 11.2 - 1.0).abs() < 0.2,
+        "{v}"
+    );
+    let text = run_plan(&args(
+        "--model llama-2-70b --gpu h100 --isl 128 --osl 512 --evaluate tp=8,batch=1",
+    ))
+    .unwrap();
     assert!(text.contains("static batch of 1 at TP8"), "{text}");
 }
 
 #[test]
 fn gpt43b_static_plan_is_13_dgx_give_or_take_one() {
-    let v = json("--model gpt-43b --gpu h100 --isl 3500 --osl 500 --rate 31 --ttft 3s --itl 100ms --method static --json");
+    let v = json(
+        "--model gpt-43b --gpu h100 --isl 3500 --osl 500 --rate 31 --ttft 3s --itl 100ms --method static --json",
+    );
     let nodes = v["nodes"].as_u64().unwrap();
     assert!((12..=14).contains(&nodes), "{v}");
     assert!(v["ttft_ms"].as_f64().unwrap() <= 3000.0);
@@ -36,7 +50,9 @@ fn gpt43b_static_plan_is_13_dgx_give_or_take_one() {
 
 #[test]
 fn average_rate_becomes_the_poisson_peak() {
-    let v = json("--model llama-2-70b --gpu h100 --isl 128 --osl 128 --avg-rate 64 --ttft 3s --itl 100ms --method static --json");
+    let v = json(
+        "--model llama-2-70b --gpu h100 --isl 128 --osl 128 --avg-rate 64 --ttft 3s --itl 100ms --method static --json",
+    );
     assert_eq!(v["rate_rps"].as_f64().unwrap(), 77.0);
 }
 
@@ -55,7 +71,9 @@ fn bad_input_gives_clear_errors() {
     assert!(e.contains("average rate must be positive"), "{e}");
     let e = err("--model llama-2-7b --gpu h100 --isl 10 --osl 10 --rate 1 --ttft 3");
     assert!(e.contains("needs a unit"), "{e}");
-    let e = err("--model llama-2-70b --gpu h100 --isl 4000 --osl 10 --rate 1 --ttft 10ms --method static");
+    let e = err(
+        "--model llama-2-70b --gpu h100 --isl 4000 --osl 10 --rate 1 --ttft 10ms --method static",
+    );
     assert!(e.contains("binding objective is TTFT"), "{e}");
     let e = err("--model llama-2-70b --gpu h100 --isl 100 --osl 10 --evaluate tp=3,batch=1");
     assert!(e.contains("power of two"), "{e}");

@@ -7,7 +7,11 @@ use crate::perf::{Link, PrefillItem, StepShape};
 impl<'a> Sim<'a> {
     fn specs(&self) -> (&'a [InstanceSpec], &'a [InstanceSpec], Option<&'a Link>) {
         match &self.cfg.cluster {
-            Cluster::Disaggregated { prefill, decode, link } => (prefill, decode, Some(link)),
+            Cluster::Disaggregated {
+                prefill,
+                decode,
+                link,
+            } => (prefill, decode, Some(link)),
             Cluster::Aggregated { instances } => (instances, &[], None),
         }
     }
@@ -30,7 +34,9 @@ impl<'a> Sim<'a> {
                 .filter(|&i| self.agg[i].free_blocks >= r.blocks)
                 .min_by(|&i, &j| {
                     let (a, b) = (&self.agg[i], &self.agg[j]);
-                    a.queued_tokens.cmp(&b.queued_tokens).then(b.free_blocks.cmp(&a.free_blocks))
+                    a.queued_tokens
+                        .cmp(&b.queued_tokens)
+                        .then(b.free_blocks.cmp(&a.free_blocks))
                 });
             let Some(a) = pick else { return false };
             let inst = &mut self.agg[a];
@@ -46,10 +52,14 @@ impl<'a> Sim<'a> {
         }
         if self.cfg.phase != Phase::PrefillOnly {
             // Most free KV blocks, then the fewest sequences holding blocks.
-            let pick = (0..self.decode.len()).filter(|&i| self.decode[i].free_blocks >= r.blocks).min_by(|&i, &j| {
-                let (a, b) = (&self.decode[i], &self.decode[j]);
-                b.free_blocks.cmp(&a.free_blocks).then(a.holders.cmp(&b.holders))
-            });
+            let pick = (0..self.decode.len())
+                .filter(|&i| self.decode[i].free_blocks >= r.blocks)
+                .min_by(|&i, &j| {
+                    let (a, b) = (&self.decode[i], &self.decode[j]);
+                    b.free_blocks
+                        .cmp(&a.free_blocks)
+                        .then(a.holders.cmp(&b.holders))
+                });
             let Some(d) = pick else { return false };
             self.decode[d].free_blocks -= r.blocks;
             self.decode[d].holders += 1;
@@ -63,7 +73,9 @@ impl<'a> Sim<'a> {
                 return true;
             }
         }
-        let p = (0..self.prefill.len()).min_by_key(|&i| self.prefill[i].queued_tokens).unwrap_or(0);
+        let p = (0..self.prefill.len())
+            .min_by_key(|&i| self.prefill[i].queued_tokens)
+            .unwrap_or(0);
         let inst = &mut self.prefill[p];
         inst.queue.push_back(id);
         inst.queued_tokens += u64::from(r.input);
@@ -136,9 +148,15 @@ impl<'a> Sim<'a> {
         let spec = &self.specs().1[d];
         let inst = &mut self.decode[d];
         while inst.set.running < spec.max_running {
-            let Some(id) = inst.ready.pop_front() else { break };
+            let Some(id) = inst.ready.pop_front() else {
+                break;
+            };
             let r = &self.reqs[id as usize];
-            inst.set.add(id, u64::from(r.input) + 1, r.output.saturating_sub(1).max(1));
+            inst.set.add(
+                id,
+                u64::from(r.input) + 1,
+                r.output.saturating_sub(1).max(1),
+            );
         }
         if inst.set.running == 0 {
             inst.busy = false;
@@ -175,9 +193,15 @@ impl<'a> Sim<'a> {
         items.clear();
         let inst = &mut self.agg[a];
         while inst.set.running < spec.max_running {
-            let Some(id) = inst.ready.pop_front() else { break };
+            let Some(id) = inst.ready.pop_front() else {
+                break;
+            };
             let r = &self.reqs[id as usize];
-            inst.set.add(id, u64::from(r.input) + 1, r.output.saturating_sub(1).max(1));
+            inst.set.add(
+                id,
+                u64::from(r.input) + 1,
+                r.output.saturating_sub(1).max(1),
+            );
         }
         let mut budget = spec.max_batch_tokens.saturating_sub(inst.set.running);
         let mut active = inst.set.running + inst.partial + inst.ready.len() as u32;
@@ -196,7 +220,10 @@ impl<'a> Sim<'a> {
                 active += 1;
                 inst.partial += 1;
             }
-            items.push(PrefillItem { new_tokens: chunk, cached_tokens: r.done });
+            items.push(PrefillItem {
+                new_tokens: chunk,
+                cached_tokens: r.done,
+            });
             inst.chunks.push((id, chunk));
             budget -= chunk;
             if chunk < rem {
@@ -208,7 +235,11 @@ impl<'a> Sim<'a> {
             inst.busy = false;
         } else {
             inst.busy = true;
-            let step = StepShape { prefill: &items, decode_batch: b, decode_context: inst.set.context() };
+            let step = StepShape {
+                prefill: &items,
+                decode_batch: b,
+                decode_context: inst.set.context(),
+            };
             let dt = spec.model.step_time(&step);
             if b > 0 {
                 self.steps.push((self.now, dt, b));

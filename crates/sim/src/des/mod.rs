@@ -41,15 +41,23 @@ pub struct InstanceSpec {
 /// The cluster under test.
 #[derive(Debug, Clone)]
 pub enum Cluster {
-    Disaggregated { prefill: Vec<InstanceSpec>, decode: Vec<InstanceSpec>, link: Link },
-    Aggregated { instances: Vec<InstanceSpec> },
+    Disaggregated {
+        prefill: Vec<InstanceSpec>,
+        decode: Vec<InstanceSpec>,
+        link: Link,
+    },
+    Aggregated {
+        instances: Vec<InstanceSpec>,
+    },
 }
 
 impl Cluster {
     pub fn gpus(&self) -> u32 {
         let sum = |v: &[InstanceSpec]| v.iter().map(|i| i.model.tensor_parallel()).sum::<u32>();
         match self {
-            Cluster::Disaggregated { prefill, decode, .. } => sum(prefill) + sum(decode),
+            Cluster::Disaggregated {
+                prefill, decode, ..
+            } => sum(prefill) + sum(decode),
             Cluster::Aggregated { instances } => sum(instances),
         }
     }
@@ -110,13 +118,13 @@ pub fn simulate(cfg: &SimConfig) -> Result<SimReport, SimError> {
         sim.processed += 1;
         match ev.kind {
             Kind::Arrival(id) => {
-                if sim.reqs.len() == warm + 1 {
+                if id as usize == warm {
                     sim.measure_from = sim.reqs[id as usize].arrival;
                 }
-                if sim.reqs.len() < cfg.requests {
-                    if let Some(next) = stream.next() {
-                        sim.push_arrival(next);
-                    }
+                if sim.reqs.len() < cfg.requests
+                    && let Some(next) = stream.next()
+                {
+                    sim.push_arrival(next);
                 }
                 sim.pending.push_back(id);
                 sim.admit_pending();
@@ -134,11 +142,18 @@ pub fn simulate(cfg: &SimConfig) -> Result<SimReport, SimError> {
         }
     }
     if sim.reqs.iter().any(|r| r.finish.is_nan()) {
-        return Err(SimError::invalid("simulation ended with unfinished requests (a request that fits no instance)"));
+        return Err(SimError::invalid(
+            "simulation ended with unfinished requests (a request that fits no instance)",
+        ));
     }
     let outcomes: Vec<Outcome> = sim.reqs[warm.min(sim.reqs.len())..]
         .iter()
-        .map(|r| Outcome { arrival: r.arrival, first: r.first, finish: r.finish, output: r.output })
+        .map(|r| Outcome {
+            arrival: r.arrival,
+            first: r.first,
+            finish: r.finish,
+            output: r.output,
+        })
         .collect();
     let (check_ttft, check_tpot) = match cfg.phase {
         Phase::Full => (true, true),
@@ -146,8 +161,20 @@ pub fn simulate(cfg: &SimConfig) -> Result<SimReport, SimError> {
         Phase::DecodeOnly => (false, true),
     };
     let from = sim.measure_from;
-    let steps = sim.steps.iter().filter(|s| s.0 >= from).map(|s| (s.1, s.2)).collect();
-    Ok(summarise(&outcomes, steps, &cfg.slo, check_ttft, check_tpot, sim.processed))
+    let steps = sim
+        .steps
+        .iter()
+        .filter(|s| s.0 >= from)
+        .map(|s| (s.1, s.2))
+        .collect();
+    Ok(summarise(
+        &outcomes,
+        steps,
+        &cfg.slo,
+        check_ttft,
+        check_tpot,
+        sim.processed,
+    ))
 }
 
 fn validate(cfg: &SimConfig) -> Result<(), SimError> {
@@ -158,21 +185,33 @@ fn validate(cfg: &SimConfig) -> Result<(), SimError> {
     let (a, b): (&[InstanceSpec], &[InstanceSpec]) = match (&cfg.cluster, cfg.phase) {
         (Cluster::Aggregated { instances }, Phase::Full) => (instances, &[]),
         (Cluster::Aggregated { .. }, _) => {
-            return Err(SimError::invalid("role-only phases apply to disaggregated clusters"));
+            return Err(SimError::invalid(
+                "role-only phases apply to disaggregated clusters",
+            ));
         }
         (Cluster::Disaggregated { prefill, .. }, Phase::PrefillOnly) => (prefill, &[]),
         (Cluster::Disaggregated { decode, .. }, Phase::DecodeOnly) => (decode, &[]),
-        (Cluster::Disaggregated { prefill, decode, .. }, Phase::Full) => {
+        (
+            Cluster::Disaggregated {
+                prefill, decode, ..
+            },
+            Phase::Full,
+        ) => {
             if prefill.is_empty() {
-                return Err(SimError::invalid("a disaggregated cluster needs a prefill instance"));
+                return Err(SimError::invalid(
+                    "a disaggregated cluster needs a prefill instance",
+                ));
             }
             (decode, prefill)
         }
     };
     if a.is_empty() {
-        return Err(SimError::invalid("the cluster has no instance for this phase"));
+        return Err(SimError::invalid(
+            "the cluster has no instance for this phase",
+        ));
     }
-    let need = blocks_for(u64::from(cfg.workload.input.max()) + u64::from(cfg.workload.output.max()));
+    let need =
+        blocks_for(u64::from(cfg.workload.input.max()) + u64::from(cfg.workload.output.max()));
     for i in a.iter().chain(b) {
         if i.max_running == 0 || i.max_batch_tokens == 0 {
             return Err(SimError::invalid("batch limits must be positive"));
@@ -180,7 +219,10 @@ fn validate(cfg: &SimConfig) -> Result<(), SimError> {
         if cfg.phase != Phase::PrefillOnly && i.model.memory().kv_blocks < need {
             return Err(SimError::DoesNotFit {
                 model: i.model.describe(),
-                reason: format!("the longest request needs {need} KV blocks; the instance holds {}", i.model.memory().kv_blocks),
+                reason: format!(
+                    "the longest request needs {need} KV blocks; the instance holds {}",
+                    i.model.memory().kv_blocks
+                ),
             });
         }
     }
@@ -206,12 +248,20 @@ impl<'a> Sim<'a> {
             scratch_ids: Vec::new(),
         };
         match &cfg.cluster {
-            Cluster::Disaggregated { prefill, decode, .. } => {
+            Cluster::Disaggregated {
+                prefill, decode, ..
+            } => {
                 s.prefill = prefill.iter().map(|_| PrefillInst::default()).collect();
-                s.decode = decode.iter().map(|d| DecodeInst::new(d.model.memory().kv_blocks)).collect();
+                s.decode = decode
+                    .iter()
+                    .map(|d| DecodeInst::new(d.model.memory().kv_blocks))
+                    .collect();
             }
             Cluster::Aggregated { instances } => {
-                s.agg = instances.iter().map(|d| AggInst::new(d.model.memory().kv_blocks)).collect();
+                s.agg = instances
+                    .iter()
+                    .map(|d| AggInst::new(d.model.memory().kv_blocks))
+                    .collect();
             }
         }
         s
@@ -219,7 +269,11 @@ impl<'a> Sim<'a> {
 
     fn schedule(&mut self, time: f64, kind: Kind) {
         self.seq += 1;
-        self.events.push(Reverse(Event { time, seq: self.seq, kind }));
+        self.events.push(Reverse(Event {
+            time,
+            seq: self.seq,
+            kind,
+        }));
     }
 
     fn push_arrival(&mut self, r: crate::workload::RequestSpec) {
@@ -228,7 +282,6 @@ impl<'a> Sim<'a> {
         self.reqs.push(Req::new(r, blocks));
         self.schedule(r.arrival, Kind::Arrival(id));
     }
-
 }
 
 #[cfg(test)]

@@ -90,7 +90,12 @@ impl DecodeSet {
         self.running += 1;
         self.sum_c0 += c0;
         self.sum_s0 += self.steps;
-        self.finish.push(Reverse((self.steps + u64::from(remaining), id, c0, self.steps)));
+        self.finish.push(Reverse((
+            self.steps + u64::from(remaining),
+            id,
+            c0,
+            self.steps,
+        )));
     }
 
     /// Ends a step: every running sequence produced a token. Finished requests go to `out`.
@@ -130,7 +135,13 @@ pub(super) struct DecodeInst {
 
 impl DecodeInst {
     pub fn new(blocks: u64) -> Self {
-        DecodeInst { free_blocks: blocks, holders: 0, ready: VecDeque::new(), set: DecodeSet::default(), busy: false }
+        DecodeInst {
+            free_blocks: blocks,
+            holders: 0,
+            ready: VecDeque::new(),
+            set: DecodeSet::default(),
+            busy: false,
+        }
     }
 }
 

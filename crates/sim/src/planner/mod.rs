@@ -24,7 +24,11 @@ pub use search::max_rate;
 /// Where instance models come from: the roofline at any tensor parallelism, or one profile.
 #[derive(Debug, Clone)]
 pub enum ModelSource {
-    Roofline { model: ModelSpec, gpu: GpuSpec, eff: Efficiency },
+    Roofline {
+        model: Box<ModelSpec>,
+        gpu: Box<GpuSpec>,
+        eff: Efficiency,
+    },
     Profiled(Arc<dyn PerfModel>),
 }
 
@@ -32,9 +36,9 @@ impl ModelSource {
     /// The model at `tp` GPUs, or `None` where it cannot run so (does not fit, heads do not split).
     pub fn at(&self, tp: u32) -> Option<Arc<dyn PerfModel>> {
         match self {
-            ModelSource::Roofline { model, gpu, eff } => {
-                Roofline::new(model, gpu, tp, *eff).ok().map(|r| Arc::new(r) as Arc<dyn PerfModel>)
-            }
+            ModelSource::Roofline { model, gpu, eff } => Roofline::new(model, gpu, tp, *eff)
+                .ok()
+                .map(|r| Arc::new(r) as Arc<dyn PerfModel>),
             ModelSource::Profiled(m) => (m.tensor_parallel() == tp).then(|| m.clone()),
         }
     }
@@ -116,14 +120,32 @@ impl Candidate {
     pub fn cluster(&self, input: &PlanInput) -> Option<Cluster> {
         let mk = |tp: u32, n: u32, running: u32, tokens: u32| -> Option<Vec<InstanceSpec>> {
             let m = input.source.at(tp)?;
-            Some((0..n).map(|_| InstanceSpec { model: m.clone(), max_running: running, max_batch_tokens: tokens }).collect())
+            Some(
+                (0..n)
+                    .map(|_| InstanceSpec {
+                        model: m.clone(),
+                        max_running: running,
+                        max_batch_tokens: tokens,
+                    })
+                    .collect(),
+            )
         };
         Some(match self.mode {
             Mode::Aggregated => Cluster::Aggregated {
-                instances: mk(self.tp_prefill, self.prefill_instances, self.max_batch, self.batch_tokens)?,
+                instances: mk(
+                    self.tp_prefill,
+                    self.prefill_instances,
+                    self.max_batch,
+                    self.batch_tokens,
+                )?,
             },
             Mode::Disaggregated => Cluster::Disaggregated {
-                prefill: mk(self.tp_prefill, self.prefill_instances, 1, self.batch_tokens)?,
+                prefill: mk(
+                    self.tp_prefill,
+                    self.prefill_instances,
+                    1,
+                    self.batch_tokens,
+                )?,
                 decode: mk(self.tp_decode, self.decode_instances, self.max_batch, 1)?,
                 link: input.link,
             },
@@ -144,9 +166,26 @@ pub struct Plan {
     pub all: Vec<Candidate>,
 }
 
-pub(crate) fn sim_config(input: &PlanInput, cluster: Cluster, phase: Phase, rate: f64, requests: usize) -> SimConfig {
-    let workload = Workload { arrivals: input.workload.arrivals.at_rate(rate), ..input.workload.clone() };
-    SimConfig { cluster, workload, requests, seed: input.seed, warmup: 0.2, phase, slo: input.slo }
+pub(crate) fn sim_config(
+    input: &PlanInput,
+    cluster: Cluster,
+    phase: Phase,
+    rate: f64,
+    requests: usize,
+) -> SimConfig {
+    let workload = Workload {
+        arrivals: input.workload.arrivals.at_rate(rate),
+        ..input.workload.clone()
+    };
+    SimConfig {
+        cluster,
+        workload,
+        requests,
+        seed: input.seed,
+        warmup: 0.2,
+        phase,
+        slo: input.slo,
+    }
 }
 
 /// Checks the objectives against the best an idle instance can do, so that an impossible request
@@ -155,15 +194,29 @@ pub fn check_feasible(input: &PlanInput) -> Result<(), SimError> {
     let isl = input.workload.input.max();
     let osl = input.workload.output.max();
     let need = blocks_for(u64::from(isl) + u64::from(osl));
-    let models: Vec<_> = input.grid.tps.iter().filter_map(|&tp| input.source.at(tp)).collect();
-    let models: Vec<_> = models.into_iter().filter(|m| m.memory().kv_blocks >= need).collect();
+    let models: Vec<_> = input
+        .grid
+        .tps
+        .iter()
+        .filter_map(|&tp| input.source.at(tp))
+        .collect();
+    let models: Vec<_> = models
+        .into_iter()
+        .filter(|m| m.memory().kv_blocks >= need)
+        .collect();
     if models.is_empty() {
         return Err(SimError::Infeasible {
             binding: "memory".into(),
-            detail: format!("no tensor parallelism in {:?} holds the weights plus one request's KV", input.grid.tps),
+            detail: format!(
+                "no tensor parallelism in {:?} holds the weights plus one request's KV",
+                input.grid.tps
+            ),
         });
     }
-    let best_ttft = models.iter().map(|m| m.prefill_time(&[PrefillItem::fresh(isl)])).fold(f64::INFINITY, f64::min);
+    let best_ttft = models
+        .iter()
+        .map(|m| m.prefill_time(&[PrefillItem::fresh(isl)]))
+        .fold(f64::INFINITY, f64::min);
     if best_ttft > input.slo.ttft_s {
         return Err(SimError::Infeasible {
             binding: "TTFT".into(),
@@ -175,7 +228,10 @@ pub fn check_feasible(input: &PlanInput) -> Result<(), SimError> {
         });
     }
     let ctx = u64::from(isl) + u64::from(osl);
-    let best_itl = models.iter().map(|m| m.decode_step_time(1, ctx)).fold(f64::INFINITY, f64::min);
+    let best_itl = models
+        .iter()
+        .map(|m| m.decode_step_time(1, ctx))
+        .fold(f64::INFINITY, f64::min);
     if best_itl > input.slo.tpot_s {
         return Err(SimError::Infeasible {
             binding: "ITL".into(),
@@ -203,7 +259,11 @@ pub fn plan(input: &PlanInput) -> Result<Plan, SimError> {
         search::aggregated(input, &mut all, &mut binding)?;
     }
     if all.is_empty() {
-        let b = if binding.is_empty() { "attainment".to_string() } else { binding.join(" and ") };
+        let b = if binding.is_empty() {
+            "attainment".to_string()
+        } else {
+            binding.join(" and ")
+        };
         return Err(SimError::Infeasible {
             binding: b,
             detail: format!(
@@ -214,30 +274,46 @@ pub fn plan(input: &PlanInput) -> Result<Plan, SimError> {
             ),
         });
     }
-    all.sort_by(|a, b| a.gpus.cmp(&b.gpus));
+    all.sort_by_key(|c| c.gpus);
     // Goodput (a rate search on the whole cluster) only for the configurations reported.
     let top = all.len().min(4);
     for c in all.iter_mut().take(top) {
         c.goodput_rps = search::cluster_goodput(input, c)?;
     }
     all[..top].sort_by(|a, b| {
-        a.gpus.cmp(&b.gpus).then(b.goodput_per_gpu().unwrap_or(0.0).total_cmp(&a.goodput_per_gpu().unwrap_or(0.0)))
+        a.gpus.cmp(&b.gpus).then(
+            b.goodput_per_gpu()
+                .unwrap_or(0.0)
+                .total_cmp(&a.goodput_per_gpu().unwrap_or(0.0)),
+        )
     });
     let recommended = all[0].clone();
     let runner_ups = all[1..top].to_vec();
-    Ok(Plan { recommended, runner_ups, all })
+    Ok(Plan {
+        recommended,
+        runner_ups,
+        all,
+    })
 }
 
 fn validate(input: &PlanInput) -> Result<(), SimError> {
     input.workload.validate()?;
     if !(input.rate.is_finite() && input.rate > 0.0) {
-        return Err(SimError::invalid(format!("request rate must be positive, got {}", input.rate)));
+        return Err(SimError::invalid(format!(
+            "request rate must be positive, got {}",
+            input.rate
+        )));
     }
     if !(input.slo.ttft_s > 0.0 && input.slo.tpot_s > 0.0) {
-        return Err(SimError::invalid("TTFT and ITL objectives must be positive"));
+        return Err(SimError::invalid(
+            "TTFT and ITL objectives must be positive",
+        ));
     }
     if !(input.attainment > 0.0 && input.attainment <= 1.0) {
-        return Err(SimError::invalid(format!("attainment must lie in (0, 1], got {}", input.attainment)));
+        return Err(SimError::invalid(format!(
+            "attainment must lie in (0, 1], got {}",
+            input.attainment
+        )));
     }
     if input.grid.tps.is_empty() || input.grid.batches.is_empty() || input.grid.modes.is_empty() {
         return Err(SimError::invalid("the search grid is empty"));
@@ -246,8 +322,14 @@ fn validate(input: &PlanInput) -> Result<(), SimError> {
 }
 
 /// Runs the whole cluster of `c` at `rate`.
-pub fn simulate_candidate(input: &PlanInput, c: &Candidate, rate: f64) -> Result<Option<SimReport>, SimError> {
-    let Some(cluster) = c.cluster(input) else { return Ok(None) };
+pub fn simulate_candidate(
+    input: &PlanInput,
+    c: &Candidate,
+    rate: f64,
+) -> Result<Option<SimReport>, SimError> {
+    let Some(cluster) = c.cluster(input) else {
+        return Ok(None);
+    };
     let n = search::cluster_requests(input, rate);
     simulate(&sim_config(input, cluster, Phase::Full, rate, n)).map(Some)
 }

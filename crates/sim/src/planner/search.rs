@@ -8,7 +8,10 @@ use crate::stats::SimReport;
 
 /// The highest rate at which `meets` holds, from a guess near it: doubling to bracket, then seven
 /// bisections (under 1% of the rate). 0 when even a fiftieth of the guess fails.
-pub fn max_rate(guess: f64, mut meets: impl FnMut(f64) -> Result<bool, SimError>) -> Result<f64, SimError> {
+pub fn max_rate(
+    guess: f64,
+    mut meets: impl FnMut(f64) -> Result<bool, SimError>,
+) -> Result<f64, SimError> {
     let mut lo = guess / 50.0;
     if !meets(lo)? {
         return Ok(0.0);
@@ -55,14 +58,21 @@ fn decode_guess(m: &dyn PerfModel, batch: u32, isl: f64, osl: f64) -> f64 {
 }
 
 fn batch_cap(input: &PlanInput, m: &dyn PerfModel) -> u32 {
-    let need = blocks_for(u64::from(input.workload.input.max()) + u64::from(input.workload.output.max()));
+    let need =
+        blocks_for(u64::from(input.workload.input.max()) + u64::from(input.workload.output.max()));
     (m.memory().kv_blocks / need.max(1)).min(u64::from(u32::MAX)) as u32
 }
 
 /// Batch limits to try on a model: the grid's, below what its KV holds, plus that ceiling.
 fn batches(input: &PlanInput, m: &dyn PerfModel) -> Vec<u32> {
     let cap = batch_cap(input, m);
-    let mut v: Vec<u32> = input.grid.batches.iter().copied().filter(|&b| b <= cap).collect();
+    let mut v: Vec<u32> = input
+        .grid
+        .batches
+        .iter()
+        .copied()
+        .filter(|&b| b <= cap)
+        .collect();
     if cap > 0 && input.grid.batches.iter().any(|&b| b > cap) {
         v.push(cap);
     }
@@ -75,7 +85,11 @@ struct Unit {
     rate: f64,
 }
 
-pub(super) fn disaggregated(input: &PlanInput, out: &mut Vec<Candidate>, binding: &mut Vec<String>) -> Result<(), SimError> {
+pub(super) fn disaggregated(
+    input: &PlanInput,
+    out: &mut Vec<Candidate>,
+    binding: &mut Vec<String>,
+) -> Result<(), SimError> {
     let (isl, osl) = mean_lengths(input);
     let target = role_attainment(input);
     let max_isl = input.workload.input.max();
@@ -85,27 +99,53 @@ pub(super) fn disaggregated(input: &PlanInput, out: &mut Vec<Candidate>, binding
     let mut pre = Vec::new();
     let mut dec = Vec::new();
     for &tp in &input.grid.tps {
-        let Some(m) = input.source.at(tp) else { continue };
+        let Some(m) = input.source.at(tp) else {
+            continue;
+        };
         for &budget in &budgets {
-            let unit = || InstanceSpec { model: m.clone(), max_running: 1, max_batch_tokens: budget };
+            let unit = || InstanceSpec {
+                model: m.clone(),
+                max_running: 1,
+                max_batch_tokens: budget,
+            };
             let g = max_rate(prefill_guess(m.as_ref(), budget, isl), |r| {
-                let c = Cluster::Disaggregated { prefill: vec![unit()], decode: vec![], link: input.link };
+                let c = Cluster::Disaggregated {
+                    prefill: vec![unit()],
+                    decode: vec![],
+                    link: input.link,
+                };
                 let rep = simulate(&sim_config(input, c, Phase::PrefillOnly, r, input.requests))?;
                 Ok(rep.ttft_attainment >= target)
             })?;
             if g > 0.0 {
-                pre.push(Unit { tp, knob: budget, rate: g });
+                pre.push(Unit {
+                    tp,
+                    knob: budget,
+                    rate: g,
+                });
             }
         }
         for b in batches(input, m.as_ref()) {
-            let unit = || InstanceSpec { model: m.clone(), max_running: b, max_batch_tokens: 1 };
+            let unit = || InstanceSpec {
+                model: m.clone(),
+                max_running: b,
+                max_batch_tokens: 1,
+            };
             let g = max_rate(decode_guess(m.as_ref(), b, isl, osl), |r| {
-                let c = Cluster::Disaggregated { prefill: vec![], decode: vec![unit()], link: input.link };
+                let c = Cluster::Disaggregated {
+                    prefill: vec![],
+                    decode: vec![unit()],
+                    link: input.link,
+                };
                 let rep = simulate(&sim_config(input, c, Phase::DecodeOnly, r, input.requests))?;
                 Ok(rep.tpot_attainment >= target)
             })?;
             if g > 0.0 {
-                dec.push(Unit { tp, knob: b, rate: g });
+                dec.push(Unit {
+                    tp,
+                    knob: b,
+                    rate: g,
+                });
             }
         }
     }
@@ -155,23 +195,44 @@ pub(super) fn disaggregated(input: &PlanInput, out: &mut Vec<Candidate>, binding
     Ok(())
 }
 
-pub(super) fn aggregated(input: &PlanInput, out: &mut Vec<Candidate>, binding: &mut Vec<String>) -> Result<(), SimError> {
+pub(super) fn aggregated(
+    input: &PlanInput,
+    out: &mut Vec<Candidate>,
+    binding: &mut Vec<String>,
+) -> Result<(), SimError> {
     let (isl, osl) = mean_lengths(input);
     let mut units = Vec::new();
     for &tp in &input.grid.tps {
-        let Some(m) = input.source.at(tp) else { continue };
+        let Some(m) = input.source.at(tp) else {
+            continue;
+        };
         for b in batches(input, m.as_ref()) {
             for chunk in [512, 2048] {
                 let budget = b + chunk;
-                let unit = InstanceSpec { model: m.clone(), max_running: b, max_batch_tokens: budget };
-                let guess = 1.0 / (1.0 / prefill_guess(m.as_ref(), budget, isl) + 1.0 / decode_guess(m.as_ref(), b, isl, osl));
+                let unit = InstanceSpec {
+                    model: m.clone(),
+                    max_running: b,
+                    max_batch_tokens: budget,
+                };
+                let guess = 1.0
+                    / (1.0 / prefill_guess(m.as_ref(), budget, isl)
+                        + 1.0 / decode_guess(m.as_ref(), b, isl, osl));
                 let g = max_rate(guess, |r| {
-                    let c = Cluster::Aggregated { instances: vec![unit.clone()] };
+                    let c = Cluster::Aggregated {
+                        instances: vec![unit.clone()],
+                    };
                     let rep = simulate(&sim_config(input, c, Phase::Full, r, input.requests))?;
                     Ok(rep.attainment >= input.attainment)
                 })?;
                 if g > 0.0 {
-                    units.push((Unit { tp, knob: b, rate: g }, budget));
+                    units.push((
+                        Unit {
+                            tp,
+                            knob: b,
+                            rate: g,
+                        },
+                        budget,
+                    ));
                 }
             }
         }
@@ -180,7 +241,11 @@ pub(super) fn aggregated(input: &PlanInput, out: &mut Vec<Candidate>, binding: &
         binding.push("TTFT or ITL on aggregated instances".into());
     }
     let gpus_for = |u: &Unit| (input.rate / u.rate).ceil().max(1.0) as u32 * u.tp;
-    units.sort_by(|a, b| gpus_for(&a.0).cmp(&gpus_for(&b.0)).then(b.0.rate.total_cmp(&a.0.rate)));
+    units.sort_by(|a, b| {
+        gpus_for(&a.0)
+            .cmp(&gpus_for(&b.0))
+            .then(b.0.rate.total_cmp(&a.0.rate))
+    });
     for (u, budget) in units.iter().take(3) {
         let c = Candidate {
             mode: Mode::Aggregated,
@@ -219,19 +284,29 @@ fn settle(input: &PlanInput, mut c: Candidate) -> Result<Option<Candidate>, SimE
         if total(&c) > input.grid.max_instances {
             return Ok(None);
         }
-        let Some(r) = simulate_candidate(input, &c, input.rate)? else { return Ok(None) };
+        let Some(r) = simulate_candidate(input, &c, input.rate)? else {
+            return Ok(None);
+        };
         if r.attainment >= input.attainment {
             rep = Some(r);
             break;
         }
         let grow_prefill = c.mode == Mode::Aggregated || r.ttft_attainment < r.tpot_attainment;
-        if grow_prefill { c.prefill_instances += 1 } else { c.decode_instances += 1 }
+        if grow_prefill {
+            c.prefill_instances += 1
+        } else {
+            c.decode_instances += 1
+        }
     }
     let Some(mut rep) = rep else { return Ok(None) };
     for side in [0, 1] {
         loop {
             let mut t = c.clone();
-            let n = if side == 0 { &mut t.prefill_instances } else { &mut t.decode_instances };
+            let n = if side == 0 {
+                &mut t.prefill_instances
+            } else {
+                &mut t.decode_instances
+            };
             if *n <= 1 {
                 break;
             }

@@ -2,17 +2,32 @@ use super::*;
 use crate::catalog::Catalog;
 use crate::workload::{Arrivals, Lengths};
 
-fn input(model: &str, isl: u32, osl: u32, rate: f64, ttft: f64, tpot: f64, grid: Grid) -> PlanInput {
+fn input(
+    model: &str,
+    isl: u32,
+    osl: u32,
+    rate: f64,
+    ttft: f64,
+    tpot: f64,
+    grid: Grid,
+) -> PlanInput {
     let c = Catalog::builtin().unwrap();
     PlanInput {
         source: ModelSource::Roofline {
-            model: c.model(model).unwrap().clone(),
-            gpu: c.gpu("h100").unwrap().clone(),
+            model: Box::new(c.model(model).unwrap().clone()),
+            gpu: Box::new(c.gpu("h100").unwrap().clone()),
             eff: Efficiency::CALIBRATED,
         },
-        workload: Workload { arrivals: Arrivals::Poisson { rate }, input: Lengths::Fixed(isl), output: Lengths::Fixed(osl) },
+        workload: Workload {
+            arrivals: Arrivals::Poisson { rate },
+            input: Lengths::Fixed(isl),
+            output: Lengths::Fixed(osl),
+        },
         rate,
-        slo: Slo { ttft_s: ttft, tpot_s: tpot },
+        slo: Slo {
+            ttft_s: ttft,
+            tpot_s: tpot,
+        },
         attainment: 0.9,
         link: Link::infiniband_ndr(),
         requests: 600,
@@ -22,7 +37,12 @@ fn input(model: &str, isl: u32, osl: u32, rate: f64, ttft: f64, tpot: f64, grid:
 }
 
 fn small_grid() -> Grid {
-    Grid { tps: vec![1, 2], batches: vec![16, 64], modes: vec![Mode::Disaggregated], max_instances: 6 }
+    Grid {
+        tps: vec![1, 2],
+        batches: vec![16, 64],
+        modes: vec![Mode::Disaggregated],
+        max_instances: 6,
+    }
 }
 
 #[test]
@@ -64,19 +84,67 @@ fn planner_pick_reaches_95_percent_of_exhaustive_best() {
     // (A larger cluster can reach a higher goodput per GPU through pooling, but serves a rate the
     // user did not ask for.)
     let fewest = found.iter().map(|f| f.0).min().unwrap();
-    let best = found.iter().filter(|f| f.0 == fewest).map(|f| f.1).fold(0.0, f64::max);
-    assert!(inp.rate / f64::from(p.recommended.gpus) >= 0.95 * inp.rate / f64::from(fewest), "{fewest} {:?}", p.recommended);
-    assert!(pick >= 0.95 * best, "planner {pick:.3} per GPU, exhaustive best {best:.3}: {:?}", p.recommended);
+    let best = found
+        .iter()
+        .filter(|f| f.0 == fewest)
+        .map(|f| f.1)
+        .fold(0.0, f64::max);
+    assert!(
+        inp.rate / f64::from(p.recommended.gpus) >= 0.95 * inp.rate / f64::from(fewest),
+        "{fewest} {:?}",
+        p.recommended
+    );
+    assert!(
+        pick >= 0.95 * best,
+        "planner {pick:.3} per GPU, exhaustive best {best:.3}: {:?}",
+        p.recommended
+    );
 }
 
 #[test]
 fn impossible_objectives_name_the_binding_one() {
-    let e = plan(&input("llama-2-70b", 4000, 100, 1.0, 0.05, 1.0, Grid::default())).unwrap_err();
-    assert!(matches!(&e, SimError::Infeasible { binding, .. } if binding == "TTFT"), "{e}");
-    let e = plan(&input("llama-2-70b", 128, 100, 1.0, 5.0, 0.001, Grid::default())).unwrap_err();
-    assert!(matches!(&e, SimError::Infeasible { binding, .. } if binding == "ITL"), "{e}");
-    assert!(e.to_string().contains("the binding objective is ITL"), "{e}");
-    let e = plan(&input("llama-2-70b", 128, 100, -1.0, 5.0, 0.1, Grid::default())).unwrap_err();
+    let e = plan(&input(
+        "llama-2-70b",
+        4000,
+        100,
+        1.0,
+        0.05,
+        1.0,
+        Grid::default(),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(&e, SimError::Infeasible { binding, .. } if binding == "TTFT"),
+        "{e}"
+    );
+    let e = plan(&input(
+        "llama-2-70b",
+        128,
+        100,
+        1.0,
+        5.0,
+        0.001,
+        Grid::default(),
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(&e, SimError::Infeasible { binding, .. } if binding == "ITL"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("the binding objective is ITL"),
+        "{e}"
+    );
+    let e = plan(&input(
+        "llama-2-70b",
+        128,
+        100,
+        -1.0,
+        5.0,
+        0.1,
+        Grid::default(),
+    ))
+    .unwrap_err();
     assert!(e.to_string().contains("must be positive"), "{e}");
 }
 
