@@ -1,0 +1,298 @@
+//! `tandem plan`: its flags and the function the binary calls.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+
+use crate::catalog::Catalog;
+use crate::error::SimError;
+use crate::evaluate::{size_static, static_batch};
+use crate::peak::poisson_peak;
+use crate::perf::{Link, PerfModel};
+use crate::planner::{Grid, Mode, ModelSource, PlanInput, plan};
+use crate::profile::Profiled;
+use crate::report;
+use crate::roofline::{Efficiency, Roofline};
+use crate::stats::Slo;
+use crate::workload::{Arrivals, Lengths, Workload};
+
+/// How `tandem plan` sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// Simulate continuous batching, aggregated and disaggregated, with the discrete-event simulator.
+    Simulate,
+    /// The sizing calculator's method: static batches (prefill together, decode in lock step).
+    Static,
+}
+
+/// Size a cluster for a workload under latency objectives, or cost one configuration.
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// Model to size, by catalogue name (llama-2-70b, llama-3-8b, gpt-43b, smollm2-135m, ...).
+    #[arg(long, env = "TANDEM_PLAN_MODEL")]
+    pub model: String,
+    /// GPU, by catalogue name (h100, h200, a100-80gb, l40s).
+    #[arg(long, env = "TANDEM_PLAN_GPU")]
+    pub gpu: String,
+    /// Mean prompt length, tokens.
+    #[arg(long, env = "TANDEM_PLAN_ISL")]
+    pub isl: u32,
+    /// Mean answer length, tokens.
+    #[arg(long, env = "TANDEM_PLAN_OSL")]
+    pub osl: u32,
+    /// Prompt lengths spread uniformly over isl +- this many tokens (0: all equal).
+    #[arg(long, env = "TANDEM_PLAN_ISL_SPREAD", default_value_t = 0)]
+    pub isl_spread: u32,
+    /// Answer lengths spread uniformly over osl +- this many tokens (0: all equal).
+    #[arg(long, env = "TANDEM_PLAN_OSL_SPREAD", default_value_t = 0)]
+    pub osl_spread: u32,
+    /// Peak request rate to serve, per second (or give --avg-rate).
+    #[arg(long, env = "TANDEM_PLAN_RATE")]
+    pub rate: Option<f64>,
+    /// Average request rate; the peak is its Poisson percentile (--peak-percentile).
+    #[arg(long, env = "TANDEM_PLAN_AVG_RATE")]
+    pub avg_rate: Option<f64>,
+    /// Percentile of the one-second Poisson count to size for when --avg-rate is given.
+    #[arg(long, env = "TANDEM_PLAN_PEAK_PERCENTILE", default_value_t = 0.95)]
+    pub peak_percentile: f64,
+    /// Time-to-first-token objective (e.g. 3s, 450ms).
+    #[arg(long, env = "TANDEM_PLAN_TTFT", default_value = "3s")]
+    pub ttft: String,
+    /// Inter-token latency objective, per request's mean gap (e.g. 100ms).
+    #[arg(long, env = "TANDEM_PLAN_ITL", default_value = "100ms")]
+    pub itl: String,
+    /// Share of requests that must meet both objectives.
+    #[arg(long, env = "TANDEM_PLAN_ATTAINMENT", default_value_t = 0.9)]
+    pub attainment: f64,
+    /// Cost one configuration instead of searching: `tp=4,batch=128,mode=aggregated`.
+    #[arg(long, env = "TANDEM_PLAN_EVALUATE")]
+    pub evaluate: Option<String>,
+    /// Sizing method: simulate (continuous batching, the default) or static (the calculator's).
+    #[arg(long, env = "TANDEM_PLAN_METHOD", value_enum, default_value_t = Method::Simulate)]
+    pub method: Method,
+    /// Print JSON instead of text.
+    #[arg(long, env = "TANDEM_PLAN_JSON")]
+    pub json: bool,
+    /// Write an SVG plot of throughput per GPU against TTFT, the chosen point marked.
+    #[arg(long, env = "TANDEM_PLAN_PLOT")]
+    pub plot: Option<PathBuf>,
+    /// A JSON catalogue that adds to or overrides the built-in models and GPUs.
+    #[arg(long, env = "TANDEM_PLAN_CATALOG")]
+    pub catalog: Option<PathBuf>,
+    /// A profile written by `tandem profile`: use the fitted model instead of the roofline.
+    #[arg(long, env = "TANDEM_PLAN_PROFILE")]
+    pub profile: Option<PathBuf>,
+    /// Requests simulated per run of the search.
+    #[arg(long, env = "TANDEM_PLAN_REQUESTS", default_value_t = 3000)]
+    pub requests: usize,
+    /// Seed of the simulated arrivals and lengths.
+    #[arg(long, env = "TANDEM_PLAN_SEED", default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Parses `3s`, `450ms` or `800us` into seconds.
+pub fn parse_duration(s: &str) -> Result<f64, SimError> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        return Err(SimError::invalid(format!(
+            "duration {s:?} needs a unit: s, ms or us"
+        )));
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| SimError::invalid(format!("bad duration {s:?}")))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(SimError::invalid(format!(
+            "duration {s:?} must be positive"
+        )));
+    }
+    Ok(v * scale)
+}
+
+fn lengths(mean: u32, spread: u32, what: &str) -> Result<Lengths, SimError> {
+    if mean == 0 {
+        return Err(SimError::invalid(format!("{what} must be positive")));
+    }
+    if spread == 0 {
+        return Ok(Lengths::Fixed(mean));
+    }
+    if spread >= mean {
+        return Err(SimError::invalid(format!(
+            "{what} spread must be below the mean"
+        )));
+    }
+    Ok(Lengths::Uniform {
+        lo: mean - spread,
+        hi: mean + spread,
+    })
+}
+
+/// The performance model source the flags name.
+fn source(args: &PlanArgs) -> Result<(ModelSource, u32), SimError> {
+    let cat = Catalog::with_user_file(args.catalog.as_deref())?;
+    let model = cat.model(&args.model)?.clone();
+    let gpu = cat.gpu(&args.gpu)?.clone();
+    let per_node = gpu.gpus_per_node;
+    if let Some(p) = &args.profile {
+        let m: Arc<dyn PerfModel> = Arc::new(Profiled::from_file(p)?);
+        return Ok((ModelSource::Profiled(m), per_node));
+    }
+    Ok((
+        ModelSource::Roofline {
+            model: Box::new(model),
+            gpu: Box::new(gpu),
+            eff: Efficiency::CALIBRATED,
+        },
+        per_node,
+    ))
+}
+
+/// Runs `tandem plan`: the text (or JSON) to print; writes the plot when asked.
+pub fn run_plan(args: &PlanArgs) -> Result<String, SimError> {
+    let (src, per_node) = source(args)?;
+    let input_len = lengths(args.isl, args.isl_spread, "--isl")?;
+    let output_len = lengths(args.osl, args.osl_spread, "--osl")?;
+    if let Some(spec) = &args.evaluate {
+        return evaluate(args, &src, spec);
+    }
+    let (rate, peak_note) = match (args.rate, args.avg_rate) {
+        (Some(_), Some(_)) => return Err(SimError::invalid("give --rate or --avg-rate, not both")),
+        (None, None) => return Err(SimError::invalid("give --rate (peak) or --avg-rate")),
+        (Some(r), None) => (r, None),
+        (None, Some(avg)) => {
+            let peak = poisson_peak(avg, args.peak_percentile)?;
+            (peak, Some((avg, args.peak_percentile, peak)))
+        }
+    };
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(SimError::invalid(format!(
+            "--rate must be positive, got {rate}"
+        )));
+    }
+    let slo = Slo {
+        ttft_s: parse_duration(&args.ttft)?,
+        tpot_s: parse_duration(&args.itl)?,
+    };
+    let models: Vec<Arc<dyn PerfModel>> =
+        [1, 2, 4, 8].iter().filter_map(|&tp| src.at(tp)).collect();
+    let stat = size_static(
+        &models, args.isl, args.osl, rate, slo.ttft_s, slo.tpot_s, per_node,
+    );
+    if args.method == Method::Static {
+        let Some(st) = stat else {
+            let best = models
+                .iter()
+                .filter_map(|m| static_batch(m.as_ref(), 1, args.isl, args.osl).ok());
+            let ttft = best.map(|e| e.ttft_ms).fold(f64::INFINITY, f64::min);
+            let binding = if ttft > slo.ttft_s * 1e3 {
+                "TTFT"
+            } else {
+                "ITL"
+            };
+            return Err(SimError::Infeasible {
+                binding: binding.into(),
+                detail: format!(
+                    "no static batch meets the objectives (best TTFT at batch 1: {ttft:.0} ms)"
+                ),
+            });
+        };
+        return Ok(report::static_sizing(
+            &st,
+            rate,
+            models
+                .iter()
+                .find(|m| m.tensor_parallel() == st.estimate.tp)
+                .map(|m| m.describe()),
+            args.json,
+        ));
+    }
+    let input = PlanInput {
+        source: src,
+        workload: Workload {
+            arrivals: Arrivals::Poisson { rate },
+            input: input_len,
+            output: output_len,
+        },
+        rate,
+        slo,
+        attainment: args.attainment,
+        link: Link::infiniband_ndr(),
+        requests: args.requests.max(200),
+        seed: args.seed,
+        grid: Grid::default(),
+    };
+    let p = plan(&input)?;
+    let ctx = report::Context {
+        input: &input,
+        peak: peak_note,
+        gpus_per_node: per_node,
+        static_sizing: stat,
+    };
+    if let Some(path) = &args.plot {
+        let svg = crate::svg::plot(&ctx, &p)?;
+        std::fs::write(path, svg).map_err(|source| SimError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    if args.json {
+        Ok(report::json(&ctx, &p))
+    } else {
+        Ok(report::text(&ctx, &p))
+    }
+}
+
+fn evaluate(args: &PlanArgs, src: &ModelSource, spec: &str) -> Result<String, SimError> {
+    let (mut tp, mut batch, mut mode) = (None, None, Mode::Aggregated);
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            SimError::invalid(format!("--evaluate wants key=value pairs, got {part:?}"))
+        })?;
+        let num = || {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| SimError::invalid(format!("--evaluate {k}: bad number {v:?}")))
+        };
+        match k.trim() {
+            "tp" => tp = Some(num()?),
+            "batch" => batch = Some(num()?),
+            "mode" if v.trim() == "aggregated" => mode = Mode::Aggregated,
+            "mode" => {
+                return Err(SimError::invalid(format!(
+                    "--evaluate mode={v}: the calculator costs static aggregated batches; search with \
+                     the planner for disaggregated configurations"
+                )));
+            }
+            other => {
+                return Err(SimError::invalid(format!(
+                    "--evaluate: unknown key {other:?} (tp, batch, mode)"
+                )));
+            }
+        }
+    }
+    let tp = tp.ok_or_else(|| SimError::invalid("--evaluate needs tp=N"))?;
+    let batch = batch.ok_or_else(|| SimError::invalid("--evaluate needs batch=N"))?;
+    let model: Arc<dyn PerfModel> = match src {
+        ModelSource::Roofline { model, gpu, eff } => Arc::new(Roofline::new(model, gpu, tp, *eff)?),
+        ModelSource::Profiled(m) if m.tensor_parallel() == tp => m.clone(),
+        ModelSource::Profiled(m) => {
+            return Err(SimError::invalid(format!(
+                "the profile was taken at tp={}, not tp={tp}",
+                m.tensor_parallel()
+            )));
+        }
+    };
+    let e = static_batch(model.as_ref(), batch, args.isl, args.osl)?;
+    Ok(report::evaluation(&e, mode, model.as_ref(), args.json))
+}
+
+#[cfg(test)]
+mod tests;

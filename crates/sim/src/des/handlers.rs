@@ -1,0 +1,287 @@
+//! Placement and the instances' step loops.
+
+use super::state::Kind;
+use super::{Cluster, InstanceSpec, Phase, Sim};
+use crate::perf::{Link, PrefillItem, StepShape};
+
+impl<'a> Sim<'a> {
+    fn specs(&self) -> (&'a [InstanceSpec], &'a [InstanceSpec], Option<&'a Link>) {
+        match &self.cfg.cluster {
+            Cluster::Disaggregated {
+                prefill,
+                decode,
+                link,
+            } => (prefill, decode, Some(link)),
+            Cluster::Aggregated { instances } => (instances, &[], None),
+        }
+    }
+
+    /// Places waiting requests FCFS until the head finds no room.
+    pub(super) fn admit_pending(&mut self) {
+        while let Some(&id) = self.pending.front() {
+            if !self.place(id) {
+                break;
+            }
+            self.pending.pop_front();
+        }
+    }
+
+    fn place(&mut self, id: u32) -> bool {
+        let r = self.reqs[id as usize];
+        if let Cluster::Aggregated { .. } = self.cfg.cluster {
+            // Least queued prompt tokens among instances with room, then the most free blocks.
+            let pick = (0..self.agg.len())
+                .filter(|&i| self.agg[i].free_blocks >= r.blocks)
+                .min_by(|&i, &j| {
+                    let (a, b) = (&self.agg[i], &self.agg[j]);
+                    a.queued_tokens
+                        .cmp(&b.queued_tokens)
+                        .then(b.free_blocks.cmp(&a.free_blocks))
+                });
+            let Some(a) = pick else { return false };
+            let inst = &mut self.agg[a];
+            inst.free_blocks -= r.blocks;
+            inst.holders += 1;
+            inst.waiting.push_back(id);
+            inst.queued_tokens += u64::from(r.input);
+            self.reqs[id as usize].inst = a as u32;
+            if !self.agg[a].busy {
+                self.start_agg(a);
+            }
+            return true;
+        }
+        if self.cfg.phase != Phase::PrefillOnly {
+            // Most free KV blocks, then the fewest sequences holding blocks.
+            let pick = (0..self.decode.len())
+                .filter(|&i| self.decode[i].free_blocks >= r.blocks)
+                .min_by(|&i, &j| {
+                    let (a, b) = (&self.decode[i], &self.decode[j]);
+                    b.free_blocks
+                        .cmp(&a.free_blocks)
+                        .then(a.holders.cmp(&b.holders))
+                });
+            let Some(d) = pick else { return false };
+            self.decode[d].free_blocks -= r.blocks;
+            self.decode[d].holders += 1;
+            self.reqs[id as usize].inst = d as u32;
+            if self.cfg.phase == Phase::DecodeOnly {
+                self.reqs[id as usize].first = self.now;
+                self.decode[d].ready.push_back(id);
+                if !self.decode[d].busy {
+                    self.start_decode(d);
+                }
+                return true;
+            }
+        }
+        let p = (0..self.prefill.len())
+            .min_by_key(|&i| self.prefill[i].queued_tokens)
+            .unwrap_or(0);
+        let inst = &mut self.prefill[p];
+        inst.queue.push_back(id);
+        inst.queued_tokens += u64::from(r.input);
+        if !inst.busy {
+            self.start_prefill(p);
+        }
+        true
+    }
+
+    fn start_prefill(&mut self, p: usize) {
+        let spec = &self.specs().0[p];
+        let mut items = std::mem::take(&mut self.scratch_items);
+        items.clear();
+        let inst = &mut self.prefill[p];
+        inst.batch.clear();
+        let mut tokens = 0u64;
+        while let Some(&id) = inst.queue.front() {
+            let n = u64::from(self.reqs[id as usize].input);
+            if !inst.batch.is_empty() && tokens + n > u64::from(spec.max_batch_tokens) {
+                break;
+            }
+            inst.queue.pop_front();
+            tokens += n;
+            inst.batch.push(id);
+            items.push(PrefillItem::fresh(self.reqs[id as usize].input));
+        }
+        inst.queued_tokens -= tokens;
+        if inst.batch.is_empty() {
+            inst.busy = false;
+        } else {
+            inst.busy = true;
+            inst.started = self.now;
+            let dt = spec.model.prefill_time(&items);
+            self.schedule(self.now + dt, Kind::PrefillDone(p as u32));
+        }
+        self.scratch_items = items;
+    }
+
+    pub(super) fn on_prefill_done(&mut self, p: usize) {
+        let (pspecs, _, link) = self.specs();
+        let batch = std::mem::take(&mut self.prefill[p].batch);
+        let dt = self.now - self.prefill[p].started;
+        let mut freed = false;
+        for &id in &batch {
+            let r = &mut self.reqs[id as usize];
+            r.first = self.now;
+            if self.cfg.phase == Phase::PrefillOnly {
+                r.finish = self.now;
+            } else if r.output <= 1 {
+                r.finish = self.now;
+                let d = &mut self.decode[r.inst as usize];
+                d.free_blocks += r.blocks;
+                d.holders -= 1;
+                freed = true;
+            } else if let Some(link) = link {
+                // Layer-wise transfer overlaps the prefill; only what exceeds it shows.
+                let kv = pspecs[p].model.kv_transfer_time(u64::from(r.input), link);
+                let exposed = (kv - dt).max(link.latency_s);
+                self.schedule(self.now + exposed, Kind::KvReady(id));
+            }
+        }
+        self.prefill[p].batch = batch;
+        self.start_prefill(p);
+        if freed {
+            self.admit_pending();
+        }
+    }
+
+    pub(super) fn start_decode(&mut self, d: usize) {
+        let spec = &self.specs().1[d];
+        let inst = &mut self.decode[d];
+        while inst.set.running < spec.max_running {
+            let Some(id) = inst.ready.pop_front() else {
+                break;
+            };
+            let r = &self.reqs[id as usize];
+            inst.set.add(
+                id,
+                u64::from(r.input) + 1,
+                r.output.saturating_sub(1).max(1),
+            );
+        }
+        if inst.set.running == 0 {
+            inst.busy = false;
+            return;
+        }
+        inst.busy = true;
+        let (b, ctx) = (inst.set.running, inst.set.context());
+        let dt = spec.model.decode_step_time(b, ctx);
+        self.steps.push((self.now, dt, b));
+        self.schedule(self.now + dt, Kind::DecodeDone(d as u32));
+    }
+
+    pub(super) fn on_decode_done(&mut self, d: usize) {
+        let mut out = std::mem::take(&mut self.scratch_ids);
+        out.clear();
+        self.decode[d].set.complete_step(&mut out);
+        for &id in &out {
+            let r = &mut self.reqs[id as usize];
+            r.finish = self.now;
+            self.decode[d].free_blocks += r.blocks;
+            self.decode[d].holders -= 1;
+        }
+        let freed = !out.is_empty();
+        self.scratch_ids = out;
+        self.start_decode(d);
+        if freed {
+            self.admit_pending();
+        }
+    }
+
+    pub(super) fn start_agg(&mut self, a: usize) {
+        let spec = &self.specs().0[a];
+        let mut items = std::mem::take(&mut self.scratch_items);
+        items.clear();
+        let inst = &mut self.agg[a];
+        while inst.set.running < spec.max_running {
+            let Some(id) = inst.ready.pop_front() else {
+                break;
+            };
+            let r = &self.reqs[id as usize];
+            inst.set.add(
+                id,
+                u64::from(r.input) + 1,
+                r.output.saturating_sub(1).max(1),
+            );
+        }
+        let mut budget = spec.max_batch_tokens.saturating_sub(inst.set.running);
+        let mut active = inst.set.running + inst.partial + inst.ready.len() as u32;
+        inst.chunks.clear();
+        for &id in &inst.waiting {
+            let r = &self.reqs[id as usize];
+            let rem = r.input - r.done;
+            let chunk = rem.min(budget);
+            if chunk == 0 {
+                break;
+            }
+            if r.done == 0 {
+                if active >= spec.max_running {
+                    break;
+                }
+                active += 1;
+                inst.partial += 1;
+            }
+            items.push(PrefillItem {
+                new_tokens: chunk,
+                cached_tokens: r.done,
+            });
+            inst.chunks.push((id, chunk));
+            budget -= chunk;
+            if chunk < rem {
+                break;
+            }
+        }
+        let b = inst.set.running;
+        if b == 0 && items.is_empty() {
+            inst.busy = false;
+        } else {
+            inst.busy = true;
+            let step = StepShape {
+                prefill: &items,
+                decode_batch: b,
+                decode_context: inst.set.context(),
+            };
+            let dt = spec.model.step_time(&step);
+            if b > 0 {
+                self.steps.push((self.now, dt, b));
+            }
+            self.schedule(self.now + dt, Kind::AggDone(a as u32));
+        }
+        self.scratch_items = items;
+    }
+
+    pub(super) fn on_agg_done(&mut self, a: usize) {
+        let mut out = std::mem::take(&mut self.scratch_ids);
+        out.clear();
+        self.agg[a].set.complete_step(&mut out);
+        let chunks = std::mem::take(&mut self.agg[a].chunks);
+        for &(id, chunk) in &chunks {
+            let inst = &mut self.agg[a];
+            let r = &mut self.reqs[id as usize];
+            r.done += chunk;
+            inst.queued_tokens -= u64::from(chunk);
+            if r.done == r.input {
+                r.first = self.now;
+                inst.partial -= 1;
+                inst.waiting.pop_front();
+                if r.output <= 1 {
+                    out.push(id);
+                } else {
+                    inst.ready.push_back(id);
+                }
+            }
+        }
+        self.agg[a].chunks = chunks;
+        for &id in &out {
+            let r = &mut self.reqs[id as usize];
+            r.finish = self.now;
+            self.agg[a].free_blocks += r.blocks;
+            self.agg[a].holders -= 1;
+        }
+        let freed = !out.is_empty();
+        self.scratch_ids = out;
+        self.start_agg(a);
+        if freed {
+            self.admit_pending();
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The discrete-event cluster simulator. Time is simulated (no wall clock, no async runtime): an
+//! event queue of arrivals, step completions and KV arrivals drives instances whose step times come
+//! from a [`PerfModel`].
+//!
+//! * Disaggregated: a request is placed at arrival as the router does: its KV blocks (prompt plus
+//!   answer, in 16-token blocks) are reserved on the decode instance with the most free blocks
+//!   (then the fewest sequences), and its prompt is queued on the prefill instance with the fewest
+//!   queued tokens. A prefill instance batches queued prompts FCFS up to its token budget. KV moves
+//!   layer by layer while the prefill computes, so only the transfer time beyond the prefill's own
+//!   shows. A decode instance runs continuous batching up to its sequence limit.
+//! * Aggregated: one instance does both, Sarathi-style: each step carries every running sequence's
+//!   next token plus prompt chunks (FCFS) up to the step's token budget.
+//! * A request that finds no instance with room for its KV waits, FCFS, at the router.
+//!
+//! Cost per event is O(log n): a decode step advances every sequence by one token through running
+//! sums (context grows by the batch size), and completions come off a heap keyed by step number.
+
+mod handlers;
+mod state;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
+
+use crate::error::SimError;
+use crate::perf::{Link, PerfModel, blocks_for};
+use crate::stats::{Outcome, SimReport, Slo, summarise};
+use crate::workload::{RequestStream, Workload};
+use state::{AggInst, DecodeInst, Event, Kind, PrefillInst, Req};
+
+/// One instance: a performance model (which fixes its tensor parallelism) and its batch limits.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub model: Arc<dyn PerfModel>,
+    /// Most sequences decoding at once.
+    pub max_running: u32,
+    /// Most prompt tokens in one step (prefill batch, or chunk budget when aggregated).
+    pub max_batch_tokens: u32,
+}
+
+/// The cluster under test.
+#[derive(Debug, Clone)]
+pub enum Cluster {
+    Disaggregated {
+        prefill: Vec<InstanceSpec>,
+        decode: Vec<InstanceSpec>,
+        link: Link,
+    },
+    Aggregated {
+        instances: Vec<InstanceSpec>,
+    },
+}
+
+impl Cluster {
+    pub fn gpus(&self) -> u32 {
+        let sum = |v: &[InstanceSpec]| v.iter().map(|i| i.model.tensor_parallel()).sum::<u32>();
+        match self {
+            Cluster::Disaggregated {
+                prefill, decode, ..
+            } => sum(prefill) + sum(decode),
+            Cluster::Aggregated { instances } => sum(instances),
+        }
+    }
+}
+
+/// Which part of a disaggregated cluster to run: the planner sizes each role on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Full,
+    /// Prefill instances only; a request ends at its first token.
+    PrefillOnly,
+    /// Decode instances only; a request arrives with its KV in place.
+    DecodeOnly,
+}
+
+/// A simulation run.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub cluster: Cluster,
+    pub workload: Workload,
+    pub requests: usize,
+    pub seed: u64,
+    /// Share of the first requests left out of the statistics, while the cluster fills.
+    pub warmup: f64,
+    pub phase: Phase,
+    pub slo: Slo,
+}
+
+struct Sim<'a> {
+    cfg: &'a SimConfig,
+    now: f64,
+    seq: u64,
+    events: BinaryHeap<Reverse<Event>>,
+    reqs: Vec<Req>,
+    pending: VecDeque<u32>,
+    prefill: Vec<PrefillInst>,
+    decode: Vec<DecodeInst>,
+    agg: Vec<AggInst>,
+    /// (start, duration, tokens produced) of every decoding step.
+    steps: Vec<(f64, f64, u32)>,
+    measure_from: f64,
+    processed: u64,
+    scratch_items: Vec<crate::perf::PrefillItem>,
+    scratch_ids: Vec<u32>,
+}
+
+/// Runs the simulation to the last completion.
+pub fn simulate(cfg: &SimConfig) -> Result<SimReport, SimError> {
+    validate(cfg)?;
+    let mut sim = Sim::new(cfg);
+    let mut stream = RequestStream::new(&cfg.workload, cfg.seed);
+    let warm = (cfg.requests as f64 * cfg.warmup.clamp(0.0, 0.9)) as usize;
+    if let Some(first) = stream.next() {
+        sim.push_arrival(first);
+    }
+    while let Some(Reverse(ev)) = sim.events.pop() {
+        sim.now = ev.time;
+        sim.processed += 1;
+        match ev.kind {
+            Kind::Arrival(id) => {
+                if id as usize == warm {
+                    sim.measure_from = sim.reqs[id as usize].arrival;
+                }
+                if sim.reqs.len() < cfg.requests
+                    && let Some(next) = stream.next()
+                {
+                    sim.push_arrival(next);
+                }
+                sim.pending.push_back(id);
+                sim.admit_pending();
+            }
+            Kind::PrefillDone(p) => sim.on_prefill_done(p as usize),
+            Kind::KvReady(id) => {
+                let d = sim.reqs[id as usize].inst as usize;
+                sim.decode[d].ready.push_back(id);
+                if !sim.decode[d].busy {
+                    sim.start_decode(d);
+                }
+            }
+            Kind::DecodeDone(d) => sim.on_decode_done(d as usize),
+            Kind::AggDone(a) => sim.on_agg_done(a as usize),
+        }
+    }
+    if sim.reqs.iter().any(|r| r.finish.is_nan()) {
+        return Err(SimError::invalid(
+            "simulation ended with unfinished requests (a request that fits no instance)",
+        ));
+    }
+    let outcomes: Vec<Outcome> = sim.reqs[warm.min(sim.reqs.len())..]
+        .iter()
+        .map(|r| Outcome {
+            arrival: r.arrival,
+            first: r.first,
+            finish: r.finish,
+            output: r.output,
+        })
+        .collect();
+    let (check_ttft, check_tpot) = match cfg.phase {
+        Phase::Full => (true, true),
+        Phase::PrefillOnly => (true, false),
+        Phase::DecodeOnly => (false, true),
+    };
+    let from = sim.measure_from;
+    let steps = sim
+        .steps
+        .iter()
+        .filter(|s| s.0 >= from)
+        .map(|s| (s.1, s.2))
+        .collect();
+    Ok(summarise(
+        &outcomes,
+        steps,
+        &cfg.slo,
+        check_ttft,
+        check_tpot,
+        sim.processed,
+    ))
+}
+
+fn validate(cfg: &SimConfig) -> Result<(), SimError> {
+    cfg.workload.validate()?;
+    if cfg.requests == 0 {
+        return Err(SimError::invalid("a simulation needs at least one request"));
+    }
+    let (a, b): (&[InstanceSpec], &[InstanceSpec]) = match (&cfg.cluster, cfg.phase) {
+        (Cluster::Aggregated { instances }, Phase::Full) => (instances, &[]),
+        (Cluster::Aggregated { .. }, _) => {
+            return Err(SimError::invalid(
+                "role-only phases apply to disaggregated clusters",
+            ));
+        }
+        (Cluster::Disaggregated { prefill, .. }, Phase::PrefillOnly) => (prefill, &[]),
+        (Cluster::Disaggregated { decode, .. }, Phase::DecodeOnly) => (decode, &[]),
+        (
+            Cluster::Disaggregated {
+                prefill, decode, ..
+            },
+            Phase::Full,
+        ) => {
+            if prefill.is_empty() {
+                return Err(SimError::invalid(
+                    "a disaggregated cluster needs a prefill instance",
+                ));
+            }
+            (decode, prefill)
+        }
+    };
+    if a.is_empty() {
+        return Err(SimError::invalid(
+            "the cluster has no instance for this phase",
+        ));
+    }
+    let need =
+        blocks_for(u64::from(cfg.workload.input.max()) + u64::from(cfg.workload.output.max()));
+    for i in a.iter().chain(b) {
+        if i.max_running == 0 || i.max_batch_tokens == 0 {
+            return Err(SimError::invalid("batch limits must be positive"));
+        }
+        if cfg.phase != Phase::PrefillOnly && i.model.memory().kv_blocks < need {
+            return Err(SimError::DoesNotFit {
+                model: i.model.describe(),
+                reason: format!(
+                    "the longest request needs {need} KV blocks; the instance holds {}",
+                    i.model.memory().kv_blocks
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl<'a> Sim<'a> {
+    fn new(cfg: &'a SimConfig) -> Self {
+        let mut s = Sim {
+            cfg,
+            now: 0.0,
+            seq: 0,
+            events: BinaryHeap::new(),
+            reqs: Vec::with_capacity(cfg.requests),
+            pending: VecDeque::new(),
+            prefill: Vec::new(),
+            decode: Vec::new(),
+            agg: Vec::new(),
+            steps: Vec::new(),
+            measure_from: 0.0,
+            processed: 0,
+            scratch_items: Vec::new(),
+            scratch_ids: Vec::new(),
+        };
+        match &cfg.cluster {
+            Cluster::Disaggregated {
+                prefill, decode, ..
+            } => {
+                s.prefill = prefill.iter().map(|_| PrefillInst::default()).collect();
+                s.decode = decode
+                    .iter()
+                    .map(|d| DecodeInst::new(d.model.memory().kv_blocks))
+                    .collect();
+            }
+            Cluster::Aggregated { instances } => {
+                s.agg = instances
+                    .iter()
+                    .map(|d| AggInst::new(d.model.memory().kv_blocks))
+                    .collect();
+            }
+        }
+        s
+    }
+
+    fn schedule(&mut self, time: f64, kind: Kind) {
+        self.seq += 1;
+        self.events.push(Reverse(Event {
+            time,
+            seq: self.seq,
+            kind,
+        }));
+    }
+
+    fn push_arrival(&mut self, r: crate::workload::RequestSpec) {
+        let id = self.reqs.len() as u32;
+        let blocks = blocks_for(u64::from(r.input) + u64::from(r.output));
+        self.reqs.push(Req::new(r, blocks));
+        self.schedule(r.arrival, Kind::Arrival(id));
+    }
+}
+
+#[cfg(test)]
+mod tests;
