@@ -87,6 +87,9 @@ pub async fn run_bench(
     args: BenchArgs,
     tokenizer: Option<Arc<dyn PromptTokenizer>>,
 ) -> Result<BenchReport, BenchError> {
+    if args.timeout.is_zero() {
+        return Err(BenchError::InvalidArgs("--timeout must be positive".into()));
+    }
     let phases = runner::phases(&args)?;
     let stop = runner::stop(&args)?;
     let (w_isl, w_osl) = args.workload.lengths();

@@ -226,7 +226,9 @@ pub(crate) async fn run_phase(
             ),
             None => None,
         };
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        // Open loop: the schedule alone decides what is inside the duration. Closed loop: a permit
+        // that frees up after the end starts nothing.
+        if phase.rate.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
         let Some(p) = planned.recv().await else {
