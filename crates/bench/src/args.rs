@@ -31,6 +31,15 @@ pub enum Workload {
 }
 
 impl Workload {
+    /// The name as typed after `--workload`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::LongPrompt => "long-prompt",
+            Self::LongAnswer => "long-answer",
+        }
+    }
+
     /// Input and output length distributions.
     pub fn lengths(self) -> (LengthDist, LengthDist) {
         match self {
@@ -248,5 +257,6 @@ mod tests {
             LengthDist::Fixed { n: 256 }
         );
         assert_eq!(Workload::Chat.lengths().1, LengthDist::Fixed { n: 64 });
+        assert_eq!(Workload::LongPrompt.name(), "long-prompt");
     }
 }

@@ -9,8 +9,10 @@ pub enum ErrorClass {
     /// The TCP connection could not be opened.
     Connect,
     /// The server answered 4xx.
+    #[serde(rename = "http_4xx")]
     Http4xx,
     /// The server answered 5xx.
+    #[serde(rename = "http_5xx")]
     Http5xx,
     /// No complete answer within `--timeout`.
     Timeout,
@@ -185,6 +187,14 @@ mod tests {
         assert!((itl.iter().sum::<f64>() - 0.5).abs() < 1e-12);
         // TPOT = (1.5 - 1.0) / 5
         assert!((r.tpot().unwrap_or(f64::NAN) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn error_classes_serialise_as_their_names() {
+        for class in ErrorClass::ALL {
+            let v = serde_json::to_value(class).expect("serialises");
+            assert_eq!(v.as_str(), Some(class.as_str()));
+        }
     }
 
     #[test]

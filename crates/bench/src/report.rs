@@ -161,8 +161,14 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "  workload {:?}  prompt {}  output {}  prompt unit: {}  seed {}  warmup {} ({} failed)",
-            c.workload, c.isl, c.osl, c.prompt_unit, c.seed, c.warmup, c.warmup_failed
+            "  workload {}  prompt {}  output {}  prompt unit: {}  seed {}  warmup {} ({} failed)",
+            c.workload.name(),
+            c.isl,
+            c.osl,
+            c.prompt_unit,
+            c.seed,
+            c.warmup,
+            c.warmup_failed
         )?;
         if c.prompts_inexact > 0 {
             writeln!(

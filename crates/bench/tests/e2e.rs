@@ -116,6 +116,7 @@ async fn twenty_streamed_requests_match_the_server() {
     assert_eq!((slo.met, slo.attainment), (20, 1.0));
 
     let table = report.to_string();
+    eprintln!("{table}");
     for needle in [
         "TTFT (ms)",
         "ITL (ms)",
@@ -207,6 +208,9 @@ async fn sweeps_repeat_the_prompts_and_warmup_is_separate() {
     );
     let report = run_bench(a, None).await.expect("bench runs");
     assert_eq!(report.runs.len(), 2);
+    let svg = tandem_bench::render_svg(&report);
+    assert!(svg.contains("TTFT against throughput") && svg.contains("ITL against throughput"));
+    eprintln!("{report}");
     assert_eq!(report.runs[1].summary.rate, Some(400.0));
     assert!(report.to_string().contains("== sweep =="));
     let served = server.served();
