@@ -1,0 +1,357 @@
+//! One request against the endpoint, timed chunk by chunk.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Uri};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::args::ApiKind;
+use crate::chunk::{parse_body, parse_event};
+use crate::error::BenchError;
+use crate::prompt::PromptTokenizer;
+use crate::record::{ErrorClass, RequestError, RequestRecord, TokenSource, Usage};
+use crate::sse::SseParser;
+
+/// A non-streaming answer larger than this is a protocol error, not something to buffer.
+const MAX_BODY: usize = 64 << 20;
+/// How long to keep reading after `[DONE]` for the body's end, so the connection can be reused.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// A request ready to send.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub index: usize,
+    pub prompt: String,
+    pub input_len: u32,
+    pub max_tokens: u32,
+}
+
+/// The HTTP side of the load generator, shared by every request of a run.
+pub(crate) struct Client {
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+    uri: Uri,
+    api: ApiKind,
+    model: String,
+    stream: bool,
+    auth: Option<HeaderValue>,
+    timeout: Duration,
+    tokenizer: Option<Arc<dyn PromptTokenizer>>,
+}
+
+pub(crate) struct ClientConfig<'a> {
+    pub url: &'a str,
+    pub api: ApiKind,
+    pub model: &'a str,
+    pub stream: bool,
+    pub api_key: Option<&'a str>,
+    pub timeout: Duration,
+}
+
+/// What has been seen of one answer so far; kept outside the timed future so a timeout keeps it.
+struct Seen {
+    send: Instant,
+    chunks: Vec<Instant>,
+    chunk_tokens: Vec<u32>,
+    text: String,
+    usage: Option<Usage>,
+    done_at: Option<Instant>,
+}
+
+fn err(class: ErrorClass, message: impl Into<String>) -> RequestError {
+    RequestError {
+        class,
+        message: message.into(),
+    }
+}
+
+/// The message of an error and all its sources, for the JSON report.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+fn hyper_class(e: &hyper::Error) -> ErrorClass {
+    if e.is_parse() || e.is_parse_status() || e.is_user() {
+        ErrorClass::Protocol
+    } else {
+        ErrorClass::Disconnected
+    }
+}
+
+fn request_error(e: &hyper_util::client::legacy::Error) -> RequestError {
+    let mut class = if e.is_connect() {
+        ErrorClass::Connect
+    } else {
+        ErrorClass::Disconnected
+    };
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if !e.is_connect() {
+                class = hyper_class(h);
+            }
+            break;
+        }
+        src = s.source();
+    }
+    err(class, chain(e))
+}
+
+impl Client {
+    pub(crate) fn new(
+        cfg: &ClientConfig<'_>,
+        tokenizer: Option<Arc<dyn PromptTokenizer>>,
+    ) -> Result<Self, BenchError> {
+        let base: Uri = cfg
+            .url
+            .parse()
+            .map_err(|e| BenchError::InvalidArgs(format!("--url {}: {e}", cfg.url)))?;
+        if base.scheme_str() != Some("http") || base.host().is_none() {
+            return Err(BenchError::InvalidArgs(format!(
+                "--url {}: only http://host[:port][/path] is supported",
+                cfg.url
+            )));
+        }
+        let uri = if matches!(base.path(), "" | "/") {
+            let path = match cfg.api {
+                ApiKind::Chat => "/v1/chat/completions",
+                ApiKind::Completions => "/v1/completions",
+            };
+            format!("{}{path}", cfg.url.trim_end_matches('/'))
+                .parse()
+                .map_err(|e| BenchError::InvalidArgs(format!("--url {}: {e}", cfg.url)))?
+        } else {
+            base
+        };
+        let auth = cfg
+            .api_key
+            .map(|k| HeaderValue::from_str(&format!("Bearer {k}")))
+            .transpose()
+            .map_err(|_| BenchError::InvalidArgs("--api-key is not a valid header value".into()))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let http = HttpClient::builder(TokioExecutor::new()).build(connector);
+        Ok(Self {
+            http,
+            uri,
+            api: cfg.api,
+            model: cfg.model.to_string(),
+            stream: cfg.stream,
+            auth,
+            timeout: cfg.timeout,
+            tokenizer,
+        })
+    }
+
+    pub(crate) fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    fn body(&self, p: &Planned) -> Bytes {
+        let mut body = serde_json::json!({
+            "model": self.model,
+            "max_tokens": p.max_tokens,
+            "ignore_eos": true,
+            "stream": self.stream,
+        });
+        match self.api {
+            ApiKind::Chat => {
+                body["messages"] = serde_json::json!([{"role": "user", "content": p.prompt}]);
+            }
+            ApiKind::Completions => body["prompt"] = serde_json::Value::from(p.prompt.as_str()),
+        }
+        if self.stream {
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        Bytes::from(body.to_string())
+    }
+
+    /// Sends `p` and times its answer. Never fails: a failure is recorded in the record.
+    pub(crate) async fn send(&self, p: &Planned, run: usize, epoch: Instant) -> RequestRecord {
+        let body = self.body(p);
+        let mut seen = Seen {
+            send: Instant::now(),
+            chunks: Vec::with_capacity(p.max_tokens as usize),
+            chunk_tokens: Vec::with_capacity(p.max_tokens as usize),
+            text: String::new(),
+            usage: None,
+            done_at: None,
+        };
+        let id = format!("bench-{run}-{}", p.index);
+        let outcome = tokio::time::timeout(self.timeout, self.exchange(body, &id, &mut seen)).await;
+        let error = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(err(
+                ErrorClass::Timeout,
+                format!("no complete answer within {:?}", self.timeout),
+            )),
+        };
+        let end = seen.done_at.unwrap_or_else(Instant::now);
+        self.finish(p, seen, end, error, epoch)
+    }
+
+    async fn exchange(&self, body: Bytes, id: &str, seen: &mut Seen) -> Result<(), RequestError> {
+        let mut req = Request::post(self.uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("x-request-id", id);
+        if let Some(auth) = &self.auth {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| err(ErrorClass::Protocol, e.to_string()))?;
+        seen.send = Instant::now();
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| request_error(&e))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let mut head = Vec::new();
+            while head.len() < 1024 {
+                match body.frame().await {
+                    Some(Ok(f)) => head.extend_from_slice(f.data_ref().map_or(&[][..], |d| &d[..])),
+                    _ => break,
+                }
+            }
+            let class = match status.as_u16() {
+                400..=499 => ErrorClass::Http4xx,
+                500..=599 => ErrorClass::Http5xx,
+                _ => ErrorClass::Protocol,
+            };
+            let text = String::from_utf8_lossy(&head[..head.len().min(1024)]).into_owned();
+            return Err(err(class, format!("HTTP {status}: {text}")));
+        }
+        if !self.stream {
+            return self.whole(body, seen).await;
+        }
+        let keep_text = self.tokenizer.is_some();
+        let mut parser = SseParser::default();
+        while seen.done_at.is_none() {
+            let Some(frame) = body.frame().await else {
+                return Err(err(ErrorClass::Disconnected, "stream ended before [DONE]"));
+            };
+            let frame = frame.map_err(|e| err(hyper_class(&e), chain(&e)))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let now = Instant::now();
+            parser.push(&data, |event| {
+                if seen.done_at.is_some() {
+                    return Ok(());
+                }
+                let parsed = parse_event(event).map_err(|m| err(ErrorClass::Protocol, m))?;
+                let Some(parsed) = parsed else {
+                    seen.done_at = Some(now);
+                    return Ok(());
+                };
+                if parsed.usage.is_some() {
+                    seen.usage = parsed.usage;
+                }
+                if let Some(text) = parsed.content {
+                    seen.chunks.push(now);
+                    let k = self
+                        .tokenizer
+                        .as_ref()
+                        .map_or(1, |t| t.encode(&text).len().max(1));
+                    seen.chunk_tokens.push(k as u32);
+                    if keep_text {
+                        seen.text.push_str(&text);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        // Read to the body's end so the connection goes back to the pool; the answer is complete.
+        let _ = tokio::time::timeout(DRAIN_GRACE, async {
+            while let Some(Ok(_)) = body.frame().await {}
+        })
+        .await;
+        Ok(())
+    }
+
+    async fn whole(
+        &self,
+        mut body: hyper::body::Incoming,
+        seen: &mut Seen,
+    ) -> Result<(), RequestError> {
+        let mut all = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| err(hyper_class(&e), chain(&e)))?;
+            if let Some(d) = frame.data_ref() {
+                all.extend_from_slice(d);
+            }
+            if all.len() > MAX_BODY {
+                return Err(err(ErrorClass::Protocol, "answer larger than 64 MiB"));
+            }
+        }
+        let now = Instant::now();
+        let parsed = parse_body(&all).map_err(|m| err(ErrorClass::Protocol, m))?;
+        seen.usage = parsed.usage;
+        seen.text = parsed.content.map(|c| c.into_owned()).unwrap_or_default();
+        seen.done_at = Some(now);
+        Ok(())
+    }
+
+    fn finish(
+        &self,
+        p: &Planned,
+        mut seen: Seen,
+        end: Instant,
+        error: Option<RequestError>,
+        epoch: Instant,
+    ) -> RequestRecord {
+        let at = |t: Instant| t.saturating_duration_since(epoch).as_secs_f64();
+        let chunks = seen.chunks.len();
+        // A server that says one token per chunk knows better than a tokenizer run on fragments.
+        if seen
+            .usage
+            .is_some_and(|u| u.completion_tokens as usize == chunks)
+        {
+            seen.chunk_tokens.iter_mut().for_each(|k| *k = 1);
+        }
+        let (output_tokens, source) = match (seen.usage, &self.tokenizer) {
+            (Some(u), _) => (u.completion_tokens, TokenSource::Usage),
+            (None, Some(t)) => (t.encode(&seen.text).len() as u32, TokenSource::Tokenizer),
+            (None, None) if self.stream => (seen.chunk_tokens.iter().sum(), TokenSource::Chunks),
+            (None, None) => (
+                seen.text.split_whitespace().count() as u32,
+                TokenSource::Words,
+            ),
+        };
+        let first = if self.stream {
+            seen.chunks.first().copied()
+        } else {
+            seen.done_at
+        };
+        RequestRecord {
+            index: p.index,
+            input_len: p.input_len,
+            max_tokens: p.max_tokens,
+            send_s: at(seen.send),
+            first_token_s: first.map(at),
+            end_s: at(end),
+            chunk_s: seen.chunks.into_iter().map(at).collect(),
+            chunk_tokens: seen.chunk_tokens,
+            output_tokens,
+            output_tokens_source: source,
+            usage: seen.usage,
+            error,
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! What one request did, as measured by the client, and the per-request metrics derived from it.
+
+use serde::Serialize;
+
+/// Why a request failed: a bounded set, fit for a table or a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// The TCP connection could not be opened.
+    Connect,
+    /// The server answered 4xx.
+    #[serde(rename = "http_4xx")]
+    Http4xx,
+    /// The server answered 5xx.
+    #[serde(rename = "http_5xx")]
+    Http5xx,
+    /// No complete answer within `--timeout`.
+    Timeout,
+    /// The answer could not be understood: a malformed chunk or body, an error event in the stream,
+    /// an unexpected status.
+    Protocol,
+    /// The connection closed before the answer was complete (no `[DONE]`).
+    Disconnected,
+}
+
+impl ErrorClass {
+    pub const ALL: [Self; 6] = [
+        Self::Connect,
+        Self::Http4xx,
+        Self::Http5xx,
+        Self::Timeout,
+        Self::Protocol,
+        Self::Disconnected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Http4xx => "http_4xx",
+            Self::Http5xx => "http_5xx",
+            Self::Timeout => "timeout",
+            Self::Protocol => "protocol",
+            Self::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// A failed request's class and what was seen.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestError {
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+/// Token counts the server reported (`usage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u32,
+    #[serde(default)]
+    pub completion_tokens: u32,
+}
+
+/// Where a request's output token count came from, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    /// The server's `usage.completion_tokens`.
+    Usage,
+    /// The given tokenizer applied to the whole output text.
+    Tokenizer,
+    /// One token per content chunk (streaming, no usage, no tokenizer).
+    Chunks,
+    /// Whitespace words of the output (non-streaming, no usage, no tokenizer).
+    Words,
+}
+
+/// One request's timings. Times are seconds since the start of its run (phase).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestRecord {
+    /// Position in the run; also sent as the `x-request-id` header (`bench-<run>-<index>`).
+    pub index: usize,
+    /// Prompt length asked for, in the run's prompt unit.
+    pub input_len: u32,
+    /// `max_tokens` sent.
+    pub max_tokens: u32,
+    /// When the request was handed to the connection.
+    pub send_s: f64,
+    /// When the first chunk carrying content arrived (the whole answer, when not streaming).
+    pub first_token_s: Option<f64>,
+    /// When the answer ended (`[DONE]`, end of body) or failed.
+    pub end_s: f64,
+    /// Arrival time of every content chunk.
+    pub chunk_s: Vec<f64>,
+    /// Tokens attributed to each content chunk (see the crate docs on ITL).
+    pub chunk_tokens: Vec<u32>,
+    pub output_tokens: u32,
+    pub output_tokens_source: TokenSource,
+    pub usage: Option<Usage>,
+    pub error: Option<RequestError>,
+}
+
+impl RequestRecord {
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+    }
+
+    /// Time to first token, seconds.
+    pub fn ttft(&self) -> Option<f64> {
+        Some(self.first_token_s? - self.send_s)
+    }
+
+    /// End-to-end latency, seconds.
+    pub fn e2e(&self) -> f64 {
+        self.end_s - self.send_s
+    }
+
+    /// Time per output token after the first, `(e2e - ttft) / (output_tokens - 1)`; `None` for fewer
+    /// than two output tokens.
+    pub fn tpot(&self) -> Option<f64> {
+        if self.output_tokens < 2 {
+            return None;
+        }
+        Some((self.e2e() - self.ttft()?) / f64::from(self.output_tokens - 1))
+    }
+
+    /// Token-level inter-token latencies: the gap before content chunk `i > 0`, split evenly over
+    /// the `chunk_tokens[i]` tokens it carried. Their sum is the time from the first to the last
+    /// content chunk.
+    pub fn itls(&self) -> impl Iterator<Item = f64> + '_ {
+        self.chunk_s
+            .windows(2)
+            .zip(self.chunk_tokens.iter().skip(1))
+            .flat_map(|(w, &k)| {
+                let k = k.max(1);
+                std::iter::repeat_n((w[1] - w[0]) / f64::from(k), k as usize)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(chunks: Vec<f64>, tokens: Vec<u32>, out: u32, end: f64) -> RequestRecord {
+        RequestRecord {
+            index: 0,
+            input_len: 10,
+            max_tokens: out,
+            send_s: 1.0,
+            first_token_s: chunks.first().copied(),
+            end_s: end,
+            chunk_s: chunks,
+            chunk_tokens: tokens,
+            output_tokens: out,
+            output_tokens_source: TokenSource::Usage,
+            usage: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn per_request_metrics() {
+        let r = record(vec![1.5, 1.6, 1.8, 2.1], vec![1, 1, 1, 1], 4, 2.1);
+        assert!((r.ttft().unwrap_or(f64::NAN) - 0.5).abs() < 1e-12);
+        assert!((r.e2e() - 1.1).abs() < 1e-12);
+        // (1.1 - 0.5) / 3
+        assert!((r.tpot().unwrap_or(f64::NAN) - 0.2).abs() < 1e-12);
+        let itl: Vec<f64> = r.itls().collect();
+        let want = [0.1, 0.2, 0.3];
+        assert_eq!(itl.len(), 3);
+        for (a, b) in itl.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{itl:?}");
+        }
+    }
+
+    #[test]
+    fn multi_token_chunks_split_their_gap() {
+        // Chunk 1 carries 3 tokens 0.3 s after chunk 0: three samples of 0.1 s. The first chunk's
+        // second token arrived with the first token and yields no sample.
+        let r = record(vec![2.0, 2.3, 2.5], vec![2, 3, 1], 6, 2.5);
+        let itl: Vec<f64> = r.itls().collect();
+        assert_eq!(itl.len(), 4);
+        for (a, b) in itl.iter().zip([0.1, 0.1, 0.1, 0.2]) {
+            assert!((a - b).abs() < 1e-12, "{itl:?}");
+        }
+        assert!((itl.iter().sum::<f64>() - 0.5).abs() < 1e-12);
+        // TPOT = (1.5 - 1.0) / 5
+        assert!((r.tpot().unwrap_or(f64::NAN) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn error_classes_serialise_as_their_names() {
+        for class in ErrorClass::ALL {
+            let v = serde_json::to_value(class).expect("serialises");
+            assert_eq!(v.as_str(), Some(class.as_str()));
+        }
+    }
+
+    #[test]
+    fn one_token_has_no_tpot() {
+        let r = record(vec![1.2], vec![1], 1, 1.2);
+        assert_eq!(r.tpot(), None);
+        assert_eq!(r.itls().count(), 0);
+    }
+}
