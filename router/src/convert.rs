@@ -127,7 +127,7 @@ impl From<&Placement> for v1::Placement {
         v1::Placement {
             prefill: Some((*p.prefill).clone()),
             decode: Some((*p.decode).clone()),
-            predicted_ttft_ms: p.predicted_ttft.map(|d| millis(d)),
+            predicted_ttft_ms: p.predicted_ttft.map(millis),
         }
     }
 }

@@ -188,3 +188,95 @@ fn handle(registry: &mut Registry, command: Command, now: Instant) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+    use tandem_proto::v1::{WorkerIdentity, WorkerRole};
+
+    use super::*;
+    use crate::policy::LeastLoaded;
+    use crate::types::WorkerState;
+
+    fn identity(id: &str, role: WorkerRole) -> WorkerIdentity {
+        WorkerIdentity {
+            worker_id: id.into(),
+            role: role.into(),
+            grpc_addr: "a:1".into(),
+            kv_endpoint: "a:2".into(),
+            model: "m".into(),
+            ..WorkerIdentity::default()
+        }
+    }
+
+    fn ready(free: u64) -> Load {
+        Load {
+            state: WorkerState::Ready,
+            free_kv_blocks: free,
+            ..Load::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_lapse_on_the_task_clock_and_the_set_is_published() {
+        let router = spawn(RouterConfig::default(), Box::new(LeastLoaded));
+        let mut sets = router.subscribe();
+        router
+            .register(identity("p0", WorkerRole::Prefill), ready(0))
+            .await
+            .unwrap();
+        router
+            .register(identity("d0", WorkerRole::Decode), ready(8))
+            .await
+            .unwrap();
+        sets.wait_for(|s| s.workers.len() == 2).await.unwrap();
+        let shape = RequestShape {
+            prompt_tokens: 5,
+            max_new_tokens: 5,
+            ..RequestShape::default()
+        };
+        let placed = router.place(shape.clone()).await.unwrap();
+        assert_eq!(placed.prefill.worker_id, "p0");
+
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        router.heartbeat("d0".into(), ready(8)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // p0's lease (3 s) has run out; d0's was renewed at 2 s.
+        let set = sets
+            .wait_for(|s| s.workers.len() == 1)
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(set.workers[0].identity.worker_id, "d0");
+        assert!(matches!(
+            router.place(shape).await,
+            Err(RouterError::NoWorkers(crate::Leg::Prefill))
+        ));
+        assert!(router.deregister("d0".into()).await.unwrap());
+        assert!(router.workers().workers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_fails_fast() {
+        let (tx, rx) = mpsc::channel(1);
+        let (_publish, workers) = watch::channel(Arc::new(WorkerSet::default()));
+        let router = RouterHandle { tx, workers };
+        // Nobody serves the queue: fill its one place, and the next call is refused at once.
+        let (reply, _answer) = oneshot::channel();
+        let filler = Command::Deregister {
+            worker_id: "a".into(),
+            reply,
+        };
+        assert!(router.tx.try_send(filler).is_ok());
+        assert!(matches!(
+            router.deregister("b".into()).await,
+            Err(RouterError::Busy)
+        ));
+        drop(rx);
+        assert!(matches!(
+            router.deregister("c".into()).await,
+            Err(RouterError::Stopped)
+        ));
+    }
+}
