@@ -182,8 +182,7 @@ impl Registry {
             ));
         }
         if identity.worker_id.is_empty() {
-            self.next_auto_id += 1;
-            identity.worker_id = format!("{}-{}", identity.role().as_str_name(), self.next_auto_id);
+            identity.worker_id = self.fresh_id(role);
         }
         let existing = self.by_id.get(identity.worker_id.as_str()).copied();
         if existing.is_none() && self.by_id.len() >= self.config.max_workers {
@@ -365,6 +364,17 @@ impl Registry {
         self.slots[slot as usize]
             .as_mut()
             .expect("slots named by tables and by_id are occupied")
+    }
+
+    /// An id no registered worker has, for workers that register without one.
+    fn fresh_id(&mut self, role: Role) -> String {
+        loop {
+            self.next_auto_id += 1;
+            let id = format!("{}-{}", role.as_str(), self.next_auto_id);
+            if !self.by_id.contains_key(id.as_str()) {
+                return id;
+            }
+        }
     }
 
     fn mark_changed(&mut self) {

@@ -17,6 +17,15 @@ pub enum Role {
 }
 
 impl Role {
+    /// Lower-case name, for ids, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Aggregated => "aggregated",
+        }
+    }
+
     /// Whether a worker of this role may run the given leg.
     pub fn serves(self, leg: Leg) -> bool {
         matches!(

@@ -52,7 +52,7 @@ impl Registry {
             });
         }
         let predicted_ttft = drain_time(
-            p_load.queued_prefill_tokens + prompt,
+            p_load.queued_prefill_tokens.saturating_add(prompt),
             p_load.prefill_tokens_per_s,
         );
         let prefill_delta = Delta {

@@ -85,10 +85,15 @@ fn register_lists_the_worker_and_assigns_missing_ids() {
         .unwrap();
     assert_eq!(&*lease.worker_id, "p0");
     assert_eq!(lease.lease, 3 * SEC);
+    // An explicit id that looks like an assigned one must not be taken over.
+    r.register(ident("decode-1", WorkerRole::Decode), ready(0, 5, 0), t0)
+        .unwrap();
     let auto = r
         .register(ident("", WorkerRole::Decode), ready(0, 5, 0), t0)
         .unwrap();
-    assert_eq!(&*auto.worker_id, "WORKER_ROLE_DECODE-1");
+    assert_eq!(&*auto.worker_id, "decode-2");
+    let again = r.register(ident("decode-2", WorkerRole::Decode), ready(0, 5, 0), t0);
+    assert_eq!(again.map(|l| l.worker_id).ok().as_deref(), Some("decode-2"));
     assert!(r.take_changed());
     assert!(!r.take_changed());
     let set = r.snapshot(t0 + SEC);
@@ -97,9 +102,9 @@ fn register_lists_the_worker_and_assigns_missing_ids() {
         .iter()
         .map(|w| w.identity.worker_id.as_str())
         .collect();
-    assert_eq!(ids, ["WORKER_ROLE_DECODE-1", "p0"]);
-    assert_eq!(set.workers[1].lease_left, 2 * SEC);
-    assert_eq!(set.version, 2);
+    assert_eq!(ids, ["decode-1", "decode-2", "p0"]);
+    assert_eq!(set.workers[2].lease_left, 2 * SEC);
+    assert_eq!(set.version, 4);
 }
 
 #[test]
