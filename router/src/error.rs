@@ -40,9 +40,12 @@ pub enum RouterError {
     /// The router task has stopped.
     #[error("router stopped")]
     Stopped,
-    /// The gRPC server failed.
+    /// The gRPC server failed, or a connection to a remote router could not be made.
     #[error("router transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A remote router answered a call with an error status (passed on unchanged).
+    #[error("router call failed: {}", .0.message())]
+    Remote(#[from] tonic::Status),
 }
 
 impl RouterError {
@@ -82,7 +85,8 @@ impl From<RouterError> for tonic::Status {
             }
             RouterError::InvalidArgument(_) => Code::InvalidArgument,
             RouterError::UnknownModel(_) | RouterError::UnknownWorker(_) => Code::NotFound,
-            RouterError::Transport(_) => Code::Internal,
+            RouterError::Transport(_) => Code::Unavailable,
+            RouterError::Remote(status) => status.code(),
         };
         tonic::Status::new(code, e.to_string())
     }

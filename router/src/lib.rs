@@ -3,11 +3,13 @@
 //! pluggable [`Policy`], and the `tandem.v1.RouterService` gRPC front.
 //!
 //! The gateway embeds it: [`spawn`] starts the task that owns the [`Registry`], and the returned
-//! [`RouterHandle`] places requests; [`serve`] exposes the same task over gRPC to workers and to
-//! remote gateways.
+//! [`RouterHandle`] places requests; [`serve`] exposes the same task over gRPC. Workers and remote
+//! gateways talk to it through [`RouterClient`], and [`keep_registered`] is a worker's whole
+//! registration and heartbeat loop.
 #![forbid(unsafe_code)]
 
 mod candidates;
+mod client;
 mod convert;
 mod error;
 mod pending;
@@ -18,6 +20,7 @@ mod task;
 mod types;
 
 pub use candidates::Candidates;
+pub use client::{RouterClient, keep_registered};
 pub use convert::{role_from_proto, state_from_proto};
 pub use error::RouterError;
 pub use policy::{LeastLoaded, Policy};

@@ -216,3 +216,93 @@ async fn register_heartbeat_watch_place_and_lapse() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn keep_registered_joins_reports_and_leaves_on_shutdown() {
+    use tandem_router::{Load, RequestShape, RouterClient, RouterError, WorkerState};
+
+    let config = RouterConfig {
+        registry: RegistryConfig {
+            heartbeat_interval: Duration::from_millis(20),
+            ..RegistryConfig::default()
+        },
+        ..RouterConfig::default()
+    };
+    let handle = tandem_router::spawn(config, Box::new(LeastLoaded));
+    let mut sets = handle.subscribe();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(tandem_router::serve(
+        listener,
+        std::future::pending(),
+        handle,
+    ));
+
+    let deadline = Duration::from_secs(5);
+    let client = RouterClient::connect(&addr, deadline).await.unwrap();
+    let (leave, left) = oneshot::channel::<()>();
+    let ready = |free| Load {
+        state: WorkerState::Ready,
+        free_kv_blocks: free,
+        total_kv_blocks: 100,
+        ..Load::default()
+    };
+    let worker = tokio::spawn(tandem_router::keep_registered(
+        client.clone(),
+        identity("d0", v1::WorkerRole::Decode),
+        move || ready(100),
+        async move {
+            let _ = left.await;
+        },
+    ));
+    let joined = tokio::time::timeout(PATIENCE, sets.wait_for(|s| s.workers.len() == 1));
+    let joined = joined.await.unwrap().unwrap().clone();
+    assert_eq!(joined.workers[0].identity.worker_id, "d0");
+
+    // A remote placement sees d0 but no prefill worker: the rejection comes back as the error an
+    // embedded router gives.
+    let mut remote = client.clone();
+    let shape = RequestShape {
+        prompt_tokens: 4,
+        max_new_tokens: 4,
+        ..RequestShape::default()
+    };
+    let refused = remote.place(&shape).await.unwrap_err();
+    assert!(
+        matches!(refused, RouterError::NoWorkers(tandem_router::Leg::Prefill)),
+        "{refused}"
+    );
+    let p0 = identity("p0", v1::WorkerRole::Prefill);
+    remote.register(p0, &ready(0)).await.unwrap();
+    let placed = remote.place(&shape).await.unwrap();
+    assert_eq!(
+        (
+            placed.prefill.worker_id.as_str(),
+            placed.decode.worker_id.as_str()
+        ),
+        ("p0", "d0")
+    );
+    assert!(remote.deregister("p0").await.unwrap());
+
+    // The router forgets d0 (as after a restart): the loop registers it again. Versions since
+    // `joined`: p0 joins, p0 leaves, d0 leaves, d0 joins again (heartbeats change nothing).
+    assert!(remote.deregister("d0").await.unwrap());
+    let again = |s: &std::sync::Arc<tandem_router::WorkerSet>| {
+        s.version >= joined.version + 4 && s.workers.len() == 1
+    };
+    let back = tokio::time::timeout(PATIENCE, sets.wait_for(again));
+    assert_eq!(
+        back.await.unwrap().unwrap().workers[0].identity.worker_id,
+        "d0"
+    );
+
+    leave.send(()).unwrap();
+    tokio::time::timeout(PATIENCE, worker)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let gone = tokio::time::timeout(PATIENCE, sets.wait_for(|s| s.workers.is_empty()));
+    gone.await.unwrap().unwrap();
+    server.abort();
+}
