@@ -1,0 +1,167 @@
+//! Placement cost per decision at 10, 100 and 1,000 workers per role, against a plain linear scan
+//! (argmin) of a `Vec<u64>` of the same size in the same process.
+//!
+//! Run: `cargo run --release -p tandem-router --example place_bench`
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1::{WorkerIdentity, WorkerRole};
+use tandem_router::{
+    LeastLoaded, Load, Registry, RegistryConfig, RequestShape, RouterConfig, RouterError,
+    WorkerState,
+};
+
+const DECISIONS: u32 = 100_000;
+const VIA_TASK: u32 = 10_000;
+
+fn identity(i: usize, role: WorkerRole) -> WorkerIdentity {
+    WorkerIdentity {
+        worker_id: format!("{}-{i:05}", role.as_str_name()),
+        role: role.into(),
+        grpc_addr: format!("10.0.{}.{}:50051", i / 256, i % 256),
+        kv_endpoint: format!("10.0.{}.{}:50052", i / 256, i % 256),
+        model: "llama".into(),
+        ..WorkerIdentity::default()
+    }
+}
+
+/// A deterministic spread of loads, so that the best worker is not simply the first.
+fn load(i: usize) -> Load {
+    let x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+    Load {
+        state: WorkerState::Ready,
+        queued_prefill_tokens: x % 10_000,
+        free_kv_blocks: 1_000_000 - x % 1000,
+        total_kv_blocks: 1_000_000,
+        running_seqs: (x % 64) as u32,
+        ..Load::default()
+    }
+}
+
+fn registry(workers: usize, now: Instant) -> Result<Registry, RouterError> {
+    let config = RegistryConfig {
+        max_workers: 2 * workers,
+        max_queued_prefill_tokens: u64::MAX,
+        lease: Duration::from_secs(3600),
+        ..RegistryConfig::default()
+    };
+    let mut r = Registry::new(config, Box::new(LeastLoaded));
+    for i in 0..workers {
+        r.register(identity(i, WorkerRole::Prefill), load(i), now)?;
+        r.register(identity(i, WorkerRole::Decode), load(i + workers), now)?;
+    }
+    Ok(r)
+}
+
+fn shape() -> RequestShape {
+    RequestShape {
+        prompt_tokens: 64,
+        max_new_tokens: 128,
+        ..RequestShape::default()
+    }
+}
+
+/// Nanoseconds per placement on the plain struct. As in service, heartbeats arrive between
+/// placements (each worker reports once per round of `workers` decisions, a second of simulated
+/// time apart) and clear the optimistic charges; only the placements are timed.
+fn place_ns(workers: usize) -> Result<f64, RouterError> {
+    let mut now = Instant::now();
+    let mut r = registry(workers, now)?;
+    let shape = shape();
+    let rounds = (DECISIONS as usize / workers).max(1);
+    let mut timed = Duration::ZERO;
+    for _ in 0..rounds {
+        let start = Instant::now();
+        for _ in 0..workers {
+            black_box(r.place(black_box(&shape), now)?);
+        }
+        timed += start.elapsed();
+        now += Duration::from_secs(1);
+        for i in 0..workers {
+            r.heartbeat(&identity(i, WorkerRole::Prefill).worker_id, load(i), now)?;
+            r.heartbeat(
+                &identity(i, WorkerRole::Decode).worker_id,
+                load(i + workers),
+                now,
+            )?;
+        }
+    }
+    Ok(timed.as_nanos() as f64 / (rounds * workers) as f64)
+}
+
+/// Nanoseconds per argmin over a `Vec<u64>` of `len` values, one value changed between scans
+/// (as placement changes one load per decision) so that no scan can be skipped.
+fn scan_ns(len: usize) -> f64 {
+    let mut v: Vec<u64> = (0..len).map(|i| load(i).queued_prefill_tokens).collect();
+    let start = Instant::now();
+    for k in 0..DECISIONS as usize {
+        let vs = black_box(&v);
+        let mut best = 0;
+        for (i, &x) in vs.iter().enumerate() {
+            if x < vs[best] {
+                best = i;
+            }
+        }
+        v[best] += 64 + (k as u64 & 1);
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(DECISIONS)
+}
+
+/// Nanoseconds per placement through the router task (channel, task switch, reply).
+fn via_task_ns(workers: usize) -> Result<f64, RouterError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
+    runtime.block_on(async {
+        let config = RouterConfig {
+            registry: RegistryConfig {
+                max_workers: 2 * workers,
+                max_queued_prefill_tokens: u64::MAX,
+                lease: Duration::from_secs(3600),
+                ..RegistryConfig::default()
+            },
+            ..RouterConfig::default()
+        };
+        let router = tandem_router::spawn(config, Box::new(LeastLoaded));
+        for i in 0..workers {
+            router
+                .register(identity(i, WorkerRole::Prefill), load(i))
+                .await?;
+            router
+                .register(identity(i, WorkerRole::Decode), load(i + workers))
+                .await?;
+        }
+        let start = Instant::now();
+        for _ in 0..VIA_TASK {
+            black_box(router.place(shape()).await?);
+        }
+        Ok(start.elapsed().as_nanos() as f64 / f64::from(VIA_TASK))
+    })
+}
+
+/// Median of five runs, so that one disturbed run on a shared machine does not set the figure.
+fn median(mut run: impl FnMut() -> Result<f64, RouterError>) -> Result<f64, RouterError> {
+    let mut xs = Vec::with_capacity(5);
+    for _ in 0..5 {
+        xs.push(run()?);
+    }
+    xs.sort_by(f64::total_cmp);
+    Ok(xs[2])
+}
+
+fn main() -> Result<(), RouterError> {
+    println!("medians of 5 runs");
+    println!("workers/role  place ns/decision  scan ns (Vec<u64>)  place/scan  via task ns");
+    for workers in [10, 100, 1000] {
+        let place = median(|| place_ns(workers))?;
+        let scan = median(|| Ok(scan_ns(workers)))?;
+        let task = median(|| via_task_ns(workers))?;
+        println!(
+            "{workers:>12}  {place:>17.1}  {scan:>18.1}  {:>10.2}  {task:>11.1}",
+            place / scan
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! A client of a remote router that puts a deadline on every call, and the loop that keeps a
+//! worker registered. Workers and remote gateways use these instead of the generated client.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_proto::v1;
+use tandem_proto::v1::router_service_client::RouterServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert::millis;
+use crate::error::RouterError;
+use crate::registry::Lease;
+use crate::types::{Leg, Load, Placement, RequestShape};
+
+/// A connection to a router's `RouterService`, with one deadline for every unary call.
+#[derive(Clone, Debug)]
+pub struct RouterClient {
+    inner: RouterServiceClient<Channel>,
+    deadline: Duration,
+}
+
+impl RouterClient {
+    /// Connects to `addr` ("host:port", or a URL with `http://`), giving every call `deadline`.
+    pub async fn connect(addr: &str, deadline: Duration) -> Result<Self, RouterError> {
+        let url = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(url)
+            .map_err(|e| RouterError::InvalidArgument(format!("router address {addr:?}: {e}")))?
+            .connect_timeout(deadline)
+            .tcp_nodelay(true);
+        Ok(RouterClient {
+            inner: RouterServiceClient::new(endpoint.connect().await?),
+            deadline,
+        })
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.deadline);
+        request
+    }
+
+    /// Registers (or re-registers) a worker.
+    pub async fn register(
+        &mut self,
+        identity: v1::WorkerIdentity,
+        load: &Load,
+    ) -> Result<Lease, RouterError> {
+        let message = v1::RegisterRequest {
+            identity: Some(identity),
+            load: Some(load.into()),
+        };
+        let granted = self
+            .inner
+            .register(self.request(message))
+            .await?
+            .into_inner();
+        Ok(Lease {
+            worker_id: Arc::from(granted.worker_id),
+            lease: Duration::from_millis(u64::from(granted.lease_ms)),
+            heartbeat_interval: Duration::from_millis(u64::from(granted.heartbeat_interval_ms)),
+        })
+    }
+
+    /// Reports load and renews the lease; `UnknownWorker` means register again.
+    pub async fn heartbeat(
+        &mut self,
+        worker_id: &str,
+        load: &Load,
+    ) -> Result<Duration, RouterError> {
+        let message = v1::HeartbeatRequest {
+            worker_id: worker_id.to_owned(),
+            load: Some(load.into()),
+        };
+        match self.inner.heartbeat(self.request(message)).await {
+            Ok(answer) => Ok(Duration::from_millis(u64::from(
+                answer.into_inner().lease_ms,
+            ))),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                Err(RouterError::UnknownWorker(worker_id.to_owned()))
+            }
+            Err(status) => Err(status.into()),
+        }
+    }
+
+    /// Leaves the set at once; false when the router did not know the worker.
+    pub async fn deregister(&mut self, worker_id: &str) -> Result<bool, RouterError> {
+        let message = v1::DeregisterRequest {
+            worker_id: worker_id.to_owned(),
+        };
+        Ok(self
+            .inner
+            .deregister(self.request(message))
+            .await?
+            .into_inner()
+            .found)
+    }
+
+    /// Places a request (for gateways that do not embed the router). A rejection comes back as
+    /// `NoWorkers` or `Overloaded`, as from an embedded router.
+    pub async fn place(&mut self, shape: &RequestShape) -> Result<Placement, RouterError> {
+        let message = v1::PlaceRequest {
+            request_id: String::new(),
+            model: shape.model.clone(),
+            prompt_tokens: shape.prompt_tokens,
+            max_new_tokens: shape.max_new_tokens,
+            prefix_block_hashes: shape.prefix_block_hashes.clone(),
+            ttft_budget_ms: shape.ttft_budget.map_or(0, millis),
+            itl_budget_ms: shape.itl_budget.map_or(0, millis),
+            priority: shape.priority,
+        };
+        let answer = self.inner.place(self.request(message)).await?.into_inner();
+        match answer.outcome {
+            Some(v1::place_response::Outcome::Placed(p)) => match (p.prefill, p.decode) {
+                (Some(prefill), Some(decode)) => Ok(Placement {
+                    prefill: Arc::new(prefill),
+                    decode: Arc::new(decode),
+                    predicted_ttft: p
+                        .predicted_ttft_ms
+                        .map(|ms| Duration::from_millis(u64::from(ms))),
+                }),
+                _ => Err(RouterError::InvalidArgument(
+                    "placement without both workers".into(),
+                )),
+            },
+            Some(v1::place_response::Outcome::Rejected(r)) => Err(rejected(&r)),
+            None => Err(RouterError::InvalidArgument("empty PlaceResponse".into())),
+        }
+    }
+}
+
+/// The error an embedded router would have returned for a rejection.
+fn rejected(r: &v1::Rejection) -> RouterError {
+    let retry_after = Duration::from_millis(u64::from(r.retry_after_ms));
+    let overloaded = |leg| RouterError::Overloaded {
+        leg,
+        detail: r.message.clone(),
+        retry_after,
+    };
+    match r.reason() {
+        v1::RejectReason::NoPrefillWorker => RouterError::NoWorkers(Leg::Prefill),
+        v1::RejectReason::NoDecodeWorker => RouterError::NoWorkers(Leg::Decode),
+        v1::RejectReason::PrefillOverloaded => overloaded(Leg::Prefill),
+        v1::RejectReason::KvExhausted | v1::RejectReason::Unspecified => overloaded(Leg::Decode),
+    }
+}
+
+/// Keeps a worker in the router's set until `shutdown` completes: registers, heartbeats at the
+/// interval the router asks for with the load `report` gives, registers again when the router
+/// has forgotten it (a lapsed lease, a restarted router), then deregisters. A failed heartbeat is
+/// retried at the next interval; only the first registration's failure is returned.
+pub async fn keep_registered(
+    mut client: RouterClient,
+    identity: v1::WorkerIdentity,
+    mut report: impl FnMut() -> Load + Send,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RouterError> {
+    let lease = client.register(identity.clone(), &report()).await?;
+    let worker_id = lease.worker_id.to_string();
+    let mut identity = identity;
+    identity.worker_id.clone_from(&worker_id);
+    let mut beat = tokio::time::interval(lease.heartbeat_interval.max(Duration::from_millis(10)));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.tick().await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = beat.tick() => {
+                let load = report();
+                match client.heartbeat(&worker_id, &load).await {
+                    Ok(_) => {}
+                    Err(RouterError::UnknownWorker(_)) => {
+                        if let Err(e) = client.register(identity.clone(), &load).await {
+                            tracing::warn!(%worker_id, error = %e, "re-registration failed");
+                        }
+                    }
+                    Err(e) => tracing::warn!(%worker_id, error = %e, "heartbeat failed"),
+                }
+            }
+        }
+    }
+    client.deregister(&worker_id).await?;
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! Work the router has placed on a worker that the worker's heartbeats may not show yet. Without it,
+//! every request of a burst sees the same stale load and lands on the same worker.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::types::Load;
+
+/// Most entries kept per worker; past it, new work is folded into the newest entry, which then
+/// settles a little early (harmless: the next heartbeat reports it anyway).
+const MAX_ENTRIES: usize = 1024;
+
+/// What one placement adds to a worker's load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Delta {
+    /// Prompt tokens queued by a prefill leg.
+    pub prefill_tokens: u64,
+    /// Prefill requests queued.
+    pub prefill_seqs: u32,
+    /// KV blocks reserved by a decode leg.
+    pub kv_blocks: u64,
+    /// Sequences that will run on a decode leg.
+    pub decode_seqs: u32,
+}
+
+impl Delta {
+    fn add(&mut self, other: Delta) {
+        self.prefill_tokens = self.prefill_tokens.saturating_add(other.prefill_tokens);
+        self.prefill_seqs = self.prefill_seqs.saturating_add(other.prefill_seqs);
+        self.kv_blocks = self.kv_blocks.saturating_add(other.kv_blocks);
+        self.decode_seqs = self.decode_seqs.saturating_add(other.decode_seqs);
+    }
+}
+
+/// The recent placements of one worker and their sum.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    entries: VecDeque<(Instant, Delta)>,
+    sum: Delta,
+}
+
+impl Pending {
+    /// Records work placed at `at`.
+    pub fn add(&mut self, at: Instant, delta: Delta) {
+        self.sum.add(delta);
+        let full = self.entries.len() >= MAX_ENTRIES;
+        match self.entries.back_mut() {
+            Some((_, last)) if full => last.add(delta),
+            _ => self.entries.push_back((at, delta)),
+        }
+    }
+
+    /// On a heartbeat received at `now`: work placed more than `lag` ago is taken to be in the
+    /// report; the rest stays on top of it.
+    pub fn settle(&mut self, now: Instant, lag: Duration) {
+        let Some(cutoff) = now.checked_sub(lag) else {
+            return;
+        };
+        let mut dropped = false;
+        while let Some(&(at, _)) = self.entries.front() {
+            if at > cutoff {
+                break;
+            }
+            self.entries.pop_front();
+            dropped = true;
+        }
+        if dropped {
+            self.sum = Delta::default();
+            for (_, d) in &self.entries {
+                self.sum.add(*d);
+            }
+        }
+    }
+
+    /// The reported load with the pending work added.
+    pub fn apply(&self, reported: &Load) -> Load {
+        let d = self.sum;
+        Load {
+            queued_prefill_tokens: reported
+                .queued_prefill_tokens
+                .saturating_add(d.prefill_tokens),
+            waiting_seqs: reported.waiting_seqs.saturating_add(d.prefill_seqs),
+            free_kv_blocks: reported.free_kv_blocks.saturating_sub(d.kv_blocks),
+            running_seqs: reported.running_seqs.saturating_add(d.decode_seqs),
+            reservations: reported.reservations.saturating_add(d.decode_seqs),
+            ..*reported
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn tokens(n: u64) -> Delta {
+        Delta {
+            prefill_tokens: n,
+            prefill_seqs: 1,
+            ..Delta::default()
+        }
+    }
+
+    #[test]
+    fn apply_adds_queued_work_and_takes_blocks() {
+        let mut p = Pending::default();
+        let t0 = Instant::now();
+        p.add(t0, tokens(100));
+        p.add(
+            t0,
+            Delta {
+                kv_blocks: 7,
+                decode_seqs: 1,
+                ..Delta::default()
+            },
+        );
+        let reported = Load {
+            queued_prefill_tokens: 50,
+            free_kv_blocks: 5,
+            running_seqs: 2,
+            ..Load::default()
+        };
+        let eff = p.apply(&reported);
+        assert_eq!(eff.queued_prefill_tokens, 150);
+        assert_eq!(eff.waiting_seqs, 1);
+        assert_eq!(eff.free_kv_blocks, 0, "saturates rather than wrapping");
+        assert_eq!(eff.running_seqs, 3);
+        assert_eq!(eff.reservations, 1);
+    }
+
+    #[test]
+    fn settle_drops_work_older_than_the_lag_only() {
+        let mut p = Pending::default();
+        let t0 = Instant::now();
+        p.add(t0, tokens(1));
+        p.add(t0 + 100 * MS, tokens(10));
+        p.add(t0 + 300 * MS, tokens(100));
+        p.settle(t0 + 350 * MS, 250 * MS);
+        assert_eq!(p.apply(&Load::default()).queued_prefill_tokens, 100);
+        p.settle(t0 + 549 * MS, 250 * MS);
+        assert_eq!(p.apply(&Load::default()).queued_prefill_tokens, 100);
+        p.settle(t0 + 550 * MS, 250 * MS);
+        assert_eq!(p.apply(&Load::default()).queued_prefill_tokens, 0);
+    }
+
+    #[test]
+    fn entries_are_bounded_and_nothing_is_lost() {
+        let mut p = Pending::default();
+        let t0 = Instant::now();
+        for _ in 0..(MAX_ENTRIES + 10) {
+            p.add(t0, tokens(1));
+        }
+        assert_eq!(p.entries.len(), MAX_ENTRIES);
+        assert_eq!(
+            p.apply(&Load::default()).queued_prefill_tokens,
+            MAX_ENTRIES as u64 + 10
+        );
+    }
+}

@@ -1,0 +1,389 @@
+//! The worker registry and placement as a plain struct: no tasks, no clocks of its own (every
+//! method that needs the time takes `now`), so that it is tested synchronously.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1::WorkerIdentity;
+
+use crate::candidates::Candidates;
+use crate::convert::role_from_proto;
+use crate::error::RouterError;
+use crate::pending::Pending;
+use crate::policy::Policy;
+use crate::types::{Leg, Load, Role, WorkerSet, WorkerState, WorkerView};
+
+/// Registry settings.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// A worker not heard from for this long leaves the set.
+    pub lease: Duration,
+    /// Heartbeat interval the router asks workers for (a fraction of the lease).
+    pub heartbeat_interval: Duration,
+    /// How long a placement may take to show in the target's heartbeats; until then the router
+    /// adds it to the reported load itself.
+    pub report_lag: Duration,
+    /// Most workers in the set.
+    pub max_workers: usize,
+    /// A prefill worker with this many queued prompt tokens takes no more work.
+    pub max_queued_prefill_tokens: u64,
+    /// Tokens per KV block, used when a worker's identity states no geometry.
+    pub block_tokens: u32,
+    /// Retry-after to suggest when there is no measured speed to estimate one from.
+    pub default_retry_after: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            lease: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_secs(1),
+            report_lag: Duration::from_millis(250),
+            max_workers: 4096,
+            max_queued_prefill_tokens: 1 << 20,
+            block_tokens: 16,
+            default_retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A granted registration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The worker's id (as sent, or assigned).
+    pub worker_id: Arc<str>,
+    /// How long the registration lasts without a heartbeat.
+    pub lease: Duration,
+    /// How often the worker should heartbeat.
+    pub heartbeat_interval: Duration,
+}
+
+struct Worker {
+    id: Arc<str>,
+    identity: Arc<WorkerIdentity>,
+    role: Role,
+    reported: Load,
+    pending: Pending,
+    lease_deadline: Instant,
+}
+
+impl Worker {
+    fn effective(&self) -> Load {
+        self.pending.apply(&self.reported)
+    }
+
+    fn block_tokens(&self, fallback: u32) -> u64 {
+        let bt = self
+            .identity
+            .geometry
+            .as_ref()
+            .map_or(0, |g| g.block_tokens);
+        u64::from(if bt == 0 { fallback } else { bt })
+    }
+}
+
+#[derive(Debug, Default)]
+struct ModelTables {
+    prefill: Candidates,
+    decode: Candidates,
+}
+
+impl ModelTables {
+    fn leg(&mut self, leg: Leg) -> &mut Candidates {
+        match leg {
+            Leg::Prefill => &mut self.prefill,
+            Leg::Decode => &mut self.decode,
+        }
+    }
+}
+
+/// Registered workers, their leases and loads, and the candidate tables placement reads.
+pub struct Registry {
+    config: RegistryConfig,
+    policy: Box<dyn Policy>,
+    slots: Vec<Option<Worker>>,
+    free_slots: Vec<u32>,
+    by_id: HashMap<Arc<str>, u32>,
+    models: HashMap<String, ModelTables>,
+    version: u64,
+    changed: bool,
+    next_auto_id: u64,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("policy", &self.policy.name())
+            .field("workers", &self.by_id.len())
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(config: RegistryConfig, policy: Box<dyn Policy>) -> Self {
+        Registry {
+            config,
+            policy,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            by_id: HashMap::new(),
+            models: HashMap::new(),
+            version: 0,
+            changed: false,
+            next_auto_id: 0,
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    /// Workers in the set, in any state.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// Bumped on every change of membership or state.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// True once after any change of membership or state (for publishing the set).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Adds a worker, or replaces the registration of the same id.
+    pub fn register(
+        &mut self,
+        mut identity: WorkerIdentity,
+        load: Load,
+        now: Instant,
+    ) -> Result<Lease, RouterError> {
+        let role = role_from_proto(identity.role)?;
+        if identity.grpc_addr.is_empty() {
+            return Err(RouterError::InvalidArgument("grpc_addr is empty".into()));
+        }
+        if identity.model.is_empty() {
+            return Err(RouterError::InvalidArgument("model is empty".into()));
+        }
+        if role != Role::Prefill && identity.kv_endpoint.is_empty() {
+            return Err(RouterError::InvalidArgument(
+                "a decode worker needs a kv_endpoint".into(),
+            ));
+        }
+        if identity.worker_id.is_empty() {
+            identity.worker_id = self.fresh_id(role);
+        }
+        let existing = self.by_id.get(identity.worker_id.as_str()).copied();
+        if existing.is_none() && self.by_id.len() >= self.config.max_workers {
+            return Err(RouterError::TooManyWorkers(self.config.max_workers));
+        }
+        if let Some(slot) = existing {
+            self.unlist(slot);
+        }
+        let id: Arc<str> = Arc::from(identity.worker_id.as_str());
+        let worker = Worker {
+            id: id.clone(),
+            identity: Arc::new(identity),
+            role,
+            reported: load,
+            pending: Pending::default(),
+            lease_deadline: now + self.config.lease,
+        };
+        let slot = match existing {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(worker);
+                slot
+            }
+            None => {
+                let slot = match self.free_slots.pop() {
+                    Some(slot) => {
+                        self.slots[slot as usize] = Some(worker);
+                        slot
+                    }
+                    None => {
+                        self.slots.push(Some(worker));
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                self.by_id.insert(id.clone(), slot);
+                slot
+            }
+        };
+        self.list(slot);
+        self.mark_changed();
+        Ok(Lease {
+            worker_id: id,
+            lease: self.config.lease,
+            heartbeat_interval: self.config.heartbeat_interval,
+        })
+    }
+
+    /// Records a worker's load and renews its lease; returns the lease length.
+    pub fn heartbeat(
+        &mut self,
+        id: &str,
+        load: Load,
+        now: Instant,
+    ) -> Result<Duration, RouterError> {
+        let slot = self.live_slot(id, now)?;
+        let (lag, lease) = (self.config.report_lag, self.config.lease);
+        let w = self.worker_mut(slot);
+        let state_changed = w.reported.state != load.state;
+        w.reported = load;
+        w.pending.settle(now, lag);
+        w.lease_deadline = now + lease;
+        self.list(slot);
+        if state_changed {
+            self.mark_changed();
+        }
+        Ok(self.config.lease)
+    }
+
+    /// Removes a worker at once; false when it was not in the set.
+    pub fn deregister(&mut self, id: &str) -> bool {
+        match self.by_id.get(id).copied() {
+            Some(slot) => {
+                self.remove(slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes every worker whose lease has run out by `now`; returns their ids.
+    pub fn expire(&mut self, now: Instant) -> Vec<Arc<str>> {
+        let lapsed: Vec<u32> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, w)| match w {
+                Some(w) if w.lease_deadline <= now => Some(slot as u32),
+                _ => None,
+            })
+            .collect();
+        lapsed
+            .into_iter()
+            .filter_map(|slot| self.remove(slot))
+            .collect()
+    }
+
+    /// The whole set, ordered by worker id.
+    pub fn snapshot(&self, now: Instant) -> WorkerSet {
+        let mut workers: Vec<WorkerView> = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|w| WorkerView {
+                identity: w.identity.clone(),
+                role: w.role,
+                load: w.reported,
+                lease_left: w.lease_deadline.saturating_duration_since(now),
+            })
+            .collect();
+        workers.sort_by(|a, b| a.identity.worker_id.cmp(&b.identity.worker_id));
+        WorkerSet {
+            version: self.version,
+            workers,
+        }
+    }
+
+    /// Puts a worker's current effective load into the tables of the legs it serves while ready,
+    /// and takes it out of the others.
+    fn list(&mut self, slot: u32) {
+        let w = self.slots[slot as usize]
+            .as_ref()
+            .expect("listed slots are occupied");
+        if !self.models.contains_key(&w.identity.model) {
+            self.models
+                .insert(w.identity.model.clone(), ModelTables::default());
+        }
+        let Some(tables) = self.models.get_mut(&w.identity.model) else {
+            return;
+        };
+        let eff = w.effective();
+        let ready = w.reported.state == WorkerState::Ready;
+        for leg in [Leg::Prefill, Leg::Decode] {
+            let t = tables.leg(leg);
+            if ready && w.role.serves(leg) {
+                t.upsert(w.id.clone(), slot, eff, self.policy.score(leg, &eff));
+            } else {
+                t.remove(&w.id);
+            }
+        }
+    }
+
+    fn unlist(&mut self, slot: u32) {
+        let w = self.slots[slot as usize]
+            .as_ref()
+            .expect("listed slots are occupied");
+        if let Some(tables) = self.models.get_mut(&w.identity.model) {
+            tables.prefill.remove(&w.id);
+            tables.decode.remove(&w.id);
+        }
+    }
+
+    fn remove(&mut self, slot: u32) -> Option<Arc<str>> {
+        self.slots.get(slot as usize)?.as_ref()?;
+        self.unlist(slot);
+        let w = self.slots[slot as usize].take()?;
+        self.by_id.remove(&w.id);
+        self.free_slots.push(slot);
+        self.mark_changed();
+        Some(w.id)
+    }
+
+    /// The slot of a worker whose lease is still running; a lapsed one is removed on the spot.
+    fn live_slot(&mut self, id: &str, now: Instant) -> Result<u32, RouterError> {
+        let unknown = || RouterError::UnknownWorker(id.to_owned());
+        let slot = self.by_id.get(id).copied().ok_or_else(unknown)?;
+        if self.worker(slot).lease_deadline <= now {
+            self.remove(slot);
+            return Err(unknown());
+        }
+        Ok(slot)
+    }
+
+    fn worker(&self, slot: u32) -> &Worker {
+        self.slots[slot as usize]
+            .as_ref()
+            .expect("slots named by tables and by_id are occupied")
+    }
+
+    fn worker_mut(&mut self, slot: u32) -> &mut Worker {
+        self.slots[slot as usize]
+            .as_mut()
+            .expect("slots named by tables and by_id are occupied")
+    }
+
+    /// An id no registered worker has, for workers that register without one.
+    fn fresh_id(&mut self, role: Role) -> String {
+        loop {
+            self.next_auto_id += 1;
+            let id = format!("{}-{}", role.as_str(), self.next_auto_id);
+            if !self.by_id.contains_key(id.as_str()) {
+                return id;
+            }
+        }
+    }
+
+    fn mark_changed(&mut self) {
+        self.version += 1;
+        self.changed = true;
+    }
+}
+
+mod place;
+
+#[cfg(test)]
+mod tests;

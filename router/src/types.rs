@@ -1,0 +1,153 @@
+//! The router's own view of workers and requests, independent of the wire format.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_proto::v1::WorkerIdentity;
+
+/// What a worker does; `Aggregated` workers are candidates for both legs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Computes prompts and pushes their KV.
+    Prefill,
+    /// Holds reserved KV and generates.
+    Decode,
+    /// Both, in one process.
+    Aggregated,
+}
+
+impl Role {
+    /// Lower-case name, for ids, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Aggregated => "aggregated",
+        }
+    }
+
+    /// Whether a worker of this role may run the given leg.
+    pub fn serves(self, leg: Leg) -> bool {
+        matches!(
+            (self, leg),
+            (Role::Aggregated, _) | (Role::Prefill, Leg::Prefill) | (Role::Decode, Leg::Decode)
+        )
+    }
+}
+
+/// One of the two legs of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Leg {
+    /// Prompt processing and KV push.
+    Prefill,
+    /// Reservation and generation.
+    Decode,
+}
+
+impl std::fmt::Display for Leg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Leg::Prefill => "prefill",
+            Leg::Decode => "decode",
+        })
+    }
+}
+
+/// A worker's lifecycle; only `Ready` workers take new work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WorkerState {
+    /// Registered, still loading or warming up.
+    #[default]
+    Starting,
+    /// Takes new work.
+    Ready,
+    /// Finishing what it has; takes nothing new.
+    Draining,
+}
+
+/// A worker's load: as reported by its heartbeat, or (inside the registry's candidate tables) with
+/// the work placed since then added optimistically.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Load {
+    /// Lifecycle state.
+    pub state: WorkerState,
+    /// Prompt tokens queued or being prefilled.
+    pub queued_prefill_tokens: u64,
+    /// Sequences running (decode batch) or being prefilled.
+    pub running_seqs: u32,
+    /// Sequences accepted but not yet running.
+    pub waiting_seqs: u32,
+    /// KV blocks neither reserved nor in use.
+    pub free_kv_blocks: u64,
+    /// KV blocks in the pool.
+    pub total_kv_blocks: u64,
+    /// Measured prefill speed, tokens per second (0 until measured).
+    pub prefill_tokens_per_s: f32,
+    /// Measured decode speed, tokens per second over the batch (0 until measured).
+    pub decode_tokens_per_s: f32,
+    /// Reservations held.
+    pub reservations: u32,
+}
+
+/// What placement needs to know about one request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RequestShape {
+    /// Requested model; empty means the only model served.
+    pub model: String,
+    /// Prompt length in tokens (at least 1).
+    pub prompt_tokens: u32,
+    /// Most tokens to generate (at least 1).
+    pub max_new_tokens: u32,
+    /// Hashes of the prompt's full blocks, for prefix-aware policies.
+    pub prefix_block_hashes: Vec<u64>,
+    /// Time-to-first-token budget, if any.
+    pub ttft_budget: Option<Duration>,
+    /// Inter-token latency budget, if any.
+    pub itl_budget: Option<Duration>,
+    /// Higher is more important; 0 is normal.
+    pub priority: i32,
+}
+
+/// The pair chosen for a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    /// Where to prefill.
+    pub prefill: Arc<WorkerIdentity>,
+    /// Where to reserve and decode.
+    pub decode: Arc<WorkerIdentity>,
+    /// Queued plus this prompt's tokens over the prefill worker's measured speed; `None` until the
+    /// worker has measured its speed.
+    pub predicted_ttft: Option<Duration>,
+}
+
+/// One registered worker as of a snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerView {
+    /// Who it is.
+    pub identity: Arc<WorkerIdentity>,
+    /// Its role, parsed from the identity.
+    pub role: Role,
+    /// Its last reported load.
+    pub load: Load,
+    /// Lease time left when the snapshot was taken.
+    pub lease_left: Duration,
+}
+
+/// The whole registered set, in every state, ordered by worker id.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerSet {
+    /// Bumped on every change of membership or state.
+    pub version: u64,
+    /// The workers.
+    pub workers: Vec<WorkerView>,
+}
+
+impl WorkerSet {
+    /// Workers in the `Ready` state that serve `leg`, for readiness checks.
+    pub fn ready_for(&self, leg: Leg) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.load.state == WorkerState::Ready && w.role.serves(leg))
+            .count()
+    }
+}
