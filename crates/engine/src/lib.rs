@@ -2,5 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod testing;
+pub mod tokenizer;
 
 pub use error::{EngineError, ErrorClass, Result};
