@@ -1,6 +1,6 @@
 //! The tokenizer a GGUF file carries in its metadata (`tokenizer.ggml.*`).
 
-use super::bytes::ByteLevelMap;
+use super::bytes::{ByteLevelMap, sentencepiece_bytes};
 use super::{Parts, Tokenizer};
 use crate::error::{EngineError, Result};
 use candle_core::quantized::gguf_file::Value;
@@ -17,6 +17,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 const TYPE_UNKNOWN: i64 = 2;
 const TYPE_CONTROL: i64 = 3;
 const TYPE_USER_DEFINED: i64 = 4;
+// Type 6 (`<0xAB>` byte tokens) needs no case of its own: their piece text says their byte.
 
 /// Llama 3's pre-tokenizer split (the `llama-bpe` pre-tokenizer of llama.cpp).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -84,18 +85,19 @@ impl Tokenizer {
     /// Builds the tokenizer from a GGUF file's metadata (as read by
     /// `candle_core::quantized::gguf_file::Content::read`). Supported: `tokenizer.ggml.model =
     /// gpt2` (byte-level BPE) with the pre-tokenizers `smollm` (digits split one by one, then
-    /// GPT-2's split), `gpt2` and `default` (GPT-2's split) and `llama-bpe` (Llama 3's split).
+    /// GPT-2's split), `gpt2` and `default` (GPT-2's split) and `llama-bpe` (Llama 3's split);
+    /// and `tokenizer.ggml.model = llama` (SentencePiece-style, merged by score).
     /// Anything else is an `EngineError::Tokenizer` that names what the file asks for.
     pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer> {
         let model = as_str(get(md, "tokenizer.ggml.model")?, "tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer model `{model}` is not supported (only `gpt2` byte-level BPE)"
-            )));
-        }
-        let pre = match md.get("tokenizer.ggml.pre") {
-            Some(v) => as_str(v, "tokenizer.ggml.pre")?,
-            None => "default",
+        let sentencepiece = match model {
+            "gpt2" => false,
+            "llama" => true,
+            other => {
+                return Err(err(format!(
+                    "tokenizer model `{other}` is not supported (`gpt2` byte-level BPE or `llama` SentencePiece)"
+                )));
+            }
         };
         let tokens = str_array(md, "tokenizer.ggml.tokens")?;
         let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
@@ -114,28 +116,27 @@ impl Tokenizer {
                 tokens.len()
             )));
         }
-        let merges: Merges = str_array(md, "tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| err(format!("merge `{m}` has no space")))
-            })
-            .collect::<Result<_>>()?;
-
-        let (pre_tokenizer, ignore_merges) = pre_tokenizer_for(pre)?;
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| ((*t).to_owned(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(ignore_merges)
-            .build()
-            .map_err(|e| err(format!("cannot build the BPE model: {e}")))?;
-        let mut tokenizer = tokenizers::Tokenizer::new(bpe);
-        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+        let add_space_prefix = match md.get("tokenizer.ggml.add_space_prefix") {
+            Some(v) => v
+                .to_bool()
+                .map_err(|_| err("`tokenizer.ggml.add_space_prefix` is not a bool"))?,
+            None => true,
+        };
+        let mut tokenizer = if sentencepiece {
+            let scores: Vec<f32> = get(md, "tokenizer.ggml.scores")?
+                .to_vec()
+                .map_err(|_| err("`tokenizer.ggml.scores` is not an array"))?
+                .iter()
+                .map(|v| {
+                    v.to_f32()
+                        .map_err(|_| err("`tokenizer.ggml.scores` holds a non-f32"))
+                })
+                .collect::<Result<_>>()?;
+            let unk = opt_id(md, "tokenizer.ggml.unknown_token_id")?;
+            super::spm::sentencepiece_tokenizer(&tokens, &scores, unk, add_space_prefix)?
+        } else {
+            byte_level_bpe(md, &tokens)?
+        };
 
         let map = ByteLevelMap::new();
         let mut pieces = Vec::with_capacity(tokens.len());
@@ -147,6 +148,8 @@ impl Tokenizer {
             let raw = ty == TYPE_CONTROL || ty == TYPE_USER_DEFINED || ty == TYPE_UNKNOWN;
             pieces.push(if raw {
                 tok.as_bytes().to_vec()
+            } else if sentencepiece {
+                sentencepiece_bytes(tok)
             } else {
                 map.piece_bytes(tok)
             });
@@ -168,8 +171,8 @@ impl Tokenizer {
             Some(v) => v
                 .to_bool()
                 .map_err(|_| err("`tokenizer.ggml.add_bos_token` is not a bool"))?,
-            // llama.cpp's default for BPE vocabularies.
-            None => false,
+            // llama.cpp's defaults: SentencePiece vocabularies add BOS, BPE ones do not.
+            None => sentencepiece,
         };
         let extra_eos = [
             opt_id(md, "tokenizer.ggml.eot_token_id")?,
@@ -190,10 +193,41 @@ impl Tokenizer {
             eos: opt_id(md, "tokenizer.ggml.eos_token_id")?,
             extra_eos,
             add_bos,
-            strip_leading_space: false,
+            strip_leading_space: sentencepiece && add_space_prefix,
             chat_template,
         })
     }
+}
+
+/// A byte-level BPE from the vocabulary and `tokenizer.ggml.merges`, with the pre-tokenizer that
+/// `tokenizer.ggml.pre` names.
+fn byte_level_bpe(md: &Metadata, tokens: &[&str]) -> Result<tokenizers::Tokenizer> {
+    let pre = match md.get("tokenizer.ggml.pre") {
+        Some(v) => as_str(v, "tokenizer.ggml.pre")?,
+        None => "default",
+    };
+    let merges: Merges = str_array(md, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .ok_or_else(|| err(format!("merge `{m}` has no space")))
+        })
+        .collect::<Result<_>>()?;
+    let (pre_tokenizer, ignore_merges) = pre_tokenizer_for(pre)?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((*t).to_owned(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| err(format!("cannot build the BPE model: {e}")))?;
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    Ok(tokenizer)
 }
 
 /// The pre-tokenizer for a llama.cpp pre-tokenizer name, and whether BPE takes a whole word that

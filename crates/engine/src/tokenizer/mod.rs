@@ -11,6 +11,7 @@ mod gguf;
 mod hf;
 mod incremental;
 mod special;
+mod spm;
 mod template;
 
 pub use incremental::IncrementalDecoder;
