@@ -2,7 +2,9 @@
 //!
 //! Layers: [`kernels`] (fixed-order CPU kernels), [`model`] (configuration, loading, forward pass),
 //! [`kv`] (block allocator and KV pool), [`engine`] (sequences and steps: what workers call),
-//! [`sampling`], [`generate`] (the single-process reference loop) and [`tiny`] (a random model for tests).
+//! [`sampling`], [`generate`] (the single-process reference loop), [`tokenizer`] (tokenizer, chat
+//! template, incremental detokenizer), [`load`] (a model and its tokenizer by path), and [`tiny`]
+//! (a random model for tests).
 #![forbid(unsafe_code)]
 
 pub mod engine;
@@ -12,7 +14,9 @@ pub mod kernels;
 pub mod kv;
 pub mod model;
 pub mod sampling;
+pub mod testing;
 pub mod tiny;
+pub mod tokenizer;
 
 pub use engine::{Engine, SeqId, StepItem};
 pub use error::{EngineError, ErrorClass, Result};
