@@ -1,1 +1,39 @@
-fn main() {}
+//! The one `tandem` binary: parse, build, hand over to a library.
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod generate;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Disaggregated LLM serving: prefill and decode on separate workers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text from a prompt in this process (the single-process reference).
+    Generate(generate::GenerateArgs),
+    /// Size a cluster for a workload: GPUs, nodes and the prefill:decode ratio.
+    Plan(tandem_sim::PlanArgs),
+    /// Load-test an OpenAI-compatible endpoint: TTFT, ITL, throughput, goodput.
+    Bench(bench::BenchCmd),
+}
+
+fn main() -> anyhow::Result<()> {
+    tandem_runtime::init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Plan(args) => {
+            print!("{}", tandem_sim::run_plan(&args)?);
+            Ok(())
+        }
+        Command::Bench(cmd) => bench::run(cmd),
+    }
+}

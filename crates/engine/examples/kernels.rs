@@ -6,7 +6,9 @@ use tandem_engine::tiny::quantize_q4_1;
 
 fn main() {
     let (n, k) = (1536usize, 576usize);
-    let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
     let f = Weight::f32(n, k, w.clone());
     let q = quantize_q4_1(&w, n, k);
     let only: Option<usize> = std::env::var("M").ok().and_then(|v| v.parse().ok());
@@ -25,7 +27,11 @@ fn main() {
                 matmul(&x, m, wt, &mut out);
             }
             let dt = t.elapsed().as_secs_f64() / reps as f64;
-            println!("m={m:4} {name:5} {:8.1} us  {:6.1} GFLOP/s", dt * 1e6, 2.0 * (m * n * k) as f64 / dt / 1e9);
+            println!(
+                "m={m:4} {name:5} {:8.1} us  {:6.1} GFLOP/s",
+                dt * 1e6,
+                2.0 * (m * n * k) as f64 / dt / 1e9
+            );
         }
     }
 }

@@ -47,7 +47,12 @@ impl Engine {
     /// An engine over a pool the caller made (for example one in shared memory).
     pub fn with_pool(model: Arc<Model>, pool: KvPool) -> Self {
         let alloc = BlockAllocator::new(pool.geometry().num_blocks);
-        Engine { model, pool, alloc, seqs: HashMap::new() }
+        Engine {
+            model,
+            pool,
+            alloc,
+            seqs: HashMap::new(),
+        }
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -89,7 +94,9 @@ impl Engine {
 
     pub fn add_sequence(&mut self, id: SeqId) -> Result<()> {
         if self.seqs.contains_key(&id) {
-            return Err(EngineError::InvalidRequest(format!("sequence {id} already exists")));
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence {id} already exists"
+            )));
         }
         self.seqs.insert(id, Seq::default());
         Ok(())
@@ -98,7 +105,10 @@ impl Engine {
     /// Makes sure sequence `id` has blocks for `tokens` positions; returns its whole block table.
     pub fn reserve(&mut self, id: SeqId, tokens: usize) -> Result<&[u32]> {
         let need = self.blocks_for(tokens);
-        let seq = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSequence(id))?;
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
         if need > seq.blocks.len() {
             let more = self.alloc.allocate(need - seq.blocks.len())?;
             seq.blocks.extend(more);
@@ -108,7 +118,10 @@ impl Engine {
 
     /// Frees a sequence and its blocks.
     pub fn release(&mut self, id: SeqId) -> Result<()> {
-        let seq = self.seqs.remove(&id).ok_or(EngineError::UnknownSequence(id))?;
+        let seq = self
+            .seqs
+            .remove(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
         self.alloc.release(&seq.blocks)
     }
 
@@ -128,9 +141,15 @@ impl Engine {
         let mut extra = 0;
         for (i, it) in items.iter().enumerate() {
             if items[..i].iter().any(|o| o.seq == it.seq) {
-                return Err(EngineError::InvalidRequest(format!("sequence {} twice in one step", it.seq)));
+                return Err(EngineError::InvalidRequest(format!(
+                    "sequence {} twice in one step",
+                    it.seq
+                )));
             }
-            let seq = self.seqs.get(&it.seq).ok_or(EngineError::UnknownSequence(it.seq))?;
+            let seq = self
+                .seqs
+                .get(&it.seq)
+                .ok_or(EngineError::UnknownSequence(it.seq))?;
             let end = seq.len + it.tokens.len();
             if end > self.model.config().max_context {
                 return Err(EngineError::InvalidRequest(format!(
@@ -141,14 +160,22 @@ impl Engine {
             }
             let vocab = self.model.config().vocab;
             if let Some(t) = it.tokens.iter().find(|t| **t as usize >= vocab) {
-                return Err(EngineError::InvalidRequest(format!("token id {t} is outside the vocabulary of {vocab}")));
+                return Err(EngineError::InvalidRequest(format!(
+                    "token id {t} is outside the vocabulary of {vocab}"
+                )));
             }
             extra += self.blocks_for(end).saturating_sub(seq.blocks.len());
         }
         if extra > self.alloc.free_count() {
-            return Err(EngineError::OutOfBlocks { needed: extra, free: self.alloc.free_count() });
+            return Err(EngineError::OutOfBlocks {
+                needed: extra,
+                free: self.alloc.free_count(),
+            });
         }
-        let before: Vec<usize> = items.iter().map(|it| self.seqs[&it.seq].blocks.len()).collect();
+        let before: Vec<usize> = items
+            .iter()
+            .map(|it| self.seqs[&it.seq].blocks.len())
+            .collect();
         for it in items {
             let tokens = self.seqs[&it.seq].len + it.tokens.len();
             self.reserve(it.seq, tokens)?;
@@ -171,12 +198,19 @@ impl Engine {
         items: &[StepItem<'_>],
         on_layer: impl FnMut(usize, &KvPool) -> Result<()>,
     ) -> Result<Vec<Vec<f32>>> {
-        let Engine { model, pool, seqs, .. } = self;
+        let Engine {
+            model, pool, seqs, ..
+        } = self;
         let chunks: Vec<SeqChunk<'_>> = items
             .iter()
             .map(|it| {
                 let s = &seqs[&it.seq];
-                SeqChunk { tokens: it.tokens, start: s.len, block_table: &s.blocks, logits: it.logits }
+                SeqChunk {
+                    tokens: it.tokens,
+                    start: s.len,
+                    block_table: &s.blocks,
+                    logits: it.logits,
+                }
             })
             .collect();
         let out = model.forward(&chunks, pool, on_layer)?;
@@ -207,7 +241,11 @@ impl Engine {
                     continue;
                 }
                 let last = done[i] + n == p.len();
-                items.push(StepItem { seq: *id, tokens: &p[done[i]..done[i] + n], logits: last });
+                items.push(StepItem {
+                    seq: *id,
+                    tokens: &p[done[i]..done[i] + n],
+                    logits: last,
+                });
                 if last {
                     owners.push(i);
                 }
@@ -245,9 +283,14 @@ impl Engine {
     /// Declares that the first `len` positions of `id` hold imported KV, so decoding may continue.
     pub fn commit(&mut self, id: SeqId, len: usize) -> Result<()> {
         let bs = self.block_size();
-        let seq = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSequence(id))?;
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
         if len.div_ceil(bs) > seq.blocks.len() {
-            return Err(EngineError::KvImport(format!("{len} positions do not fit the reserved blocks")));
+            return Err(EngineError::KvImport(format!(
+                "{len} positions do not fit the reserved blocks"
+            )));
         }
         seq.len = len;
         Ok(())

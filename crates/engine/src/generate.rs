@@ -44,7 +44,15 @@ pub fn generate(
         )));
     }
     engine.add_sequence(id)?;
-    let out = run(engine, id, prompt, params, eos, prefill_chunk, &mut on_token);
+    let out = run(
+        engine,
+        id,
+        prompt,
+        params,
+        eos,
+        prefill_chunk,
+        &mut on_token,
+    );
     let released = engine.release(id);
     let out = out?;
     released?;
@@ -78,9 +86,19 @@ fn run(
         if prompt.len() + tokens.len() >= ctx {
             break FinishReason::Length;
         }
-        let logits = engine.step(&[StepItem { seq: id, tokens: &[token], logits: true }])?;
+        let logits = engine.step(&[StepItem {
+            seq: id,
+            tokens: &[token],
+            logits: true,
+        }])?;
         token = sample(&logits[0], params, tokens.len() as u64);
         tokens.push(token);
     };
-    Ok(Generated { tokens, finish, prompt_tokens: prompt.len(), prefill_time, decode_time: t1.elapsed() })
+    Ok(Generated {
+        tokens,
+        finish,
+        prompt_tokens: prompt.len(),
+        prefill_time,
+        decode_time: t1.elapsed(),
+    })
 }

@@ -91,9 +91,17 @@ pub fn sample(logits: &[f32], p: &SamplingParams, step: u64) -> u32 {
     }
     let inv_t = 1.0 / p.temperature as f64;
     let u = uniform(p.seed, step);
-    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
-    let k = if p.top_k > 0 { (p.top_k as usize).min(ids.len()) } else { ids.len() };
+    let k = if p.top_k > 0 {
+        (p.top_k as usize).min(ids.len())
+    } else {
+        ids.len()
+    };
     if k < ids.len() {
         ids.select_nth_unstable_by(k - 1, by_logit);
         ids.truncate(k);
@@ -121,9 +129,18 @@ pub fn sample(logits: &[f32], p: &SamplingParams, step: u64) -> u32 {
 }
 
 /// How many of `sorted` (a prefix of `all` by logit) make up the nucleus, or None if they don't reach it.
-fn nucleus_len(logits: &[f32], all: &[u32], sorted: &[u32], inv_t: f64, top_p: f32) -> Option<usize> {
+fn nucleus_len(
+    logits: &[f32],
+    all: &[u32],
+    sorted: &[u32],
+    inv_t: f64,
+    top_p: f32,
+) -> Option<usize> {
     let max = logits[sorted[0] as usize] as f64;
-    let total: f64 = all.iter().map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp()).sum();
+    let total: f64 = all
+        .iter()
+        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+        .sum();
     let mut cum = 0.0;
     for (n, &i) in sorted.iter().enumerate() {
         cum += ((logits[i as usize] as f64 - max) * inv_t).exp() / total;
@@ -135,8 +152,14 @@ fn nucleus_len(logits: &[f32], all: &[u32], sorted: &[u32], inv_t: f64, top_p: f
 }
 
 fn draw(logits: &[f32], ids: &[u32], inv_t: f64, u: f64) -> u32 {
-    let max = ids.iter().map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max) as f64;
-    let w: Vec<f64> = ids.iter().map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp()).collect();
+    let max = ids
+        .iter()
+        .map(|&i| logits[i as usize])
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    let w: Vec<f64> = ids
+        .iter()
+        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+        .collect();
     let total: f64 = w.iter().sum();
     let target = u * total;
     let mut cum = 0.0;
@@ -161,7 +184,12 @@ pub enum FinishReason {
 
 /// Decides whether a generated token ends the sequence (token-level rules; stop strings are text
 /// and are matched by [`StopStrings`]).
-pub fn token_finishes(p: &SamplingParams, eos: &[u32], token: u32, generated: usize) -> Option<FinishReason> {
+pub fn token_finishes(
+    p: &SamplingParams,
+    eos: &[u32],
+    token: u32,
+    generated: usize,
+) -> Option<FinishReason> {
     if p.stop_token_ids.contains(&token) || (!p.ignore_eos && eos.contains(&token)) {
         return Some(FinishReason::Stop);
     }
@@ -181,13 +209,21 @@ pub struct StopStrings {
 
 impl StopStrings {
     pub fn new(stops: Vec<String>) -> Self {
-        StopStrings { stops, pending: String::new() }
+        StopStrings {
+            stops,
+            pending: String::new(),
+        }
     }
 
     /// Adds `text`; returns what may be emitted now and whether a stop string was found.
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..at].to_string();
             self.pending.clear();
             return (out, true);
@@ -215,7 +251,12 @@ fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     let max = (stop.len().saturating_sub(1)).min(text.len());
     (1..=max)
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && stop.as_bytes().starts_with(&text.as_bytes()[text.len() - n..]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && stop
+                    .as_bytes()
+                    .starts_with(&text.as_bytes()[text.len() - n..])
+        })
         .unwrap_or(0)
 }
 
@@ -224,11 +265,19 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: u32, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, seed, ..SamplingParams::greedy(8) }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ..SamplingParams::greedy(8)
+        }
     }
 
     fn logits() -> Vec<f32> {
-        (0..2000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect()
+        (0..2000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+            .collect()
     }
 
     #[test]
@@ -240,9 +289,15 @@ mod tests {
     #[test]
     fn same_seed_same_tokens_other_seed_other_tokens() {
         let l = logits();
-        let a: Vec<u32> = (0..50).map(|s| sample(&l, &params(1.0, 0, 0.9, 42), s)).collect();
-        let b: Vec<u32> = (0..50).map(|s| sample(&l, &params(1.0, 0, 0.9, 42), s)).collect();
-        let c: Vec<u32> = (0..50).map(|s| sample(&l, &params(1.0, 0, 0.9, 43), s)).collect();
+        let a: Vec<u32> = (0..50)
+            .map(|s| sample(&l, &params(1.0, 0, 0.9, 42), s))
+            .collect();
+        let b: Vec<u32> = (0..50)
+            .map(|s| sample(&l, &params(1.0, 0, 0.9, 42), s))
+            .collect();
+        let c: Vec<u32> = (0..50)
+            .map(|s| sample(&l, &params(1.0, 0, 0.9, 43), s))
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }
@@ -262,7 +317,9 @@ mod tests {
     #[test]
     fn top_p_never_leaves_the_nucleus() {
         // Probabilities 0.5, 0.25, 0.125, ...: top_p 0.7 keeps exactly the first two.
-        let l: Vec<f32> = (0..30).map(|i| -(i as f32) * std::f32::consts::LN_2).collect();
+        let l: Vec<f32> = (0..30)
+            .map(|i| -(i as f32) * std::f32::consts::LN_2)
+            .collect();
         let mut seen = [false; 2];
         for s in 0..400 {
             let t = sample(&l, &params(1.0, 0, 0.7, 5), s) as usize;

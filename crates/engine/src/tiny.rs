@@ -1,8 +1,8 @@
 //! A tiny Llama with random weights, built in memory from a seed: fast tests of every mechanism
 //! without a model file.
+use crate::Result;
 use crate::kernels::{BlockFormat, Weight, WeightData};
 use crate::model::{Layer, Model, ModelConfig, RopeTable};
-use crate::Result;
 
 pub fn tiny_config() -> ModelConfig {
     ModelConfig {
@@ -46,7 +46,10 @@ struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
     fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
@@ -60,7 +63,8 @@ pub fn tiny_model(seed: u64, quantize: bool) -> Result<(Model, TinyWeights)> {
     let c = tiny_config();
     let mut rng = Rng(seed ^ 0x5eed);
     let lin = |rng: &mut Rng, n: usize, k: usize| rng.vec(n * k, 1.0 / (k as f32).sqrt() * 1.7);
-    let norm = |rng: &mut Rng, n: usize| (0..n).map(|_| 1.0 + 0.2 * rng.next()).collect::<Vec<f32>>();
+    let norm =
+        |rng: &mut Rng, n: usize| (0..n).map(|_| 1.0 + 0.2 * rng.next()).collect::<Vec<f32>>();
     let embed = rng.vec(c.vocab * c.hidden, 1.0);
     let mut layers = Vec::new();
     for _ in 0..c.layers {
@@ -76,7 +80,11 @@ pub fn tiny_model(seed: u64, quantize: bool) -> Result<(Model, TinyWeights)> {
             w_down: lin(&mut rng, c.hidden, c.ffn),
         });
     }
-    let mut w = TinyWeights { embed, layers, norm: norm(&mut rng, c.hidden) };
+    let mut w = TinyWeights {
+        embed,
+        layers,
+        norm: norm(&mut rng, c.hidden),
+    };
     let mk = |data: &mut Vec<f32>, n: usize, k: usize| -> Weight {
         if quantize {
             let q = quantize_q4_1(data, n, k);
@@ -124,5 +132,12 @@ pub fn quantize_q4_1(data: &[f32], n: usize, k: usize) -> Weight {
             bytes.push(lo | (hi << 4));
         }
     }
-    Weight { n, k, data: WeightData::Quant { format: BlockFormat::Q4_1, bytes } }
+    Weight {
+        n,
+        k,
+        data: WeightData::Quant {
+            format: BlockFormat::Q4_1,
+            bytes,
+        },
+    }
 }

@@ -14,13 +14,25 @@ fn engine(quantize: bool, blocks: usize) -> (Engine, tandem_engine::tiny::TinyWe
 }
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
-    (0..len as u32).map(|i| (i * 31 + salt * 7 + 3) % 96).collect()
+    (0..len as u32)
+        .map(|i| (i * 31 + salt * 7 + 3) % 96)
+        .collect()
 }
 
 /// Greedy continuation of `prompt` for `n` tokens, alone on a fresh engine.
 fn solo(quantize: bool, prompt: &[u32], n: u32) -> Vec<u32> {
     let (mut e, _) = engine(quantize, 64);
-    generate(&mut e, 1, prompt, &SamplingParams::greedy(n), &[], 512, |_| Flow::Continue).expect("generate").tokens
+    generate(
+        &mut e,
+        1,
+        prompt,
+        &SamplingParams::greedy(n),
+        &[],
+        512,
+        |_| Flow::Continue,
+    )
+    .expect("generate")
+    .tokens
 }
 
 #[test]
@@ -34,11 +46,25 @@ fn paged_decode_logits_equal_full_recomputation() {
         for step in 0..12 {
             let reference = common::reference_logits(&cfg, &w, &tokens);
             let want = reference.last().expect("logits");
-            let err = logits.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
-            assert!(err < 1e-4, "quantize={quantize} step {step}: max logit error {err}");
+            let err = logits
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                err < 1e-4,
+                "quantize={quantize} step {step}: max logit error {err}"
+            );
             let next = argmax(&logits);
             tokens.push(next);
-            logits = e.step(&[StepItem { seq: 7, tokens: &[next], logits: true }]).expect("decode").remove(0);
+            logits = e
+                .step(&[StepItem {
+                    seq: 7,
+                    tokens: &[next],
+                    logits: true,
+                }])
+                .expect("decode")
+                .remove(0);
         }
     }
 }
@@ -46,7 +72,11 @@ fn paged_decode_logits_equal_full_recomputation() {
 #[test]
 fn batch_of_different_lengths_decodes_exactly_as_each_alone() {
     for quantize in [false, true] {
-        let prompts: Vec<Vec<u32>> = [3, 17, 40, 1, 33].iter().enumerate().map(|(i, n)| prompt(*n, i as u32)).collect();
+        let prompts: Vec<Vec<u32>> = [3, 17, 40, 1, 33]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| prompt(*n, i as u32))
+            .collect();
         let want: Vec<Vec<u32>> = prompts.iter().map(|p| solo(quantize, p, 10)).collect();
 
         let (mut e, _) = engine(quantize, 64);
@@ -54,13 +84,24 @@ fn batch_of_different_lengths_decodes_exactly_as_each_alone() {
         for id in &ids {
             e.add_sequence(*id).expect("add");
         }
-        let batch: Vec<(u64, &[u32])> = ids.iter().copied().zip(prompts.iter().map(Vec::as_slice)).collect();
+        let batch: Vec<(u64, &[u32])> = ids
+            .iter()
+            .copied()
+            .zip(prompts.iter().map(Vec::as_slice))
+            .collect();
         let first = e.prefill(&batch, 13).expect("prefill");
         let mut got: Vec<Vec<u32>> = first.iter().map(|l| vec![argmax(l)]).collect();
         for _ in 1..10 {
             let last: Vec<[u32; 1]> = got.iter().map(|g| [*g.last().expect("token")]).collect();
-            let items: Vec<StepItem<'_>> =
-                ids.iter().zip(&last).map(|(id, t)| StepItem { seq: *id, tokens: t, logits: true }).collect();
+            let items: Vec<StepItem<'_>> = ids
+                .iter()
+                .zip(&last)
+                .map(|(id, t)| StepItem {
+                    seq: *id,
+                    tokens: t,
+                    logits: true,
+                })
+                .collect();
             for (g, l) in got.iter_mut().zip(e.step(&items).expect("step")) {
                 g.push(argmax(&l));
             }
@@ -98,7 +139,11 @@ fn kv_moved_to_another_engine_continues_with_the_same_tokens() {
     b.reserve(50, 5 * 16).expect("occupy");
     b.add_sequence(2).expect("add");
     let table = b.reserve(2, p.len() + 12).expect("reserve").to_vec();
-    assert_ne!(&table[..3], a.block_table(1).expect("table"), "different block ids");
+    assert_ne!(
+        &table[..3],
+        a.block_table(1).expect("table"),
+        "different block ids"
+    );
     let layers = a.model().config().layers;
     for layer in 0..layers {
         let mut bytes = Vec::new();
@@ -111,7 +156,13 @@ fn kv_moved_to_another_engine_continues_with_the_same_tokens() {
     let mut got = vec![first];
     for _ in 1..12 {
         let t = [*got.last().expect("token")];
-        let l = b.step(&[StepItem { seq: 2, tokens: &t, logits: true }]).expect("decode");
+        let l = b
+            .step(&[StepItem {
+                seq: 2,
+                tokens: &t,
+                logits: true,
+            }])
+            .expect("decode");
         got.push(argmax(&l[0]));
     }
     assert_eq!(got, want);
@@ -133,16 +184,52 @@ fn bad_input_is_an_error_and_changes_nothing() {
     let (mut e, _) = engine(false, 3);
     let greedy = SamplingParams::greedy(4);
     let r = generate(&mut e, 1, &[], &greedy, &[], 512, |_| Flow::Continue);
-    assert!(matches!(r, Err(EngineError::InvalidRequest(_))), "empty prompt");
-    let r = generate(&mut e, 1, &[1, 2], &SamplingParams::greedy(0), &[], 512, |_| Flow::Continue);
-    assert!(matches!(r, Err(EngineError::InvalidRequest(_))), "max tokens 0");
+    assert!(
+        matches!(r, Err(EngineError::InvalidRequest(_))),
+        "empty prompt"
+    );
+    let r = generate(
+        &mut e,
+        1,
+        &[1, 2],
+        &SamplingParams::greedy(0),
+        &[],
+        512,
+        |_| Flow::Continue,
+    );
+    assert!(
+        matches!(r, Err(EngineError::InvalidRequest(_))),
+        "max tokens 0"
+    );
     e.add_sequence(1).expect("add");
-    let r = e.step(&[StepItem { seq: 1, tokens: &[500], logits: true }]);
-    assert!(matches!(r, Err(EngineError::InvalidRequest(_))), "token outside the vocabulary");
-    let r = e.step(&[StepItem { seq: 1, tokens: &prompt(49, 0), logits: true }]);
-    assert!(matches!(r, Err(EngineError::OutOfBlocks { needed: 4, free: 3 })), "{r:?}");
-    assert_eq!((e.free_blocks(), e.seq_len(1)), (3, Some(0)), "failed steps take nothing");
-    let r = e.step(&[StepItem { seq: 9, tokens: &[1], logits: true }]);
+    let r = e.step(&[StepItem {
+        seq: 1,
+        tokens: &[500],
+        logits: true,
+    }]);
+    assert!(
+        matches!(r, Err(EngineError::InvalidRequest(_))),
+        "token outside the vocabulary"
+    );
+    let r = e.step(&[StepItem {
+        seq: 1,
+        tokens: &prompt(49, 0),
+        logits: true,
+    }]);
+    assert!(
+        matches!(r, Err(EngineError::OutOfBlocks { needed: 4, free: 3 })),
+        "{r:?}"
+    );
+    assert_eq!(
+        (e.free_blocks(), e.seq_len(1)),
+        (3, Some(0)),
+        "failed steps take nothing"
+    );
+    let r = e.step(&[StepItem {
+        seq: 9,
+        tokens: &[1],
+        logits: true,
+    }]);
     assert!(matches!(r, Err(EngineError::UnknownSequence(9))));
     assert_eq!(e.sequences(), 1);
 }
@@ -153,13 +240,22 @@ fn generation_stops_at_eos_and_max_tokens() {
     let free_run = solo(false, &p, 6);
     let (mut e, _) = engine(false, 8);
     let eos = [free_run[2]];
-    let g = generate(&mut e, 1, &p, &SamplingParams::greedy(6), &eos, 512, |_| Flow::Continue).expect("gen");
-    let stop_at = free_run.iter().position(|t| *t == eos[0]).expect("eos in run");
+    let g = generate(&mut e, 1, &p, &SamplingParams::greedy(6), &eos, 512, |_| {
+        Flow::Continue
+    })
+    .expect("gen");
+    let stop_at = free_run
+        .iter()
+        .position(|t| *t == eos[0])
+        .expect("eos in run");
     assert_eq!(g.tokens, free_run[..=stop_at].to_vec());
     assert_eq!(g.finish, tandem_engine::FinishReason::Stop);
     let mut p2 = SamplingParams::greedy(6);
     p2.ignore_eos = true;
     let g = generate(&mut e, 1, &p, &p2, &eos, 512, |_| Flow::Continue).expect("gen");
-    assert_eq!((g.tokens, g.finish), (free_run, tandem_engine::FinishReason::Length));
+    assert_eq!(
+        (g.tokens, g.finish),
+        (free_run, tandem_engine::FinishReason::Length)
+    );
     assert_eq!(e.sequences(), 0);
 }

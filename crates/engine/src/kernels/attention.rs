@@ -67,7 +67,8 @@ fn attend_one(
         let kvh = h / group;
         let qh = &q[h * hd..(h + 1) * hd];
         let at = |p: usize| {
-            let slot = ctx.block_table[p / shape.block_size] as usize * shape.block_size + p % shape.block_size;
+            let slot = ctx.block_table[p / shape.block_size] as usize * shape.block_size
+                + p % shape.block_size;
             slot * slot_w + kvh * hd
         };
         let mut max = f32::NEG_INFINITY;
@@ -108,5 +109,107 @@ fn attend_one(
         for o in oh.iter_mut() {
             *o /= sum;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, Device, Tensor};
+
+    use super::*;
+
+    /// Plain causal attention with candle ops over contiguous K and V, GQA by repeating KV heads.
+    fn plain(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        s: &AttentionShape,
+    ) -> candle_core::Result<Vec<f32>> {
+        let dev = Device::Cpu;
+        let (h, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
+        let q = Tensor::from_slice(q, (n, h, hd), &dev)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let rep = |t: &[f32]| -> candle_core::Result<Tensor> {
+            let t = Tensor::from_slice(t, (n, kvh, 1, hd), &dev)?;
+            t.broadcast_as((n, kvh, h / kvh, hd))?
+                .reshape((n, h, hd))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let (k, v) = (rep(k)?, rep(v)?);
+        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let mask: Vec<f32> = (0..n * n)
+            .map(|i| {
+                if i % n > i / n {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let scores = scores.broadcast_add(&Tensor::from_slice(&mask, (n, n), &dev)?)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        p.matmul(&v)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    }
+
+    #[test]
+    fn paged_attention_equals_plain_attention() {
+        let s = AttentionShape {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 16,
+            block_size: 4,
+        };
+        let n = 23;
+        let mut seed = 99u64;
+        let mut rnd = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+                })
+                .collect()
+        };
+        let (q, k, v) = (
+            rnd(n * s.heads * s.head_dim),
+            rnd(n * s.slot_width()),
+            rnd(n * s.slot_width()),
+        );
+        // Scatter K and V into a pool of 10 blocks through a shuffled block table.
+        let table: Vec<u32> = vec![7, 2, 9, 0, 5, 3];
+        let blocks = 10;
+        let mut kc = vec![0f32; blocks * s.block_size * s.slot_width()];
+        let mut vc = kc.clone();
+        let w = s.slot_width();
+        for p in 0..n {
+            let slot = table[p / s.block_size] as usize * s.block_size + p % s.block_size;
+            kc[slot * w..(slot + 1) * w].copy_from_slice(&k[p * w..(p + 1) * w]);
+            vc[slot * w..(slot + 1) * w].copy_from_slice(&v[p * w..(p + 1) * w]);
+        }
+        let queries: Vec<QueryCtx<'_>> = (0..n)
+            .map(|p| QueryCtx {
+                block_table: &table,
+                n_ctx: p + 1,
+            })
+            .collect();
+        let mut out = vec![0f32; q.len()];
+        paged_attention(&s, &q, &queries, &kc, &vc, &mut out);
+        let want = plain(&q, &k, &v, n, &s).expect("candle attention");
+        let err = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-4, "max error {err}");
     }
 }

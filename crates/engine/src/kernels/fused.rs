@@ -49,7 +49,10 @@ impl Format for Q4_1 {
     const BYTES: usize = 20;
     #[inline(always)]
     fn block(block: &[u8]) -> [f32x8; 4] {
-        let (d, m) = (f32x8::splat(half_at(block, 0)), f32x8::splat(half_at(block, 2)));
+        let (d, m) = (
+            f32x8::splat(half_at(block, 0)),
+            f32x8::splat(half_at(block, 2)),
+        );
         nibbles(&block[4..20]).map(|q| f32x8::new(q) * d + m)
     }
 }
@@ -61,13 +64,18 @@ impl Format for Q8_0 {
     fn block(block: &[u8]) -> [f32x8; 4] {
         let d = f32x8::splat(half_at(block, 0));
         let q = &block[2..34];
-        std::array::from_fn(|c| f32x8::new(std::array::from_fn(|i| (q[c * 8 + i] as i8) as f32)) * d)
+        std::array::from_fn(|c| {
+            f32x8::new(std::array::from_fn(|i| (q[c * 8 + i] as i8) as f32)) * d
+        })
     }
 }
 
 /// An R × C tile: R activation rows against C quantized weight rows, R·C independent FMA chains.
 #[inline(always)]
-fn tile<F: Format, const R: usize, const C: usize>(wr: [&[u8]; C], xr: [&[f32]; R]) -> [[f32; C]; R] {
+fn tile<F: Format, const R: usize, const C: usize>(
+    wr: [&[u8]; C],
+    xr: [&[f32]; R],
+) -> [[f32; C]; R] {
     let blocks = wr[0].len() / F::BYTES;
     let xs: [&[[f32; 8]]; R] = std::array::from_fn(|i| &xr[i].as_chunks::<8>().0[..blocks * 4]);
     let mut acc = [[f32x8::ZERO; C]; R];
@@ -92,7 +100,16 @@ fn tile<F: Format, const R: usize, const C: usize>(wr: [&[u8]; C], xr: [&[f32]; 
 
 /// `out[r * ld + j] = dot(x_r, w_j)` for the `m` rows of `x` and quantized rows `w_j` (each
 /// `row_bytes` long) of `wrows`; `k` is a multiple of 32.
-pub(super) fn quant_block(format: BlockFormat, wrows: &[u8], row_bytes: usize, x: &[f32], m: usize, k: usize, out: &mut [f32], ld: usize) {
+pub(super) fn quant_block(
+    format: BlockFormat,
+    wrows: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     match format {
         BlockFormat::Q4_0 => run::<Q4_0>(wrows, row_bytes, x, m, k, out, ld),
         BlockFormat::Q4_1 => run::<Q4_1>(wrows, row_bytes, x, m, k, out, ld),
@@ -100,7 +117,15 @@ pub(super) fn quant_block(format: BlockFormat, wrows: &[u8], row_bytes: usize, x
     }
 }
 
-fn run<F: Format>(wrows: &[u8], row_bytes: usize, x: &[f32], m: usize, k: usize, out: &mut [f32], ld: usize) {
+fn run<F: Format>(
+    wrows: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
     let n = wrows.len() / row_bytes;
     let mut r = 0;
     macro_rules! rows_of {
@@ -109,7 +134,9 @@ fn run<F: Format>(wrows: &[u8], row_bytes: usize, x: &[f32], m: usize, k: usize,
                 let xr: [&[f32]; $r] = std::array::from_fn(|i| &x[(r + i) * k..(r + i + 1) * k]);
                 let mut j = 0;
                 while j + $c <= n {
-                    let wr: [&[u8]; $c] = std::array::from_fn(|t| &wrows[(j + t) * row_bytes..(j + t + 1) * row_bytes]);
+                    let wr: [&[u8]; $c] = std::array::from_fn(|t| {
+                        &wrows[(j + t) * row_bytes..(j + t + 1) * row_bytes]
+                    });
                     let v = tile::<F, $r, $c>(wr, xr);
                     for i in 0..$r {
                         out[(r + i) * ld + j..(r + i) * ld + j + $c].copy_from_slice(&v[i]);

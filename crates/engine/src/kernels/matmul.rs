@@ -3,8 +3,8 @@
 use rayon::prelude::*;
 use wide::f32x8;
 
-use super::quant::{BlockFormat, QK, dequantize_row};
 use super::finish;
+use super::quant::{BlockFormat, QK, dequantize_row};
 
 /// Weight rows in their stored form: f32, or a GGUF block format dequantized on the fly.
 #[derive(Debug, Clone)]
@@ -31,7 +31,11 @@ pub struct Matrix {
 
 impl Matrix {
     pub fn zeros(rows: usize, cols: usize) -> Self {
-        Matrix { rows, cols, data: vec![0.0; rows * cols] }
+        Matrix {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
     }
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
@@ -44,7 +48,11 @@ impl Matrix {
 impl Weight {
     pub fn f32(n: usize, k: usize, data: Vec<f32>) -> Self {
         debug_assert_eq!(data.len(), n * k);
-        Weight { n, k, data: WeightData::F32(data) }
+        Weight {
+            n,
+            k,
+            data: WeightData::F32(data),
+        }
     }
 
     /// Concatenates weights with the same input width and storage into one (rows stacked), so
@@ -62,19 +70,31 @@ impl Weight {
                         _ => return None,
                     }
                 }
-                Some(Weight { n, k, data: WeightData::F32(data) })
+                Some(Weight {
+                    n,
+                    k,
+                    data: WeightData::F32(data),
+                })
             }
             WeightData::Quant { format, .. } => {
                 let mut bytes = Vec::new();
                 for p in parts {
                     match &p.data {
-                        WeightData::Quant { format: f, bytes: b } if f == format && p.k == k => {
-                            bytes.extend_from_slice(b)
-                        }
+                        WeightData::Quant {
+                            format: f,
+                            bytes: b,
+                        } if f == format && p.k == k => bytes.extend_from_slice(b),
                         _ => return None,
                     }
                 }
-                Some(Weight { n, k, data: WeightData::Quant { format: *format, bytes } })
+                Some(Weight {
+                    n,
+                    k,
+                    data: WeightData::Quant {
+                        format: *format,
+                        bytes,
+                    },
+                })
             }
         }
     }
@@ -158,14 +178,22 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
         for (c0, local) in parts {
             let width = local.len() / m;
             for r in 0..m {
-                out[r * n + c0..r * n + c0 + width].copy_from_slice(&local[r * width..(r + 1) * width]);
+                out[r * n + c0..r * n + c0 + width]
+                    .copy_from_slice(&local[r * width..(r + 1) * width]);
             }
         }
     }
 }
 
 /// Computes columns `cols` of `x · Wᵀ` for `m` rows into `out` (row stride `ld`, column 0 = cols.start).
-fn block(x: &[f32], m: usize, w: &Weight, cols: std::ops::Range<usize>, out: &mut [f32], ld: usize) {
+fn block(
+    x: &[f32],
+    m: usize,
+    w: &Weight,
+    cols: std::ops::Range<usize>,
+    out: &mut [f32],
+    ld: usize,
+) {
     let k = w.k;
     if let WeightData::Quant { format, bytes } = &w.data {
         if m < ROW_SPLIT_MIN && k % QK == 0 {
@@ -181,7 +209,12 @@ fn block(x: &[f32], m: usize, w: &Weight, cols: std::ops::Range<usize>, out: &mu
     while c < cols.end {
         let nr = (cols.end - c).min(NR);
         let mut wrows: [&[f32]; NR] = [&[]; NR];
-        for (j, (slot, s)) in wrows.iter_mut().zip(scratch.iter_mut()).enumerate().take(nr) {
+        for (j, (slot, s)) in wrows
+            .iter_mut()
+            .zip(scratch.iter_mut())
+            .enumerate()
+            .take(nr)
+        {
             *slot = w.row_f32(c + j, s);
         }
         let oc = c - cols.start;
@@ -242,7 +275,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
@@ -261,8 +296,15 @@ mod tests {
                 matmul(&x, m, &w, &mut out);
                 for r in 0..m {
                     for c in 0..n {
-                        let want = crate::kernels::dot(&x[r * k..(r + 1) * k], w.row_f32(c, &mut Vec::new()));
-                        assert_eq!(out[r * n + c].to_bits(), want.to_bits(), "m={m} r={r} c={c}");
+                        let want = crate::kernels::dot(
+                            &x[r * k..(r + 1) * k],
+                            w.row_f32(c, &mut Vec::new()),
+                        );
+                        assert_eq!(
+                            out[r * n + c].to_bits(),
+                            want.to_bits(),
+                            "m={m} r={r} c={c}"
+                        );
                     }
                 }
             }
@@ -277,10 +319,14 @@ mod tests {
         let x = rand_vec(m * k, &mut seed);
         let mut out = vec![0f32; m * n];
         matmul(&x, m, &w, &mut out);
-        let WeightData::F32(wd) = &w.data else { unreachable!() };
+        let WeightData::F32(wd) = &w.data else {
+            unreachable!()
+        };
         for r in 0..m {
             for c in 0..n {
-                let want: f64 = (0..k).map(|i| x[r * k + i] as f64 * wd[c * k + i] as f64).sum();
+                let want: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * wd[c * k + i] as f64)
+                    .sum();
                 assert!((out[r * n + c] as f64 - want).abs() < 1e-5);
             }
         }
@@ -296,7 +342,14 @@ mod tests {
             bytes.extend_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
             bytes.extend((0..16).map(|_| ((lcg(&mut seed) + 0.5) * 255.0) as u8));
         }
-        let q = Weight { n, k, data: WeightData::Quant { format: BlockFormat::Q4_1, bytes } };
+        let q = Weight {
+            n,
+            k,
+            data: WeightData::Quant {
+                format: BlockFormat::Q4_1,
+                bytes,
+            },
+        };
         let f = q.to_f32();
         let x = rand_vec(5 * k, &mut seed);
         let (mut a, mut b) = (vec![0f32; 5 * n], vec![0f32; 5 * n]);

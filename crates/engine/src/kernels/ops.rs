@@ -32,11 +32,21 @@ pub fn silu_mul(gate_up: &[f32], f: usize, out: &mut [f32]) {
 /// Rotates `heads` heads of `head_dim` in `row` by the angles of one position.
 /// `interleaved`: pairs are (2i, 2i+1), as GGUF Llama tensors are laid out; otherwise (i, i + d/2),
 /// as Hugging Face checkpoints are. `cos`/`sin` hold `head_dim / 2` values for that position.
-pub fn rope_in_place(row: &mut [f32], head_dim: usize, interleaved: bool, cos: &[f32], sin: &[f32]) {
+pub fn rope_in_place(
+    row: &mut [f32],
+    head_dim: usize,
+    interleaved: bool,
+    cos: &[f32],
+    sin: &[f32],
+) {
     let half = head_dim / 2;
     for head in row.chunks_exact_mut(head_dim) {
         for i in 0..half {
-            let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (a, b) = if interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
             let (x0, x1) = (head[a], head[b]);
             head[a] = x0 * cos[i] - x1 * sin[i];
             head[b] = x0 * sin[i] + x1 * cos[i];

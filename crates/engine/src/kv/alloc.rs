@@ -11,7 +11,10 @@ pub struct BlockAllocator {
 impl BlockAllocator {
     pub fn new(num_blocks: usize) -> Self {
         // Pop from the end: block 0 is handed out first, which keeps tests and traces readable.
-        BlockAllocator { free: (0..num_blocks as u32).rev().collect(), refs: vec![0; num_blocks] }
+        BlockAllocator {
+            free: (0..num_blocks as u32).rev().collect(),
+            refs: vec![0; num_blocks],
+        }
     }
 
     pub fn total(&self) -> usize {
@@ -25,7 +28,10 @@ impl BlockAllocator {
     /// Takes `n` blocks, all or none.
     pub fn allocate(&mut self, n: usize) -> Result<Vec<u32>> {
         if n > self.free.len() {
-            return Err(EngineError::OutOfBlocks { needed: n, free: self.free.len() });
+            return Err(EngineError::OutOfBlocks {
+                needed: n,
+                free: self.free.len(),
+            });
         }
         let ids = self.free.split_off(self.free.len() - n);
         let ids: Vec<u32> = ids.into_iter().rev().collect();
@@ -40,7 +46,9 @@ impl BlockAllocator {
         for &id in ids {
             match self.refs.get(id as usize) {
                 Some(0) | None => {
-                    return Err(EngineError::InvalidRequest(format!("block {id} is not allocated")));
+                    return Err(EngineError::InvalidRequest(format!(
+                        "block {id} is not allocated"
+                    )));
                 }
                 _ => {}
             }
@@ -56,7 +64,9 @@ impl BlockAllocator {
         for &id in ids {
             match self.refs.get(id as usize) {
                 Some(0) | None => {
-                    return Err(EngineError::InvalidRequest(format!("block {id} is not allocated")));
+                    return Err(EngineError::InvalidRequest(format!(
+                        "block {id} is not allocated"
+                    )));
                 }
                 _ => {}
             }
@@ -86,7 +96,10 @@ mod tests {
         let x = a.allocate(3).expect("3 of 4");
         assert_eq!(x, vec![0, 1, 2]);
         let err = a.allocate(2).expect_err("only 1 left");
-        assert!(matches!(err, EngineError::OutOfBlocks { needed: 2, free: 1 }));
+        assert!(matches!(
+            err,
+            EngineError::OutOfBlocks { needed: 2, free: 1 }
+        ));
         assert_eq!(a.free_count(), 1, "a failed allocation takes nothing");
         assert_eq!(a.allocate(1).expect("last"), vec![3]);
         assert_eq!(a.free_count(), 0);

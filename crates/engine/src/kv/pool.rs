@@ -14,7 +14,13 @@ pub struct KvGeometry {
 
 impl KvGeometry {
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, num_blocks: usize) -> Self {
-        KvGeometry { layers, kv_heads, head_dim, block_size: BLOCK_SIZE, num_blocks }
+        KvGeometry {
+            layers,
+            kv_heads,
+            head_dim,
+            block_size: BLOCK_SIZE,
+            num_blocks,
+        }
     }
     /// Floats in one block of one layer's K (the same for V).
     pub fn block_floats(&self) -> usize {
@@ -60,7 +66,10 @@ pub struct KvPool {
 
 impl KvPool {
     pub fn new(geom: KvGeometry) -> Self {
-        KvPool { geom, mem: Box::new(vec![0f32; geom.total_floats()]) }
+        KvPool {
+            geom,
+            mem: Box::new(vec![0f32; geom.total_floats()]),
+        }
     }
 
     /// A pool over caller-provided memory, which must hold exactly `geom.total_floats()` floats.
@@ -180,7 +189,10 @@ mod tests {
         assert_eq!(&bk[bf..2 * bf], &ak[2 * bf..3 * bf]);
         assert_eq!(&bk[3 * bf..4 * bf], &ak[..bf]);
         assert_eq!(&bv[bf..2 * bf], &av[2 * bf..3 * bf]);
-        assert!(b.layer(0).0.iter().all(|x| *x == 0.0), "other layers untouched");
+        assert!(
+            b.layer(0).0.iter().all(|x| *x == 0.0),
+            "other layers untouched"
+        );
     }
 
     #[test]
@@ -188,7 +200,13 @@ mod tests {
         let g = KvGeometry::new(1, 1, 8, 2);
         let mut p = KvPool::new(g);
         assert!(p.import_layer(0, &[0], &[0u8; 10]).is_err());
-        assert!(p.import_layer(0, &[5], &vec![0u8; g.layer_bytes(1)]).is_err());
-        assert!(p.import_layer(3, &[0], &vec![0u8; g.layer_bytes(1)]).is_err());
+        assert!(
+            p.import_layer(0, &[5], &vec![0u8; g.layer_bytes(1)])
+                .is_err()
+        );
+        assert!(
+            p.import_layer(3, &[0], &vec![0u8; g.layer_bytes(1)])
+                .is_err()
+        );
     }
 }

@@ -23,11 +23,19 @@ pub struct ModelConfig {
 impl ModelConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(EngineError::Unsupported(why));
-        if self.layers == 0 || self.hidden == 0 || self.heads == 0 || self.kv_heads == 0 || self.vocab == 0 {
+        if self.layers == 0
+            || self.hidden == 0
+            || self.heads == 0
+            || self.kv_heads == 0
+            || self.vocab == 0
+        {
             return bad(format!("empty dimension in {self:?}"));
         }
         if self.heads % self.kv_heads != 0 {
-            return bad(format!("{} heads are not a multiple of {} KV heads", self.heads, self.kv_heads));
+            return bad(format!(
+                "{} heads are not a multiple of {} KV heads",
+                self.heads, self.kv_heads
+            ));
         }
         if self.head_dim % 2 != 0 {
             return bad(format!("odd head dimension {}", self.head_dim));
@@ -87,8 +95,14 @@ fn default_theta() -> f32 {
 
 impl HfConfig {
     pub fn to_config(&self, name: String) -> Result<ModelConfig> {
-        let arch_ok = self.model_type.as_deref().is_none_or(|t| t == "llama" || t == "mistral")
-            && self.architectures.iter().all(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
+        let arch_ok = self
+            .model_type
+            .as_deref()
+            .is_none_or(|t| t == "llama" || t == "mistral")
+            && self
+                .architectures
+                .iter()
+                .all(|a| a == "LlamaForCausalLM" || a == "MistralForCausalLM");
         if !arch_ok {
             return Err(EngineError::Unsupported(format!(
                 "architecture {:?} / model_type {:?}: only Llama-family checkpoints are supported",
@@ -96,7 +110,9 @@ impl HfConfig {
             )));
         }
         if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(EngineError::Unsupported("rope_scaling is not supported yet".into()));
+            return Err(EngineError::Unsupported(
+                "rope_scaling is not supported yet".into(),
+            ));
         }
         let cfg = ModelConfig {
             name,
@@ -105,7 +121,9 @@ impl HfConfig {
             layers: self.num_hidden_layers,
             heads: self.num_attention_heads,
             kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             vocab: self.vocab_size,
             max_context: self.max_position_embeddings,
             rms_eps: self.rms_norm_eps,
@@ -131,7 +149,9 @@ impl RopeTable {
         let inv: Vec<f64> = (0..half)
             .map(|i| {
                 let f = 1.0 / (base as f64).powf(2.0 * i as f64 / head_dim as f64);
-                f / freq_factors.and_then(|ff| ff.get(i)).map_or(1.0, |x| *x as f64)
+                f / freq_factors
+                    .and_then(|ff| ff.get(i))
+                    .map_or(1.0, |x| *x as f64)
             })
             .collect();
         let mut cos = Vec::with_capacity(positions * half);

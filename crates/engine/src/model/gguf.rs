@@ -22,7 +22,9 @@ pub struct GgufFile {
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufFile").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -31,14 +33,22 @@ impl GgufFile {
         if !path.exists() {
             return Err(EngineError::MissingFile(path.to_path_buf()));
         }
-        let io = |source| EngineError::Io { path: path.to_path_buf(), source };
+        let io = |source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let mut file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let content = Content::read(&mut file).map_err(|e| EngineError::InvalidModel {
             path: path.to_path_buf(),
             reason: format!("not a readable GGUF file: {e}"),
         })?;
-        Ok(GgufFile { path: path.to_path_buf(), file, len, content })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            file,
+            len,
+            content,
+        })
     }
 
     pub fn metadata(&self) -> &HashMap<String, Value> {
@@ -46,7 +56,10 @@ impl GgufFile {
     }
 
     fn invalid(&self, reason: String) -> EngineError {
-        EngineError::InvalidModel { path: self.path.clone(), reason }
+        EngineError::InvalidModel {
+            path: self.path.clone(),
+            reason,
+        }
     }
 
     fn meta(&self, key: &str) -> Option<&Value> {
@@ -54,7 +67,9 @@ impl GgufFile {
     }
 
     fn meta_usize(&self, key: &str) -> Result<usize> {
-        let v = self.meta(key).ok_or_else(|| self.invalid(format!("metadata {key} is missing")))?;
+        let v = self
+            .meta(key)
+            .ok_or_else(|| self.invalid(format!("metadata {key} is missing")))?;
         v.to_u64()
             .map(|x| x as usize)
             .or_else(|_| v.to_u32().map(|x| x as usize))
@@ -67,7 +82,11 @@ impl GgufFile {
 
     /// (rows, cols) of a 2-D tensor, or (1, len) of a vector.
     fn dims(&self, name: &str) -> Result<(usize, usize)> {
-        let info = self.content.tensor_infos.get(name).ok_or_else(|| self.invalid(format!("tensor {name} is missing")))?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| self.invalid(format!("tensor {name} is missing")))?;
         match info.shape.dims() {
             [k] => Ok((1, *k)),
             [n, k] => Ok((*n, *k)),
@@ -76,7 +95,11 @@ impl GgufFile {
     }
 
     fn raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<u8>)> {
-        let info = self.content.tensor_infos.get(name).ok_or_else(|| self.invalid(format!("tensor {name} is missing")))?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| self.invalid(format!("tensor {name} is missing")))?;
         let dtype = info.ggml_dtype;
         let elems = info.shape.elem_count();
         let size = elems / dtype.block_size() * dtype.type_size();
@@ -89,7 +112,10 @@ impl GgufFile {
             )));
         }
         let mut buf = vec![0u8; size];
-        let io = |source| EngineError::Io { path: self.path.clone(), source };
+        let io = |source| EngineError::Io {
+            path: self.path.clone(),
+            source,
+        };
         self.file.seek(SeekFrom::Start(start)).map_err(io)?;
         self.file.read_exact(&mut buf).map_err(io)?;
         Ok((dtype, buf))
@@ -106,7 +132,11 @@ impl GgufFile {
             _ => None,
         };
         if let Some(format) = format.filter(|_| k % 32 == 0) {
-            return Ok(Weight { n, k, data: crate::kernels::WeightData::Quant { format, bytes } });
+            return Ok(Weight {
+                n,
+                k,
+                data: crate::kernels::WeightData::Quant { format, bytes },
+            });
         }
         Ok(Weight::f32(n, k, self.dequantized(name, dtype, bytes)?))
     }
@@ -118,7 +148,10 @@ impl GgufFile {
 
     fn dequantized(&self, name: &str, dtype: GgmlDType, bytes: Vec<u8>) -> Result<Vec<f32>> {
         if dtype == GgmlDType::F32 {
-            return Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+            return Ok(bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect());
         }
         let info = &self.content.tensor_infos[name];
         let mut cursor = std::io::Cursor::new(bytes);
@@ -128,7 +161,9 @@ impl GgufFile {
             offset: 0,
         };
         let q = fake.read(&mut cursor, 0, &Device::Cpu)?;
-        Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(q.dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -150,7 +185,9 @@ impl GgufFile {
         let p = |k: &str| format!("{arch}.{k}");
         let hidden = self.meta_usize(&p("embedding_length"))?;
         let heads = self.meta_usize(&p("attention.head_count"))?;
-        let head_dim = self.meta_usize(&p("attention.key_length")).unwrap_or(hidden / heads.max(1));
+        let head_dim = self
+            .meta_usize(&p("attention.key_length"))
+            .unwrap_or(hidden / heads.max(1));
         let (vocab, _) = self.dims("token_embd.weight")?;
         let cfg = ModelConfig {
             name: self
@@ -162,17 +199,23 @@ impl GgufFile {
             ffn: self.meta_usize(&p("feed_forward_length"))?,
             layers: self.meta_usize(&p("block_count"))?,
             heads,
-            kv_heads: self.meta_usize(&p("attention.head_count_kv")).unwrap_or(heads),
+            kv_heads: self
+                .meta_usize(&p("attention.head_count_kv"))
+                .unwrap_or(heads),
             head_dim,
             vocab,
             max_context: self.meta_usize(&p("context_length")).unwrap_or(4096),
-            rms_eps: self.meta_f32(&p("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rms_eps: self
+                .meta_f32(&p("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
             rope_base: self.meta_f32(&p("rope.freq_base")).unwrap_or(10_000.0),
             rope_interleaved: true,
         };
         if let Ok(rot) = self.meta_usize(&p("rope.dimension_count")) {
             if rot != head_dim {
-                return Err(EngineError::Unsupported(format!("partial rotary ({rot} of {head_dim} dims)")));
+                return Err(EngineError::Unsupported(format!(
+                    "partial rotary ({rot} of {head_dim} dims)"
+                )));
             }
         }
         cfg.validate()?;
@@ -183,11 +226,19 @@ impl GgufFile {
     pub fn model(&mut self) -> Result<Model> {
         let cfg = self.config()?;
         let embed = self.weight("token_embd.weight")?;
-        let lm_head = if self.has("output.weight") { Some(self.weight("output.weight")?) } else { None };
+        let lm_head = if self.has("output.weight") {
+            Some(self.weight("output.weight")?)
+        } else {
+            None
+        };
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let t = |s: &str| format!("blk.{i}.{s}.weight");
-            let (q, k, v) = (self.weight(&t("attn_q"))?, self.weight(&t("attn_k"))?, self.weight(&t("attn_v"))?);
+            let (q, k, v) = (
+                self.weight(&t("attn_q"))?,
+                self.weight(&t("attn_k"))?,
+                self.weight(&t("attn_v"))?,
+            );
             let (gate, up) = (self.weight(&t("ffn_gate"))?, self.weight(&t("ffn_up"))?);
             layers.push(Layer {
                 attn_norm: self.vector(&t("attn_norm"))?,
@@ -199,8 +250,17 @@ impl GgufFile {
             });
         }
         let norm = self.vector("output_norm.weight")?;
-        let freq_factors = if self.has("rope_freqs.weight") { Some(self.vector("rope_freqs.weight")?) } else { None };
-        let rope = RopeTable::new(cfg.head_dim, cfg.rope_base, cfg.max_context, freq_factors.as_deref());
+        let freq_factors = if self.has("rope_freqs.weight") {
+            Some(self.vector("rope_freqs.weight")?)
+        } else {
+            None
+        };
+        let rope = RopeTable::new(
+            cfg.head_dim,
+            cfg.rope_base,
+            cfg.max_context,
+            freq_factors.as_deref(),
+        );
         Model::new(cfg, embed, layers, norm, lm_head, rope)
     }
 }

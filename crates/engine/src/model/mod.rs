@@ -8,7 +8,8 @@ pub use gguf::{GgufFile, stack_weights};
 pub use safetensors::load_safetensors;
 
 use crate::kernels::{
-    AttentionShape, Matrix, QueryCtx, Weight, add_in_place, matmul, paged_attention, rms_norm, rope_in_place, silu_mul,
+    AttentionShape, Matrix, QueryCtx, Weight, add_in_place, matmul, paged_attention, rms_norm,
+    rope_in_place, silu_mul,
 };
 use crate::kv::KvPool;
 use crate::{EngineError, Result};
@@ -58,11 +59,19 @@ impl Model {
         rope: RopeTable,
     ) -> Result<Self> {
         cfg.validate()?;
-        let bad = |what: &str| Err(EngineError::Unsupported(format!("{what} does not match the configuration")));
+        let bad = |what: &str| {
+            Err(EngineError::Unsupported(format!(
+                "{what} does not match the configuration"
+            )))
+        };
         if embed.n != cfg.vocab || embed.k != cfg.hidden {
             return bad("token embedding");
         }
-        if lm_head.as_ref().is_some_and(|w| w.n != cfg.vocab || w.k != cfg.hidden) || norm.len() != cfg.hidden {
+        if lm_head
+            .as_ref()
+            .is_some_and(|w| w.n != cfg.vocab || w.k != cfg.hidden)
+            || norm.len() != cfg.hidden
+        {
             return bad("output layer");
         }
         if layers.len() != cfg.layers {
@@ -84,7 +93,14 @@ impl Model {
                 return bad("a layer's weights");
             }
         }
-        Ok(Model { cfg, embed, layers, norm, lm_head, rope })
+        Ok(Model {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -93,18 +109,32 @@ impl Model {
 
     /// Bytes of weights held in memory.
     pub fn weight_bytes(&self) -> usize {
-        let l: usize = self.layers.iter().map(|l| l.wqkv.bytes() + l.wo.bytes() + l.w_gate_up.bytes() + l.w_down.bytes()).sum();
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| l.wqkv.bytes() + l.wo.bytes() + l.w_gate_up.bytes() + l.w_down.bytes())
+            .sum();
         l + self.embed.bytes() + self.lm_head.as_ref().map_or(0, Weight::bytes)
     }
 
     pub fn attention_shape(&self, block_size: usize) -> AttentionShape {
-        AttentionShape { heads: self.cfg.heads, kv_heads: self.cfg.kv_heads, head_dim: self.cfg.head_dim, block_size }
+        AttentionShape {
+            heads: self.cfg.heads,
+            kv_heads: self.cfg.kv_heads,
+            head_dim: self.cfg.head_dim,
+            block_size,
+        }
     }
 
     fn check(&self, chunks: &[SeqChunk<'_>], pool: &KvPool) -> Result<()> {
         let g = pool.geometry();
-        if g.layers != self.cfg.layers || g.kv_heads != self.cfg.kv_heads || g.head_dim != self.cfg.head_dim {
-            return Err(EngineError::InvalidRequest("KV pool geometry does not match the model".into()));
+        if g.layers != self.cfg.layers
+            || g.kv_heads != self.cfg.kv_heads
+            || g.head_dim != self.cfg.head_dim
+        {
+            return Err(EngineError::InvalidRequest(
+                "KV pool geometry does not match the model".into(),
+            ));
         }
         for c in chunks {
             let end = c.start + c.tokens.len();
@@ -115,13 +145,19 @@ impl Model {
                 )));
             }
             if end.div_ceil(g.block_size) > c.block_table.len() {
-                return Err(EngineError::InvalidRequest(format!("block table too short for {end} positions")));
+                return Err(EngineError::InvalidRequest(format!(
+                    "block table too short for {end} positions"
+                )));
             }
             if let Some(t) = c.tokens.iter().find(|t| **t as usize >= self.cfg.vocab) {
-                return Err(EngineError::InvalidRequest(format!("token id {t} is outside the vocabulary")));
+                return Err(EngineError::InvalidRequest(format!(
+                    "token id {t} is outside the vocabulary"
+                )));
             }
             if let Some(b) = c.block_table.iter().find(|b| **b as usize >= g.num_blocks) {
-                return Err(EngineError::InvalidRequest(format!("block {b} is outside the pool")));
+                return Err(EngineError::InvalidRequest(format!(
+                    "block {b} is outside the pool"
+                )));
             }
         }
         Ok(())
@@ -149,14 +185,18 @@ impl Model {
         for c in chunks {
             for i in 0..c.tokens.len() {
                 positions.push((c.start + i, c.block_table));
-                queries.push(QueryCtx { block_table: c.block_table, n_ctx: c.start + i + 1 });
+                queries.push(QueryCtx {
+                    block_table: c.block_table,
+                    n_ctx: c.start + i + 1,
+                });
             }
         }
 
         let mut x = Matrix::zeros(t_rows, cfg.hidden);
         let mut scratch = Vec::new();
         for (r, tok) in chunks.iter().flat_map(|c| c.tokens.iter()).enumerate() {
-            x.row_mut(r).copy_from_slice(self.embed.row_f32(*tok as usize, &mut scratch));
+            x.row_mut(r)
+                .copy_from_slice(self.embed.row_f32(*tok as usize, &mut scratch));
         }
         let mut h = Matrix::zeros(t_rows, cfg.hidden);
         let mut qkv = Matrix::zeros(t_rows, qw + 2 * kvw);
@@ -167,7 +207,13 @@ impl Model {
         let mut act = Matrix::zeros(t_rows, cfg.ffn);
 
         for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x.data, cfg.hidden, &layer.attn_norm, cfg.rms_eps, &mut h.data);
+            rms_norm(
+                &x.data,
+                cfg.hidden,
+                &layer.attn_norm,
+                cfg.rms_eps,
+                &mut h.data,
+            );
             matmul(&h.data, t_rows, &layer.wqkv, &mut qkv.data);
             {
                 let (kc, vc) = pool.layer_mut(li);
@@ -190,7 +236,13 @@ impl Model {
             }
             matmul(&attn.data, t_rows, &layer.wo, &mut proj.data);
             add_in_place(&mut x.data, &proj.data);
-            rms_norm(&x.data, cfg.hidden, &layer.ffn_norm, cfg.rms_eps, &mut h.data);
+            rms_norm(
+                &x.data,
+                cfg.hidden,
+                &layer.ffn_norm,
+                cfg.rms_eps,
+                &mut h.data,
+            );
             matmul(&h.data, t_rows, &layer.w_gate_up, &mut gu.data);
             silu_mul(&gu.data, cfg.ffn, &mut act.data);
             matmul(&act.data, t_rows, &layer.w_down, &mut proj.data);
@@ -212,11 +264,20 @@ impl Model {
         }
         let mut last = Matrix::zeros(n, cfg.hidden);
         for (i, &r) in last_rows.iter().enumerate() {
-            rms_norm(x.row(r), cfg.hidden, &self.norm, cfg.rms_eps, last.row_mut(i));
+            rms_norm(
+                x.row(r),
+                cfg.hidden,
+                &self.norm,
+                cfg.rms_eps,
+                last.row_mut(i),
+            );
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; n * cfg.vocab];
         matmul(&last.data, n, head, &mut logits);
-        Ok(logits.chunks_exact(cfg.vocab).map(<[f32]>::to_vec).collect())
+        Ok(logits
+            .chunks_exact(cfg.vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }

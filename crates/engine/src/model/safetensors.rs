@@ -16,36 +16,52 @@ pub fn load_safetensors(dir: &Path) -> Result<Model> {
         return Err(EngineError::MissingFile(dir.to_path_buf()));
     }
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|source| EngineError::Io { path: cfg_path.clone(), source })?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| EngineError::Io {
+        path: cfg_path.clone(),
+        source,
+    })?;
     let hf: HfConfig = serde_json::from_str(&text).map_err(|e| EngineError::InvalidModel {
         path: cfg_path.clone(),
         reason: format!("config.json: {e}"),
     })?;
-    let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let name = dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     let cfg = hf.to_config(name)?;
 
     let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|source| EngineError::Io { path: dir.to_path_buf(), source })?
+        .map_err(|source| EngineError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(EngineError::InvalidModel { path: dir.to_path_buf(), reason: "no *.safetensors file".into() });
+        return Err(EngineError::InvalidModel {
+            path: dir.to_path_buf(),
+            reason: "no *.safetensors file".into(),
+        });
     }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in &files {
-        let part = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| EngineError::InvalidModel {
-            path: f.clone(),
-            reason: format!("not a readable safetensors file: {e}"),
+        let part = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
+            EngineError::InvalidModel {
+                path: f.clone(),
+                reason: format!("not a readable safetensors file: {e}"),
+            }
         })?;
         tensors.extend(part);
     }
     let mut take = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        let t = tensors.remove(name).ok_or_else(|| EngineError::InvalidModel {
-            path: dir.to_path_buf(),
-            reason: format!("tensor {name} is missing"),
-        })?;
+        let t = tensors
+            .remove(name)
+            .ok_or_else(|| EngineError::InvalidModel {
+                path: dir.to_path_buf(),
+                reason: format!("tensor {name} is missing"),
+            })?;
         if t.dims() != shape {
             return Err(EngineError::InvalidModel {
                 path: dir.to_path_buf(),
@@ -55,7 +71,11 @@ pub fn load_safetensors(dir: &Path) -> Result<Model> {
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     };
     let (h, f, qw, kvw) = (cfg.hidden, cfg.ffn, cfg.q_width(), cfg.kv_width());
-    let embed = Weight::f32(cfg.vocab, h, take("model.embed_tokens.weight", &[cfg.vocab, h])?);
+    let embed = Weight::f32(
+        cfg.vocab,
+        h,
+        take("model.embed_tokens.weight", &[cfg.vocab, h])?,
+    );
     let mut layers = Vec::with_capacity(cfg.layers);
     for i in 0..cfg.layers {
         let p = |s: &str| format!("model.layers.{i}.{s}.weight");
@@ -77,7 +97,11 @@ pub fn load_safetensors(dir: &Path) -> Result<Model> {
     let lm_head = if hf.tie_word_embeddings {
         None
     } else {
-        Some(Weight::f32(cfg.vocab, h, take("lm_head.weight", &[cfg.vocab, h])?))
+        Some(Weight::f32(
+            cfg.vocab,
+            h,
+            take("lm_head.weight", &[cfg.vocab, h])?,
+        ))
     };
     let rope = RopeTable::new(cfg.head_dim, cfg.rope_base, cfg.max_context, None);
     Model::new(cfg, embed, layers, norm, lm_head, rope)

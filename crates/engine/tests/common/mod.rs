@@ -5,7 +5,9 @@ use tandem_engine::ModelConfig;
 use tandem_engine::tiny::TinyWeights;
 
 fn matvec(w: &[f32], n: usize, k: usize, x: &[f64]) -> Vec<f64> {
-    (0..n).map(|r| (0..k).map(|i| w[r * k + i] as f64 * x[i]).sum()).collect()
+    (0..n)
+        .map(|r| (0..k).map(|i| w[r * k + i] as f64 * x[i]).sum())
+        .collect()
 }
 
 fn rms(x: &[f64], w: &[f32], eps: f32) -> Vec<f64> {
@@ -18,7 +20,11 @@ fn rope(v: &mut [f64], hd: usize, pos: usize, base: f32, interleaved: bool) {
     for head in v.chunks_mut(hd) {
         for i in 0..hd / 2 {
             let theta = pos as f64 / (base as f64).powf(2.0 * i as f64 / hd as f64);
-            let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + hd / 2) };
+            let (a, b) = if interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + hd / 2)
+            };
             let (x0, x1) = (head[a], head[b]);
             head[a] = x0 * theta.cos() - x1 * theta.sin();
             head[b] = x0 * theta.sin() + x1 * theta.cos();
@@ -29,8 +35,15 @@ fn rope(v: &mut [f64], hd: usize, pos: usize, base: f32, interleaved: bool) {
 /// Logits at every position of `tokens`.
 pub fn reference_logits(c: &ModelConfig, w: &TinyWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
     let (h, hd) = (c.hidden, c.head_dim);
-    let mut xs: Vec<Vec<f64>> =
-        tokens.iter().map(|t| w.embed[*t as usize * h..(*t as usize + 1) * h].iter().map(|v| *v as f64).collect()).collect();
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|t| {
+            w.embed[*t as usize * h..(*t as usize + 1) * h]
+                .iter()
+                .map(|v| *v as f64)
+                .collect()
+        })
+        .collect();
     for l in &w.layers {
         let mut qs = Vec::new();
         let mut ks = Vec::new();
@@ -52,7 +65,13 @@ pub fn reference_logits(c: &ModelConfig, w: &TinyWeights, tokens: &[u32]) -> Vec
                 let kvh = head / group;
                 let q = &qs[p][head * hd..(head + 1) * hd];
                 let scores: Vec<f64> = (0..=p)
-                    .map(|j| q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
+                    .map(|j| {
+                        q.iter()
+                            .zip(&ks[j][kvh * hd..(kvh + 1) * hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
@@ -70,12 +89,18 @@ pub fn reference_logits(c: &ModelConfig, w: &TinyWeights, tokens: &[u32]) -> Vec
             let n = rms(x, &l.ffn_norm, c.rms_eps);
             let g = matvec(&l.w_gate, c.ffn, h, &n);
             let u = matvec(&l.w_up, c.ffn, h, &n);
-            let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let act: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let d = matvec(&l.w_down, h, c.ffn, &act);
             for (a, b) in x.iter_mut().zip(&d) {
                 *a += b;
             }
         }
     }
-    xs.iter().map(|x| matvec(&w.embed, c.vocab, h, &rms(x, &w.norm, c.rms_eps))).collect()
+    xs.iter()
+        .map(|x| matvec(&w.embed, c.vocab, h, &rms(x, &w.norm, c.rms_eps)))
+        .collect()
 }

@@ -1,0 +1,135 @@
+//! Our engine beside candle's `quantized_llama` on the same GGUF file, in the same process:
+//! prefill tokens/s for a 200-token prompt, single-stream decode tokens/s, and our batched decode.
+//!
+//! cargo run --release -p tandem-engine --features candle-baseline --example vs_candle [-- MODEL]
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use tandem_engine::sampling::argmax;
+use tandem_engine::{Engine, StepItem, load};
+
+const TEXT: &str = "The history of the printing press begins long before Gutenberg. Carved wooden blocks \
+were inked and pressed onto paper in China more than a thousand years earlier, and movable type made \
+of clay, then of metal, followed. What changed in fifteenth-century Europe was the combination of an \
+alloy that cast cleanly, an oil-based ink that clung to metal, and a screw press adapted from the \
+making of wine and paper. Within fifty years, printing shops had opened in more than two hundred \
+cities, and the cost of a book fell so far that ordinary merchants could own a small library. ";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let path = std::env::args()
+        .nth(1)
+        .map(Into::into)
+        .unwrap_or_else(tandem_runtime_path);
+    let loaded = load(&path)?;
+    let mut prompt = Vec::new();
+    while prompt.len() < 200 {
+        prompt.extend(loaded.tokenizer.encode(TEXT, false)?);
+    }
+    prompt.truncate(200);
+    let model = Arc::new(loaded.model);
+    let decode_n = 48usize;
+
+    let mut file = std::fs::File::open(&path)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+    let mut candle = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
+
+    let rounds = 3;
+    let (mut ours_pf, mut ours_dec, mut cand_pf, mut cand_dec) =
+        (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+    for _ in 0..rounds {
+        // Ours: prefill, then single-stream greedy decode.
+        let mut e = Engine::new(model.clone(), (prompt.len() + decode_n).div_ceil(16) + 1);
+        e.add_sequence(1)?;
+        let t = Instant::now();
+        let l = e.prefill(&[(1, &prompt)], 512)?;
+        ours_pf = ours_pf.min(t.elapsed().as_secs_f64());
+        let mut tok = argmax(&l[0]);
+        let t = Instant::now();
+        for _ in 0..decode_n {
+            let l = e.step(&[StepItem {
+                seq: 1,
+                tokens: &[tok],
+                logits: true,
+            }])?;
+            tok = argmax(&l[0]);
+        }
+        ours_dec = ours_dec.min(t.elapsed().as_secs_f64());
+
+        // candle's quantized_llama on the same file and tokens.
+        let x = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let t = Instant::now();
+        let logits = candle.forward(&x, 0)?;
+        cand_pf = cand_pf.min(t.elapsed().as_secs_f64());
+        let mut tok = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        let t = Instant::now();
+        for i in 0..decode_n {
+            let x = Tensor::new(&[tok], &Device::Cpu)?.unsqueeze(0)?;
+            let logits = candle.forward(&x, prompt.len() + i)?;
+            tok = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        }
+        cand_dec = cand_dec.min(t.elapsed().as_secs_f64());
+    }
+    let n = prompt.len() as f64;
+    println!(
+        "best of {rounds} rounds, {} threads",
+        rayon::current_num_threads()
+    );
+    println!(
+        "prefill {} tokens: tandem {:.1} tok/s, candle quantized_llama {:.1} tok/s, ratio {:.2}x (goal >= 4x)",
+        prompt.len(),
+        n / ours_pf,
+        n / cand_pf,
+        cand_pf / ours_pf
+    );
+    println!(
+        "decode batch 1: tandem {:.1} tok/s, candle quantized_llama {:.1} tok/s, ratio {:.2}x (goal >= 1x)",
+        decode_n as f64 / ours_dec,
+        decode_n as f64 / cand_dec,
+        cand_dec / ours_dec
+    );
+
+    // Our batched decode: tokens/s at each batch size, against batch 1.
+    let mut base = 0.0;
+    for batch in [1usize, 4, 16, 32] {
+        let steps = 16;
+        let mut e = Engine::new(model.clone(), batch * (64 + steps).div_ceil(16) + batch);
+        let ids: Vec<u64> = (1..=batch as u64).collect();
+        for id in &ids {
+            e.add_sequence(*id)?;
+        }
+        let prompts: Vec<(u64, &[u32])> = ids.iter().map(|id| (*id, &prompt[..64])).collect();
+        let first = e.prefill(&prompts, 4096)?;
+        let mut toks: Vec<[u32; 1]> = first.iter().map(|l| [argmax(l)]).collect();
+        let t = Instant::now();
+        for _ in 0..steps {
+            let items: Vec<StepItem<'_>> = ids
+                .iter()
+                .zip(&toks)
+                .map(|(id, t)| StepItem {
+                    seq: *id,
+                    tokens: t,
+                    logits: true,
+                })
+                .collect();
+            let out = e.step(&items)?;
+            for (t, l) in toks.iter_mut().zip(out) {
+                t[0] = argmax(&l);
+            }
+        }
+        let tps = (batch * steps) as f64 / t.elapsed().as_secs_f64();
+        if batch == 1 {
+            base = tps;
+        }
+        println!(
+            "decode batch {batch:2}: tandem {tps:.1} tok/s, {:.2}x batch 1 (goal at 16: >= 4x)",
+            tps / base
+        );
+    }
+    Ok(())
+}
+
+fn tandem_runtime_path() -> std::path::PathBuf {
+    tandem_engine::testing::model_path()
+}

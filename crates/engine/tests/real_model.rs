@@ -1,0 +1,114 @@
+//! The default model, SmolLM2-135M-Instruct (GGUF Q4_1): greedy output against an independent
+//! implementation's fixtures, and clear errors for bad model files. The model must be fetched
+//! (scripts/fetch-model.sh); without it these tests fail, they do not skip.
+use std::sync::Arc;
+
+use serde_json::Value;
+use tandem_engine::testing::require_model_path;
+use tandem_engine::{Engine, EngineError, Flow, SamplingParams, generate, load};
+
+fn fixtures() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/smollm2_q4_1.json"
+    );
+    let text = std::fs::read_to_string(path)
+        .expect("fixtures file (made by scripts/fixtures/make_fixtures.py)");
+    serde_json::from_str(&text).expect("fixtures JSON")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+#[test]
+fn greedy_generation_equals_the_independent_reference() {
+    let loaded = load(&require_model_path()).expect("load the default model");
+    let model = Arc::new(loaded.model);
+    let fx = fixtures();
+    let cases = fx["generation"].as_array().expect("generation cases");
+    assert!(cases.len() >= 8, "at least 8 prompts");
+    let mut failures = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want = ids(&case["greedy_ids"]);
+        assert!(
+            want.len() >= 32,
+            "case {i}: the fixture holds at least 32 tokens"
+        );
+        let n = want.len() as u32;
+        let mut engine = Engine::new(model.clone(), (prompt.len() + want.len()).div_ceil(16) + 1);
+        let mut params = SamplingParams::greedy(n);
+        params.ignore_eos = true;
+        // Chunk at 128 so the long prompts also exercise chunked prefill.
+        let got = generate(&mut engine, 1, &prompt, &params, &[], 128, |_| {
+            Flow::Continue
+        })
+        .expect("generate")
+        .tokens;
+        if got[..32] != want[..32] {
+            let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+            failures.push(format!(
+                "case {i} ({}): first difference at token {at}",
+                case["name"]
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn missing_truncated_and_foreign_files_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("tandem-bad-models-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+
+    let missing = dir.join("nope.gguf");
+    assert!(matches!(load(&missing), Err(EngineError::MissingFile(_))));
+
+    let foreign = dir.join("foreign.gguf");
+    std::fs::write(&foreign, b"this is not a GGUF file at all").expect("write");
+    let err = load(&foreign).expect_err("foreign file");
+    assert!(matches!(err, EngineError::InvalidModel { .. }), "{err}");
+
+    let real = std::fs::read(require_model_path()).expect("read model");
+    let truncated = dir.join("truncated.gguf");
+    std::fs::write(&truncated, &real[..real.len() / 2]).expect("write");
+    let err = load(&truncated).expect_err("truncated file");
+    assert!(matches!(err, EngineError::InvalidModel { .. }), "{err}");
+    assert!(err.to_string().contains("truncated"), "{err}");
+
+    let header_only = dir.join("header.gguf");
+    std::fs::write(&header_only, &real[..1000]).expect("write");
+    let err = load(&header_only).expect_err("cut inside the header");
+    assert!(matches!(err, EngineError::InvalidModel { .. }), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn chat_prompt_through_the_template_yields_readable_text() {
+    let loaded = load(&require_model_path()).expect("load");
+    let tok = loaded.tokenizer;
+    let msgs = [tandem_engine::tokenizer::ChatMessage::new(
+        "user",
+        "What is the capital of France?",
+    )];
+    let text = tok.chat_template().render(&msgs, true).expect("render");
+    let prompt = tok.encode(&text, true).expect("encode");
+    let mut engine = Engine::new(Arc::new(loaded.model), 16);
+    let out = generate(
+        &mut engine,
+        1,
+        &prompt,
+        &SamplingParams::greedy(24),
+        tok.eos_token_ids(),
+        512,
+        |_| Flow::Continue,
+    )
+    .expect("generate");
+    let answer = tok.decode(&out.tokens, true).expect("decode");
+    assert!(answer.contains("Paris"), "answer: {answer:?}");
+}
