@@ -83,7 +83,7 @@ fn attend_one(
             sum += *s;
         }
         let oh = &mut out[h * hd..(h + 1) * hd];
-        if hd % 8 == 0 && hd <= 256 {
+        if hd.is_multiple_of(8) && hd <= 256 {
             let mut acc = [f32x8::ZERO; 32];
             let lanes = hd / 8;
             for (p, &e) in scores.iter().enumerate() {

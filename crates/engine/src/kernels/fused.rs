@@ -98,42 +98,34 @@ fn tile<F: Format, const R: usize, const C: usize>(
     out
 }
 
-/// `out[r * ld + j] = dot(x_r, w_j)` for the `m` rows of `x` and quantized rows `w_j` (each
+/// `out[r * ld + j] = dot(x_r, w_j)` for the rows of `x` (each `k` wide) and quantized rows `w_j` (each
 /// `row_bytes` long) of `wrows`; `k` is a multiple of 32.
 pub(super) fn quant_block(
     format: BlockFormat,
     wrows: &[u8],
     row_bytes: usize,
     x: &[f32],
-    m: usize,
     k: usize,
     out: &mut [f32],
     ld: usize,
 ) {
     match format {
-        BlockFormat::Q4_0 => run::<Q4_0>(wrows, row_bytes, x, m, k, out, ld),
-        BlockFormat::Q4_1 => run::<Q4_1>(wrows, row_bytes, x, m, k, out, ld),
-        BlockFormat::Q8_0 => run::<Q8_0>(wrows, row_bytes, x, m, k, out, ld),
+        BlockFormat::Q4_0 => run::<Q4_0>(wrows, row_bytes, x, k, out, ld),
+        BlockFormat::Q4_1 => run::<Q4_1>(wrows, row_bytes, x, k, out, ld),
+        BlockFormat::Q8_0 => run::<Q8_0>(wrows, row_bytes, x, k, out, ld),
     }
 }
 
-fn run<F: Format>(
-    wrows: &[u8],
-    row_bytes: usize,
-    x: &[f32],
-    m: usize,
-    k: usize,
-    out: &mut [f32],
-    ld: usize,
-) {
+fn run<F: Format>(wrows: &[u8], row_bytes: usize, x: &[f32], k: usize, out: &mut [f32], ld: usize) {
+    let m = x.len() / k;
     let n = wrows.len() / row_bytes;
     let mut r = 0;
     macro_rules! rows_of {
         ($r:literal, $c:literal) => {
-            while r + $r <= m {
+            while m - r >= $r {
                 let xr: [&[f32]; $r] = std::array::from_fn(|i| &x[(r + i) * k..(r + i + 1) * k]);
                 let mut j = 0;
-                while j + $c <= n {
+                while n - j >= $c {
                     let wr: [&[u8]; $c] = std::array::from_fn(|t| {
                         &wrows[(j + t) * row_bytes..(j + t + 1) * row_bytes]
                     });

@@ -136,11 +136,6 @@ impl Weight {
             WeightData::Quant { bytes, .. } => bytes.len(),
         }
     }
-
-    pub fn is_valid_quant_width(format: BlockFormat, k: usize) -> bool {
-        let _ = format;
-        k % QK == 0
-    }
 }
 
 const MR: usize = 3;
@@ -195,14 +190,15 @@ fn block(
     ld: usize,
 ) {
     let k = w.k;
-    if let WeightData::Quant { format, bytes } = &w.data {
-        if m < ROW_SPLIT_MIN && k % QK == 0 {
-            // Few rows: dequantize in registers rather than into a panel that few rows would share.
-            let rb = format.row_bytes(k);
-            let wrows = &bytes[cols.start * rb..cols.end * rb];
-            super::fused::quant_block(*format, wrows, rb, x, m, k, out, ld);
-            return;
-        }
+    if let WeightData::Quant { format, bytes } = &w.data
+        && m < ROW_SPLIT_MIN
+        && k.is_multiple_of(QK)
+    {
+        // Few rows: dequantize in registers rather than into a panel that few rows would share.
+        let rb = format.row_bytes(k);
+        let wrows = &bytes[cols.start * rb..cols.end * rb];
+        super::fused::quant_block(*format, wrows, rb, &x[..m * k], k, out, ld);
+        return;
     }
     let mut scratch: Vec<Vec<f32>> = vec![Vec::new(); NR];
     let mut c = cols.start;

@@ -211,12 +211,12 @@ impl GgufFile {
             rope_base: self.meta_f32(&p("rope.freq_base")).unwrap_or(10_000.0),
             rope_interleaved: true,
         };
-        if let Ok(rot) = self.meta_usize(&p("rope.dimension_count")) {
-            if rot != head_dim {
-                return Err(EngineError::Unsupported(format!(
-                    "partial rotary ({rot} of {head_dim} dims)"
-                )));
-            }
+        if let Ok(rot) = self.meta_usize(&p("rope.dimension_count"))
+            && rot != head_dim
+        {
+            return Err(EngineError::Unsupported(format!(
+                "partial rotary ({rot} of {head_dim} dims)"
+            )));
         }
         cfg.validate()?;
         Ok(cfg)
