@@ -93,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Our batched decode: tokens/s at each batch size, against batch 1.
     let mut base = 0.0;
     for batch in [1usize, 4, 16, 32] {
-        let steps = 16;
+        let steps: usize = 16;
         let mut e = Engine::new(model.clone(), batch * (64 + steps).div_ceil(16) + batch);
         let ids: Vec<u64> = (1..=batch as u64).collect();
         for id in &ids {

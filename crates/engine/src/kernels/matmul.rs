@@ -141,7 +141,7 @@ impl Weight {
 const MR: usize = 3;
 const NR: usize = 4;
 /// Below this many rows the work is split by columns (decode); above, by rows (prefill).
-const ROW_SPLIT_MIN: usize = 24;
+const ROW_SPLIT_MIN: usize = 64;
 
 /// `out[m × n] = x[m × k] · Wᵀ`.
 pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
