@@ -1,0 +1,265 @@
+//! KV transfer bandwidth against its physical baselines, in one process (issue 5, item 2):
+//! tcp (KvSender to the receiver, into a heap pool) against a plain loopback socket copy of the same
+//! bytes, and shm (write_blocks_from into a mapped pool) against a plain memcpy of the same bytes.
+//!
+//! Run: `cargo run --release -p tandem-kv-transfer --example kv_bandwidth`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_engine::kv::{KvGeometry, KvPool};
+use tandem_kv_transfer::{
+    KvError, KvSender, KvSink, ReservationInfo, ShmRegion, TransferSpec, Wire, block_geometry,
+    serve_with,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// SmolLM2-135M: 30 layers, 3 KV heads of 64, f32, 16-token blocks (45 KiB per token).
+fn geometry(blocks: usize) -> KvGeometry {
+    KvGeometry {
+        layers: 30,
+        kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+        num_blocks: blocks,
+    }
+}
+const PROMPTS: [usize; 3] = [256, 1024, 4096];
+
+struct BenchSink {
+    pool: Mutex<KvPool>,
+    reservations: Mutex<HashMap<u64, ReservationInfo>>,
+}
+
+impl KvSink for BenchSink {
+    fn reservation(&self, id: u64) -> Option<ReservationInfo> {
+        self.reservations.lock().unwrap().get(&id).cloned()
+    }
+    fn write(&self, _: u64, layer: u32, blocks: &[u32], payload: &[u8]) -> Result<(), KvError> {
+        let mut pool = self.pool.lock().unwrap();
+        pool.import_layer(layer as usize, blocks, payload)
+            .map_err(|_| KvError::BadBlock)
+    }
+    fn complete(&self, id: u64, _: u32) -> Result<(), KvError> {
+        self.reservations.lock().unwrap().remove(&id);
+        Ok(())
+    }
+}
+
+fn gbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn reps(tokens: usize) -> usize {
+    (8192 / tokens).clamp(5, 24)
+}
+
+fn main() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let max_blocks = PROMPTS[2] / 16;
+    let src = {
+        let mut p = KvPool::new(geometry(max_blocks));
+        for l in 0..30 {
+            let (k, v) = p.layer_mut(l);
+            k.iter_mut()
+                .chain(v.iter_mut())
+                .enumerate()
+                .for_each(|(i, x)| *x = (i % 9973) as f32 * 0.5);
+        }
+        p
+    };
+    println!(
+        "geometry: 30 layers x 3 kv heads x 64, f32, 16-token blocks ({} B per token)",
+        geometry(1).bytes_per_token()
+    );
+    println!(
+        "{:<10} {:>9} {:>13} {:>13} {:>7}  goal",
+        "transport", "tokens", "baseline GB/s", "ours GB/s", "ratio"
+    );
+    for tokens in PROMPTS {
+        rt.block_on(tcp_case(&src, tokens));
+    }
+    for tokens in PROMPTS {
+        shm_case(&src, tokens);
+    }
+    crc_cost(&src);
+}
+
+async fn tcp_case(src: &KvPool, tokens: usize) {
+    let blocks = tokens / 16;
+    let g = geometry(blocks);
+    let ids: Vec<u32> = (0..blocks as u32).collect();
+    let payloads: Vec<Vec<u8>> = (0..30)
+        .map(|l| {
+            let mut out = Vec::new();
+            src.export_layer(l, &ids, &mut out).unwrap();
+            out
+        })
+        .collect();
+    let total: usize = payloads.iter().map(Vec::len).sum();
+
+    let sink = Arc::new(BenchSink {
+        pool: Mutex::new(KvPool::new(g)),
+        reservations: Mutex::default(),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_with(
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        sink.clone(),
+        Wire::Tcp,
+    ));
+    let sender = KvSender::new("bench");
+    let (mut base_tx, mut base_rx) = plain_pair().await;
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4 << 20];
+        loop {
+            let mut want = match base_rx.read_u64_le().await {
+                Ok(n) => n as usize,
+                Err(_) => return,
+            };
+            while want > 0 {
+                let n = base_rx.read(&mut buf[..want.min(4 << 20)]).await.unwrap();
+                want -= n;
+            }
+            base_rx.write_u8(1).await.unwrap();
+        }
+    });
+
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for rep in 0..=reps(tokens) {
+        let t0 = Instant::now();
+        base_tx.write_u64_le(total as u64).await.unwrap();
+        for p in &payloads {
+            base_tx.write_all(p).await.unwrap();
+        }
+        assert_eq!(base_tx.read_u8().await.unwrap(), 1);
+        let b = t0.elapsed();
+
+        let id = rep as u64 + 1;
+        let info = ReservationInfo {
+            block_ids: Arc::from(ids.clone()),
+            geometry: block_geometry(&g),
+            attempt: 0,
+            expires: Instant::now() + Duration::from_secs(600),
+        };
+        sink.reservations.lock().unwrap().insert(id, info);
+        let spec = TransferSpec {
+            request_id: format!("bench-{id}"),
+            reservation_id: id,
+            attempt: 0,
+            geometry: block_geometry(&g),
+        };
+        let t0 = Instant::now();
+        let mut t = sender.open(&addr, spec).await.unwrap();
+        for (l, p) in payloads[..29].iter().enumerate() {
+            t.send_layer(l as u32, &ids, p).await.unwrap();
+        }
+        t.finish(29, &ids, &payloads[29]).await.unwrap();
+        let o = t0.elapsed();
+        if rep > 0 {
+            base.push(gbps(total, b));
+            ours.push(gbps(total, o));
+        }
+    }
+    report("tcp", tokens, median(base), median(ours), 0.9);
+    drop(base_tx);
+    let _ = reader.await;
+    let _ = stop.send(());
+    let _ = server.await;
+}
+
+async fn plain_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (b, _) = l.accept().await.unwrap();
+    a.set_nodelay(true).unwrap();
+    b.set_nodelay(true).unwrap();
+    (a, b)
+}
+
+fn shm_case(src: &KvPool, tokens: usize) {
+    let blocks = tokens / 16;
+    // The decode pool is larger than the prompt, as a real one is; the prompt lands mid-pool.
+    let g = geometry(2 * blocks);
+    let dir = if std::path::Path::new("/dev/shm").is_dir() {
+        "/dev/shm".into()
+    } else {
+        std::env::temp_dir()
+    };
+    let path = dir.join(format!("tandem-kv-bench-{}", std::process::id()));
+    let decode = ShmRegion::create(&path, &g).unwrap();
+    let mut prefill = ShmRegion::open(decode.layout()).unwrap();
+    let src_ids: Vec<u32> = (0..blocks as u32).collect();
+    let dst_ids: Vec<u32> = (0..blocks as u32)
+        .map(|b| blocks as u32 - 1 - b + blocks as u32 / 2)
+        .collect();
+    let total = 30 * g.layer_bytes(blocks);
+    let mut plain = vec![0f32; total / 4];
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for rep in 0..=reps(tokens) {
+        let t0 = Instant::now();
+        let half = blocks * g.block_floats();
+        for l in 0..30 {
+            let (k, v) = src.layer(l);
+            let at = l * 2 * half;
+            plain[at..at + half].copy_from_slice(&k[..half]);
+            plain[at + half..at + 2 * half].copy_from_slice(&v[..half]);
+        }
+        let b = t0.elapsed();
+        std::hint::black_box(&plain);
+        let t0 = Instant::now();
+        let mut written = 0;
+        for l in 0..30 {
+            written += prefill
+                .write_blocks_from(l, &dst_ids, src.layer(l), &src_ids)
+                .unwrap();
+        }
+        let o = t0.elapsed();
+        assert_eq!(written, total);
+        if rep > 0 {
+            base.push(gbps(total, b));
+            ours.push(gbps(total, o));
+        }
+    }
+    report("shm", tokens, median(base), median(ours), 0.8);
+    drop(prefill);
+    drop(decode);
+}
+
+fn crc_cost(src: &KvPool) {
+    let (k, _) = src.layer(0);
+    let mut bytes = Vec::with_capacity(k.len() * 4);
+    k.iter()
+        .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    let t0 = Instant::now();
+    let mut crc = 0;
+    for _ in 0..20 {
+        crc = crc32c::crc32c_append(crc, &bytes);
+    }
+    let d = t0.elapsed();
+    println!(
+        "crc32c: {:.2} GB/s on one core (paid once by each side of a tcp frame; {crc:#x})",
+        gbps(20 * bytes.len(), d)
+    );
+}
+
+fn report(kind: &str, tokens: usize, base: f64, ours: f64, goal: f64) {
+    let ratio = ours / base;
+    let verdict = if ratio >= goal { "met" } else { "MISSED" };
+    println!(
+        "{kind:<10} {tokens:>9} {base:>13.2} {ours:>13.2} {ratio:>7.2}  >= {goal:.2} {verdict}"
+    );
+}
