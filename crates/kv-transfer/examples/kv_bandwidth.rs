@@ -39,6 +39,9 @@ impl KvSink for BenchSink {
         self.reservations.lock().unwrap().get(&id).cloned()
     }
     fn write(&self, _: u64, layer: u32, blocks: &[u32], payload: &[u8]) -> Result<(), KvError> {
+        if std::env::var_os("KV_BENCH_DISCARD").is_some() {
+            return Ok(());
+        }
         let mut pool = self.pool.lock().unwrap();
         pool.import_layer(layer as usize, blocks, payload)
             .map_err(|_| KvError::BadBlock)
@@ -59,7 +62,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn reps(tokens: usize) -> usize {
-    (8192 / tokens).clamp(5, 24)
+    (65536 / tokens).clamp(15, 256)
 }
 
 fn main() {
@@ -91,6 +94,25 @@ fn main() {
         shm_case(&src, tokens);
     }
     crc_cost(&src);
+    import_cost(&src);
+}
+
+/// What the bench sink pays per byte on top of the socket: KvPool::import_layer.
+fn import_cost(src: &KvPool) {
+    let blocks = PROMPTS[2] / 16;
+    let ids: Vec<u32> = (0..blocks as u32).collect();
+    let mut payload = Vec::new();
+    src.export_layer(0, &ids, &mut payload).unwrap();
+    let mut pool = KvPool::new(geometry(blocks));
+    pool.import_layer(0, &ids, &payload).unwrap();
+    let t0 = Instant::now();
+    for _ in 0..20 {
+        pool.import_layer(0, &ids, &payload).unwrap();
+    }
+    println!(
+        "sink KvPool::import_layer: {:.2} GB/s",
+        gbps(20 * payload.len(), t0.elapsed())
+    );
 }
 
 async fn tcp_case(src: &KvPool, tokens: usize) {

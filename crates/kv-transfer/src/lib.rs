@@ -41,7 +41,7 @@ use std::time::Instant;
 pub use error::{KvTransferError, Result};
 pub use receiver::{Wire, serve, serve_with};
 pub use sender::{KvSender, OutboundTransfer, TransferSpec};
-pub use shm::{ShmRegion, shm_layout};
+pub use shm::{ShmRegion, pool_checksum, shm_layout};
 pub use tandem_proto::v1::{BlockGeometry, KvAck, KvDtype, KvError, ShmPoolLayout};
 pub use wire::{block_bytes, dtype_size};
 

@@ -168,14 +168,16 @@ impl Conn {
         if self.payload.len() < len {
             self.payload.resize(len, 0);
         }
-        if let Err(e) = self.rd.read_exact(&mut self.payload[..len]).await {
-            self.shared.transfers().fail(h.reservation_id, h.attempt);
-            let msg = format!("payload truncated: {e}");
-            self.ack(&req, KvError::Corrupt, &msg).await?;
-            return Err(KvTransferError::Protocol(msg));
-        }
+        let crc = match read_summing(&mut self.rd, &mut self.payload[..len]).await {
+            Ok(crc) => crc,
+            Err(e) => {
+                self.shared.transfers().fail(h.reservation_id, h.attempt);
+                let msg = format!("payload truncated: {e}");
+                self.ack(&req, KvError::Corrupt, &msg).await?;
+                return Err(KvTransferError::Protocol(msg));
+            }
+        };
         let payload = &self.payload[..len];
-        let crc = crc32c::crc32c(payload);
         if crc != h.checksum {
             let msg = format!("checksum {crc:#010x}, frame says {:#010x}", h.checksum);
             self.refuse(&req, KvError::Corrupt, &msg).await?;
@@ -348,4 +350,16 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Fills `buf` from `rd` and returns its CRC-32C, summing each piece right after it arrives, while
+/// it is still in cache, rather than in a second pass over the whole frame.
+async fn read_summing(rd: &mut BufReader<OwnedReadHalf>, buf: &mut [u8]) -> std::io::Result<u32> {
+    const PIECE: usize = 256 * 1024;
+    let mut crc = 0;
+    for piece in buf.chunks_mut(PIECE) {
+        rd.read_exact(piece).await?;
+        crc = crc32c::crc32c_append(crc, piece);
+    }
+    Ok(crc)
 }

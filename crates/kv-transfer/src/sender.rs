@@ -26,7 +26,7 @@ pub struct KvSender {
     worker_id: String,
     ack_timeout: Duration,
     connect_timeout: Duration,
-    conns: tokio::sync::Mutex<HashMap<String, Arc<Conn>>>,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
 }
 
 /// Which reservation a transfer fills; the same for every frame of it.
@@ -68,7 +68,7 @@ impl KvSender {
             worker_id: worker_id.into(),
             ack_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
-            conns: tokio::sync::Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
         }
     }
 
@@ -104,13 +104,21 @@ impl KvSender {
     }
 
     async fn connection(&self, dest: &str) -> Result<Arc<Conn>> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns
-            .get(dest)
-            .filter(|c| !c.broken.load(Ordering::Acquire))
-        {
+        let healthy = |c: &&Arc<Conn>| !c.broken.load(Ordering::Acquire);
+        if let Some(c) = lock(&self.conns).get(dest).filter(healthy) {
             return Ok(c.clone());
         }
+        // Dial without holding the pool, so that one unreachable destination delays no other.
+        let conn = Arc::new(self.dial(dest).await?);
+        let mut conns = lock(&self.conns);
+        if let Some(c) = conns.get(dest).filter(healthy) {
+            return Ok(c.clone()); // another transfer dialled first; ours closes on drop
+        }
+        conns.insert(dest.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self, dest: &str) -> Result<Conn> {
         let dial = tokio::time::timeout(self.connect_timeout, TcpStream::connect(dest));
         let stream = dial
             .await
@@ -121,7 +129,7 @@ impl KvSender {
         let waiters: Waiters = Arc::default();
         let broken = Arc::new(AtomicBool::new(false));
         let reader = tokio::spawn(read_acks(rd, waiters.clone(), broken.clone()));
-        let conn = Arc::new(Conn {
+        Ok(Conn {
             dest: dest.to_owned(),
             writer: tokio::sync::Mutex::new(Writer {
                 wr,
@@ -130,9 +138,7 @@ impl KvSender {
             waiters,
             broken,
             reader,
-        });
-        conns.insert(dest.to_owned(), conn.clone());
-        Ok(conn)
+        })
     }
 }
 

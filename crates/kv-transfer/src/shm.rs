@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
-use tandem_engine::kv::{KvGeometry, KvMemory};
+use tandem_engine::kv::{KvGeometry, KvMemory, KvPool};
 use tandem_proto::v1::{self, ShmPoolLayout};
 
 use crate::{KvTransferError, Result, block_geometry};
@@ -232,6 +232,31 @@ impl KvMemory for ShmRegion {
         debug_assert!(head.is_empty() && tail.is_empty());
         floats
     }
+}
+
+/// CRC-32C of K of `block_ids` of `layer` in list order, then their V, read from a pool (the decode
+/// worker's [`crate::KvSink::checksum`] for shm notices). `None` for a layer or block outside it.
+pub fn pool_checksum(pool: &KvPool, layer: usize, block_ids: &[u32]) -> Option<u32> {
+    let g = pool.geometry();
+    if layer >= g.layers {
+        return None;
+    }
+    let bf = g.block_floats();
+    let (k, v) = pool.layer(layer);
+    let mut crc = 0;
+    let mut bytes = [0u8; 4096];
+    for region in [k, v] {
+        for &b in block_ids {
+            let block = region.get(b as usize * bf..(b as usize + 1) * bf)?;
+            for floats in block.chunks(bytes.len() / 4) {
+                for (d, x) in bytes.chunks_exact_mut(4).zip(floats) {
+                    d.copy_from_slice(&x.to_le_bytes());
+                }
+                crc = crc32c::crc32c_append(crc, &bytes[..floats.len() * 4]);
+            }
+        }
+    }
+    Some(crc)
 }
 
 fn invalid(msg: &str) -> KvTransferError {
