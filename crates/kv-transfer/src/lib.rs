@@ -7,7 +7,10 @@
 //!   V), checked with CRC-32C. The receiver validates every frame (reservation, lease, block ids,
 //!   geometry, length, checksum, sequence, duplicates, attempt) before the bytes reach the
 //!   [`KvSink`], and answers with one `KvAck` per request: after the last frame, or at once on the
-//!   first refused frame (the rest of that attempt's frames are then dropped silently).
+//!   first refused frame (the rest of that attempt's frames are then dropped silently). A layer of
+//!   a long prompt is cut into frames of at most [`FRAME_BYTES`], so that each frame's bytes stay
+//!   in cache between its checksum and its copy (sender), and between the socket, the checksum and
+//!   the pool (receiver).
 //! - **shm** ([`ShmRegion`]): the decode worker's pool lives in a file under `/dev/shm` that the
 //!   prefill worker maps and writes into directly; only a `ShmWriteNotice` per layer crosses the
 //!   control socket ([`serve_with`] with [`Wire::Shm`], [`OutboundTransfer::notify_shm`]), and the
@@ -40,7 +43,7 @@ use std::time::Instant;
 
 pub use error::{KvTransferError, Result};
 pub use receiver::{Wire, serve, serve_with};
-pub use sender::{KvSender, OutboundTransfer, TransferSpec};
+pub use sender::{FRAME_BYTES, KvSender, OutboundTransfer, TransferSpec};
 pub use shm::{ShmRegion, pool_checksum, shm_layout};
 pub use tandem_proto::v1::{BlockGeometry, KvAck, KvDtype, KvError, ShmPoolLayout};
 pub use wire::{block_bytes, dtype_size};

@@ -12,8 +12,13 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::wire::{put_message, read_message, write_preamble, write_two};
+use crate::wire::{block_bytes, put_message, read_message, write_parts, write_preamble};
 use crate::{KvTransferError, Result};
+
+/// Largest payload of one frame. A layer of a long prompt goes as several frames, so that each is
+/// still in cache between its checksum and its copy into the socket (and, on the receiver, between
+/// the socket and the pool).
+pub const FRAME_BYTES: usize = 512 * 1024;
 
 type Waiters = Arc<Mutex<HashMap<(u64, u32), oneshot::Sender<v1::KvAck>>>>;
 
@@ -218,6 +223,8 @@ impl OutboundTransfer {
         self.wait_ack().await
     }
 
+    /// Sends a layer as frames of at most [`FRAME_BYTES`]: each frame's checksum pass leaves its
+    /// bytes in cache for the socket copy that follows, on both sides.
     async fn frame(
         &mut self,
         layer: u32,
@@ -226,19 +233,49 @@ impl OutboundTransfer {
         last: bool,
     ) -> Result<()> {
         self.check_refused()?;
+        let block = block_bytes(&self.spec.geometry)
+            .filter(|b| *b > 0)
+            .ok_or_else(|| {
+                KvTransferError::Invalid(format!("geometry {:?}", self.spec.geometry))
+            })?;
+        let n = block_ids.len();
+        if payload.len() != 2 * n * block {
+            let msg = format!("{} payload bytes for {n} blocks of {block}", payload.len());
+            return Err(KvTransferError::Invalid(msg));
+        }
+        let (k, v) = payload.split_at(n * block);
+        let per = (FRAME_BYTES / (2 * block)).max(1);
+        let frames = n.div_ceil(per).max(1);
+        for f in 0..frames {
+            let (a, b) = (f * per, ((f + 1) * per).min(n));
+            let (k, v) = (&k[a * block..b * block], &v[a * block..b * block]);
+            self.frame_part(layer, &block_ids[a..b], k, v, last && f + 1 == frames)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn frame_part(
+        &mut self,
+        layer: u32,
+        block_ids: &[u32],
+        k: &[u8],
+        v: &[u8],
+        last: bool,
+    ) -> Result<()> {
         let h = &mut self.header;
         h.layer = layer;
         h.block_ids.clear();
         h.block_ids.extend_from_slice(block_ids);
         h.seq = self.seq;
-        h.payload_len = payload.len() as u64;
-        h.checksum = crc32c::crc32c(payload);
+        h.payload_len = (k.len() + v.len()) as u64;
+        h.checksum = crc32c::crc32c_append(crc32c::crc32c(k), v);
         h.last = last;
         let mut w = self.conn.writer.lock().await;
         let w = &mut *w;
         w.head.clear();
         put_message(&mut w.head, &self.header);
-        self.write(&mut w.wr, &w.head, payload).await?;
+        self.write(&mut w.wr, [&w.head, k, v]).await?;
         self.seq += 1;
         Ok(())
     }
@@ -267,16 +304,16 @@ impl OutboundTransfer {
         let w = &mut *w;
         w.head.clear();
         put_message(&mut w.head, &n);
-        self.write(&mut w.wr, &w.head, &[]).await?;
+        self.write(&mut w.wr, [&w.head, &[], &[]]).await?;
         self.seq += 1;
         Ok(())
     }
 
-    async fn write(&self, wr: &mut OwnedWriteHalf, head: &[u8], payload: &[u8]) -> Result<()> {
+    async fn write(&self, wr: &mut OwnedWriteHalf, parts: [&[u8]; 3]) -> Result<()> {
         if self.conn.broken.load(Ordering::Acquire) {
             return Err(KvTransferError::ConnectionLost(self.conn.dest.clone()));
         }
-        if let Err(e) = write_two(wr, head, payload).await {
+        if let Err(e) = write_parts(wr, parts).await {
             // Half a frame may be on the wire: nothing more can follow it on this connection.
             self.conn.broken.store(true, Ordering::Release);
             return Err(e);

@@ -75,27 +75,27 @@ pub(crate) async fn read_preamble<R: AsyncRead + Unpin>(r: &mut R) -> Result<Str
     Ok(hello.sender_worker_id)
 }
 
-/// Writes `head` then `payload` with vectored writes: one syscall for small frames, no copy of
-/// the payload into a staging buffer for large ones.
-pub(crate) async fn write_two<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    head: &[u8],
-    payload: &[u8],
-) -> Result<()> {
-    let mut done = 0usize;
-    while done < head.len() {
-        let bufs = [
-            std::io::IoSlice::new(&head[done..]),
-            std::io::IoSlice::new(payload),
-        ];
-        let n = w.write_vectored(&bufs).await?;
-        if n == 0 {
+/// Writes `parts` in order with vectored writes: one syscall for a small frame, and no copy of the
+/// payload into a staging buffer for a large one.
+pub(crate) async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, parts: [&[u8]; 3]) -> Result<()> {
+    let mut parts = parts;
+    let mut i = 0;
+    while i < parts.len() {
+        let bufs =
+            [0, 1, 2].map(|j| std::io::IoSlice::new(parts.get(i + j).copied().unwrap_or(&[])));
+        let mut n = w.write_vectored(&bufs).await?;
+        if n == 0 && parts[i..].iter().any(|p| !p.is_empty()) {
             return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
         }
-        done += n;
+        while i < parts.len() && (n > 0 || parts[i].is_empty()) {
+            let take = n.min(parts[i].len());
+            parts[i] = &parts[i][take..];
+            n -= take;
+            if parts[i].is_empty() {
+                i += 1;
+            }
+        }
     }
-    let sent = done - head.len();
-    w.write_all(&payload[sent..]).await?;
     Ok(())
 }
 

@@ -106,14 +106,15 @@ async fn blocks_written_into_the_mapping_commit_after_checked_notices() {
         3
     );
     assert_eq!(*sink.completed.lock().unwrap(), vec![1]);
-    let pool = sink.pool.lock().unwrap();
-    for l in 0..3 {
-        let (mut want, mut got) = (Vec::new(), Vec::new());
-        src.export_layer(l, &src_blocks, &mut want).unwrap();
-        pool.export_layer(l, &dst, &mut got).unwrap();
-        assert_eq!(got, want, "layer {l}");
+    {
+        let pool = sink.pool.lock().unwrap();
+        for l in 0..3 {
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            src.export_layer(l, &src_blocks, &mut want).unwrap();
+            pool.export_layer(l, &dst, &mut got).unwrap();
+            assert_eq!(got, want, "layer {l}");
+        }
     }
-    drop(pool);
 
     // A notice whose checksum does not match what lies in the pool is refused.
     let t = sender.open(&addr, spec(2)).await.unwrap();

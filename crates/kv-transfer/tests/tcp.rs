@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{GEOM, RawClient, TestSink, payload, source, spec, start};
-use tandem_engine::kv::KvPool;
+use tandem_engine::kv::{KvGeometry, KvPool};
 use tandem_kv_transfer::{KvError, KvSender, KvTransferError};
 use tokio::io::AsyncWriteExt;
 
@@ -251,4 +251,65 @@ async fn a_retry_with_a_newer_attempt_replaces_the_failed_one() {
     );
     assert_eq!(sink.completed(), vec![(9, 1)]);
     assert_landed(&sink, &src, &dst);
+}
+
+#[tokio::test]
+async fn a_large_layer_goes_as_several_frames_and_lands_whole() {
+    // 64 KiB blocks: a frame holds FRAME_BYTES / 128 KiB = 4 of them, so 10 blocks make 3 frames.
+    let g = KvGeometry {
+        layers: 2,
+        kv_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+        num_blocks: 12,
+    };
+    assert_eq!(
+        tandem_kv_transfer::FRAME_BYTES / (2 * g.block_floats() * 4),
+        4
+    );
+    let sink = TestSink::with_geometry(g);
+    let (addr, _stop) = start(sink.clone()).await;
+    let dst: Vec<u32> = (2..12).rev().collect();
+    sink.reserve(3, &dst, LIVE);
+    let mut src = KvPool::new(g);
+    for l in 0..2 {
+        let (k, v) = src.layer_mut(l);
+        k.iter_mut()
+            .chain(v.iter_mut())
+            .enumerate()
+            .for_each(|(i, x)| *x = (l * 7_000_000 + i) as f32);
+    }
+    let src_ids: Vec<u32> = (0..10).collect();
+    let layer = |l: usize| {
+        let mut out = Vec::new();
+        src.export_layer(l, &src_ids, &mut out).unwrap();
+        out
+    };
+    let mut s = spec(3);
+    s.geometry = tandem_kv_transfer::block_geometry(&g);
+    let sender = KvSender::new("p");
+    let mut t = sender.open(&addr.to_string(), s).await.unwrap();
+    t.send_layer(0, &dst, &layer(0)).await.unwrap();
+    assert_eq!(t.seq(), 3);
+    assert_eq!(
+        t.finish(1, &dst, &layer(1)).await.unwrap().frames_received,
+        6
+    );
+    let pool = sink.pool.lock().unwrap();
+    for l in 0..2 {
+        let mut got = Vec::new();
+        pool.export_layer(l, &dst, &mut got).unwrap();
+        assert_eq!(got, layer(l), "layer {l}");
+    }
+}
+
+#[tokio::test]
+async fn a_payload_that_does_not_fit_its_blocks_is_refused_before_sending() {
+    let sink = TestSink::new();
+    let (addr, _stop) = start(sink.clone()).await;
+    let sender = KvSender::new("p");
+    let mut t = sender.open(&addr.to_string(), spec(1)).await.unwrap();
+    let r = t.send_layer(0, &[1, 2], &[0u8; 100]).await;
+    assert!(matches!(r, Err(KvTransferError::Invalid(_))), "{r:?}");
+    assert_eq!(t.seq(), 0);
 }

@@ -21,6 +21,7 @@ pub const GEOM: KvGeometry = KvGeometry {
 
 #[derive(Debug)]
 pub struct TestSink {
+    pub geom: KvGeometry,
     pub pool: Mutex<KvPool>,
     pub reservations: Mutex<HashMap<u64, ReservationInfo>>,
     pub completed: Mutex<Vec<(u64, u32)>>,
@@ -28,8 +29,13 @@ pub struct TestSink {
 
 impl TestSink {
     pub fn new() -> Arc<Self> {
+        Self::with_geometry(GEOM)
+    }
+
+    pub fn with_geometry(geom: KvGeometry) -> Arc<Self> {
         Arc::new(TestSink {
-            pool: Mutex::new(KvPool::new(GEOM)),
+            geom,
+            pool: Mutex::new(KvPool::new(geom)),
             reservations: Mutex::default(),
             completed: Mutex::default(),
         })
@@ -39,7 +45,7 @@ impl TestSink {
     pub fn reserve(&self, id: u64, blocks: &[u32], ttl: Duration) {
         let info = ReservationInfo {
             block_ids: Arc::from(blocks.to_vec()),
-            geometry: block_geometry(&GEOM),
+            geometry: block_geometry(&self.geom),
             attempt: 0,
             expires: Instant::now() + ttl,
         };
