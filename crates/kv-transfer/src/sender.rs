@@ -244,8 +244,9 @@ impl OutboundTransfer {
             return Err(KvTransferError::Invalid(msg));
         }
         let (k, v) = payload.split_at(n * block);
-        let per = (FRAME_BYTES / (2 * block)).max(1);
-        let frames = n.div_ceil(per).max(1);
+        // As few frames as FRAME_BYTES allows, of equal size (no runt frame at the end).
+        let frames = n.div_ceil((FRAME_BYTES / (2 * block)).max(1)).max(1);
+        let per = n.div_ceil(frames).max(1);
         for f in 0..frames {
             let (a, b) = (f * per, ((f + 1) * per).min(n));
             let (k, v) = (&k[a * block..b * block], &v[a * block..b * block]);
