@@ -313,3 +313,32 @@ async fn a_payload_that_does_not_fit_its_blocks_is_refused_before_sending() {
     assert!(matches!(r, Err(KvTransferError::Invalid(_))), "{r:?}");
     assert_eq!(t.seq(), 0);
 }
+
+#[tokio::test]
+async fn an_oversized_header_or_a_bad_magic_closes_only_that_connection() {
+    use tokio::io::AsyncReadExt;
+    let sink = TestSink::new();
+    let (addr, _stop) = start(sink.clone()).await;
+    let mut raw = RawClient::connect(addr).await;
+    raw.0
+        .write_all(&(64 * 1024 + 1u32).to_le_bytes())
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        raw.0.read(&mut byte).await.unwrap(),
+        0,
+        "closed without an answer"
+    );
+    let mut bad = tokio::net::TcpStream::connect(addr).await.unwrap();
+    bad.write_all(b"TKV2").await.unwrap();
+    assert_eq!(bad.read(&mut byte).await.unwrap(), 0);
+    // The endpoint itself serves on.
+    sink.reserve(4, &[1, 2, 3, 4, 5], LIVE);
+    assert_eq!(
+        transfer(&KvSender::new("p"), addr, 4, &[1, 2, 3, 4, 5], &source())
+            .await
+            .unwrap(),
+        3
+    );
+}
