@@ -1,1 +1,99 @@
-#![forbid(unsafe_code)]
+//! KV cache transfer from prefill workers to decode workers.
+//!
+//! Two transports move one request's KV, layer by layer, into the blocks a decode worker reserved:
+//!
+//! - **tcp** ([`KvSender`] to [`serve`]): a framed stream on a dedicated, pooled connection per
+//!   destination. Each frame is a `KvFrameHeader` and its raw payload (K of the listed blocks, then
+//!   V), checked with CRC-32C. The receiver validates every frame (reservation, lease, block ids,
+//!   geometry, length, checksum, sequence, duplicates, attempt) before the bytes reach the
+//!   [`KvSink`], and answers with one `KvAck` per request: after the last frame, or at once on the
+//!   first refused frame (the rest of that attempt's frames are then dropped silently). A layer of
+//!   a long prompt is cut into frames of at most [`FRAME_BYTES`], so that each frame's bytes stay
+//!   in cache between its checksum and its copy (sender), and between the socket, the checksum and
+//!   the pool (receiver).
+//! - **shm** ([`ShmRegion`]): the decode worker's pool lives in a file under `/dev/shm` that the
+//!   prefill worker maps and writes into directly; only a `ShmWriteNotice` per layer crosses the
+//!   control socket ([`serve_with`] with [`Wire::Shm`], [`OutboundTransfer::notify_shm`]), and the
+//!   receiver runs the same checks on the notices.
+//!
+//! # Why sharing the pool's memory across processes is sound in practice
+//!
+//! Two processes map the same bytes, and Rust cannot see the other one. The protocol makes the
+//! accesses disjoint in time and space: a prefill worker writes only the blocks of a reservation the
+//! decode worker granted it, and the decode worker never reads or writes a reserved block until the
+//! transfer's last notice has been checked and the sequence committed; blocks outside a live
+//! reservation are never written by a prefill worker. After commit, the prefill worker writes no
+//! more into those blocks (its attempt is over; a retried attempt writes only before commit, and a
+//! stale attempt's notices are refused). The writes become visible to the decode worker through the
+//! socket round trip that carries the notice (a system call on both sides orders the memory
+//! accesses). A misbehaving prefill worker can at worst put wrong numbers into blocks it was
+//! granted; it cannot make the decode worker read torn memory that Rust relies on (f32 has no
+//! invalid bit patterns).
+#![deny(unsafe_code)]
+
+mod error;
+mod progress;
+mod receiver;
+mod sender;
+mod shm;
+mod wire;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use error::{KvTransferError, Result};
+pub use receiver::{Wire, serve, serve_with};
+pub use sender::{FRAME_BYTES, KvSender, OutboundTransfer, TransferSpec};
+pub use shm::{ShmRegion, pool_checksum, shm_layout};
+pub use tandem_proto::v1::{BlockGeometry, KvAck, KvDtype, KvError, ShmPoolLayout};
+pub use wire::{block_bytes, dtype_size};
+
+use tandem_engine::kv::KvGeometry;
+
+/// What a decode worker knows about one reservation, as the receiver needs it.
+#[derive(Debug, Clone)]
+pub struct ReservationInfo {
+    /// Reserved block ids; every (layer, block) of them must arrive once before commit.
+    pub block_ids: Arc<[u32]>,
+    /// The pool's block shape and element type; `num_layers` is the layers to expect.
+    pub geometry: BlockGeometry,
+    /// Lowest prefill attempt still accepted (frames of older attempts are refused).
+    pub attempt: u32,
+    /// When the lease lapses; frames after it are refused as for an unknown reservation.
+    pub expires: Instant,
+}
+
+/// The decode worker's side of the receiver: where validated KV goes.
+///
+/// Methods are called from the receiver's connection tasks; they must be quick (a lookup, a copy).
+pub trait KvSink: Send + Sync + 'static {
+    /// The live reservation with this id, or `None` if unknown or released.
+    fn reservation(&self, reservation_id: u64) -> Option<ReservationInfo>;
+    /// Stores one layer's K and V of `block_ids` (payload laid out as `KvPool::export_layer`).
+    /// Called only after every check, including the checksum, passed.
+    fn write(
+        &self,
+        reservation_id: u64,
+        layer: u32,
+        block_ids: &[u32],
+        payload: &[u8],
+    ) -> Result<(), KvError>;
+    /// CRC-32C of what lies in the pool for `block_ids` of `layer` (K of each block in list order,
+    /// then V), for the shm transport's notices that carry a checksum. `None` skips the check.
+    fn checksum(&self, _reservation_id: u64, _layer: u32, _block_ids: &[u32]) -> Option<u32> {
+        None
+    }
+    /// Every (layer, block) of the reservation arrived intact for `attempt`: commit it.
+    fn complete(&self, reservation_id: u64, attempt: u32) -> Result<(), KvError>;
+}
+
+/// The wire's view of an engine pool's block shape (f32 elements).
+pub fn block_geometry(g: &KvGeometry) -> BlockGeometry {
+    BlockGeometry {
+        block_tokens: g.block_size as u32,
+        num_layers: g.layers as u32,
+        kv_heads: g.kv_heads as u32,
+        head_dim: g.head_dim as u32,
+        dtype: KvDtype::F32.into(),
+    }
+}

@@ -1,0 +1,268 @@
+//! The shm transport's memory: a decode worker's KV pool in a shared-memory file, mapped by the
+//! decode worker (which builds its `KvPool` on it) and by prefill workers on the same host (which
+//! copy reserved blocks straight into it). See the crate docs for why the sharing is sound.
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+use tandem_engine::kv::{KvGeometry, KvMemory, KvPool};
+use tandem_proto::v1::{self, ShmPoolLayout};
+
+use crate::{KvTransferError, Result, block_geometry};
+
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "the pool file holds little-endian f32"
+);
+
+/// The layout of a pool with geometry `g` in the file at `path`: exactly the engine pool's order
+/// (per layer K then V, each `[num_blocks][block_size][kv_heads][head_dim]` f32), from offset 0.
+pub fn shm_layout(path: &Path, g: &KvGeometry) -> ShmPoolLayout {
+    let block = (g.block_floats() * 4) as u64;
+    let half = block * g.num_blocks as u64;
+    ShmPoolLayout {
+        path: path.to_string_lossy().into_owned(),
+        file_len: g.total_floats() as u64 * 4,
+        num_blocks: g.num_blocks as u32,
+        geometry: Some(block_geometry(g)),
+        base_offset: 0,
+        layer_stride: 2 * half,
+        kv_stride: half,
+        block_stride: block,
+    }
+}
+
+/// A mapping of a pool file. Implements [`KvMemory`] so that a `KvPool` can live in it.
+#[derive(Debug)]
+pub struct ShmRegion {
+    map: MmapMut,
+    layout: ShmPoolLayout,
+    geom: KvGeometry,
+    /// The creator removes the file when it drops its mapping; other mappings stay valid.
+    owner: Option<PathBuf>,
+}
+
+impl ShmRegion {
+    /// Decode side: creates (or truncates) a zeroed pool file at `path` for geometry `geom`.
+    pub fn create(path: impl AsRef<Path>, geom: &KvGeometry) -> Result<Self> {
+        let path = path.as_ref();
+        let layout = shm_layout(path, geom);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        file.set_len(layout.file_len)?;
+        let map = map(&file)?;
+        Ok(ShmRegion {
+            map,
+            layout,
+            geom: *geom,
+            owner: Some(path.to_owned()),
+        })
+    }
+
+    /// Prefill side: maps the pool a decode worker published, after checking that the file and
+    /// the layout agree and that every block lies inside the file.
+    pub fn open(layout: &ShmPoolLayout) -> Result<Self> {
+        let g = layout
+            .geometry
+            .ok_or_else(|| invalid("layout has no geometry"))?;
+        if g.dtype != i32::from(v1::KvDtype::F32) {
+            return Err(invalid("only f32 pools can be mapped"));
+        }
+        let geom = KvGeometry {
+            layers: g.num_layers as usize,
+            kv_heads: g.kv_heads as usize,
+            head_dim: g.head_dim as usize,
+            block_size: g.block_tokens as usize,
+            num_blocks: layout.num_blocks as usize,
+        };
+        let canonical = shm_layout(Path::new(&layout.path), &geom);
+        if *layout != canonical {
+            return Err(invalid(&format!(
+                "layout {layout:?} is not the pool layout {canonical:?}"
+            )));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&layout.path)?;
+        let len = file.metadata()?.len();
+        if len != layout.file_len {
+            return Err(invalid(&format!(
+                "file holds {len} bytes, layout says {}",
+                layout.file_len
+            )));
+        }
+        let map = map(&file)?;
+        Ok(ShmRegion {
+            map,
+            layout: layout.clone(),
+            geom,
+            owner: None,
+        })
+    }
+
+    /// The layout to publish to prefill workers (KvDestination.shm_layout).
+    pub fn layout(&self) -> &ShmPoolLayout {
+        &self.layout
+    }
+
+    /// The pool geometry the file was sized for.
+    pub fn geometry(&self) -> &KvGeometry {
+        &self.geom
+    }
+
+    fn block_range(&self, layer: usize, kv: usize, block: u32) -> Result<std::ops::Range<usize>> {
+        if layer >= self.geom.layers || block as usize >= self.geom.num_blocks {
+            return Err(invalid(&format!(
+                "layer {layer} block {block} outside the pool"
+            )));
+        }
+        let l = &self.layout;
+        let start = l.base_offset as usize
+            + layer * l.layer_stride as usize
+            + kv * l.kv_stride as usize
+            + block as usize * l.block_stride as usize;
+        Ok(start..start + self.geom.block_floats() * 4)
+    }
+
+    /// Copies a payload laid out as `KvPool::export_layer` makes it (K of `block_ids` in order,
+    /// then V) into those blocks of `layer`. Returns the bytes written.
+    pub fn write_blocks(
+        &mut self,
+        layer: usize,
+        block_ids: &[u32],
+        payload: &[u8],
+    ) -> Result<usize> {
+        let block = self.geom.block_floats() * 4;
+        if payload.len() != 2 * block * block_ids.len() {
+            return Err(invalid(&format!(
+                "{} bytes for {} blocks",
+                payload.len(),
+                block_ids.len()
+            )));
+        }
+        for (i, chunk) in payload.chunks_exact(block).enumerate() {
+            let (kv, b) = (i / block_ids.len(), block_ids[i % block_ids.len()]);
+            let r = self.block_range(layer, kv, b)?;
+            self.map[r].copy_from_slice(chunk);
+        }
+        Ok(payload.len())
+    }
+
+    /// Copies blocks `src_blocks` of a source pool's layer (`src_k`, `src_v` as `KvPool::layer`
+    /// returns them) into blocks `dst_blocks` of `layer`, with no staging buffer. Returns the
+    /// bytes written.
+    pub fn write_blocks_from(
+        &mut self,
+        layer: usize,
+        dst_blocks: &[u32],
+        src: (&[f32], &[f32]),
+        src_blocks: &[u32],
+    ) -> Result<usize> {
+        if dst_blocks.len() != src_blocks.len() {
+            return Err(invalid(
+                "source and destination block lists differ in length",
+            ));
+        }
+        let bf = self.geom.block_floats();
+        for (kv, region) in [src.0, src.1].into_iter().enumerate() {
+            for (&d, &s) in dst_blocks.iter().zip(src_blocks) {
+                let from = region
+                    .get(s as usize * bf..(s as usize + 1) * bf)
+                    .ok_or_else(|| invalid(&format!("source block {s} outside its pool")))?;
+                let r = self.block_range(layer, kv, d)?;
+                let floats = self.floats_mut();
+                floats[r.start / 4..r.end / 4].copy_from_slice(from);
+            }
+        }
+        Ok(2 * bf * 4 * dst_blocks.len())
+    }
+
+    /// CRC-32C of K of `block_ids` of `layer` in list order, then their V (as a notice carries).
+    pub fn checksum(&self, layer: usize, block_ids: &[u32]) -> Result<u32> {
+        let mut crc = 0;
+        for kv in 0..2 {
+            for &b in block_ids {
+                crc = crc32c::crc32c_append(crc, &self.map[self.block_range(layer, kv, b)?]);
+            }
+        }
+        Ok(crc)
+    }
+
+    /// The raw bytes of the whole pool.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for ShmRegion {
+    fn drop(&mut self) {
+        if let Some(path) = &self.owner {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn map(file: &std::fs::File) -> Result<MmapMut> {
+    // SAFETY: the file is a KV pool that only this protocol's processes open. Other processes
+    // change its bytes while mapped, which the crate docs' rule confines to blocks this process does
+    // not read or write at that time; its length never changes after creation (nobody truncates it).
+    Ok(unsafe { MmapMut::map_mut(file)? })
+}
+
+impl KvMemory for ShmRegion {
+    #[allow(unsafe_code)]
+    fn floats(&self) -> &[f32] {
+        // SAFETY: every bit pattern is a valid f32; align_to only yields the aligned middle part,
+        // and a mapping starts on a page boundary with a length that is a multiple of 4.
+        let (head, floats, tail) = unsafe { self.map.align_to::<f32>() };
+        debug_assert!(head.is_empty() && tail.is_empty());
+        floats
+    }
+
+    #[allow(unsafe_code)]
+    fn floats_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `floats`; writing any f32 leaves valid bytes behind.
+        let (head, floats, tail) = unsafe { self.map.align_to_mut::<f32>() };
+        debug_assert!(head.is_empty() && tail.is_empty());
+        floats
+    }
+}
+
+/// CRC-32C of K of `block_ids` of `layer` in list order, then their V, read from a pool (the decode
+/// worker's [`crate::KvSink::checksum`] for shm notices). `None` for a layer or block outside it.
+pub fn pool_checksum(pool: &KvPool, layer: usize, block_ids: &[u32]) -> Option<u32> {
+    let g = pool.geometry();
+    if layer >= g.layers {
+        return None;
+    }
+    let bf = g.block_floats();
+    let (k, v) = pool.layer(layer);
+    let mut crc = 0;
+    let mut bytes = [0u8; 4096];
+    for region in [k, v] {
+        for &b in block_ids {
+            let block = region.get(b as usize * bf..(b as usize + 1) * bf)?;
+            for floats in block.chunks(bytes.len() / 4) {
+                for (d, x) in bytes.chunks_exact_mut(4).zip(floats) {
+                    d.copy_from_slice(&x.to_le_bytes());
+                }
+                crc = crc32c::crc32c_append(crc, &bytes[..floats.len() * 4]);
+            }
+        }
+    }
+    Some(crc)
+}
+
+fn invalid(msg: &str) -> KvTransferError {
+    KvTransferError::Invalid(msg.to_owned())
+}
+
+#[cfg(test)]
+#[path = "shm_tests.rs"]
+mod tests;

@@ -1,0 +1,105 @@
+use tandem_engine::kv::{KvGeometry, KvPool};
+
+use super::*;
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tandem-kv-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn bytes_written_through_one_mapping_are_read_through_another() {
+    let g = KvGeometry {
+        layers: 3,
+        kv_heads: 2,
+        head_dim: 4,
+        block_size: 16,
+        num_blocks: 6,
+    };
+    let path = scratch("two-maps");
+    let decode = ShmRegion::create(&path, &g).expect("create");
+    let mut prefill = ShmRegion::open(decode.layout()).expect("open");
+
+    let mut src = KvPool::new(g);
+    for l in 0..3 {
+        let (k, v) = src.layer_mut(l);
+        k.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (l * 1000 + i) as f32);
+        v.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = -((l * 1000 + i) as f32));
+    }
+    let mut payload = Vec::new();
+    src.export_layer(1, &[0, 2], &mut payload).expect("export");
+    assert_eq!(
+        prefill.write_blocks(1, &[4, 1], &payload).expect("write"),
+        payload.len()
+    );
+    assert_eq!(
+        prefill
+            .write_blocks_from(2, &[3], src.layer(2), &[5])
+            .expect("copy"),
+        g.layer_bytes(1)
+    );
+
+    // The decode worker's pool, built on its own mapping, sees both writes.
+    let pool = KvPool::with_memory(g, Box::new(decode)).expect("pool");
+    let mut back = Vec::new();
+    pool.export_layer(1, &[4, 1], &mut back)
+        .expect("export back");
+    assert_eq!(back, payload);
+    let bf = g.block_floats();
+    assert_eq!(
+        &pool.layer(2).0[3 * bf..4 * bf],
+        &src.layer(2).0[5 * bf..6 * bf]
+    );
+    assert_eq!(
+        &pool.layer(2).1[3 * bf..4 * bf],
+        &src.layer(2).1[5 * bf..6 * bf]
+    );
+    assert!(
+        pool.layer(0).0.iter().all(|x| *x == 0.0),
+        "untouched layer stays zero"
+    );
+    assert_eq!(
+        prefill.checksum(1, &[4, 1]).expect("crc"),
+        crc32c::crc32c(&payload)
+    );
+    drop(pool);
+    assert!(!path.exists(), "the creator removes the file");
+}
+
+#[test]
+fn open_refuses_a_layout_that_does_not_match_its_file() {
+    let g = KvGeometry {
+        layers: 1,
+        kv_heads: 1,
+        head_dim: 4,
+        block_size: 16,
+        num_blocks: 2,
+    };
+    let path = scratch("bad-layout");
+    let region = ShmRegion::create(&path, &g).expect("create");
+    let mut stretched = region.layout().clone();
+    stretched.block_stride *= 2;
+    assert!(matches!(
+        ShmRegion::open(&stretched),
+        Err(KvTransferError::Invalid(_))
+    ));
+    let mut longer = region.layout().clone();
+    longer.num_blocks = 3;
+    longer.file_len = shm_layout(&path, &KvGeometry { num_blocks: 3, ..g }).file_len;
+    longer.kv_stride = shm_layout(&path, &KvGeometry { num_blocks: 3, ..g }).kv_stride;
+    longer.layer_stride = shm_layout(&path, &KvGeometry { num_blocks: 3, ..g }).layer_stride;
+    assert!(matches!(
+        ShmRegion::open(&longer),
+        Err(KvTransferError::Invalid(_))
+    ));
+    let mut prefill = ShmRegion::open(region.layout()).expect("open");
+    assert!(
+        prefill
+            .write_blocks(0, &[2], &vec![0u8; g.layer_bytes(1)])
+            .is_err()
+    );
+    assert!(prefill.write_blocks(0, &[1], &[0u8; 3]).is_err());
+}
