@@ -70,6 +70,23 @@ impl Format for Q8_0 {
     }
 }
 
+/// Dequantizes one row (a whole number of blocks) into `out`: the values `dequantize_row` defines,
+/// eight at a time.
+pub(super) fn dequantize_into(format: BlockFormat, row: &[u8], out: &mut [f32]) {
+    fn go<F: Format>(row: &[u8], out: &mut [f32]) {
+        for (block, dst) in row.chunks_exact(F::BYTES).zip(out.chunks_exact_mut(32)) {
+            for (c, v) in F::block(block).iter().enumerate() {
+                dst[c * 8..c * 8 + 8].copy_from_slice(&v.to_array());
+            }
+        }
+    }
+    match format {
+        BlockFormat::Q4_0 => go::<Q4_0>(row, out),
+        BlockFormat::Q4_1 => go::<Q4_1>(row, out),
+        BlockFormat::Q8_0 => go::<Q8_0>(row, out),
+    }
+}
+
 /// An R × C tile: R activation rows against C quantized weight rows, R·C independent FMA chains.
 #[inline(always)]
 fn tile<F: Format, const R: usize, const C: usize>(

@@ -4,7 +4,7 @@ use rayon::prelude::*;
 use wide::f32x8;
 
 use super::finish;
-use super::quant::{BlockFormat, QK, dequantize_row};
+use super::quant::{BlockFormat, QK};
 
 /// Weight rows in their stored form: f32, or a GGUF block format dequantized on the fly.
 #[derive(Debug, Clone)]
@@ -115,7 +115,7 @@ impl Weight {
             WeightData::Quant { format, bytes } => {
                 let rb = format.row_bytes(self.k);
                 scratch.resize(self.k, 0.0);
-                dequantize_row(*format, &bytes[r * rb..(r + 1) * rb], scratch);
+                super::fused::dequantize_into(*format, &bytes[r * rb..(r + 1) * rb], scratch);
                 scratch
             }
         }
@@ -153,7 +153,8 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
     }
     let threads = rayon::current_num_threads().max(1);
     if m >= ROW_SPLIT_MIN {
-        let rows_per_task = m.div_ceil(threads * 2).next_multiple_of(MR).min(96);
+        // One task per thread: each task dequantizes every weight row once for its rows.
+        let rows_per_task = m.div_ceil(threads).next_multiple_of(MR).min(192);
         out.par_chunks_mut(rows_per_task * n)
             .zip(x.par_chunks(rows_per_task * k))
             .for_each(|(o, xb)| block(xb, xb.len() / k, w, 0..n, o, n));

@@ -69,6 +69,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn simd_dequantization_gives_the_scalar_values() {
+        let mut seed = 17u64;
+        let mut byte = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 56) as u8
+        };
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let mut row = Vec::new();
+            for _ in 0..6 {
+                row.extend_from_slice(&f16::from_f32(0.37).to_le_bytes());
+                if format == BlockFormat::Q4_1 {
+                    row.extend_from_slice(&f16::from_f32(-1.25).to_le_bytes());
+                }
+                let n = if format == BlockFormat::Q8_0 { 32 } else { 16 };
+                row.extend((0..n).map(|_| byte()));
+            }
+            let (mut a, mut b) = (vec![0f32; 192], vec![0f32; 192]);
+            dequantize_row(format, &row, &mut a);
+            super::super::fused::dequantize_into(format, &row, &mut b);
+            assert_eq!(a, b, "{format:?}");
+        }
+    }
+
+    #[test]
     fn q4_1_block_decodes_low_then_high_nibbles() {
         let mut b = vec![0u8; 20];
         b[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
