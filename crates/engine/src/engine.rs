@@ -158,12 +158,7 @@ impl Engine {
                     self.model.config().max_context
                 )));
             }
-            let vocab = self.model.config().vocab;
-            if let Some(t) = it.tokens.iter().find(|t| **t as usize >= vocab) {
-                return Err(EngineError::InvalidRequest(format!(
-                    "token id {t} is outside the vocabulary of {vocab}"
-                )));
-            }
+            self.model.check_tokens(it.tokens)?;
             extra += self.blocks_for(end).saturating_sub(seq.blocks.len());
         }
         if extra > self.alloc.free_count() {

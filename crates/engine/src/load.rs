@@ -18,11 +18,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
     }
     if path.is_dir() {
         let model = load_safetensors(path)?;
-        let cfg = path.join("tokenizer_config.json");
-        let tokenizer = Tokenizer::from_files(
-            &path.join("tokenizer.json"),
-            cfg.exists().then_some(cfg.as_path()),
-        )?;
+        let tokenizer = load_tokenizer(path)?;
         return Ok(Loaded { model, tokenizer });
     }
     let mut file = GgufFile::open(path)?;

@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-/// The default model file name (fetched by `scripts/fetch-model.sh`).
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub use tandem_runtime::DEFAULT_MODEL_FILE;
 
 /// `$TANDEM_MODEL` when set, else `<workspace>/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
 pub fn model_path() -> PathBuf {

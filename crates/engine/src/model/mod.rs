@@ -126,6 +126,17 @@ impl Model {
         }
     }
 
+    /// Every id must be inside the vocabulary.
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.cfg.vocab;
+        match tokens.iter().find(|t| **t as usize >= vocab) {
+            Some(t) => Err(EngineError::InvalidRequest(format!(
+                "token id {t} is outside the vocabulary of {vocab}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn check(&self, chunks: &[SeqChunk<'_>], pool: &KvPool) -> Result<()> {
         let g = pool.geometry();
         if g.layers != self.cfg.layers
@@ -149,11 +160,7 @@ impl Model {
                     "block table too short for {end} positions"
                 )));
             }
-            if let Some(t) = c.tokens.iter().find(|t| **t as usize >= self.cfg.vocab) {
-                return Err(EngineError::InvalidRequest(format!(
-                    "token id {t} is outside the vocabulary"
-                )));
-            }
+            self.check_tokens(c.tokens)?;
             if let Some(b) = c.block_table.iter().find(|b| **b as usize >= g.num_blocks) {
                 return Err(EngineError::InvalidRequest(format!(
                     "block {b} is outside the pool"
