@@ -1,1 +1,210 @@
+//! Tandem's decode worker: reserves KV blocks under a lease, takes the prompt's KV from prefill
+//! workers (tcp frames or writes into its shared-memory pool), and generates the rest of each
+//! sequence in a continuous batch, streaming tokens over gRPC.
+//!
+//! Parts: [`state`] (the engine and the reservation table behind one lock, and the KV receiver's
+//! sink), [`batch`] (the continuous-batching loop on its own thread), [`service`] (the gRPC
+//! handlers), and [`run`], which wires them to listeners and the router.
 #![forbid(unsafe_code)]
+
+pub mod batch;
+pub mod service;
+pub mod state;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tandem_engine::kv::KvPool;
+use tandem_engine::{Engine, Model};
+use tandem_kv_transfer::{ShmRegion, Wire};
+use tandem_proto::v1;
+use tandem_proto::v1::decode_service_server::DecodeServiceServer;
+use tandem_proto::v1::worker_control_server::WorkerControlServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::batch::{Inbox, LoopStats};
+use crate::service::DecodeGrpc;
+use crate::state::{Shared, Sink};
+
+/// Errors that stop a decode worker from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeWorkerError {
+    #[error("engine: {0}")]
+    Engine(#[from] tandem_engine::EngineError),
+    #[error("kv pool: {0}")]
+    Kv(#[from] tandem_kv_transfer::KvTransferError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("router: {0}")]
+    Router(#[from] tandem_router::RouterError),
+}
+
+/// How KV reaches this worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvTransport {
+    /// Framed tcp stream into a heap pool.
+    Tcp,
+    /// Prefill workers write into a pool file at this path; only notices cross the socket.
+    Shm(PathBuf),
+}
+
+/// Everything a decode worker needs to start.
+pub struct DecodeWorkerConfig {
+    /// Name clients use for the model.
+    pub model_name: String,
+    /// The loaded model.
+    pub model: Arc<Model>,
+    /// Token ids that end a sequence unless a request ignores EOS.
+    pub eos: Vec<u32>,
+    /// KV blocks in the pool.
+    pub kv_blocks: usize,
+    /// How prefill workers deliver KV.
+    pub transport: KvTransport,
+    /// Listener for the gRPC services.
+    pub grpc_listener: TcpListener,
+    /// Listener for KV frames (tcp) or shm notices.
+    pub kv_listener: TcpListener,
+    /// Host name other processes use to reach the listeners.
+    pub advertise_host: String,
+    /// Router to register with; `None` serves unregistered (tests).
+    pub router: Option<String>,
+    /// Lease for a reservation when Reserve asks for none.
+    pub default_lease: Duration,
+}
+
+/// A started worker: its identity and a handle to stop it.
+pub struct DecodeWorker {
+    pub identity: v1::WorkerIdentity,
+    grpc: DecodeGrpc,
+}
+
+impl DecodeWorker {
+    /// The current load (what heartbeats carry).
+    pub fn load(&self) -> v1::LoadReport {
+        self.grpc.load()
+    }
+}
+
+/// Builds the engine over a heap pool (tcp) or a shared-memory pool file (shm).
+fn build_engine(
+    model: Arc<Model>,
+    blocks: usize,
+    transport: &KvTransport,
+) -> Result<(Engine, Option<v1::ShmPoolLayout>), DecodeWorkerError> {
+    let geom = Engine::geometry_for(&model, blocks);
+    match transport {
+        KvTransport::Tcp => Ok((Engine::with_pool(model, KvPool::new(geom)), None)),
+        KvTransport::Shm(path) => {
+            let region = ShmRegion::create(path, &geom)?;
+            let layout = region.layout().clone();
+            let pool = KvPool::with_memory(geom, Box::new(region))?;
+            Ok((Engine::with_pool(model, pool), Some(layout)))
+        }
+    }
+}
+
+/// Starts the worker and serves until `shutdown` resolves; then deregisters, stops the batch
+/// loop (running streams end with UNAVAILABLE) and returns.
+pub async fn run(
+    cfg: DecodeWorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DecodeWorkerError> {
+    let (engine, shm_layout) = build_engine(cfg.model.clone(), cfg.kv_blocks, &cfg.transport)?;
+    let shared = Arc::new(Shared::new(engine, shm_layout.is_some()));
+    let grpc_addr = cfg.grpc_listener.local_addr()?;
+    let kv_addr = cfg.kv_listener.local_addr()?;
+    let identity = v1::WorkerIdentity {
+        worker_id: String::new(),
+        role: v1::WorkerRole::Decode.into(),
+        grpc_addr: format!("{}:{}", cfg.advertise_host, grpc_addr.port()),
+        kv_endpoint: format!("{}:{}", cfg.advertise_host, kv_addr.port()),
+        kv_transport: match cfg.transport {
+            KvTransport::Tcp => v1::KvTransportKind::Tcp,
+            KvTransport::Shm(_) => v1::KvTransportKind::Shm,
+        }
+        .into(),
+        model: cfg.model_name.clone(),
+        host: cfg.advertise_host.clone(),
+        geometry: Some(shared.geometry),
+        max_context_tokens: cfg.model.config().max_context as u32,
+    };
+    let inbox = Arc::new(Inbox::default());
+    let stats = Arc::new(LoopStats::default());
+    let grpc = DecodeGrpc {
+        shared: shared.clone(),
+        inbox: inbox.clone(),
+        stats: stats.clone(),
+        identity: Arc::new(RwLock::new(identity.clone())),
+        shm_layout,
+        default_lease: cfg.default_lease,
+        draining: Arc::new(AtomicBool::new(false)),
+    };
+    let loop_thread = {
+        let (shared, inbox, stats, eos) = (shared.clone(), inbox.clone(), stats.clone(), cfg.eos);
+        std::thread::Builder::new()
+            .name("decode-batch".into())
+            .spawn(move || batch::run(shared, inbox, stats, eos))?
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let wire = if shared.shm { Wire::Shm } else { Wire::Tcp };
+    let kv = tokio::spawn(tandem_kv_transfer::serve_with(
+        cfg.kv_listener,
+        stopped(stop_rx.clone()),
+        Arc::new(Sink(shared.clone())),
+        wire,
+    ));
+    let sweeper = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                shared.lock().expire(std::time::Instant::now());
+            }
+        })
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(DecodeServiceServer::new(grpc.clone()))
+        .add_service(WorkerControlServer::new(grpc.clone()))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(cfg.grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    let server = tokio::spawn(server);
+    let registration = match cfg.router {
+        Some(addr) => {
+            let client =
+                tandem_router::RouterClient::connect(&addr, Duration::from_secs(5)).await?;
+            let g = grpc.clone();
+            Some(tokio::spawn(tandem_router::keep_registered(
+                client,
+                identity,
+                move || tandem_router::Load::try_from(&g.load()).unwrap_or_default(),
+                stopped(stop_rx.clone()),
+            )))
+        }
+        None => None,
+    };
+    tracing::info!(grpc = %grpc_addr, kv = %kv_addr, "decode worker serving");
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    if let Some(r) = registration
+        && let Ok(Err(e)) = r.await
+    {
+        tracing::warn!(error = %e, "deregistration failed");
+    }
+    inbox.stop();
+    sweeper.abort();
+    let _ = kv.await;
+    let _ = server.await;
+    let _ = tokio::task::spawn_blocking(move || loop_thread.join()).await;
+    Ok(())
+}

@@ -4,3 +4,6 @@
 pub mod backend;
 
 pub use backend::{Backend, BackendError, GenerateRequest, Readiness, TokenChunk, TokenStream};
+pub mod disagg;
+
+pub use disagg::{DisaggBackend, DisaggConfig};

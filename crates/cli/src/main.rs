@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod generate;
+mod roles;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,6 +24,12 @@ enum Command {
     Plan(tandem_sim::PlanArgs),
     /// Load-test an OpenAI-compatible endpoint: TTFT, ITL, throughput, goodput.
     Bench(bench::BenchCmd),
+    /// Run a prefill worker that registers with a router.
+    PrefillWorker(roles::PrefillArgs),
+    /// Run a decode worker that registers with a router.
+    DecodeWorker(roles::DecodeArgs),
+    /// Run a standalone router (the gateway embeds one; this serves gateways on other hosts).
+    Router(roles::RouterArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,5 +53,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(cmd) => bench::run(cmd),
+        Command::PrefillWorker(args) => roles::run_prefill(args),
+        Command::DecodeWorker(args) => roles::run_decode(args),
+        Command::Router(args) => roles::run_router(args),
     }
 }

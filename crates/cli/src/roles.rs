@@ -1,0 +1,237 @@
+//! `tandem prefill-worker`, `tandem decode-worker` and `tandem router`: each role on its own, so
+//! that a multi-host deployment needs nothing but this binary.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use tandem_engine::Model;
+use tokio::net::TcpListener;
+
+/// Flags every worker shares.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Model: a GGUF file or a safetensors checkpoint directory (default: the fetched SmolLM2).
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Name clients use for the model (default: the model file's name without extension).
+    #[arg(long, env = "TANDEM_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Router to register with, as host:port.
+    #[arg(long, env = "TANDEM_ROUTER")]
+    pub router: String,
+    /// Address to listen on.
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1")]
+    pub listen: String,
+    /// Host name or address other processes use to reach this worker (default: --listen).
+    #[arg(long, env = "TANDEM_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// gRPC port (0: any free port).
+    #[arg(long, env = "TANDEM_PORT", default_value_t = 0)]
+    pub port: u16,
+    /// Memory for the KV pool, in MiB.
+    #[arg(long, env = "TANDEM_KV_MEMORY_MB")]
+    pub kv_memory_mb: Option<usize>,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "TANDEM_THREADS")]
+    pub threads: Option<usize>,
+    /// Stop when standard input closes (`tandem up` uses it so that no worker outlives it).
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
+}
+
+/// `tandem prefill-worker`.
+#[derive(Args, Debug)]
+pub struct PrefillArgs {
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    /// Most prompt tokens per prefill step (longer prompts are chunked across steps).
+    #[arg(long, env = "TANDEM_STEP_TOKENS", default_value_t = 512)]
+    pub step_tokens: usize,
+    /// Prompt tokens the queue may hold before new prompts are refused.
+    #[arg(long, env = "TANDEM_MAX_QUEUED_TOKENS", default_value_t = 65536)]
+    pub max_queued_tokens: u64,
+}
+
+/// How prefill workers deliver KV to a decode worker.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Framed stream over tcp (works across hosts).
+    Tcp,
+    /// The decode worker's pool lives in a shared-memory file (same host only).
+    Shm,
+}
+
+/// `tandem decode-worker`.
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    /// Port of the KV listener (0: any free port).
+    #[arg(long, env = "TANDEM_KV_PORT", default_value_t = 0)]
+    pub kv_port: u16,
+    /// How prefill workers deliver KV.
+    #[arg(long, env = "TANDEM_TRANSPORT", value_enum, default_value = "tcp")]
+    pub transport: Transport,
+    /// Directory of the shared-memory pool file (shm only).
+    #[arg(long, env = "TANDEM_SHM_DIR", default_value = "/dev/shm")]
+    pub shm_dir: PathBuf,
+    /// Lease of a reservation whose Reserve asks for none, in milliseconds.
+    #[arg(long, env = "TANDEM_LEASE_MS", default_value_t = 30_000)]
+    pub lease_ms: u64,
+}
+
+/// `tandem router`.
+#[derive(Args, Debug)]
+pub struct RouterArgs {
+    /// Address to listen on, as host:port.
+    #[arg(long, env = "TANDEM_ROUTER_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: String,
+}
+
+struct Loaded {
+    model: Arc<Model>,
+    name: String,
+    eos: Vec<u32>,
+}
+
+fn load(w: &WorkerArgs) -> anyhow::Result<Loaded> {
+    if let Some(n) = w.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up compute threads")?;
+    }
+    let path = w
+        .model
+        .clone()
+        .unwrap_or_else(tandem_runtime::default_model_path);
+    let loaded = tandem_engine::load(&path).with_context(|| {
+        format!(
+            "loading {} (fetch the default model with scripts/fetch-model.sh)",
+            path.display()
+        )
+    })?;
+    Ok(Loaded {
+        model: Arc::new(loaded.model),
+        name: w.model_name.clone().unwrap_or_else(|| model_name(&path)),
+        eos: loaded.tokenizer.eos_token_ids().to_vec(),
+    })
+}
+
+/// The name a model is served under when none is given: its file name without extension.
+pub fn model_name(path: &std::path::Path) -> String {
+    path.file_stem()
+        .or_else(|| path.file_name())
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+}
+
+/// Blocks that fit in `mb` MiB for this model.
+fn blocks_in(model: &Model, mb: usize) -> usize {
+    let g = tandem_engine::Engine::geometry_for(model, 1);
+    ((mb << 20) / g.layer_bytes(1).max(1) / g.layers.max(1)).max(1)
+}
+
+/// Resolves when the process should stop: Ctrl-C, SIGTERM, or (with --exit-with-stdin) the
+/// parent closing our standard input.
+async fn stop_signal(with_stdin: bool) {
+    let stdin_closed = async move {
+        if !with_stdin {
+            return std::future::pending::<()>().await;
+        }
+        let mut buf = [0u8; 64];
+        let mut stdin = tokio::io::stdin();
+        use tokio::io::AsyncReadExt;
+        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    tokio::select! {
+        () = tandem_runtime::shutdown_signal() => {}
+        () = stdin_closed => {}
+    }
+}
+
+async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("listening on {host}:{port}"))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn run_prefill(args: PrefillArgs) -> anyhow::Result<()> {
+    let w = &args.worker;
+    let loaded = load(w)?;
+    let kv_blocks = blocks_in(&loaded.model, w.kv_memory_mb.unwrap_or(512));
+    runtime()?.block_on(async {
+        let grpc = bind(&w.listen, w.port).await?;
+        let cfg = tandem_prefill_worker::PrefillWorkerConfig {
+            model_name: loaded.name,
+            model: loaded.model,
+            eos: loaded.eos,
+            kv_blocks,
+            step_tokens: args.step_tokens,
+            max_queued_tokens: args.max_queued_tokens,
+            grpc_listener: grpc,
+            advertise_host: w.advertise.clone().unwrap_or_else(|| w.listen.clone()),
+            router: Some(w.router.clone()),
+        };
+        tandem_prefill_worker::run(cfg, stop_signal(w.exit_with_stdin)).await?;
+        Ok(())
+    })
+}
+
+pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
+    let w = &args.worker;
+    let loaded = load(w)?;
+    let kv_blocks = blocks_in(&loaded.model, w.kv_memory_mb.unwrap_or(1024));
+    let transport = match args.transport {
+        Transport::Tcp => tandem_decode_worker::KvTransport::Tcp,
+        Transport::Shm => tandem_decode_worker::KvTransport::Shm(args.shm_dir.join(format!(
+            "tandem-kv-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ))),
+    };
+    runtime()?.block_on(async {
+        let grpc = bind(&w.listen, w.port).await?;
+        let kv = bind(&w.listen, args.kv_port).await?;
+        let cfg = tandem_decode_worker::DecodeWorkerConfig {
+            model_name: loaded.name,
+            model: loaded.model,
+            eos: loaded.eos,
+            kv_blocks,
+            transport,
+            grpc_listener: grpc,
+            kv_listener: kv,
+            advertise_host: w.advertise.clone().unwrap_or_else(|| w.listen.clone()),
+            router: Some(w.router.clone()),
+            default_lease: Duration::from_millis(args.lease_ms),
+        };
+        tandem_decode_worker::run(cfg, stop_signal(w.exit_with_stdin)).await?;
+        Ok(())
+    })
+}
+
+pub fn run_router(args: RouterArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let listener = TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let handle = tandem_router::spawn(
+            tandem_router::RouterConfig::default(),
+            Box::new(tandem_router::LeastLoaded),
+        );
+        eprintln!("router listening on {}", listener.local_addr()?);
+        tandem_router::serve(listener, tandem_runtime::shutdown_signal(), handle).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,276 @@
+//! The continuous-batching loop: one OS thread that owns the running set. New sequences join at
+//! each step, finished and cancelled ones leave at once and free their blocks.
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use tandem_engine::sampling::{FinishReason, SamplingParams, sample, token_finishes};
+use tandem_engine::{EngineError, StepItem};
+use tandem_proto::v1;
+use tokio::sync::mpsc::UnboundedSender;
+use tonic::Status;
+
+use crate::state::{Phase, Shared};
+
+/// What a Decode stream receives.
+pub type ChunkResult = Result<v1::DecodeChunk, Status>;
+
+/// A committed reservation that asks to run.
+pub struct Joiner {
+    pub reservation_id: u64,
+    pub prompt_tokens: usize,
+    pub first_token: u32,
+    pub generated_before: u32,
+    pub sampling: SamplingParams,
+    pub tx: UnboundedSender<ChunkResult>,
+}
+
+struct Running {
+    id: u64,
+    prompt_tokens: usize,
+    last: u32,
+    generated: u32,
+    sampling: SamplingParams,
+    tx: UnboundedSender<ChunkResult>,
+}
+
+/// Counters the heartbeat and Info read.
+#[derive(Default)]
+pub struct LoopStats {
+    pub running: AtomicU32,
+    pub waiting: AtomicU32,
+    /// Tokens per second over the batch, as f32 bits (moving average).
+    pub tokens_per_s: AtomicU32,
+    pub steps: AtomicU64,
+}
+
+/// The loop's inbox.
+#[derive(Default)]
+pub struct Inbox {
+    queue: Mutex<Inboxed>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Inboxed {
+    joiners: VecDeque<Joiner>,
+    cancels: Vec<u64>,
+    stop: bool,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inboxed> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn join(&self, j: Joiner) {
+        self.lock().joiners.push_back(j);
+        self.wake.notify_one();
+    }
+
+    pub fn cancel(&self, reservation_id: u64) {
+        self.lock().cancels.push(reservation_id);
+        self.wake.notify_one();
+    }
+
+    pub fn stop(&self) {
+        self.lock().stop = true;
+        self.wake.notify_one();
+    }
+}
+
+/// Runs the loop on the current thread until [`Inbox::stop`].
+pub fn run(shared: Arc<Shared>, inbox: Arc<Inbox>, stats: Arc<LoopStats>, eos: Vec<u32>) {
+    let mut running: Vec<Running> = Vec::new();
+    let stopped = AtomicBool::new(false);
+    while !stopped.load(Ordering::Relaxed) {
+        let (joiners, cancels) = {
+            let mut q = inbox.lock();
+            while q.joiners.is_empty() && q.cancels.is_empty() && running.is_empty() && !q.stop {
+                q = inbox
+                    .wake
+                    .wait(q)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            if q.stop {
+                stopped.store(true, Ordering::Relaxed);
+            }
+            (
+                std::mem::take(&mut q.joiners),
+                std::mem::take(&mut q.cancels),
+            )
+        };
+        for j in joiners {
+            running.push(Running {
+                id: j.reservation_id,
+                prompt_tokens: j.prompt_tokens,
+                last: j.first_token,
+                generated: j.generated_before,
+                sampling: j.sampling,
+                tx: j.tx,
+            });
+        }
+        if !cancels.is_empty() || stopped.load(Ordering::Relaxed) {
+            let stop_all = stopped.load(Ordering::Relaxed);
+            let mut inner = shared.lock();
+            running.retain(|r| {
+                let drop = stop_all || cancels.contains(&r.id);
+                if drop {
+                    if stop_all {
+                        let _ =
+                            r.tx.send(Err(Status::unavailable("decode worker stopping")));
+                    }
+                    inner.release(r.id);
+                }
+                !drop
+            });
+        }
+        if running.is_empty() {
+            stats.running.store(0, Ordering::Relaxed);
+            continue;
+        }
+        step(&shared, &mut running, &stats, &eos);
+    }
+}
+
+/// One decode step over every sequence that has room to grow; sequences that do not fit wait.
+fn step(shared: &Shared, running: &mut Vec<Running>, stats: &LoopStats, eos: &[u32]) {
+    let t0 = Instant::now();
+    let mut inner = shared.lock();
+    // Oldest first: admit sequences while their next position has a block.
+    let bs = inner.engine.block_size();
+    let mut free = inner.engine.free_blocks();
+    let mut take = Vec::with_capacity(running.len());
+    for (i, r) in running.iter().enumerate() {
+        let len = inner.engine.seq_len(r.id).unwrap_or(0);
+        let needs_block = len.is_multiple_of(bs);
+        if needs_block {
+            if free == 0 {
+                continue;
+            }
+            free -= 1;
+        }
+        take.push(i);
+    }
+    if take.is_empty() {
+        // Every sequence needs a block and none is free: the youngest gives its blocks back so
+        // that the others can go on (it fails; the gateway may retry it elsewhere).
+        if let Some(r) = running.pop() {
+            let _ = r.tx.send(Err(Status::resource_exhausted(
+                "KV cache full: sequence preempted",
+            )));
+            inner.release(r.id);
+        }
+        return;
+    }
+    let tokens: Vec<[u32; 1]> = take.iter().map(|&i| [running[i].last]).collect();
+    let items: Vec<StepItem<'_>> = take
+        .iter()
+        .zip(&tokens)
+        .map(|(&i, t)| StepItem {
+            seq: running[i].id,
+            tokens: t,
+            logits: true,
+        })
+        .collect();
+    let result = inner.engine.step(&items);
+    let ctx = inner.engine.model().config().max_context;
+    let logits = match result {
+        Ok(l) => l,
+        Err(e) => {
+            fail_step(&mut inner, running, &take, &e);
+            return;
+        }
+    };
+    let waiting = running.len() - take.len();
+    let mut done = Vec::new();
+    for (&i, l) in take.iter().zip(&logits) {
+        let r = &mut running[i];
+        let token = sample(l, &r.sampling, u64::from(r.generated));
+        r.generated += 1;
+        r.last = token;
+        let finish = token_finishes(&r.sampling, eos, token, r.generated as usize).or((r
+            .prompt_tokens
+            + r.generated as usize
+            >= ctx)
+            .then_some(FinishReason::Length));
+        let chunk = v1::DecodeChunk {
+            tokens: vec![token],
+            finish: tandem_wire::finish_to_proto(finish).into(),
+            completion_tokens: r.generated,
+        };
+        // A closed receiver is a dropped stream: the client went away.
+        if r.tx.send(Ok(chunk)).is_err() || finish.is_some() {
+            done.push(i);
+        }
+    }
+    for &i in done.iter().rev() {
+        let r = running.remove(i);
+        inner.release(r.id);
+    }
+    drop(inner);
+    let dt = t0.elapsed().as_secs_f32().max(1e-6);
+    let rate = take.len() as f32 / dt;
+    let old = f32::from_bits(stats.tokens_per_s.load(Ordering::Relaxed));
+    let avg = if old == 0.0 {
+        rate
+    } else {
+        0.9 * old + 0.1 * rate
+    };
+    stats.tokens_per_s.store(avg.to_bits(), Ordering::Relaxed);
+    stats.running.store(running.len() as u32, Ordering::Relaxed);
+    stats.waiting.store(waiting as u32, Ordering::Relaxed);
+    stats.steps.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A failed step changed nothing in the engine; the sequences in it fail with the error, so that
+/// one bad sequence cannot wedge the loop.
+fn fail_step(
+    inner: &mut crate::state::Inner,
+    running: &mut Vec<Running>,
+    take: &[usize],
+    e: &EngineError,
+) {
+    tracing::error!(error = %e, "decode step failed");
+    for &i in take.iter().rev() {
+        let r = running.remove(i);
+        let _ = r.tx.send(Err(tandem_wire::engine_status(e)));
+        inner.release(r.id);
+    }
+}
+
+/// Whether a reservation may start decoding, and its prompt length: it must be complete.
+pub fn admit(shared: &Shared, reservation_id: u64) -> Result<usize, Status> {
+    let mut inner = shared.lock();
+    let crate::state::Inner {
+        engine,
+        reservations,
+    } = &mut *inner;
+    let r = reservations.get_mut(&reservation_id).ok_or_else(|| {
+        Status::not_found(format!(
+            "reservation {reservation_id} is unknown or expired"
+        ))
+    })?;
+    match r.phase {
+        Phase::Complete { .. } => {}
+        Phase::Filling => {
+            return Err(Status::failed_precondition(format!(
+                "the KV of reservation {reservation_id} has not fully arrived"
+            )));
+        }
+        Phase::Running => {
+            return Err(Status::already_exists(format!(
+                "reservation {reservation_id} is already decoding"
+            )));
+        }
+    }
+    let prompt = r.prompt_tokens as usize;
+    engine
+        .commit(reservation_id, prompt)
+        .map_err(|e| tandem_wire::engine_status(&e))?;
+    r.phase = Phase::Running;
+    Ok(prompt)
+}

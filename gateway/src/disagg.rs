@@ -1,0 +1,369 @@
+//! The disaggregated backend: each request's two legs across the router's workers.
+//!
+//! 1. The router places the request on a prefill worker P and a decode worker D.
+//! 2. D reserves the prompt's KV blocks under a lease.
+//! 3. P computes the prompt and pushes its KV into those blocks layer by layer; it answers with
+//!    the first token. If P fails or misses its deadline before answering, the prefill runs again
+//!    on another prefill worker into the same reservation, with the attempt number raised so that
+//!    D discards what the failed attempt sent.
+//! 4. D decodes the rest and streams it.
+//!
+//! Dropping the returned stream (the client went away, or a stop string matched) drops the Decode
+//! call, which makes D cancel the sequence, and releases the reservation explicitly as well.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use tandem_proto::v1;
+use tandem_proto::v1::decode_service_client::DecodeServiceClient;
+use tandem_proto::v1::prefill_service_client::PrefillServiceClient;
+use tandem_router::{Leg, RequestShape, RouterError, RouterHandle, WorkerState};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::backend::{Backend, BackendError, GenerateRequest, Readiness, TokenChunk, TokenStream};
+
+/// Deadlines and retries of the two legs.
+#[derive(Debug, Clone)]
+pub struct DisaggConfig {
+    /// Reserve and Release calls.
+    pub control_timeout: Duration,
+    /// One prefill attempt (the request's TTFT budget when it states none).
+    pub prefill_timeout: Duration,
+    /// The whole decode stream.
+    pub decode_timeout: Duration,
+    /// Prefill attempts beyond the first, each on another worker.
+    pub prefill_retries: u32,
+    /// Lease asked for a reservation: long enough to cover every prefill attempt.
+    pub lease: Duration,
+}
+
+impl Default for DisaggConfig {
+    fn default() -> Self {
+        DisaggConfig {
+            control_timeout: Duration::from_secs(2),
+            prefill_timeout: Duration::from_secs(30),
+            decode_timeout: Duration::from_secs(600),
+            prefill_retries: 2,
+            lease: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The backend over a router and its workers.
+pub struct DisaggBackend {
+    inner: Arc<Legs>,
+}
+
+struct Legs {
+    router: RouterHandle,
+    config: DisaggConfig,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl DisaggBackend {
+    pub fn new(router: RouterHandle, config: DisaggConfig) -> Self {
+        DisaggBackend {
+            inner: Arc::new(Legs {
+                router,
+                config,
+                channels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl Legs {
+    /// A channel to a worker, made once per address (tonic reconnects it as needed).
+    fn channel(&self, addr: &str) -> Result<Channel, BackendError> {
+        let mut map = self
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| BackendError::Internal(format!("worker address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Another ready prefill worker for the model, not among `tried`, with the least queued work.
+    fn other_prefill(&self, model: &str, tried: &[String]) -> Option<Arc<v1::WorkerIdentity>> {
+        let set = self.router.workers();
+        set.workers
+            .iter()
+            .filter(|w| {
+                w.load.state == WorkerState::Ready
+                    && w.role.serves(Leg::Prefill)
+                    && (model.is_empty() || w.identity.model == model)
+                    && !tried.contains(&w.identity.worker_id)
+            })
+            .min_by_key(|w| w.load.queued_prefill_tokens)
+            .map(|w| w.identity.clone())
+    }
+
+    async fn start(self: Arc<Self>, req: GenerateRequest) -> Result<TokenStream, BackendError> {
+        let shape = RequestShape {
+            model: req.model.clone(),
+            prompt_tokens: req.prompt_tokens.len() as u32,
+            max_new_tokens: req.sampling.max_tokens,
+            ..Default::default()
+        };
+        let placement = self.router.place(shape).await.map_err(router_error)?;
+        let d_addr = placement.decode.grpc_addr.clone();
+        let mut decode = DecodeServiceClient::new(self.channel(&d_addr)?);
+        let reserve = v1::ReserveRequest {
+            request_id: req.request_id.clone(),
+            prompt_tokens: req.prompt_tokens.len() as u32,
+            max_new_tokens: req.sampling.max_tokens,
+            lease_ms: self.config.lease.as_millis() as u32,
+        };
+        let reservation = call(self.config.control_timeout, decode.reserve(reserve))
+            .await
+            .map_err(|s| status_error("decode worker", s))?;
+        // From here on the reservation is ours to free, whatever happens.
+        let mut release = ReleaseOnDrop {
+            client: Some(decode.clone()),
+            reservation_id: reservation.reservation_id,
+            timeout: self.config.control_timeout,
+        };
+        let answer = self
+            .prefill(
+                &req,
+                &placement.decode,
+                &reservation,
+                placement.prefill.clone(),
+            )
+            .await?;
+        let first = TokenChunk {
+            tokens: vec![answer.first_token],
+            finish: tandem_wire::finish_from_proto(answer.finish),
+        };
+        if first.finish.is_some() {
+            return Ok(futures::stream::iter([Ok(first)]).boxed());
+        }
+        let decode_req = v1::DecodeRequest {
+            request_id: req.request_id.clone(),
+            reservation_id: reservation.reservation_id,
+            first_token: answer.first_token,
+            sampling: Some(tandem_wire::sampling_to_proto(&req.sampling)),
+            generated_before: 1,
+        };
+        let mut call_req = tonic::Request::new(decode_req);
+        call_req.set_timeout(self.config.decode_timeout);
+        let stream = decode
+            .decode(call_req)
+            .await
+            .map_err(|s| status_error("decode worker", s))?
+            .into_inner();
+        let deadline = tokio::time::Instant::now() + self.config.decode_timeout;
+        let rest = futures::stream::unfold(
+            (stream, Some(release.take()), false),
+            move |(mut stream, guard, done)| async move {
+                if done {
+                    return None;
+                }
+                let next = tokio::time::timeout_at(deadline, stream.message()).await;
+                let item = match next {
+                    Err(_) => Err(BackendError::Timeout(
+                        "decode stream deadline passed".into(),
+                    )),
+                    Ok(Ok(Some(chunk))) => Ok(TokenChunk {
+                        tokens: chunk.tokens,
+                        finish: tandem_wire::finish_from_proto(chunk.finish),
+                    }),
+                    Ok(Ok(None)) => Err(BackendError::Unavailable(
+                        "decode stream ended without a finish reason".into(),
+                    )),
+                    Ok(Err(s)) => Err(status_error("decode worker", s)),
+                };
+                let finished = matches!(&item, Ok(c) if c.finish.is_some()) || item.is_err();
+                let mut guard = guard;
+                if matches!(&item, Ok(c) if c.finish.is_some()) {
+                    // D freed the sequence itself when it finished.
+                    if let Some(g) = guard.as_mut() {
+                        g.client = None;
+                    }
+                }
+                Some((item, (stream, guard, finished)))
+            },
+        );
+        Ok(futures::stream::iter([Ok(first)]).chain(rest).boxed())
+    }
+
+    /// Runs the prefill, on another worker each time a worker fails before answering.
+    async fn prefill(
+        &self,
+        req: &GenerateRequest,
+        decode: &v1::WorkerIdentity,
+        reservation: &v1::ReserveResponse,
+        mut worker: Arc<v1::WorkerIdentity>,
+    ) -> Result<v1::PrefillResponse, BackendError> {
+        let mut tried = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            let request = v1::PrefillRequest {
+                request_id: req.request_id.clone(),
+                prompt_tokens: req.prompt_tokens.clone(),
+                sampling: Some(tandem_wire::sampling_to_proto(&req.sampling)),
+                destination: Some(v1::KvDestination {
+                    decode_worker_id: decode.worker_id.clone(),
+                    kv_endpoint: reservation.kv_endpoint.clone(),
+                    transport: reservation.transport,
+                    reservation_id: reservation.reservation_id,
+                    block_ids: reservation.block_ids.clone(),
+                    geometry: reservation.geometry,
+                    shm_layout: reservation.shm_layout.clone(),
+                    attempt,
+                }),
+                priority: 0,
+            };
+            let mut client = PrefillServiceClient::new(self.channel(&worker.grpc_addr)?);
+            let result = call(self.config.prefill_timeout, client.prefill(request)).await;
+            match result {
+                Ok(answer) => return Ok(answer),
+                Err(s) if retryable(&s) && attempt < self.config.prefill_retries => {
+                    tracing::warn!(
+                        request = %req.request_id,
+                        worker = %worker.worker_id,
+                        status = %s.message(),
+                        "prefill failed; retrying on another worker"
+                    );
+                    tried.push(worker.worker_id.clone());
+                    worker = self
+                        .other_prefill(&req.model, &tried)
+                        .ok_or_else(|| status_error("prefill worker", s))?;
+                    attempt += 1;
+                }
+                Err(s) => return Err(status_error("prefill worker", s)),
+            }
+        }
+    }
+}
+
+impl Backend for DisaggBackend {
+    fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<TokenStream, BackendError>> {
+        self.inner.clone().start(req).boxed()
+    }
+
+    fn readiness(&self) -> Readiness {
+        let set = self.inner.router.workers();
+        let (p, d) = (set.ready_for(Leg::Prefill), set.ready_for(Leg::Decode));
+        Readiness {
+            ready: p > 0 && d > 0,
+            detail: format!("{p} prefill and {d} decode workers ready"),
+        }
+    }
+}
+
+/// Releases a reservation when dropped, unless disarmed; the call runs on its own task.
+struct ReleaseOnDrop {
+    client: Option<DecodeServiceClient<Channel>>,
+    reservation_id: u64,
+    timeout: Duration,
+}
+
+impl ReleaseOnDrop {
+    /// Moves the duty to a new guard (the stream's), disarming this one.
+    fn take(&mut self) -> ReleaseOnDrop {
+        ReleaseOnDrop {
+            client: self.client.take(),
+            reservation_id: self.reservation_id,
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let Some(mut client) = self.client.take() else {
+            return;
+        };
+        let (id, timeout) = (self.reservation_id, self.timeout);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let req = v1::ReleaseRequest { reservation_id: id };
+                if let Err(s) = call(timeout, client.release(req)).await {
+                    tracing::debug!(reservation = id, status = %s.message(), "release failed");
+                }
+            });
+        }
+    }
+}
+
+/// A unary call with its deadline stated to the server and enforced here.
+async fn call<T, F>(timeout: Duration, fut: F) -> Result<T, Status>
+where
+    F: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no answer within {timeout:?}"
+        ))),
+    }
+}
+
+/// Failures that another prefill worker may not have: the worker died, is draining, is full, or
+/// was too slow.
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Cancelled
+            | Code::Internal
+    )
+}
+
+fn status_error(who: &str, s: Status) -> BackendError {
+    let msg = format!("{who}: {}", s.message());
+    match s.code() {
+        Code::InvalidArgument | Code::OutOfRange => {
+            if s.message().contains("context") {
+                BackendError::ContextLength(msg)
+            } else {
+                BackendError::Invalid(msg)
+            }
+        }
+        Code::ResourceExhausted => BackendError::Overloaded {
+            message: msg,
+            retry_after: Some(Duration::from_secs(1)),
+        },
+        Code::Unavailable | Code::Unknown | Code::Aborted | Code::Cancelled => {
+            BackendError::Unavailable(msg)
+        }
+        Code::DeadlineExceeded => BackendError::Timeout(msg),
+        _ => BackendError::Internal(msg),
+    }
+}
+
+fn router_error(e: RouterError) -> BackendError {
+    match e {
+        RouterError::NoWorkers(_) => BackendError::Unavailable(e.to_string()),
+        RouterError::Overloaded { retry_after, .. } => BackendError::Overloaded {
+            message: e.to_string(),
+            retry_after: Some(retry_after),
+        },
+        RouterError::Busy => BackendError::Overloaded {
+            message: e.to_string(),
+            retry_after: Some(Duration::from_millis(100)),
+        },
+        RouterError::InvalidArgument(m) => BackendError::Invalid(m),
+        RouterError::UnknownModel(m) => BackendError::Invalid(format!("unknown model {m:?}")),
+        other => BackendError::Internal(other.to_string()),
+    }
+}

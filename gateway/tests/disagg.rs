@@ -1,0 +1,285 @@
+//! The disaggregated path in one process, on a tiny model: a router, prefill and decode workers
+//! on loopback ports, and the gateway's backend driving both legs. Every output must equal a
+//! single-engine run token for token.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tandem_engine::{Engine, Model, SamplingParams, generate};
+use tandem_gateway::{Backend, DisaggBackend, DisaggConfig, GenerateRequest, TokenChunk};
+use tandem_proto::v1;
+use tandem_proto::v1::worker_control_client::WorkerControlClient;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+struct Cluster {
+    backend: DisaggBackend,
+    router: tandem_router::RouterHandle,
+    decode_addrs: Vec<String>,
+    _stops: Vec<oneshot::Sender<()>>,
+}
+
+fn tiny() -> Arc<Model> {
+    Arc::new(tandem_engine::tiny::tiny_model(7, true).unwrap().0)
+}
+
+async fn cluster(model: &Arc<Model>, prefills: usize, decodes: usize, shm: bool) -> Cluster {
+    let handle = tandem_router::spawn(
+        tandem_router::RouterConfig::default(),
+        Box::new(tandem_router::LeastLoaded),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let router_addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = oneshot::channel::<()>();
+    let mut stops = vec![tx];
+    tokio::spawn(tandem_router::serve(
+        listener,
+        async {
+            let _ = rx.await;
+        },
+        handle.clone(),
+    ));
+    let mut decode_addrs = Vec::new();
+    for i in 0..decodes {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        decode_addrs.push(grpc.local_addr().unwrap().to_string());
+        let transport = if shm {
+            let path = std::env::temp_dir().join(format!(
+                "tandem-test-pool-{}-{i}-{}",
+                std::process::id(),
+                rand_suffix()
+            ));
+            tandem_decode_worker::KvTransport::Shm(path)
+        } else {
+            tandem_decode_worker::KvTransport::Tcp
+        };
+        let cfg = tandem_decode_worker::DecodeWorkerConfig {
+            model_name: "tiny".into(),
+            model: model.clone(),
+            eos: Vec::new(),
+            kv_blocks: 64,
+            transport,
+            grpc_listener: grpc,
+            kv_listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            advertise_host: "127.0.0.1".into(),
+            router: Some(router_addr.clone()),
+            default_lease: Duration::from_secs(30),
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        stops.push(tx);
+        tokio::spawn(tandem_decode_worker::run(cfg, async {
+            let _ = rx.await;
+        }));
+    }
+    for _ in 0..prefills {
+        let cfg = tandem_prefill_worker::PrefillWorkerConfig {
+            model_name: "tiny".into(),
+            model: model.clone(),
+            eos: Vec::new(),
+            kv_blocks: 64,
+            // Small steps, so that prompts over 24 tokens are chunked.
+            step_tokens: 24,
+            max_queued_tokens: 1 << 16,
+            grpc_listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            advertise_host: "127.0.0.1".into(),
+            router: Some(router_addr.clone()),
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        stops.push(tx);
+        tokio::spawn(tandem_prefill_worker::run(cfg, async {
+            let _ = rx.await;
+        }));
+    }
+    let backend = DisaggBackend::new(handle.clone(), DisaggConfig::default());
+    for _ in 0..200 {
+        let set = handle.workers();
+        if set.ready_for(tandem_router::Leg::Prefill) == prefills
+            && set.ready_for(tandem_router::Leg::Decode) == decodes
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(backend.readiness().ready, "{:?}", backend.readiness());
+    Cluster {
+        backend,
+        router: handle,
+        decode_addrs,
+        _stops: stops,
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn reference(model: &Arc<Model>, prompt: &[u32], p: &SamplingParams) -> Vec<u32> {
+    let mut engine = Engine::new(model.clone(), 64);
+    generate(&mut engine, 1, prompt, p, &[], 512, |_| {
+        tandem_engine::Flow::Continue
+    })
+    .unwrap()
+    .tokens
+}
+
+fn prompt(len: usize, salt: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (i * 7 + salt * 13 + 1) % 96)
+        .collect()
+}
+
+async fn run(backend: &DisaggBackend, id: &str, prompt: &[u32], p: &SamplingParams) -> Vec<u32> {
+    let req = GenerateRequest {
+        request_id: id.into(),
+        model: "tiny".into(),
+        prompt_tokens: prompt.to_vec(),
+        sampling: p.clone(),
+    };
+    let mut stream = backend.generate(req).await.unwrap();
+    let mut out = Vec::new();
+    let mut finished = false;
+    while let Some(chunk) = stream.next().await {
+        let TokenChunk { tokens, finish } = chunk.unwrap();
+        assert!(!finished, "a chunk after the finish");
+        out.extend(tokens);
+        finished = finish.is_some();
+    }
+    assert!(finished, "the stream ended without a finish reason");
+    out
+}
+
+fn sampled(max: u32, seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_k: 20,
+        top_p: 0.9,
+        seed,
+        ..SamplingParams::greedy(max)
+    }
+}
+
+async fn equivalence(prefills: usize, decodes: usize, shm: bool) {
+    let model = tiny();
+    let c = cluster(&model, prefills, decodes, shm).await;
+    // Lengths around block (16) and step (24) boundaries; 100 spans five steps.
+    for (i, len) in [1usize, 5, 16, 17, 24, 40, 48, 100].into_iter().enumerate() {
+        let p = prompt(len, i as u32);
+        for params in [SamplingParams::greedy(12), sampled(9, i as u64)] {
+            let want = reference(&model, &p, &params);
+            assert_eq!(want.len(), params.max_tokens as usize);
+            let got = run(&c.backend, &format!("r{i}"), &p, &params).await;
+            assert_eq!(got, want, "prompt of {len} tokens, {params:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_prefill_one_decode_over_tcp_equals_one_engine() {
+    equivalence(1, 1, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_prefill_two_decode_over_shm_equals_one_engine() {
+    equivalence(2, 2, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_requests_each_equal_their_solo_run() {
+    let model = tiny();
+    let c = Arc::new(cluster(&model, 2, 1, false).await);
+    let mut tasks = Vec::new();
+    for i in 0..16u32 {
+        let c = c.clone();
+        let p = prompt(3 + (i as usize * 11) % 70, i);
+        let params = SamplingParams::greedy(4 + i % 9);
+        let want = reference(&model, &p, &params);
+        tasks.push(tokio::spawn(async move {
+            assert_eq!(run(&c.backend, &format!("c{i}"), &p, &params).await, want);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn decode_load(addr: &str) -> v1::LoadReport {
+    let mut client = WorkerControlClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    client
+        .info(v1::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .load
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_stream_frees_every_block_of_its_sequence() {
+    let model = tiny();
+    let c = cluster(&model, 1, 1, false).await;
+    let total = decode_load(&c.decode_addrs[0]).await.total_kv_blocks;
+    let req = GenerateRequest {
+        request_id: "gone".into(),
+        model: "tiny".into(),
+        prompt_tokens: prompt(40, 3),
+        sampling: SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(400)
+        },
+    };
+    let mut stream = c.backend.generate(req).await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    stream.next().await.unwrap().unwrap();
+    let mid = decode_load(&c.decode_addrs[0]).await;
+    assert!(mid.free_kv_blocks < total, "{mid:?}");
+    drop(stream);
+    let mut load = mid;
+    for _ in 0..100 {
+        load = decode_load(&c.decode_addrs[0]).await;
+        if load.free_kv_blocks == total && load.running_seqs == 0 && load.reservations == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        (load.free_kv_blocks, load.running_seqs, load.reservations),
+        (total, 0, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_worker_that_cannot_be_reached_is_retried_on_another() {
+    let model = tiny();
+    let c = cluster(&model, 1, 1, false).await;
+    // A registered prefill worker whose address refuses connections (as a crashed process's
+    // would, before its lease lapses), with no queue: placement prefers it.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let identity = v1::WorkerIdentity {
+        worker_id: "prefill-dead".into(),
+        role: v1::WorkerRole::Prefill.into(),
+        grpc_addr: dead_addr,
+        model: "tiny".into(),
+        host: "127.0.0.1".into(),
+        ..Default::default()
+    };
+    let load = tandem_router::Load {
+        state: tandem_router::WorkerState::Ready,
+        ..Default::default()
+    };
+    c.router.register(identity, load).await.unwrap();
+    let p = prompt(30, 1);
+    let params = SamplingParams::greedy(6);
+    let want = reference(&model, &p, &params);
+    for i in 0..4 {
+        assert_eq!(run(&c.backend, &format!("f{i}"), &p, &params).await, want);
+    }
+}

@@ -1,0 +1,388 @@
+//! The prefill batcher: one OS thread that owns the engine and the active prompts. Each step takes
+//! up to the token budget from the active prompts, oldest first (long prompts are chunked across
+//! steps), and as each layer of the step finishes, hands that layer's KV of every block the step
+//! completed to the request's transfer task, so the transfer runs while later layers compute.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tandem_engine::kv::KvPool;
+use tandem_engine::sampling::{FinishReason, sample, token_finishes};
+use tandem_engine::{Engine, EngineError, SeqId, StepItem};
+use tandem_kv_transfer::{ShmRegion, pool_checksum};
+use tonic::Status;
+
+use crate::queue::{Computed, Job, LayerMsg, Queue};
+
+/// Settings of the batcher.
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherConfig {
+    /// Most prompt tokens computed in one step.
+    pub step_tokens: usize,
+}
+
+struct Active {
+    job: Job,
+    seq: SeqId,
+    /// Prompt positions computed.
+    done: usize,
+    /// Blocks (in sequence order) whose KV has been handed to the transfer.
+    sent: usize,
+    started: Option<Instant>,
+}
+
+/// What one step does for one active prompt.
+struct Part {
+    index: usize,
+    tokens: std::ops::Range<usize>,
+    /// Blocks, in sequence order, that this step completes.
+    send: std::ops::Range<usize>,
+    last: bool,
+}
+
+/// Runs the batcher until the queue stops.
+pub fn run(mut engine: Engine, queue: Arc<Queue>, cfg: BatcherConfig, eos: Vec<u32>) {
+    let mut active: Vec<Active> = Vec::new();
+    let mut regions: HashMap<String, ShmRegion> = HashMap::new();
+    let mut next_seq: SeqId = 1;
+    loop {
+        let mut free = engine.free_blocks();
+        let bs = engine.block_size();
+        let Some(new) = queue.take(active.is_empty(), |j| {
+            let need = j.prompt.len().div_ceil(bs);
+            if need <= free {
+                free -= need;
+                true
+            } else {
+                false
+            }
+        }) else {
+            break;
+        };
+        for job in new {
+            if job.cancel.load(Ordering::Relaxed) {
+                finish_job(&queue, job, Err(Status::cancelled("prefill cancelled")), 0);
+                continue;
+            }
+            let seq = next_seq;
+            next_seq += 1;
+            let added = engine
+                .add_sequence(seq)
+                .and_then(|()| engine.reserve(seq, job.prompt.len()).map(|_| ()));
+            if let Err(e) = added {
+                let _ = engine.release(seq);
+                let n = job.prompt.len();
+                finish_job(&queue, job, Err(tandem_wire::engine_status(&e)), n);
+                continue;
+            }
+            active.push(Active {
+                job,
+                seq,
+                done: 0,
+                sent: 0,
+                started: None,
+            });
+        }
+        drop_cancelled(&mut engine, &queue, &mut active);
+        queue
+            .counters
+            .running
+            .store(active.len() as u32, Ordering::Relaxed);
+        if active.is_empty() {
+            continue;
+        }
+        step(&mut engine, &queue, &mut active, &mut regions, cfg, &eos);
+    }
+    for a in active.drain(..) {
+        let _ = engine.release(a.seq);
+        let n = a.job.prompt.len() - a.done;
+        finish_job(
+            &queue,
+            a.job,
+            Err(Status::unavailable("prefill worker stopping")),
+            n,
+        );
+    }
+    for job in queue.drain() {
+        let n = job.prompt.len();
+        finish_job(
+            &queue,
+            job,
+            Err(Status::unavailable("prefill worker stopping")),
+            n,
+        );
+    }
+}
+
+fn finish_job(queue: &Queue, job: Job, result: Result<Computed, Status>, uncomputed: usize) {
+    queue
+        .counters
+        .queued_tokens
+        .fetch_sub(uncomputed as u64, Ordering::Relaxed);
+    let _ = job.done.send(result);
+}
+
+fn drop_cancelled(engine: &mut Engine, queue: &Queue, active: &mut Vec<Active>) {
+    let mut i = 0;
+    while i < active.len() {
+        if active[i].job.cancel.load(Ordering::Relaxed) {
+            let a = active.remove(i);
+            let _ = engine.release(a.seq);
+            let n = a.job.prompt.len() - a.done;
+            finish_job(queue, a.job, Err(Status::cancelled("prefill cancelled")), n);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+fn plan(active: &[Active], budget: usize, block: usize) -> Vec<Part> {
+    let mut room = budget.max(1);
+    let mut parts = Vec::new();
+    for (index, a) in active.iter().enumerate() {
+        if room == 0 {
+            break;
+        }
+        let (tokens, send) = chunk(a.done, a.sent, a.job.prompt.len(), room, block);
+        room -= tokens.len();
+        parts.push(Part {
+            index,
+            last: tokens.end == a.job.prompt.len(),
+            tokens,
+            send,
+        });
+    }
+    parts
+}
+
+/// The prompt positions a step computes for a prompt of `len` tokens with `done` computed and
+/// `sent` blocks sent, given `room` tokens of budget; and the blocks that step completes. A block
+/// goes once it is full, or with the prompt's last chunk, so that each goes exactly once.
+fn chunk(
+    done: usize,
+    sent: usize,
+    len: usize,
+    room: usize,
+    block: usize,
+) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    let end = done + (len - done).min(room);
+    let upto = if end == len {
+        len.div_ceil(block)
+    } else {
+        end / block
+    };
+    (done..end, sent..upto.max(sent))
+}
+
+fn step(
+    engine: &mut Engine,
+    queue: &Queue,
+    active: &mut Vec<Active>,
+    regions: &mut HashMap<String, ShmRegion>,
+    cfg: BatcherConfig,
+    eos: &[u32],
+) {
+    let t0 = Instant::now();
+    let parts = plan(active, cfg.step_tokens, engine.block_size());
+    for p in &parts {
+        active[p.index].started.get_or_insert(t0);
+    }
+    // Source and destination block ids of what each part sends, fixed before the step.
+    let routes: Vec<(Vec<u32>, Vec<u32>)> = parts
+        .iter()
+        .map(|p| {
+            let a = &active[p.index];
+            let src = engine
+                .block_table(a.seq)
+                .map(|t| t[p.send.clone()].to_vec())
+                .unwrap_or_default();
+            let dst = a.job.destination.block_ids[p.send.clone()].to_vec();
+            (src, dst)
+        })
+        .collect();
+    for p in &parts {
+        let a = &active[p.index];
+        if let Some(layout) = &a.job.destination.shm_layout
+            && !regions.contains_key(&layout.path)
+        {
+            match ShmRegion::open(layout) {
+                Ok(r) => {
+                    regions.insert(layout.path.clone(), r);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %layout.path, error = %e, "cannot map a decode pool")
+                }
+            }
+        }
+    }
+    let layers = engine.model().config().layers;
+    let items: Vec<StepItem<'_>> = parts
+        .iter()
+        .map(|p| StepItem {
+            seq: active[p.index].seq,
+            tokens: &active[p.index].job.prompt[p.tokens.clone()],
+            logits: p.last,
+        })
+        .collect();
+    let active_ref = &*active;
+    let on_layer = |layer: usize, pool: &KvPool| -> tandem_engine::Result<()> {
+        for (p, (src, dst)) in parts.iter().zip(&routes) {
+            if src.is_empty() {
+                continue;
+            }
+            let job = &active_ref[p.index].job;
+            let last = p.last && layer + 1 == layers;
+            let msg = match &job.destination.shm_layout {
+                Some(layout) => {
+                    let Some(region) = regions.get_mut(&layout.path) else {
+                        job.cancel.store(true, Ordering::Relaxed);
+                        continue;
+                    };
+                    match region.write_blocks_from(layer, dst, pool.layer(layer), src) {
+                        Ok(bytes) => LayerMsg::Written {
+                            layer: layer as u32,
+                            dst: dst.clone(),
+                            bytes: bytes as u64,
+                            checksum: pool_checksum(pool, layer, src).unwrap_or(0),
+                            last,
+                        },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "shm write refused");
+                            job.cancel.store(true, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                }
+                None => {
+                    let mut bytes = Vec::with_capacity(pool.geometry().layer_bytes(src.len()));
+                    pool.export_layer(layer, src, &mut bytes)?;
+                    LayerMsg::Bytes {
+                        layer: layer as u32,
+                        dst: dst.clone(),
+                        bytes,
+                        last,
+                    }
+                }
+            };
+            // A closed channel means the transfer failed and the handler gave up: the job is
+            // dropped after this step.
+            if job.layers.send(msg).is_err() {
+                job.cancel.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    };
+    let result = engine.step_with(&items, on_layer);
+    drop(items);
+    let logits = match result {
+        Ok(l) => l,
+        Err(e) => {
+            fail_step(engine, queue, active, &parts, &e);
+            return;
+        }
+    };
+    let finished = Instant::now();
+    let computed: usize = parts.iter().map(|p| p.tokens.len()).sum();
+    let rate = computed as f32 / t0.elapsed().as_secs_f32().max(1e-6);
+    let old = f32::from_bits(queue.counters.tokens_per_s.load(Ordering::Relaxed));
+    let avg = if old == 0.0 {
+        rate
+    } else {
+        0.8 * old + 0.2 * rate
+    };
+    queue
+        .counters
+        .tokens_per_s
+        .store(avg.to_bits(), Ordering::Relaxed);
+    queue
+        .counters
+        .queued_tokens
+        .fetch_sub(computed as u64, Ordering::Relaxed);
+    let ctx = engine.model().config().max_context;
+    let mut logits = logits.into_iter();
+    let mut done = Vec::new();
+    for p in &parts {
+        let a = &mut active[p.index];
+        a.done = p.tokens.end;
+        a.sent = p.send.end;
+        if !p.last {
+            continue;
+        }
+        let Some(l) = logits.next() else {
+            continue;
+        };
+        let p_job = &a.job;
+        let first_token = sample(&l, &p_job.sampling, 0);
+        let finish = token_finishes(&p_job.sampling, eos, first_token, 1)
+            .or((p_job.prompt.len() + 1 >= ctx).then_some(FinishReason::Length));
+        done.push((
+            p.index,
+            Computed {
+                first_token,
+                finish,
+                started: a.started.unwrap_or(t0),
+                finished,
+            },
+        ));
+    }
+    for (index, c) in done.into_iter().rev() {
+        let a = active.remove(index);
+        let _ = engine.release(a.seq);
+        let _ = a.job.done.send(Ok(c));
+    }
+}
+
+fn fail_step(
+    engine: &mut Engine,
+    queue: &Queue,
+    active: &mut Vec<Active>,
+    parts: &[Part],
+    e: &EngineError,
+) {
+    tracing::error!(error = %e, "prefill step failed");
+    for p in parts.iter().rev() {
+        let a = active.remove(p.index);
+        let _ = engine.release(a.seq);
+        let n = a.job.prompt.len() - a.done;
+        finish_job(queue, a.job, Err(tandem_wire::engine_status(e)), n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_blocks_go_with_their_chunk_and_the_partial_one_with_the_last() {
+        // 40 tokens in 16-token blocks, a 24-token budget: step 1 computes 0..24 and completes
+        // block 0; step 2 computes 24..40 and sends blocks 1 and 2 (the partial last one).
+        assert_eq!(chunk(0, 0, 40, 24, 16), (0..24, 0..1));
+        assert_eq!(chunk(24, 1, 40, 24, 16), (24..40, 1..3));
+        // A chunk that ends inside a block sends nothing yet.
+        assert_eq!(chunk(0, 0, 40, 8, 16), (0..8, 0..0));
+        // An exact multiple: the last chunk's last block is full and goes.
+        assert_eq!(chunk(16, 1, 32, 16, 16), (16..32, 1..2));
+        // A whole prompt in one step sends every block, the partial one included.
+        assert_eq!(chunk(0, 0, 33, 512, 16), (0..33, 0..3));
+    }
+
+    #[test]
+    fn every_block_goes_exactly_once_whatever_the_budget() {
+        for len in 1..70 {
+            for budget in 1..40 {
+                let (mut done, mut sent, mut seen) = (0, 0, Vec::new());
+                while done < len {
+                    let (t, s) = chunk(done, sent, len, budget, 16);
+                    seen.extend(s.clone());
+                    (done, sent) = (t.end, s.end);
+                }
+                assert_eq!(
+                    seen,
+                    (0..len.div_ceil(16)).collect::<Vec<_>>(),
+                    "{len}/{budget}"
+                );
+            }
+        }
+    }
+}
