@@ -132,6 +132,7 @@ pub async fn run(
         host: cfg.advertise_host.clone(),
         geometry: Some(shared.geometry),
         max_context_tokens: cfg.model.config().max_context as u32,
+        pid: std::process::id(),
     };
     let inbox = Arc::new(Inbox::default());
     let stats = Arc::new(LoopStats::default());

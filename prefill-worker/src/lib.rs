@@ -81,6 +81,7 @@ pub async fn run(
         host: cfg.advertise_host.clone(),
         geometry: Some(geometry),
         max_context_tokens: cfg.model.config().max_context as u32,
+        pid: std::process::id(),
     };
     let queue = Arc::new(Queue::default());
     let batcher = {

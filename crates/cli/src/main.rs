@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod generate;
 mod roles;
+mod up;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +25,10 @@ enum Command {
     Plan(tandem_sim::PlanArgs),
     /// Load-test an OpenAI-compatible endpoint: TTFT, ITL, throughput, goodput.
     Bench(bench::BenchCmd),
+    /// Start a local cluster: gateway and router, N prefill and M decode worker processes.
+    Up(up::UpArgs),
+    /// Run the OpenAI-compatible gateway with an embedded router that workers register with.
+    Gateway(up::GatewayArgs),
     /// Run a prefill worker that registers with a router.
     PrefillWorker(roles::PrefillArgs),
     /// Run a decode worker that registers with a router.
@@ -53,6 +58,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Up(args) => up::run_up(args),
+        Command::Gateway(args) => up::run_gateway(args),
         Command::PrefillWorker(args) => roles::run_prefill(args),
         Command::DecodeWorker(args) => roles::run_decode(args),
         Command::Router(args) => roles::run_router(args),

@@ -1,0 +1,293 @@
+//! `tandem gateway` (the OpenAI HTTP front with the router embedded) and `tandem up` (a whole
+//! local cluster: gateway and router in this process, prefill and decode workers as children).
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tandem_router::{Leg, RouterHandle};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+use crate::roles::{Transport, model_name};
+
+/// Flags of the gateway, shared by `tandem gateway` and `tandem up`.
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// Model: a GGUF file or a safetensors checkpoint directory (default: the fetched SmolLM2);
+    /// the gateway reads only its tokenizer and context length.
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Name clients use for the model (default: the model file's name without extension).
+    #[arg(long, env = "TANDEM_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// HTTP port of the OpenAI-compatible API (0: any free port).
+    #[arg(long, env = "TANDEM_HTTP_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Address of the embedded router's gRPC service, where workers register (port 0: any).
+    #[arg(long, env = "TANDEM_ROUTER_LISTEN", default_value = "127.0.0.1:0")]
+    pub router_listen: String,
+}
+
+/// `tandem up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    /// Prefill worker processes.
+    #[arg(long, env = "TANDEM_PREFILL", default_value_t = 1)]
+    pub prefill: usize,
+    /// Decode worker processes.
+    #[arg(long, env = "TANDEM_DECODE", default_value_t = 1)]
+    pub decode: usize,
+    /// How prefill workers deliver KV to decode workers.
+    #[arg(long, env = "TANDEM_TRANSPORT", value_enum, default_value = "tcp")]
+    pub transport: Transport,
+    /// Compute threads of each worker process (default: all cores).
+    #[arg(long, env = "TANDEM_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    /// Most prompt tokens per prefill step.
+    #[arg(long, env = "TANDEM_STEP_TOKENS", default_value_t = 512)]
+    pub step_tokens: usize,
+    /// How long to wait for every worker to load its model and register, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub ready_timeout_s: u64,
+    /// Print the listening address as one JSON line on stdout once ready (for scripts and tests).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The gateway and its embedded router, started.
+struct Front {
+    router: RouterHandle,
+    router_addr: std::net::SocketAddr,
+    http_addr: std::net::SocketAddr,
+    model_path: PathBuf,
+    model_name: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn start_front(args: &GatewayArgs) -> anyhow::Result<Front> {
+    let model_path = args
+        .model
+        .clone()
+        .unwrap_or_else(tandem_runtime::default_model_path);
+    if !model_path.exists() {
+        bail!(
+            "model {} not found (fetch the default model with scripts/fetch-model.sh)",
+            model_path.display()
+        );
+    }
+    let name = args
+        .model_name
+        .clone()
+        .unwrap_or_else(|| model_name(&model_path));
+    let router = tandem_router::spawn(
+        tandem_router::RouterConfig::default(),
+        Box::new(tandem_router::LeastLoaded),
+    );
+    let router_listener = TcpListener::bind(&args.router_listen)
+        .await
+        .with_context(|| format!("router listening on {}", args.router_listen))?;
+    let http = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("HTTP listening on {}:{}", args.host, args.port))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let backend = Arc::new(tandem_gateway::DisaggBackend::new(
+        router.clone(),
+        tandem_gateway::DisaggConfig::default(),
+    ));
+    let config = tandem_gateway::GatewayConfig::from_model_path(&name, &model_path, backend)?;
+    let state = tandem_gateway::AppState::new(config)?;
+    let front = Front {
+        router: router.clone(),
+        router_addr: router_listener.local_addr()?,
+        http_addr: http.local_addr()?,
+        model_path,
+        model_name: name,
+        stop,
+        tasks: vec![
+            tokio::spawn({
+                let s = until_stopped(stopped.clone());
+                let router = router.clone();
+                async move {
+                    if let Err(e) = tandem_router::serve(router_listener, s, router).await {
+                        tracing::error!(error = %e, "router service failed");
+                    }
+                }
+            }),
+            tokio::spawn({
+                let s = until_stopped(stopped.clone());
+                async move {
+                    if let Err(e) = tandem_gateway::serve(http, state, s).await {
+                        tracing::error!(error = %e, "gateway failed");
+                    }
+                }
+            }),
+        ],
+    };
+    Ok(front)
+}
+
+impl Front {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let front = start_front(&args).await?;
+        eprintln!(
+            "gateway on http://{} serving {:?}; workers register with --router {}",
+            front.http_addr, front.model_name, front.router_addr
+        );
+        tandem_runtime::shutdown_signal().await;
+        front.stop().await;
+        Ok(())
+    })
+}
+
+fn spawn_worker(role: &str, front: &Front, args: &UpArgs, index: usize) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("finding the tandem binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(role)
+        .arg("--router")
+        .arg(front.router_addr.to_string())
+        .arg("--model")
+        .arg(&front.model_path)
+        .arg("--model-name")
+        .arg(&front.model_name)
+        .arg("--exit-with-stdin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(t) = args.worker_threads {
+        cmd.arg("--threads").arg(t.to_string());
+    }
+    match role {
+        "prefill-worker" => {
+            cmd.arg("--step-tokens").arg(args.step_tokens.to_string());
+        }
+        _ => {
+            let t = match args.transport {
+                Transport::Tcp => "tcp",
+                Transport::Shm => "shm",
+            };
+            cmd.arg("--transport").arg(t);
+        }
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {role} {index}"))
+}
+
+pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    if args.prefill == 0 || args.decode == 0 {
+        bail!("a cluster needs at least one prefill and one decode worker");
+    }
+    runtime()?.block_on(async {
+        let front = start_front(&args.gateway).await?;
+        let mut children = Vec::new();
+        for i in 0..args.prefill {
+            children.push(("prefill", spawn_worker("prefill-worker", &front, &args, i)?));
+        }
+        for i in 0..args.decode {
+            children.push(("decode", spawn_worker("decode-worker", &front, &args, i)?));
+        }
+        let ready = wait_ready(&front.router, &mut children, &args);
+        let outcome = tokio::select! {
+            r = ready => r,
+            () = tandem_runtime::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+        };
+        if let Err(e) = outcome {
+            shutdown(front, children).await;
+            return Err(e);
+        }
+        let url = format!("http://{}", front.http_addr);
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"url": url, "model": front.model_name, "router": front.router_addr.to_string()})
+            );
+        } else {
+            println!(
+                "Tandem is up: {} prefill + {} decode workers ({:?} KV transport), model {:?}",
+                args.prefill, args.decode, args.transport, front.model_name
+            );
+            println!("OpenAI API at {url}/v1 (Ctrl-C stops everything). Try:\n");
+            println!(
+                "curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n  -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'",
+                front.model_name
+            );
+        }
+        tandem_runtime::shutdown_signal().await;
+        eprintln!("stopping");
+        shutdown(front, children).await;
+        Ok(())
+    })
+}
+
+/// Waits until every worker is ready in the router's set; fails if a worker exits first.
+async fn wait_ready(
+    router: &RouterHandle,
+    children: &mut [(&str, Child)],
+    args: &UpArgs,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout_s);
+    loop {
+        let set = router.workers();
+        if set.ready_for(Leg::Prefill) >= args.prefill && set.ready_for(Leg::Decode) >= args.decode
+        {
+            return Ok(());
+        }
+        for (role, child) in children.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!("a {role} worker exited before it was ready ({status})");
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "workers not ready after {}s ({} prefill, {} decode ready)",
+                args.ready_timeout_s,
+                set.ready_for(Leg::Prefill),
+                set.ready_for(Leg::Decode)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Closes every worker's stdin (their signal to stop), waits for them, then kills stragglers.
+async fn shutdown(front: Front, children: Vec<(&str, Child)>) {
+    front.stop().await;
+    for (role, mut child) in children {
+        drop(child.stdin.take());
+        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(role, "worker did not stop in time; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
