@@ -79,7 +79,10 @@ pub struct Readiness {
 pub trait Backend: Send + Sync + 'static {
     /// Starts a generation. Resolves once the request is placed and accepted (errors that make it
     /// impossible come back here, before any token); the stream then yields its tokens.
-    fn generate(&self, req: GenerateRequest) -> BoxFuture<'static, Result<TokenStream, BackendError>>;
+    fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<TokenStream, BackendError>>;
     /// Whether requests can be served now.
     fn readiness(&self) -> Readiness;
 }
