@@ -7,6 +7,7 @@
 //! bounded channel; when the receiver is dropped (the client left), the next send fails,
 //! `on_token` answers [`Flow::Stop`] and the engine is free for the next job.
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 
 use futures::FutureExt;
@@ -31,6 +32,7 @@ struct Job {
 pub struct LocalBackend {
     jobs: SyncSender<Job>,
     max_context: usize,
+    generated: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for LocalBackend {
@@ -49,11 +51,23 @@ impl LocalBackend {
         let blocks = (max_context + 1).div_ceil(tandem_engine::kv::BLOCK_SIZE);
         let engine = Engine::new(model, blocks);
         let (jobs, rx) = std::sync::mpsc::sync_channel(DEFAULT_QUEUE);
+        let generated = Arc::new(AtomicU64::new(0));
+        let counter = generated.clone();
         std::thread::Builder::new()
             .name("tandem-local-engine".into())
-            .spawn(move || worker(engine, rx, prefill_chunk.max(1)))
+            .spawn(move || worker(engine, rx, prefill_chunk.max(1), &counter))
             .map_err(|e| BackendError::Internal(format!("cannot start the engine thread: {e}")))?;
-        Ok(LocalBackend { jobs, max_context })
+        Ok(LocalBackend {
+            jobs,
+            max_context,
+            generated,
+        })
+    }
+
+    /// Tokens the engine has generated so far, over all requests (cancelled ones included, up
+    /// to where they stopped).
+    pub fn tokens_generated(&self) -> u64 {
+        self.generated.load(Ordering::Relaxed)
     }
 }
 
@@ -106,7 +120,7 @@ impl LocalBackend {
     }
 }
 
-fn worker(mut engine: Engine, jobs: Receiver<Job>, prefill_chunk: usize) {
+fn worker(mut engine: Engine, jobs: Receiver<Job>, prefill_chunk: usize, generated: &AtomicU64) {
     let mut next_seq = 0u64;
     // Ends when every LocalBackend handle (the senders) is dropped.
     while let Ok(Job { req, tx }) = jobs.recv() {
@@ -126,6 +140,7 @@ fn worker(mut engine: Engine, jobs: Receiver<Job>, prefill_chunk: usize) {
             &[],
             prefill_chunk,
             |t| {
+                generated.fetch_add(1, Ordering::Relaxed);
                 let chunk = TokenChunk {
                     tokens: vec![t],
                     finish: None,

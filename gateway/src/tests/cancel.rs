@@ -79,3 +79,30 @@ async fn a_client_that_disconnects_cancels_the_generation() {
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_a_whole_body_request_cancels_it() {
+    let fake = FakeBackend::new(Script::ItemsThenHang(vec![Ok(chunk(ids("Hello"), None))]));
+    let state = AppState::new(config(fake.clone())).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::serve(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = json!({"model": MODEL, "prompt": "x"}).to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: test\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(body.as_bytes()).await.unwrap();
+    fake.started.notified().await;
+    drop(sock);
+    tokio::time::timeout(Duration::from_secs(60), fake.dropped_note.notified())
+        .await
+        .expect("the token stream was not dropped after the client left");
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+}

@@ -68,6 +68,8 @@ pub(crate) struct FakeBackend {
     pub(crate) last: Mutex<Option<GenerateRequest>>,
     pub(crate) dropped: Arc<AtomicBool>,
     pub(crate) dropped_note: Arc<Notify>,
+    /// Notified when a request reaches the backend.
+    pub(crate) started: Arc<Notify>,
     pub(crate) ready: bool,
 }
 
@@ -78,6 +80,7 @@ impl FakeBackend {
             last: Mutex::new(None),
             dropped: Arc::new(AtomicBool::new(false)),
             dropped_note: Arc::new(Notify::new()),
+            started: Arc::new(Notify::new()),
             ready: true,
         })
     }
@@ -125,6 +128,7 @@ impl Backend for FakeBackend {
         req: GenerateRequest,
     ) -> BoxFuture<'static, Result<TokenStream, BackendError>> {
         *self.last.lock().unwrap() = Some(req);
+        self.started.notify_one();
         let script = self.script.lock().unwrap().take();
         let (dropped, note) = (self.dropped.clone(), self.dropped_note.clone());
         let wrap = move |s: TokenStream| -> TokenStream {
