@@ -129,10 +129,12 @@ impl AppState {
         })
     }
 
+    /// The configuration it was built from.
     pub fn config(&self) -> &GatewayConfig {
         &self.inner.config
     }
 
+    /// The gateway's metrics (what `/metrics` renders).
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }

@@ -29,12 +29,15 @@ pub enum GatewayError {
 /// `{"error": {"message", "type", "param", "code"}}` under the matching status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
+    /// The HTTP status it is answered with.
     pub status: StatusCode,
+    /// What went wrong, for a person.
     pub message: String,
     /// OpenAI's error type: `invalid_request_error`, `rate_limit_error`, `server_error`...
     pub kind: &'static str,
     /// The request field at fault, if one is.
     pub param: Option<String>,
+    /// A machine-readable code (`model_not_found`, `context_length_exceeded`...).
     pub code: Option<&'static str>,
     /// Sent as `Retry-After` (whole seconds, at least 1) with a 429.
     pub retry_after: Option<Duration>,
@@ -97,6 +100,7 @@ impl ApiError {
         }
     }
 
+    /// Names the request field at fault.
     pub fn with_param(mut self, param: &str) -> Self {
         self.param = Some(param.to_owned());
         self

@@ -34,6 +34,7 @@ impl Histogram {
         }
     }
 
+    /// Records one observation.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = self
@@ -70,8 +71,11 @@ impl Histogram {
 /// Everything `/metrics` reports.
 #[derive(Debug)]
 pub struct Metrics {
+    /// Arrival to first generated token.
     pub ttft: Histogram,
+    /// Between successive token chunks of one generation.
     pub itl: Histogram,
+    /// Arrival to the last token.
     pub e2e: Histogram,
     /// Requests by (endpoint, status class): the endpoint is a route pattern, so bounded.
     requests: Mutex<BTreeMap<(String, &'static str), u64>>,
@@ -106,6 +110,7 @@ pub fn status_class(status: u16) -> &'static str {
 }
 
 impl Metrics {
+    /// Counts one answered request.
     pub fn count_request(&self, endpoint: &str, status: u16) {
         let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry((endpoint.to_owned(), status_class(status)))
@@ -117,19 +122,23 @@ impl Metrics {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A generation ended (or its client left).
     pub fn leave(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Counts the prompt of a request the backend accepted.
     pub fn add_prompt_tokens(&self, n: usize) {
         self.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// Counts tokens received from the backend.
     pub fn add_completion_tokens(&self, n: usize) {
         self.completion_tokens
             .fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// Generations under way now.
     pub fn in_flight_now(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed)
     }
