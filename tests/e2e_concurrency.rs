@@ -11,7 +11,9 @@ use support::{Up, post, stream};
 
 fn body(model: &str, i: usize, streaming: bool) -> Value {
     // Prompts from a few words to a few hundred tokens; answers from 4 to 40 tokens.
-    let topic = ["rivers", "stars", "bread", "engines", "music", "winter", "maps", "bees"][i % 8];
+    let topic = [
+        "rivers", "stars", "bread", "engines", "music", "winter", "maps", "bees",
+    ][i % 8];
     let prompt = format!("Tell me about {topic}. ").repeat(1 + (i * 7) % 40);
     json!({"model": model, "prompt": prompt, "max_tokens": 4 + (i * 5) % 37, "temperature": 0,
            "stream": streaming, "stream_options": {"include_usage": true},
@@ -39,7 +41,11 @@ async fn thirty_two_concurrent_streams_each_equal_their_solo_run() {
     for (i, (text, usage)) in together.into_iter().enumerate() {
         let (status, alone) = post(&up.url, "/v1/completions", &body(&up.model, i, false)).await;
         assert_eq!(status, 200, "{alone}");
-        assert_eq!(text, alone["choices"][0]["text"].as_str().unwrap(), "request {i}");
+        assert_eq!(
+            text,
+            alone["choices"][0]["text"].as_str().unwrap(),
+            "request {i}"
+        );
         assert_eq!(usage, alone["usage"], "request {i}");
         assert_eq!(
             alone["choices"][0]["token_ids"].as_array().unwrap().len() as u64,

@@ -7,7 +7,7 @@ mod support;
 use std::sync::{Arc, OnceLock};
 
 use serde_json::{Value, json};
-use support::{Up, chat, generate, post};
+use support::{Up, chat, generate, ids, post};
 use tandem_engine::tokenizer::ChatMessage;
 use tandem_engine::{Engine, SamplingParams};
 
@@ -68,7 +68,10 @@ fn references() -> &'static Vec<(Vec<u32>, Vec<u32>)> {
 fn in_process(turns: &[(&str, &str)]) -> (Vec<u32>, Vec<u32>) {
     let loaded = tandem_engine::load(&support::model_path()).unwrap();
     let tok = loaded.tokenizer;
-    let msgs: Vec<ChatMessage> = turns.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect();
+    let msgs: Vec<ChatMessage> = turns
+        .iter()
+        .map(|(r, c)| ChatMessage::new(*r, *c))
+        .collect();
     let prompt = tok
         .encode(&tok.chat_template().render(&msgs, true).unwrap(), true)
         .unwrap();
@@ -86,14 +89,6 @@ fn in_process(turns: &[(&str, &str)]) -> (Vec<u32>, Vec<u32>) {
     (prompt, out.tokens)
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("not an array: {v}"))
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect()
-}
-
 async fn ask(up: &Up, case: &Case) -> (Vec<u32>, Vec<u32>) {
     let (path, body) = match case {
         Case::Completion(p) => (
@@ -103,19 +98,29 @@ async fn ask(up: &Up, case: &Case) -> (Vec<u32>, Vec<u32>) {
         ),
         Case::Chat(p) => (
             "/v1/chat/completions",
-            chat(&up.model, json!([{"role": "user", "content": p}]), MAX_TOKENS),
+            chat(
+                &up.model,
+                json!([{"role": "user", "content": p}]),
+                MAX_TOKENS,
+            ),
         ),
         Case::Conversation(turns) => {
             let msgs: Vec<Value> = turns
                 .iter()
                 .map(|(r, c)| json!({"role": r, "content": c}))
                 .collect();
-            ("/v1/chat/completions", chat(&up.model, json!(msgs), MAX_TOKENS))
+            (
+                "/v1/chat/completions",
+                chat(&up.model, json!(msgs), MAX_TOKENS),
+            )
         }
     };
     let (status, v) = post(&up.url, path, &body).await;
     assert_eq!(status, 200, "{v}");
-    (ids(&v["prompt_token_ids"]), ids(&v["choices"][0]["token_ids"]))
+    (
+        ids(&v["prompt_token_ids"]),
+        ids(&v["choices"][0]["token_ids"]),
+    )
 }
 
 async fn check(extra: &[&str]) {
@@ -135,20 +140,60 @@ async fn check(extra: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_prefill_one_decode_over_tcp() {
-    check(&["--prefill", "1", "--decode", "1", "--transport", "tcp", "--step-tokens", "64"]).await;
+    check(&[
+        "--prefill",
+        "1",
+        "--decode",
+        "1",
+        "--transport",
+        "tcp",
+        "--step-tokens",
+        "64",
+    ])
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_prefill_one_decode_over_shm() {
-    check(&["--prefill", "1", "--decode", "1", "--transport", "shm", "--step-tokens", "64"]).await;
+    check(&[
+        "--prefill",
+        "1",
+        "--decode",
+        "1",
+        "--transport",
+        "shm",
+        "--step-tokens",
+        "64",
+    ])
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_prefill_two_decode_over_tcp() {
-    check(&["--prefill", "2", "--decode", "2", "--transport", "tcp", "--step-tokens", "64"]).await;
+    check(&[
+        "--prefill",
+        "2",
+        "--decode",
+        "2",
+        "--transport",
+        "tcp",
+        "--step-tokens",
+        "64",
+    ])
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_prefill_two_decode_over_shm() {
-    check(&["--prefill", "2", "--decode", "2", "--transport", "shm", "--step-tokens", "64"]).await;
+    check(&[
+        "--prefill",
+        "2",
+        "--decode",
+        "2",
+        "--transport",
+        "shm",
+        "--step-tokens",
+        "64",
+    ])
+    .await;
 }

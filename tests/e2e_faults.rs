@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use prost::Message;
 use serde_json::{Value, json};
-use support::{Up, generate, info, post, post_raw, stream};
+use support::{Up, generate, ids, info, post, post_raw, stream};
 use tandem_proto::v1;
 use tandem_proto::v1::decode_service_client::DecodeServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,10 +52,19 @@ async fn idle(up: &Up) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_leaves_nothing_behind() {
     let up = Up::start(&["--worker-threads", "1"]);
-    let s = stream(&up.url, "/v1/completions", &long_stream(&up.model, 2000), Some(3)).await;
+    let s = stream(
+        &up.url,
+        "/v1/completions",
+        &long_stream(&up.model, 2000),
+        Some(3),
+    )
+    .await;
     assert_eq!((s.status, s.done), (200, false));
     // Something was held while it ran; after the drop, everything is given back.
-    eventually("the workers going idle after the disconnect", async || idle(&up).await).await;
+    eventually("the workers going idle after the disconnect", async || {
+        idle(&up).await
+    })
+    .await;
     // And the cluster still serves.
     let s = stream(&up.url, "/v1/completions", &long_stream(&up.model, 5), None).await;
     assert!(s.done);
@@ -63,10 +72,17 @@ async fn a_client_that_disconnects_leaves_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_prefill_worker_mid_request_still_completes_it_with_the_same_tokens() {
-    let up = Up::start(&["--prefill", "2", "--worker-threads", "1", "--step-tokens", "128"]);
+    let up = Up::start(&[
+        "--prefill",
+        "2",
+        "--worker-threads",
+        "1",
+        "--step-tokens",
+        "128",
+    ]);
     // Long enough that its prefill takes a while, so that the kill lands during it.
     let prompt = "The history of computing is long and varied. ".repeat(120);
-    let want = generate(&prompt, false, 8);
+    let (_, want) = generate(&prompt, false, 8);
     let body = json!({"model": up.model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
                       "return_token_ids": true});
     let url = up.url.clone();
@@ -94,18 +110,14 @@ async fn killing_a_prefill_worker_mid_request_still_completes_it_with_the_same_t
         .unwrap();
     let (status, v) = request.await.unwrap();
     assert_eq!(status, 200, "{v}");
-    let got: Vec<u32> = v["choices"][0]["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect();
-    assert_eq!(got, want);
+    assert_eq!(ids(&v["choices"][0]["token_ids"]), want);
 }
 
 fn error_of(v: &Value) -> (&str, Option<&str>) {
     (
-        v["error"]["type"].as_str().unwrap_or_else(|| panic!("no error body: {v}")),
+        v["error"]["type"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error body: {v}")),
         v["error"]["code"].as_str(),
     )
 }
@@ -120,25 +132,66 @@ async fn bad_requests_get_openai_errors_and_a_request_beside_them_finishes() {
     let chat = "/v1/chat/completions";
     let user = json!([{"role": "user", "content": "hi"}]);
     let (s, v) = post_raw(&up.url, chat, "{\"model\": ").await;
-    assert_eq!((s, error_of(&v).0), (400, "invalid_request_error"), "malformed: {v}");
-    let (s, v) = post(&up.url, chat, &json!({"model": m, "messages": user, "max_tokens": "ten"})).await;
+    assert_eq!(
+        (s, error_of(&v).0),
+        (400, "invalid_request_error"),
+        "malformed: {v}"
+    );
+    let (s, v) = post(
+        &up.url,
+        chat,
+        &json!({"model": m, "messages": user, "max_tokens": "ten"}),
+    )
+    .await;
     assert_eq!(s, 400, "wrong type: {v}");
-    let (s, v) = post(&up.url, chat, &json!({"model": "no-such-model", "messages": user})).await;
+    let (s, v) = post(
+        &up.url,
+        chat,
+        &json!({"model": "no-such-model", "messages": user}),
+    )
+    .await;
     assert_eq!((s, error_of(&v).1), (404, Some("model_not_found")), "{v}");
     let (s, v) = post(&up.url, chat, &json!({"model": m, "messages": []})).await;
     assert_eq!(s, 400, "empty messages: {v}");
     let huge = "hello ".repeat(10_000);
-    let (s, v) = post(&up.url, "/v1/completions", &json!({"model": m, "prompt": huge})).await;
-    assert_eq!((s, error_of(&v).1), (400, Some("context_length_exceeded")), "{v}");
+    let (s, v) = post(
+        &up.url,
+        "/v1/completions",
+        &json!({"model": m, "prompt": huge}),
+    )
+    .await;
+    assert_eq!(
+        (s, error_of(&v).1),
+        (400, Some("context_length_exceeded")),
+        "{v}"
+    );
     for bad in [json!(0), json!(-1)] {
-        let (s, v) = post(&up.url, chat, &json!({"model": m, "messages": user, "max_tokens": bad})).await;
+        let (s, v) = post(
+            &up.url,
+            chat,
+            &json!({"model": m, "messages": user, "max_tokens": bad}),
+        )
+        .await;
         assert_eq!(s, 400, "max_tokens {bad}: {v}");
     }
-    let (s, v) = post(&up.url, chat, &json!({"model": m, "messages": user, "n": 2})).await;
+    let (s, v) = post(
+        &up.url,
+        chat,
+        &json!({"model": m, "messages": user, "n": 2}),
+    )
+    .await;
     assert_eq!(s, 400, "n=2: {v}");
     let done = running.await.unwrap();
-    assert!(done.done, "the stream beside the bad requests did not finish");
-    let last = done.events.iter().rev().find(|e| !e["choices"].as_array().unwrap().is_empty()).unwrap();
+    assert!(
+        done.done,
+        "the stream beside the bad requests did not finish"
+    );
+    let last = done
+        .events
+        .iter()
+        .rev()
+        .find(|e| !e["choices"].as_array().unwrap().is_empty())
+        .unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "length");
 }
 
@@ -154,7 +207,13 @@ impl RawKv {
     async fn connect(addr: &str) -> RawKv {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let mut buf = tandem_proto::KV_MAGIC.to_vec();
-        put(&mut buf, &v1::KvHello { version: tandem_proto::KV_WIRE_VERSION, sender_worker_id: "raw".into() });
+        put(
+            &mut buf,
+            &v1::KvHello {
+                version: tandem_proto::KV_WIRE_VERSION,
+                sender_worker_id: "raw".into(),
+            },
+        );
         s.write_all(&buf).await.unwrap();
         RawKv(s)
     }
@@ -198,7 +257,11 @@ fn crc32c(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -210,9 +273,22 @@ async fn bad_kv_frames_are_refused_and_a_request_beside_them_finishes() {
     let url = up.url.clone();
     let beside = long_stream(&up.model, 48);
     let running = tokio::spawn(async move { stream(&url, "/v1/completions", &beside, None).await });
-    let d = up.workers().await.into_iter().filter_map(|w| w.identity).find(|i| i.role == v1::WorkerRole::Decode as i32).unwrap();
-    let mut decode = DecodeServiceClient::connect(format!("http://{}", d.grpc_addr)).await.unwrap();
-    let reserve = |lease_ms| v1::ReserveRequest { request_id: "raw".into(), prompt_tokens: 20, max_new_tokens: 4, lease_ms };
+    let d = up
+        .workers()
+        .await
+        .into_iter()
+        .filter_map(|w| w.identity)
+        .find(|i| i.role == v1::WorkerRole::Decode as i32)
+        .unwrap();
+    let mut decode = DecodeServiceClient::connect(format!("http://{}", d.grpc_addr))
+        .await
+        .unwrap();
+    let reserve = |lease_ms| v1::ReserveRequest {
+        request_id: "raw".into(),
+        prompt_tokens: 20,
+        max_new_tokens: 4,
+        lease_ms,
+    };
     let g = d.geometry.unwrap();
     let block_bytes = (g.block_tokens * g.kv_heads * g.head_dim * 4) as usize;
     let payload: Vec<u8> = (0..2 * block_bytes).map(|i| (i % 251) as u8).collect();
@@ -224,7 +300,12 @@ async fn bad_kv_frames_are_refused_and_a_request_beside_them_finishes() {
     h.checksum ^= 1;
     kv.send(&h, &payload).await;
     assert_eq!(kv.ack().await.error, v1::KvError::Corrupt as i32);
-    let e = decode.commit(v1::CommitRequest { reservation_id: r.reservation_id }).await.unwrap_err();
+    let e = decode
+        .commit(v1::CommitRequest {
+            reservation_id: r.reservation_id,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
 
     // Unknown reservation.
@@ -250,18 +331,38 @@ async fn bad_kv_frames_are_refused_and_a_request_beside_them_finishes() {
     buf.extend_from_slice(&payload[..payload.len() / 2]);
     kv.0.write_all(&buf).await.unwrap();
     drop(kv);
-    let e = decode.commit(v1::CommitRequest { reservation_id: r2.reservation_id }).await.unwrap_err();
+    let e = decode
+        .commit(v1::CommitRequest {
+            reservation_id: r2.reservation_id,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     // A Decode on it is refused the same way, and Release gives its blocks back.
     let e = decode
-        .decode(v1::DecodeRequest { reservation_id: r2.reservation_id, first_token: 1, generated_before: 1,
-            sampling: Some(v1::SamplingParams { max_tokens: 4, ..Default::default() }), ..Default::default() })
+        .decode(v1::DecodeRequest {
+            reservation_id: r2.reservation_id,
+            first_token: 1,
+            generated_before: 1,
+            sampling: Some(v1::SamplingParams {
+                max_tokens: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
         .await
         .err()
         .unwrap();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     for id in [r.reservation_id, r2.reservation_id] {
-        assert!(decode.release(v1::ReleaseRequest { reservation_id: id }).await.unwrap().into_inner().found);
+        assert!(
+            decode
+                .release(v1::ReleaseRequest { reservation_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .found
+        );
     }
 
     let done = running.await.unwrap();

@@ -31,7 +31,9 @@ struct Permit;
 
 impl Permit {
     fn take() -> Permit {
-        let mut busy = BUSY.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut busy = BUSY
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         while *busy {
             busy = FREED
                 .wait(busy)
@@ -44,7 +46,9 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        *BUSY.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+        *BUSY
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
         FREED.notify_one();
     }
 }
@@ -158,7 +162,10 @@ fn request(url: &str, path: &str, body: Bytes) -> hyper::Request<Full<Bytes>> {
 
 /// POSTs raw bytes; returns the status and the body as JSON (or as a JSON string if not JSON).
 pub async fn post_raw(url: &str, path: &str, body: impl Into<Bytes>) -> (u16, Value) {
-    let resp = client().request(request(url, path, body.into())).await.unwrap();
+    let resp = client()
+        .request(request(url, path, body.into()))
+        .await
+        .unwrap();
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     let v = serde_json::from_slice(&bytes)
@@ -257,8 +264,8 @@ pub fn chat(model: &str, messages: Value, max_tokens: u32) -> Value {
     })
 }
 
-/// The token ids `tandem generate --json` produces (the single-process reference).
-pub fn generate(prompt: &str, chat: bool, max_tokens: u32) -> Vec<u32> {
+/// The prompt and output token ids of `tandem generate --json` (the single-process reference).
+pub fn generate(prompt: &str, chat: bool, max_tokens: u32) -> (Vec<u32>, Vec<u32>) {
     let mut cmd = Command::new(BIN);
     cmd.args(["generate", "--json", "--model"])
         .arg(model_path())
@@ -273,9 +280,13 @@ pub fn generate(prompt: &str, chat: bool, max_tokens: u32) -> Vec<u32> {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["tokens"]
-        .as_array()
-        .unwrap()
+    (ids(&v["prompt_ids"]), ids(&v["tokens"]))
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array of token ids: {v}"))
         .iter()
         .map(|t| t.as_u64().unwrap() as u32)
         .collect()

@@ -1,0 +1,147 @@
+//! The JSON shapes of OpenAI responses: whole bodies and streamed chunks.
+use serde_json::{Value, json};
+use tandem_engine::FinishReason;
+
+use crate::request::Kind;
+
+/// What every response and chunk of one request repeats.
+#[derive(Debug, Clone)]
+pub(crate) struct Meta {
+    pub(crate) kind: Kind,
+    pub(crate) id: String,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    /// `stream_options.include_usage`: chunks carry `"usage": null`, and a usage chunk ends.
+    pub(crate) include_usage: bool,
+}
+
+pub(crate) fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+pub(crate) fn usage(prompt: usize, completion: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
+
+impl Meta {
+    fn chunk_object(&self) -> &'static str {
+        match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        }
+    }
+
+    fn chunk(&self, choices: Value) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": self.chunk_object(),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    /// The first chat chunk: the assistant's role, no text yet.
+    pub(crate) fn role_chunk(&self) -> Value {
+        self.chunk(json!([{
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": null,
+            "finish_reason": null,
+        }]))
+    }
+
+    /// A chunk of generated text.
+    pub(crate) fn text_chunk(&self, text: &str) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => json!({
+                "index": 0,
+                "delta": {"content": text},
+                "logprobs": null,
+                "finish_reason": null,
+            }),
+            Kind::Completion => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": null,
+            }),
+        };
+        self.chunk(json!([choice]))
+    }
+
+    /// The chunk that ends the choice: no text, the finish reason.
+    pub(crate) fn finish_chunk(&self, finish: FinishReason) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => json!({
+                "index": 0,
+                "delta": {},
+                "logprobs": null,
+                "finish_reason": finish_str(finish),
+            }),
+            Kind::Completion => json!({
+                "index": 0,
+                "text": "",
+                "logprobs": null,
+                "finish_reason": finish_str(finish),
+            }),
+        };
+        self.chunk(json!([choice]))
+    }
+
+    /// With `include_usage`, the last chunk before `[DONE]`: no choices, the usage.
+    pub(crate) fn usage_chunk(&self, prompt: usize, completion: usize) -> Value {
+        let mut v = self.chunk(json!([]));
+        v["usage"] = usage(prompt, completion);
+        v
+    }
+
+    /// The whole (non-streamed) response body.
+    pub(crate) fn body(
+        &self,
+        text: &str,
+        finish: FinishReason,
+        prompt: usize,
+        completion: usize,
+    ) -> Value {
+        let (object, choice) = match self.kind {
+            Kind::Chat => (
+                "chat.completion",
+                json!({
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": null,
+                    "finish_reason": finish_str(finish),
+                }),
+            ),
+            Kind::Completion => (
+                "text_completion",
+                json!({
+                    "index": 0,
+                    "text": text,
+                    "logprobs": null,
+                    "finish_reason": finish_str(finish),
+                }),
+            ),
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(prompt, completion),
+        })
+    }
+}

@@ -1,0 +1,105 @@
+//! The streamed response: a [`Generation`] turned into OpenAI's SSE chunk sequence.
+//!
+//! Order: (chat only) a role chunk; one chunk per piece of text; a chunk with the finish reason;
+//! with `include_usage` a chunk with empty `choices` and the usage; then `data: [DONE]`. An error
+//! after the stream started is one `data: {"error": ...}` event, and the stream ends there.
+use std::convert::Infallible;
+
+use axum::response::sse::Event;
+use futures::Stream;
+
+use crate::generation::Generation;
+use crate::request::Kind;
+use crate::response::Meta;
+
+enum Phase {
+    Role,
+    Text,
+    Usage,
+    Done,
+    Ended,
+}
+
+struct SseState {
+    meta: Meta,
+    generation: Generation,
+    phase: Phase,
+    /// Events ready to go out before the generation is read again.
+    queued: Vec<Event>,
+}
+
+fn event(v: &serde_json::Value) -> Event {
+    Event::default().data(v.to_string())
+}
+
+impl SseState {
+    async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if !self.queued.is_empty() {
+                return Some(self.queued.remove(0));
+            }
+            match self.phase {
+                Phase::Role => {
+                    self.phase = Phase::Text;
+                    if self.meta.kind == Kind::Chat {
+                        return Some(event(&self.meta.role_chunk()));
+                    }
+                }
+                Phase::Text => match self.generation.next().await {
+                    Some(Ok(piece)) => {
+                        if !piece.text.is_empty() {
+                            self.queued.push(event(&self.meta.text_chunk(&piece.text)));
+                        }
+                        if let Some(f) = piece.finish {
+                            self.queued.push(event(&self.meta.finish_chunk(f)));
+                            self.phase = if self.meta.include_usage {
+                                Phase::Usage
+                            } else {
+                                Phase::Done
+                            };
+                        }
+                    }
+                    Some(Err(e)) => {
+                        self.phase = Phase::Ended;
+                        return Some(event(&e.body()));
+                    }
+                    None => {
+                        // `next` returns None only after the last piece or an error, both of
+                        // which leave this phase; reaching here is a bug, so end cleanly.
+                        self.phase = Phase::Ended;
+                    }
+                },
+                Phase::Usage => {
+                    self.phase = Phase::Done;
+                    let g = &self.generation;
+                    return Some(event(
+                        &self.meta.usage_chunk(g.prompt_tokens, g.completion_tokens),
+                    ));
+                }
+                Phase::Done => {
+                    self.phase = Phase::Ended;
+                    return Some(Event::default().data("[DONE]"));
+                }
+                Phase::Ended => return None,
+            }
+        }
+    }
+}
+
+/// The SSE events of a generation. The stream owns the generation (and so the backend's token
+/// stream): when axum drops the body because the client went away, the generation is cancelled.
+pub(crate) fn events(
+    meta: Meta,
+    generation: Generation,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    let state = SseState {
+        meta,
+        generation,
+        phase: Phase::Role,
+        queued: Vec::new(),
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        let ev = st.next_event().await?;
+        Some((Ok(ev), st))
+    })
+}
