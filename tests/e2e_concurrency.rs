@@ -15,9 +15,12 @@ fn body(model: &str, i: usize, streaming: bool) -> Value {
         "rivers", "stars", "bread", "engines", "music", "winter", "maps", "bees",
     ][i % 8];
     let prompt = format!("Tell me about {topic}. ").repeat(1 + (i * 7) % 40);
-    json!({"model": model, "prompt": prompt, "max_tokens": 4 + (i * 5) % 37, "temperature": 0,
-           "stream": streaming, "stream_options": {"include_usage": true},
-           "return_token_ids": true})
+    let mut body = json!({"model": model, "prompt": prompt, "max_tokens": 4 + (i * 5) % 37,
+                          "temperature": 0, "stream": streaming, "return_token_ids": true});
+    if streaming {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -211,7 +211,8 @@ fn step(shared: &Shared, running: &mut Vec<Running>, stats: &LoopStats, eos: &[u
         let r = running.remove(i);
         inner.release(r.id);
     }
-    drop(inner);
+    // Waiting KV writes, reservations and heartbeats go before the next step.
+    parking_lot::MutexGuard::unlock_fair(inner);
     let dt = t0.elapsed().as_secs_f32().max(1e-6);
     let rate = take.len() as f32 / dt;
     let old = f32::from_bits(stats.tokens_per_s.load(Ordering::Relaxed));

@@ -2,11 +2,14 @@
 //! batch loop.
 //!
 //! One mutex guards the engine and the reservation table together: a reservation's blocks and the
-//! engine's sequence for it must change as one. The batch loop holds it for one step at a time, so
-//! a KV write or a Reserve waits at most one decode step.
+//! engine's sequence for it must change as one. The batch loop holds it for one step at a time and
+//! hands it over fairly after each step (a plain mutex would let the loop take it straight back
+//! and starve KV writes, Reserve and heartbeats), so any of them waits at most one decode step.
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tandem_engine::Engine;
@@ -104,10 +107,7 @@ impl Shared {
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
-        // The state is plain bookkeeping; a panic elsewhere must not stop the worker.
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.lock()
     }
 
     pub fn next_id(&self) -> u64 {

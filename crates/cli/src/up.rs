@@ -277,11 +277,13 @@ async fn wait_ready(
     }
 }
 
-/// Closes every worker's stdin (their signal to stop), waits for them, then kills stragglers.
-async fn shutdown(front: Front, children: Vec<(&str, Child)>) {
-    front.stop().await;
-    for (role, mut child) in children {
+/// Closes every worker's stdin (their signal to stop), waits for them (they deregister from the
+/// router on the way out), kills stragglers, then stops the gateway and the router.
+async fn shutdown(front: Front, mut children: Vec<(&str, Child)>) {
+    for (_, child) in &mut children {
         drop(child.stdin.take());
+    }
+    for (role, mut child) in children {
         match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
             Ok(_) => {}
             Err(_) => {
@@ -290,4 +292,5 @@ async fn shutdown(front: Front, children: Vec<(&str, Child)>) {
             }
         }
     }
+    front.stop().await;
 }
