@@ -85,4 +85,6 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<TokenStream, BackendError>>;
     /// Whether requests can be served now.
     fn readiness(&self) -> Readiness;
+    /// Appends the backend's own metrics (Prometheus text) to `/metrics`.
+    fn render_metrics(&self, _out: &mut String) {}
 }

@@ -11,6 +11,8 @@
 //! Dropping the returned stream (the client went away, or a stop string matched) drops the Decode
 //! call, which makes D cancel the sequence, and releases the reservation explicitly as well.
 use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::backend::{Backend, BackendError, GenerateRequest, Readiness, TokenChunk, TokenStream};
+use crate::metrics::{Histogram, LATENCY_BUCKETS};
 
 /// Deadlines and retries of the two legs.
 #[derive(Debug, Clone)]
@@ -61,6 +64,28 @@ struct Legs {
     router: RouterHandle,
     config: DisaggConfig,
     channels: Mutex<HashMap<String, Channel>>,
+    metrics: LegMetrics,
+}
+
+/// Where the time of the prefill leg went, from the prefill workers' own timings.
+struct LegMetrics {
+    queue: Histogram,
+    compute: Histogram,
+    transfer: Histogram,
+    overlap: Histogram,
+    kv_bytes: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl LegMetrics {
+    fn record(&self, t: &v1::Timings, bytes: u64) {
+        let us = Duration::from_micros;
+        self.queue.observe(us(t.queue_wait_us));
+        self.compute.observe(us(t.compute_us));
+        self.transfer.observe(us(t.transfer_us));
+        self.overlap.observe(us(t.transfer_overlap_us));
+        self.kv_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 impl DisaggBackend {
@@ -70,6 +95,14 @@ impl DisaggBackend {
                 router,
                 config,
                 channels: Mutex::new(HashMap::new()),
+                metrics: LegMetrics {
+                    queue: Histogram::new(LATENCY_BUCKETS),
+                    compute: Histogram::new(LATENCY_BUCKETS),
+                    transfer: Histogram::new(LATENCY_BUCKETS),
+                    overlap: Histogram::new(LATENCY_BUCKETS),
+                    kv_bytes: AtomicU64::new(0),
+                    retries: AtomicU64::new(0),
+                },
             }),
         }
     }
@@ -228,7 +261,12 @@ impl Legs {
             let mut client = PrefillServiceClient::new(self.channel(&worker.grpc_addr)?);
             let result = call(self.config.prefill_timeout, client.prefill(request)).await;
             match result {
-                Ok(answer) => return Ok(answer),
+                Ok(answer) => {
+                    if let Some(t) = &answer.timings {
+                        self.metrics.record(t, answer.kv_bytes);
+                    }
+                    return Ok(answer);
+                }
                 Err(s) if retryable(&s) && attempt < self.config.prefill_retries => {
                     tracing::warn!(
                         request = %req.request_id,
@@ -237,6 +275,7 @@ impl Legs {
                         "prefill failed; retrying on another worker"
                     );
                     tried.push(worker.worker_id.clone());
+                    self.metrics.retries.fetch_add(1, Ordering::Relaxed);
                     worker = self
                         .other_prefill(&req.model, &tried)
                         .ok_or_else(|| status_error("prefill worker", s))?;
@@ -263,6 +302,40 @@ impl Backend for DisaggBackend {
             ready: p > 0 && d > 0,
             detail: format!("{p} prefill and {d} decode workers ready"),
         }
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        let m = &self.inner.metrics;
+        m.queue.render(
+            out,
+            "tandem_prefill_queue_seconds",
+            "Prefill queue wait, as the prefill workers measured it.",
+        );
+        m.compute.render(
+            out,
+            "tandem_prefill_compute_seconds",
+            "Prefill forward passes over the prompt, first token included.",
+        );
+        m.transfer.render(
+            out,
+            "tandem_kv_transfer_seconds",
+            "From the first KV byte sent to the decode worker's acknowledgement.",
+        );
+        m.overlap.render(
+            out,
+            "tandem_kv_transfer_overlap_seconds",
+            "The part of the KV transfer that ran while the prefill was still computing.",
+        );
+        let bytes = m.kv_bytes.load(Ordering::Relaxed);
+        let retries = m.retries.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP tandem_kv_transfer_bytes_total KV payload bytes sent to decode workers.\n# TYPE tandem_kv_transfer_bytes_total counter\ntandem_kv_transfer_bytes_total {bytes}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tandem_prefill_retries_total Prefills run again on another worker after a failure.\n# TYPE tandem_prefill_retries_total counter\ntandem_prefill_retries_total {retries}"
+        );
     }
 }
 

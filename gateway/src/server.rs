@@ -99,7 +99,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics().render(),
+        {
+            let mut text = state.metrics().render();
+            state.config().backend.render_metrics(&mut text);
+            text
+        },
     )
         .into_response()
 }

@@ -176,6 +176,31 @@ async fn equivalence(prefills: usize, decodes: usize, shm: bool) {
             assert_eq!(got, want, "prompt of {len} tokens, {params:?}");
         }
     }
+    // Every one of the 16 prefills reported its timings and KV bytes.
+    let mut text = String::new();
+    c.backend.render_metrics(&mut text);
+    assert!(
+        text.contains("tandem_kv_transfer_seconds_count 16\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tandem_prefill_compute_seconds_count 16\n"),
+        "{text}"
+    );
+    let bytes: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tandem_kv_transfer_bytes_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Each prompt's blocks, whole, for every layer: K and V of 16 tokens x kv_heads x head_dim.
+    let c0 = model.config();
+    let per_block = 2 * 16 * c0.kv_heads * c0.head_dim * 4 * c0.layers;
+    let blocks: usize = [1usize, 5, 16, 17, 24, 40, 48, 100]
+        .iter()
+        .map(|l| l.div_ceil(16))
+        .sum();
+    assert_eq!(bytes, (2 * blocks * per_block) as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
