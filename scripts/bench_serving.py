@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Serving figures for BENCHMARKS.md: TTFT and ITL through `tandem up` (1 prefill + 1 decode worker)
+at 1 and 16 concurrent streams, beside `tandem generate` on prompts of the same length in the same
+script, and the share of TTFT spent in the KV transfer (from the gateway's /metrics, which carry the
+prefill workers' own timings). Usage: scripts/bench_serving.py [--requests N] [--transport tcp|shm]"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "tandem")
+MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+ISL, OSL = 128, 64
+
+
+def metrics(url):
+    text = urllib.request.urlopen(url + "/metrics").read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def find(obj, key):
+    """The first value under `key` anywhere in a JSON tree."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        for v in obj:
+            r = find(v, key)
+            if r is not None:
+                return r
+    return None
+
+
+def serve(concurrency, requests, transport):
+    up = subprocess.Popen([BIN, "up", "--port", "0", "--json", "--model", MODEL,
+                           "--transport", transport],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        ready = json.loads(up.stdout.readline())
+        url = ready["url"]
+        before = metrics(url)
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            subprocess.run([BIN, "bench", "--url", url, "--model", ready["model"], "--api",
+                            "completions", "--isl", str(ISL), "--osl", str(OSL), "--concurrency",
+                            str(concurrency), "--requests", str(requests), "--warmup", "2",
+                            "--tokenizer", MODEL, "--quiet", "--json", out.name],
+                           check=True, stdout=subprocess.DEVNULL)
+            summary = json.load(open(out.name))
+        after = metrics(url)
+    finally:
+        up.terminate()
+        up.wait(timeout=30)
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return {
+        "ttft_p50_ms": find(summary, "ttft_ms")["p50"],
+        "itl_p50_ms": find(summary, "itl_ms")["p50"],
+        "tokens_per_s": find(summary, "output_token_throughput"),
+        "transfer_ms": 1000 * d["tandem_kv_transfer_seconds_sum"] / d["tandem_kv_transfer_seconds_count"],
+        "overlap_ms": 1000 * d["tandem_kv_transfer_overlap_seconds_sum"] / d["tandem_kv_transfer_overlap_seconds_count"],
+        "ttft_mean_ms": 1000 * d["tandem_gateway_time_to_first_token_seconds_sum"] / d["tandem_gateway_time_to_first_token_seconds_count"],
+    }
+
+
+def single_process():
+    prompt = " ".join(["token"] * (ISL - 1))
+    out = subprocess.run([BIN, "generate", "--json", "--model", MODEL, "--prompt", prompt,
+                          "--max-tokens", str(OSL), "--ignore-eos"],
+                         check=True, capture_output=True, text=True)
+    v = json.loads(out.stdout)
+    return {"prompt_tokens": v["prompt_tokens"],
+            "ttft_ms": 1000 * v["prompt_tokens"] / v["prefill_tokens_per_s"],
+            "itl_ms": 1000 / v["decode_tokens_per_s"]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--transport", default="tcp")
+    a = ap.parse_args()
+    if not os.path.exists(BIN):
+        sys.exit("build first: cargo build --release -p tandem-cli")
+    ref = single_process()
+    print(f"tandem generate (one process, {ref['prompt_tokens']} prompt tokens, {OSL} output): "
+          f"TTFT {ref['ttft_ms']:.1f} ms, ITL {ref['itl_ms']:.2f} ms")
+    for c in (1, 16):
+        r = serve(c, a.requests, a.transport)
+        share = r["transfer_ms"] / r["ttft_mean_ms"]
+        hidden = r["overlap_ms"] / r["transfer_ms"] if r["transfer_ms"] else 0
+        print(f"tandem up 1P+1D {a.transport}, concurrency {c:2}: TTFT p50 {r['ttft_p50_ms']:.1f} ms, "
+              f"ITL p50 {r['itl_p50_ms']:.2f} ms, {r['tokens_per_s']:.0f} output tokens/s; "
+              f"KV transfer {r['transfer_ms']:.2f} ms = {100 * share:.1f}% of mean TTFT "
+              f"{r['ttft_mean_ms']:.1f} ms, {100 * hidden:.0f}% of it overlapped with compute")
+
+
+if __name__ == "__main__":
+    main()
