@@ -158,9 +158,12 @@ impl Legs {
             max_new_tokens: req.sampling.max_tokens,
             lease_ms: self.config.lease.as_millis() as u32,
         };
-        let reservation = call(self.config.control_timeout, decode.reserve(reserve))
-            .await
-            .map_err(|s| status_error("decode worker", s))?;
+        let reservation = call(
+            self.config.control_timeout,
+            decode.reserve(timed(reserve, self.config.control_timeout)),
+        )
+        .await
+        .map_err(|s| status_error("decode worker", s))?;
         // From here on the reservation is ours to free, whatever happens.
         let mut release = ReleaseOnDrop {
             client: Some(decode.clone()),
@@ -259,7 +262,8 @@ impl Legs {
                 priority: 0,
             };
             let mut client = PrefillServiceClient::new(self.channel(&worker.grpc_addr)?);
-            let result = call(self.config.prefill_timeout, client.prefill(request)).await;
+            let timeout = self.config.prefill_timeout;
+            let result = call(timeout, client.prefill(timed(request, timeout))).await;
             match result {
                 Ok(answer) => {
                     if let Some(t) = &answer.timings {
@@ -366,7 +370,7 @@ impl Drop for ReleaseOnDrop {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let req = v1::ReleaseRequest { reservation_id: id };
-                if let Err(s) = call(timeout, client.release(req)).await {
+                if let Err(s) = call(timeout, client.release(timed(req, timeout))).await {
                     tracing::debug!(reservation = id, status = %s.message(), "release failed");
                 }
             });
@@ -374,7 +378,15 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
-/// A unary call with its deadline stated to the server and enforced here.
+/// A request that states its deadline to the server (grpc-timeout), so that a worker drops work
+/// nobody waits for any more.
+fn timed<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.set_timeout(timeout);
+    r
+}
+
+/// A unary call, with its deadline also enforced here.
 async fn call<T, F>(timeout: Duration, fut: F) -> Result<T, Status>
 where
     F: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -436,7 +448,11 @@ fn router_error(e: RouterError) -> BackendError {
             retry_after: Some(Duration::from_millis(100)),
         },
         RouterError::InvalidArgument(m) => BackendError::Invalid(m),
-        RouterError::UnknownModel(m) => BackendError::Invalid(format!("unknown model {m:?}")),
+        // The gateway has already checked the name against the model it serves: no worker for it
+        // has registered (yet, or any more), which is a missing worker, not a bad request.
+        RouterError::UnknownModel(m) => {
+            BackendError::Unavailable(format!("no ready worker serves model {m:?}"))
+        }
         other => BackendError::Internal(other.to_string()),
     }
 }

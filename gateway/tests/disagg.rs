@@ -308,3 +308,28 @@ async fn a_prefill_worker_that_cannot_be_reached_is_retried_on_another() {
         assert_eq!(run(&c.backend, &format!("f{i}"), &p, &params).await, want);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_workers_a_request_is_unavailable_and_the_backend_not_ready() {
+    let handle = tandem_router::spawn(
+        tandem_router::RouterConfig::default(),
+        Box::new(tandem_router::LeastLoaded),
+    );
+    let backend = DisaggBackend::new(handle, DisaggConfig::default());
+    let ready = backend.readiness();
+    assert_eq!(
+        (ready.ready, ready.detail.as_str()),
+        (false, "0 prefill and 0 decode workers ready")
+    );
+    let req = GenerateRequest {
+        request_id: "none".into(),
+        model: "tiny".into(),
+        prompt_tokens: vec![1, 2, 3],
+        sampling: SamplingParams::greedy(4),
+    };
+    match backend.generate(req).await {
+        Err(tandem_gateway::BackendError::Unavailable(m)) => assert!(m.contains("no ready"), "{m}"),
+        Err(e) => panic!("expected Unavailable, got {e:?}"),
+        Ok(_) => panic!("expected Unavailable, got a stream"),
+    }
+}
