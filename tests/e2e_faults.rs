@@ -367,6 +367,6 @@ async fn bad_kv_frames_are_refused_and_a_request_beside_them_finishes() {
 
     let done = running.await.unwrap();
     assert!(done.done, "the stream beside the bad frames did not finish");
-    assert_eq!(done.text().is_empty(), false);
+    assert!(!done.text().is_empty());
     eventually("the workers going idle", async || idle(&up).await).await;
 }

@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod generate;
+mod profile;
 mod roles;
 mod up;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt in this process (the single-process reference).
     Generate(generate::GenerateArgs),
+    /// Measure the native engine's step times into a profile for `tandem plan --profile`.
+    Profile(profile::ProfileArgs),
     /// Size a cluster for a workload: GPUs, nodes and the prefill:decode ratio.
     Plan(tandem_sim::PlanArgs),
     /// Load-test an OpenAI-compatible endpoint: TTFT, ITL, throughput, goodput.
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Profile(args) => profile::run(args),
         Command::Plan(args) => {
             print!("{}", tandem_sim::run_plan(&args)?);
             Ok(())

@@ -1,0 +1,285 @@
+//! `tandem profile`: measures the native engine (prefill step time against prompt length and batch;
+//! decode step time against batch and context) and writes the profile file that `tandem plan
+//! --profile` fits its `profiled` performance model to.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use tandem_engine::{Engine, Model, StepItem};
+use tandem_sim::profile::{DecodeSample, PROFILE_FORMAT, PrefillSample, ProfileFile, Profiled};
+
+#[derive(Args, Debug)]
+pub struct ProfileArgs {
+    /// Model: a GGUF file or a safetensors checkpoint directory (default: the fetched SmolLM2).
+    #[arg(long, env = "TANDEM_MODEL")]
+    model: Option<PathBuf>,
+    /// Where to write the profile.
+    #[arg(long, default_value = "profile.json")]
+    out: PathBuf,
+    /// Prompt lengths of the prefill samples.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,128,256,512")]
+    prompt_lens: Vec<usize>,
+    /// Prompts per prefill step.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    prefill_batches: Vec<usize>,
+    /// Sequences per decode step.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    decode_batches: Vec<usize>,
+    /// Context length of each decoding sequence.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,512")]
+    contexts: Vec<usize>,
+    /// Timed repetitions per shape; the median is kept.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// KV memory of the decode worker being profiled, in MiB (the profile's KV capacity).
+    #[arg(long, default_value_t = 1024)]
+    kv_memory_mb: usize,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "TANDEM_THREADS")]
+    threads: Option<usize>,
+}
+
+/// The shapes to measure.
+#[derive(Debug, Clone)]
+pub struct Shapes {
+    pub prompt_lens: Vec<usize>,
+    pub prefill_batches: Vec<usize>,
+    pub decode_batches: Vec<usize>,
+    pub contexts: Vec<usize>,
+    pub reps: usize,
+}
+
+/// Measures `model` over `shapes`. Token ids are a fixed pseudo-random sequence: step time does
+/// not depend on which tokens they are.
+pub fn measure(
+    model: &Arc<Model>,
+    shapes: &Shapes,
+) -> anyhow::Result<(Vec<PrefillSample>, Vec<DecodeSample>)> {
+    let vocab = model.config().vocab as u32;
+    let tokens = |n: usize, salt: usize| -> Vec<u32> {
+        (0..n)
+            .map(|i| ((i * 7919 + salt * 104_729) as u32) % vocab)
+            .collect()
+    };
+    let bs = tandem_engine::kv::BLOCK_SIZE;
+    let reps = shapes.reps.max(1);
+    let mut prefill = Vec::new();
+    for &len in &shapes.prompt_lens {
+        for &batch in &shapes.prefill_batches {
+            let mut engine = Engine::new(model.clone(), batch * len.div_ceil(bs) + 1);
+            let prompts: Vec<Vec<u32>> = (0..batch).map(|b| tokens(len, b)).collect();
+            let mut times = Vec::with_capacity(reps);
+            for rep in 0..reps {
+                let ids: Vec<u64> = (0..batch as u64).map(|b| rep as u64 * 1000 + b).collect();
+                for &id in &ids {
+                    engine.add_sequence(id)?;
+                }
+                let items: Vec<StepItem<'_>> = ids
+                    .iter()
+                    .zip(&prompts)
+                    .map(|(&seq, p)| StepItem {
+                        seq,
+                        tokens: p,
+                        logits: true,
+                    })
+                    .collect();
+                let t0 = Instant::now();
+                engine.step(&items)?;
+                times.push(t0.elapsed().as_secs_f64());
+                for &id in &ids {
+                    engine.release(id)?;
+                }
+            }
+            prefill.push(PrefillSample {
+                prompt_lens: vec![len as u32; batch],
+                cached_lens: Vec::new(),
+                seconds: median(&mut times),
+            });
+        }
+    }
+    let max_batch = shapes.decode_batches.iter().copied().max().unwrap_or(1);
+    let mut decode = Vec::new();
+    for &ctx in &shapes.contexts {
+        // Room for the context plus every timed step of every batch.
+        let steps = reps * shapes.decode_batches.len();
+        let mut engine = Engine::new(model.clone(), max_batch * (ctx + steps).div_ceil(bs) + 1);
+        let prompts: Vec<Vec<u32>> = (0..max_batch).map(|b| tokens(ctx, b + 17)).collect();
+        for (id, p) in prompts.iter().enumerate() {
+            engine.add_sequence(id as u64)?;
+            engine.prefill(&[(id as u64, p)], 512)?;
+        }
+        for &batch in &shapes.decode_batches {
+            let mut times = Vec::with_capacity(reps);
+            let mut context = 0u64;
+            for rep in 0..reps {
+                let next: Vec<[u32; 1]> =
+                    (0..batch).map(|b| [((rep + b) as u32) % vocab]).collect();
+                let items: Vec<StepItem<'_>> = next
+                    .iter()
+                    .enumerate()
+                    .map(|(b, t)| StepItem {
+                        seq: b as u64,
+                        tokens: t,
+                        logits: true,
+                    })
+                    .collect();
+                context = (0..batch as u64)
+                    .map(|b| engine.seq_len(b).unwrap_or(0) as u64 + 1)
+                    .sum();
+                let t0 = Instant::now();
+                engine.step(&items)?;
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            decode.push(DecodeSample {
+                batch: batch as u32,
+                context_tokens: context,
+                seconds: median(&mut times),
+            });
+        }
+    }
+    Ok((prefill, decode))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn hardware() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpu}, {} compute threads", rayon::current_num_threads())
+}
+
+fn weight_bytes(path: &Path) -> u64 {
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    } else {
+        std::fs::metadata(path).map_or(0, |m| m.len())
+    }
+}
+
+pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up compute threads")?;
+    }
+    let path = args
+        .model
+        .clone()
+        .unwrap_or_else(tandem_runtime::default_model_path);
+    let loaded =
+        tandem_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let model = Arc::new(loaded.model);
+    let shapes = Shapes {
+        prompt_lens: args.prompt_lens,
+        prefill_batches: args.prefill_batches,
+        decode_batches: args.decode_batches,
+        contexts: args.contexts,
+        reps: args.reps,
+    };
+    eprintln!("profiling {} ...", path.display());
+    let (prefill, decode) = measure(&model, &shapes)?;
+    let geom = Engine::geometry_for(&model, 1);
+    let profile = ProfileFile {
+        format: PROFILE_FORMAT,
+        model: crate::roles::model_name(&path),
+        hardware: hardware(),
+        engine: "native".into(),
+        tensor_parallel: 1,
+        kv_bytes_per_token: geom.bytes_per_token() as u64,
+        kv_blocks: ((args.kv_memory_mb << 20) / (geom.layer_bytes(1) * geom.layers).max(1)) as u64,
+        weight_bytes: weight_bytes(&path),
+        prefill,
+        decode,
+    };
+    let fitted = Profiled::from_profile(profile.clone())?;
+    std::fs::write(&args.out, profile.to_json())
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let (p, d) = (fitted.prefill_fit, fitted.decode_fit);
+    println!(
+        "wrote {} ({} prefill, {} decode samples)\nprefill fit: mean error {:.1}%, max {:.1}%\ndecode fit: mean error {:.1}%, max {:.1}%",
+        args.out.display(),
+        p.samples,
+        d.samples,
+        100.0 * p.mean_rel_err,
+        100.0 * p.max_rel_err,
+        100.0 * d.mean_rel_err,
+        100.0 * d.max_rel_err
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_of_the_tiny_model_has_every_shape_and_fits() {
+        let model = Arc::new(tandem_engine::tiny::tiny_model(3, true).unwrap().0);
+        let shapes = Shapes {
+            prompt_lens: vec![8, 32, 64],
+            prefill_batches: vec![1, 3],
+            decode_batches: vec![1, 2, 5],
+            contexts: vec![16, 40],
+            reps: 2,
+        };
+        let (prefill, decode) = measure(&model, &shapes).unwrap();
+        let lens: Vec<Vec<u32>> = prefill.iter().map(|s| s.prompt_lens.clone()).collect();
+        assert_eq!(
+            lens,
+            vec![
+                vec![8],
+                vec![8; 3],
+                vec![32],
+                vec![32; 3],
+                vec![64],
+                vec![64; 3]
+            ]
+        );
+        // Each decode sample attends to its batch's contexts (plus the step's own token).
+        let shape: Vec<(u32, u64)> = decode.iter().map(|s| (s.batch, s.context_tokens)).collect();
+        assert_eq!(shape.len(), 6);
+        assert_eq!(shape[0], (1, 16 + 2));
+        assert_eq!(shape[3], (1, 40 + 2));
+        assert!(prefill.iter().all(|s| s.seconds > 0.0));
+        assert!(decode.iter().all(|s| s.seconds > 0.0));
+        let profile = ProfileFile {
+            format: PROFILE_FORMAT,
+            model: "tiny".into(),
+            hardware: hardware(),
+            engine: "native".into(),
+            tensor_parallel: 1,
+            kv_bytes_per_token: 1024,
+            kv_blocks: 64,
+            weight_bytes: 1,
+            prefill,
+            decode,
+        };
+        let dir = std::env::temp_dir().join(format!("tandem-profile-{}.json", std::process::id()));
+        std::fs::write(&dir, profile.to_json()).unwrap();
+        let back = ProfileFile::read(&dir).unwrap();
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!(back, profile);
+        assert!(Profiled::from_profile(back).is_ok());
+    }
+}
