@@ -1,5 +1,6 @@
 //! Greedy output through `tandem up` equals `tandem generate`, token for token: 8 prompts (short,
-//! long and chunked, chat, multi-turn), with 1P+1D and 2P+2D, over tcp and over shm.
+//! long and chunked, chat, multi-turn), with 1P+1D and 2P+2D, over tcp and over shm, and with two
+//! aggregated workers (chunked prefill inside the continuous batch, no KV transfer).
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -192,6 +193,21 @@ async fn two_prefill_two_decode_over_shm() {
         "2",
         "--transport",
         "shm",
+        "--step-tokens",
+        "64",
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_aggregated_workers() {
+    check(&[
+        "--prefill",
+        "0",
+        "--decode",
+        "0",
+        "--aggregated",
+        "2",
         "--step-tokens",
         "64",
     ])

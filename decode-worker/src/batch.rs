@@ -26,6 +26,30 @@ pub struct Joiner {
     pub tx: UnboundedSender<ChunkResult>,
 }
 
+/// Aggregated mode: a prompt to compute inside the running batch, into its own reservation.
+pub struct PrefillJob {
+    pub reservation_id: u64,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub cancel: Arc<AtomicBool>,
+    pub reply: tokio::sync::oneshot::Sender<Result<Prefilled, Status>>,
+}
+
+/// A computed prompt: its first token and when its compute started and ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Prefilled {
+    pub first_token: u32,
+    pub finish: Option<FinishReason>,
+    pub started: Instant,
+    pub finished: Instant,
+}
+
+struct Prefilling {
+    job: PrefillJob,
+    done: usize,
+    started: Option<Instant>,
+}
+
 struct Running {
     id: u64,
     prompt_tokens: usize,
@@ -43,6 +67,10 @@ pub struct LoopStats {
     /// Tokens per second over the batch, as f32 bits (moving average).
     pub tokens_per_s: AtomicU32,
     pub steps: AtomicU64,
+    /// Aggregated mode: prompt tokens accepted and not yet computed.
+    pub queued_prefill_tokens: AtomicU64,
+    /// Aggregated mode: prompt tokens per second (f32 bits, moving average).
+    pub prefill_tokens_per_s: AtomicU32,
 }
 
 /// The loop's inbox.
@@ -55,6 +83,7 @@ pub struct Inbox {
 #[derive(Default)]
 struct Inboxed {
     joiners: VecDeque<Joiner>,
+    prefills: VecDeque<PrefillJob>,
     cancels: Vec<u64>,
     stop: bool,
 }
@@ -71,6 +100,16 @@ impl Inbox {
         self.wake.notify_one();
     }
 
+    pub fn prefill(&self, j: PrefillJob) {
+        self.lock().prefills.push_back(j);
+        self.wake.notify_one();
+    }
+
+    /// Wakes the loop, so that it looks at cancelled prefills.
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
     pub fn cancel(&self, reservation_id: u64) {
         self.lock().cancels.push(reservation_id);
         self.wake.notify_one();
@@ -82,14 +121,34 @@ impl Inbox {
     }
 }
 
+/// Settings of the loop.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopConfig {
+    /// Most tokens per step (decode tokens plus prompt chunks in aggregated mode).
+    pub step_tokens: usize,
+}
+
 /// Runs the loop on the current thread until [`Inbox::stop`].
-pub fn run(shared: Arc<Shared>, inbox: Arc<Inbox>, stats: Arc<LoopStats>, eos: Vec<u32>) {
+pub fn run(
+    shared: Arc<Shared>,
+    inbox: Arc<Inbox>,
+    stats: Arc<LoopStats>,
+    eos: Vec<u32>,
+    cfg: LoopConfig,
+) {
     let mut running: Vec<Running> = Vec::new();
+    let mut prefilling: Vec<Prefilling> = Vec::new();
     let stopped = AtomicBool::new(false);
     while !stopped.load(Ordering::Relaxed) {
-        let (joiners, cancels) = {
+        let (joiners, prefills, cancels) = {
             let mut q = inbox.lock();
-            while q.joiners.is_empty() && q.cancels.is_empty() && running.is_empty() && !q.stop {
+            while q.joiners.is_empty()
+                && q.prefills.is_empty()
+                && q.cancels.is_empty()
+                && running.is_empty()
+                && prefilling.is_empty()
+                && !q.stop
+            {
                 q = inbox
                     .wake
                     .wait(q)
@@ -100,6 +159,7 @@ pub fn run(shared: Arc<Shared>, inbox: Arc<Inbox>, stats: Arc<LoopStats>, eos: V
             }
             (
                 std::mem::take(&mut q.joiners),
+                std::mem::take(&mut q.prefills),
                 std::mem::take(&mut q.cancels),
             )
         };
@@ -113,8 +173,13 @@ pub fn run(shared: Arc<Shared>, inbox: Arc<Inbox>, stats: Arc<LoopStats>, eos: V
                 tx: j.tx,
             });
         }
-        if !cancels.is_empty() || stopped.load(Ordering::Relaxed) {
-            let stop_all = stopped.load(Ordering::Relaxed);
+        prefilling.extend(prefills.into_iter().map(|job| Prefilling {
+            job,
+            done: 0,
+            started: None,
+        }));
+        let stop_all = stopped.load(Ordering::Relaxed);
+        if !cancels.is_empty() || stop_all {
             let mut inner = shared.lock();
             running.retain(|r| {
                 let drop = stop_all || cancels.contains(&r.id);
@@ -128,16 +193,34 @@ pub fn run(shared: Arc<Shared>, inbox: Arc<Inbox>, stats: Arc<LoopStats>, eos: V
                 !drop
             });
         }
-        if running.is_empty() {
+        // A cancelled prefill leaves its reservation filling; Release or the lease frees it.
+        prefilling.retain(|p| {
+            let drop = stop_all || p.job.cancel.load(Ordering::Relaxed);
+            if drop {
+                let left = (p.job.prompt.len() - p.done) as u64;
+                stats
+                    .queued_prefill_tokens
+                    .fetch_sub(left, Ordering::Relaxed);
+            }
+            !drop
+        });
+        if running.is_empty() && prefilling.is_empty() {
             stats.running.store(0, Ordering::Relaxed);
             continue;
         }
-        step(&shared, &mut running, &stats, &eos);
+        step(&shared, &mut running, &mut prefilling, &stats, &eos, cfg);
     }
 }
 
 /// One decode step over every sequence that has room to grow; sequences that do not fit wait.
-fn step(shared: &Shared, running: &mut Vec<Running>, stats: &LoopStats, eos: &[u32]) {
+fn step(
+    shared: &Shared,
+    running: &mut Vec<Running>,
+    prefilling: &mut Vec<Prefilling>,
+    stats: &LoopStats,
+    eos: &[u32],
+    cfg: LoopConfig,
+) {
     let t0 = Instant::now();
     let mut inner = shared.lock();
     // Oldest first: admit sequences while their next position has a block.
@@ -155,7 +238,7 @@ fn step(shared: &Shared, running: &mut Vec<Running>, stats: &LoopStats, eos: &[u
         }
         take.push(i);
     }
-    if take.is_empty() {
+    if take.is_empty() && !running.is_empty() && prefilling.is_empty() {
         // Every sequence needs a block and none is free: the youngest gives its blocks back so
         // that the others can go on (it fails; the gateway may retry it elsewhere).
         if let Some(r) = running.pop() {
@@ -166,8 +249,23 @@ fn step(shared: &Shared, running: &mut Vec<Running>, stats: &LoopStats, eos: &[u
         }
         return;
     }
+    // Prompt chunks fill what the decode tokens leave of the step's budget, oldest first. Their
+    // blocks were reserved whole, so they need none from the free list.
+    let mut room = cfg.step_tokens.saturating_sub(take.len()).max(1);
+    let mut chunks = Vec::new();
+    for (i, p) in prefilling.iter().enumerate() {
+        if room == 0 {
+            break;
+        }
+        let n = (p.job.prompt.len() - p.done).min(room);
+        room -= n;
+        chunks.push((i, p.done..p.done + n));
+    }
+    for (i, _) in &chunks {
+        prefilling[*i].started.get_or_insert(t0);
+    }
     let tokens: Vec<[u32; 1]> = take.iter().map(|&i| [running[i].last]).collect();
-    let items: Vec<StepItem<'_>> = take
+    let mut items: Vec<StepItem<'_>> = take
         .iter()
         .zip(&tokens)
         .map(|(&i, t)| StepItem {
@@ -176,18 +274,45 @@ fn step(shared: &Shared, running: &mut Vec<Running>, stats: &LoopStats, eos: &[u
             logits: true,
         })
         .collect();
+    for (i, r) in &chunks {
+        let p = &prefilling[*i];
+        items.push(StepItem {
+            seq: p.job.reservation_id,
+            tokens: &p.job.prompt[r.clone()],
+            logits: r.end == p.job.prompt.len(),
+        });
+    }
     let result = inner.engine.step(&items);
+    drop(items);
     let ctx = inner.engine.model().config().max_context;
     let logits = match result {
         Ok(l) => l,
         Err(e) => {
             fail_step(&mut inner, running, &take, &e);
+            for (i, _) in chunks.iter().rev() {
+                let p = prefilling.remove(*i);
+                let left = (p.job.prompt.len() - p.done) as u64;
+                stats
+                    .queued_prefill_tokens
+                    .fetch_sub(left, Ordering::Relaxed);
+                let _ = p.job.reply.send(Err(tandem_wire::engine_status(&e)));
+            }
             return;
         }
     };
+    let (decode_logits, prefill_logits) = logits.split_at(take.len());
+    finish_prefills(
+        &mut inner,
+        prefilling,
+        &chunks,
+        prefill_logits,
+        stats,
+        eos,
+        t0,
+    );
     let waiting = running.len() - take.len();
     let mut done = Vec::new();
-    for (&i, l) in take.iter().zip(&logits) {
+    for (&i, l) in take.iter().zip(decode_logits) {
         let r = &mut running[i];
         let token = sample(l, &r.sampling, u64::from(r.generated));
         r.generated += 1;
@@ -225,6 +350,68 @@ fn step(shared: &Shared, running: &mut Vec<Running>, stats: &LoopStats, eos: &[u
     stats.running.store(running.len() as u32, Ordering::Relaxed);
     stats.waiting.store(waiting as u32, Ordering::Relaxed);
     stats.steps.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Advances the prompts this step computed; those whose last chunk it was get their first token
+/// and become complete reservations, ready for Decode.
+fn finish_prefills(
+    inner: &mut crate::state::Inner,
+    prefilling: &mut Vec<Prefilling>,
+    chunks: &[(usize, std::ops::Range<usize>)],
+    logits: &[Vec<f32>],
+    stats: &LoopStats,
+    eos: &[u32],
+    t0: Instant,
+) {
+    let finished = Instant::now();
+    let computed: usize = chunks.iter().map(|(_, r)| r.len()).sum();
+    if computed > 0 {
+        stats
+            .queued_prefill_tokens
+            .fetch_sub(computed as u64, Ordering::Relaxed);
+        let rate = computed as f32 / (finished - t0).as_secs_f32().max(1e-6);
+        let old = f32::from_bits(stats.prefill_tokens_per_s.load(Ordering::Relaxed));
+        let avg = if old == 0.0 {
+            rate
+        } else {
+            0.8 * old + 0.2 * rate
+        };
+        stats
+            .prefill_tokens_per_s
+            .store(avg.to_bits(), Ordering::Relaxed);
+    }
+    let ctx = inner.engine.model().config().max_context;
+    let mut logits = logits.iter();
+    let mut done = Vec::new();
+    for (i, r) in chunks {
+        let p = &mut prefilling[*i];
+        p.done = r.end;
+        if r.end < p.job.prompt.len() {
+            continue;
+        }
+        let Some(l) = logits.next() else {
+            continue;
+        };
+        let first_token = sample(l, &p.job.sampling, 0);
+        let finish = token_finishes(&p.job.sampling, eos, first_token, 1)
+            .or((p.job.prompt.len() + 1 >= ctx).then_some(FinishReason::Length));
+        if let Some(res) = inner.reservations.get_mut(&p.job.reservation_id) {
+            res.phase = Phase::Complete { attempt: 0 };
+        }
+        done.push((
+            *i,
+            Prefilled {
+                first_token,
+                finish,
+                started: p.started.unwrap_or(t0),
+                finished,
+            },
+        ));
+    }
+    for (i, out) in done.into_iter().rev() {
+        let p = prefilling.remove(i);
+        let _ = p.job.reply.send(Ok(out));
+    }
 }
 
 /// A failed step changed nothing in the engine; the sequences in it fail with the error, so that

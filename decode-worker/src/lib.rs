@@ -21,6 +21,7 @@ use tandem_engine::{Engine, Model};
 use tandem_kv_transfer::{ShmRegion, Wire};
 use tandem_proto::v1;
 use tandem_proto::v1::decode_service_server::DecodeServiceServer;
+use tandem_proto::v1::prefill_service_server::PrefillServiceServer;
 use tandem_proto::v1::worker_control_server::WorkerControlServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -75,6 +76,10 @@ pub struct DecodeWorkerConfig {
     pub router: Option<String>,
     /// Lease for a reservation when Reserve asks for none.
     pub default_lease: Duration,
+    /// Aggregated mode: also serve Prefill, with chunked prefill inside the continuous batch.
+    pub aggregated: bool,
+    /// Most tokens per step (decode tokens plus, in aggregated mode, prompt chunks).
+    pub step_tokens: usize,
 }
 
 /// A started worker: its identity and a handle to stop it.
@@ -120,7 +125,12 @@ pub async fn run(
     let kv_addr = cfg.kv_listener.local_addr()?;
     let identity = v1::WorkerIdentity {
         worker_id: String::new(),
-        role: v1::WorkerRole::Decode.into(),
+        role: if cfg.aggregated {
+            v1::WorkerRole::Aggregated
+        } else {
+            v1::WorkerRole::Decode
+        }
+        .into(),
         grpc_addr: format!("{}:{}", cfg.advertise_host, grpc_addr.port()),
         kv_endpoint: format!("{}:{}", cfg.advertise_host, kv_addr.port()),
         kv_transport: match cfg.transport {
@@ -144,12 +154,16 @@ pub async fn run(
         shm_layout,
         default_lease: cfg.default_lease,
         draining: Arc::new(AtomicBool::new(false)),
+        aggregated: cfg.aggregated,
     };
     let loop_thread = {
         let (shared, inbox, stats, eos) = (shared.clone(), inbox.clone(), stats.clone(), cfg.eos);
+        let lc = batch::LoopConfig {
+            step_tokens: cfg.step_tokens,
+        };
         std::thread::Builder::new()
             .name("decode-batch".into())
-            .spawn(move || batch::run(shared, inbox, stats, eos))?
+            .spawn(move || batch::run(shared, inbox, stats, eos, lc))?
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -175,6 +189,7 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .add_service(DecodeServiceServer::new(grpc.clone()))
         .add_service(WorkerControlServer::new(grpc.clone()))
+        .add_service(PrefillServiceServer::new(grpc.clone()))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(cfg.grpc_listener),
             stopped(stop_rx.clone()),

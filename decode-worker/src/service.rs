@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use tandem_proto::v1;
 use tandem_proto::v1::decode_service_server::DecodeService;
+use tandem_proto::v1::prefill_service_server::PrefillService;
 use tandem_proto::v1::worker_control_server::WorkerControl;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::batch::{ChunkResult, Inbox, Joiner, LoopStats, admit};
+use crate::batch::{ChunkResult, Inbox, Joiner, LoopStats, PrefillJob, admit};
 use crate::state::{Phase, Shared};
 
 /// Longest lease a Reserve may ask for.
@@ -27,6 +28,8 @@ pub struct DecodeGrpc {
     pub shm_layout: Option<v1::ShmPoolLayout>,
     pub default_lease: Duration,
     pub draining: Arc<AtomicBool>,
+    /// Aggregated mode: also serves Prefill, computing prompts inside its own batch.
+    pub aggregated: bool,
 }
 
 impl DecodeGrpc {
@@ -40,12 +43,14 @@ impl DecodeGrpc {
             .count() as u32;
         v1::LoadReport {
             state: self.state().into(),
-            queued_prefill_tokens: 0,
+            queued_prefill_tokens: self.stats.queued_prefill_tokens.load(Ordering::Relaxed),
             running_seqs: self.stats.running.load(Ordering::Relaxed),
             waiting_seqs: self.stats.waiting.load(Ordering::Relaxed),
             free_kv_blocks: inner.engine.free_blocks() as u64,
             total_kv_blocks: inner.engine.total_blocks() as u64,
-            prefill_tokens_per_s: 0.0,
+            prefill_tokens_per_s: f32::from_bits(
+                self.stats.prefill_tokens_per_s.load(Ordering::Relaxed),
+            ),
             decode_tokens_per_s: f32::from_bits(self.stats.tokens_per_s.load(Ordering::Relaxed)),
             reservations,
         }
@@ -218,5 +223,110 @@ impl WorkerControl for DecodeGrpc {
         Ok(Response::new(v1::DrainResponse {
             in_flight: load.running_seqs + load.reservations,
         }))
+    }
+}
+
+/// Aggregated mode: the prompt is computed inside this worker's own batch, into its own
+/// reservation; no KV crosses a wire. The destination must be a reservation of this worker.
+#[tonic::async_trait]
+impl PrefillService for DecodeGrpc {
+    async fn prefill(
+        &self,
+        request: Request<v1::PrefillRequest>,
+    ) -> Result<Response<v1::PrefillResponse>, Status> {
+        let arrived = Instant::now();
+        if !self.aggregated {
+            return Err(Status::unimplemented(
+                "this decode worker does not prefill (start it with --aggregated)",
+            ));
+        }
+        let req = request.into_inner();
+        let dest = req
+            .destination
+            .ok_or_else(|| Status::invalid_argument("no KV destination"))?;
+        let sampling = tandem_wire::sampling_from_proto(&req.sampling.unwrap_or_default());
+        sampling
+            .validate()
+            .map_err(|e| tandem_wire::engine_status(&e))?;
+        {
+            let inner = self.shared.lock();
+            let r = inner
+                .reservations
+                .get(&dest.reservation_id)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "reservation {} is not one of this worker's",
+                        dest.reservation_id
+                    ))
+                })?;
+            if r.phase != Phase::Filling || r.prompt_tokens as usize != req.prompt_tokens.len() {
+                return Err(Status::invalid_argument(format!(
+                    "reservation {} is not waiting for a prompt of {} tokens",
+                    dest.reservation_id,
+                    req.prompt_tokens.len()
+                )));
+            }
+        }
+        let n = req.prompt_tokens.len();
+        self.stats
+            .queued_prefill_tokens
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let guard = CancelOnDrop(cancel.clone(), self.inbox.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inbox.prefill(PrefillJob {
+            reservation_id: dest.reservation_id,
+            prompt: req.prompt_tokens,
+            sampling,
+            cancel,
+            reply: tx,
+        });
+        let out = rx
+            .await
+            .unwrap_or_else(|_| Err(Status::unavailable("decode worker stopping")))?;
+        drop(guard.disarm());
+        let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros() as u64;
+        Ok(Response::new(v1::PrefillResponse {
+            request_id: req.request_id,
+            first_token: out.first_token,
+            finish: tandem_wire::finish_to_proto(out.finish).into(),
+            prompt_tokens: n as u32,
+            timings: Some(v1::Timings {
+                queue_wait_us: us(arrived, out.started),
+                compute_us: us(out.started, out.finished),
+                transfer_us: 0,
+                transfer_overlap_us: 0,
+                total_us: us(arrived, Instant::now()),
+            }),
+            kv_frames: 0,
+            kv_bytes: 0,
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        _request: Request<v1::CancelRequest>,
+    ) -> Result<Response<v1::CancelResponse>, Status> {
+        // A caller that gives up drops its Prefill call, which cancels the work; by request id
+        // there is nothing more to find here.
+        Ok(Response::new(v1::CancelResponse { found: false }))
+    }
+}
+
+/// Cancels an aggregated prefill when its handler is dropped before the answer.
+struct CancelOnDrop(Arc<AtomicBool>, Arc<Inbox>);
+
+impl CancelOnDrop {
+    fn disarm(self) -> Arc<AtomicBool> {
+        let flag = self.0.clone();
+        std::mem::forget(self);
+        flag
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        self.1.poke();
     }
 }

@@ -128,13 +128,15 @@ impl Legs {
     }
 
     /// Another ready prefill worker for the model, not among `tried`, with the least queued work.
+    /// Only prefill workers qualify: an aggregated worker computes prompts into its own
+    /// reservations only.
     fn other_prefill(&self, model: &str, tried: &[String]) -> Option<Arc<v1::WorkerIdentity>> {
         let set = self.router.workers();
         set.workers
             .iter()
             .filter(|w| {
                 w.load.state == WorkerState::Ready
-                    && w.role.serves(Leg::Prefill)
+                    && w.role == tandem_router::Role::Prefill
                     && (model.is_empty() || w.identity.model == model)
                     && !tried.contains(&w.identity.worker_id)
             })
@@ -170,13 +172,14 @@ impl Legs {
             reservation_id: reservation.reservation_id,
             timeout: self.config.control_timeout,
         };
+        // An aggregated decode worker computes the prompt itself, in its own batch.
+        let prefill_worker = if placement.decode.role == v1::WorkerRole::Aggregated as i32 {
+            placement.decode.clone()
+        } else {
+            placement.prefill.clone()
+        };
         let answer = self
-            .prefill(
-                &req,
-                &placement.decode,
-                &reservation,
-                placement.prefill.clone(),
-            )
+            .prefill(&req, &placement.decode, &reservation, prefill_worker)
             .await?;
         let first = TokenChunk {
             tokens: vec![answer.first_token],

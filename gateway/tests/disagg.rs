@@ -26,6 +26,16 @@ fn tiny() -> Arc<Model> {
 }
 
 async fn cluster(model: &Arc<Model>, prefills: usize, decodes: usize, shm: bool) -> Cluster {
+    cluster_with(model, prefills, decodes, 0, shm).await
+}
+
+async fn cluster_with(
+    model: &Arc<Model>,
+    prefills: usize,
+    decodes: usize,
+    aggregated: usize,
+    shm: bool,
+) -> Cluster {
     let handle = tandem_router::spawn(
         tandem_router::RouterConfig::default(),
         Box::new(tandem_router::LeastLoaded),
@@ -42,7 +52,7 @@ async fn cluster(model: &Arc<Model>, prefills: usize, decodes: usize, shm: bool)
         handle.clone(),
     ));
     let mut decode_addrs = Vec::new();
-    for i in 0..decodes {
+    for i in 0..decodes + aggregated {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         decode_addrs.push(grpc.local_addr().unwrap().to_string());
         let transport = if shm {
@@ -66,6 +76,9 @@ async fn cluster(model: &Arc<Model>, prefills: usize, decodes: usize, shm: bool)
             advertise_host: "127.0.0.1".into(),
             router: Some(router_addr.clone()),
             default_lease: Duration::from_secs(30),
+            aggregated: i >= decodes,
+            // Small steps, so that prompts over 24 tokens are chunked inside the batch.
+            step_tokens: 24,
         };
         let (tx, rx) = oneshot::channel::<()>();
         stops.push(tx);
@@ -95,8 +108,8 @@ async fn cluster(model: &Arc<Model>, prefills: usize, decodes: usize, shm: bool)
     let backend = DisaggBackend::new(handle.clone(), DisaggConfig::default());
     for _ in 0..200 {
         let set = handle.workers();
-        if set.ready_for(tandem_router::Leg::Prefill) == prefills
-            && set.ready_for(tandem_router::Leg::Decode) == decodes
+        if set.ready_for(tandem_router::Leg::Prefill) == prefills + aggregated
+            && set.ready_for(tandem_router::Leg::Decode) == decodes + aggregated
         {
             break;
         }
@@ -166,16 +179,24 @@ fn sampled(max: u32, seed: u64) -> SamplingParams {
 async fn equivalence(prefills: usize, decodes: usize, shm: bool) {
     let model = tiny();
     let c = cluster(&model, prefills, decodes, shm).await;
+    same_as_one_engine(&model, &c).await;
+    check_leg_metrics(&model, &c);
+}
+
+async fn same_as_one_engine(model: &Arc<Model>, c: &Cluster) {
     // Lengths around block (16) and step (24) boundaries; 100 spans five steps.
     for (i, len) in [1usize, 5, 16, 17, 24, 40, 48, 100].into_iter().enumerate() {
         let p = prompt(len, i as u32);
         for params in [SamplingParams::greedy(12), sampled(9, i as u64)] {
-            let want = reference(&model, &p, &params);
+            let want = reference(model, &p, &params);
             assert_eq!(want.len(), params.max_tokens as usize);
             let got = run(&c.backend, &format!("r{i}"), &p, &params).await;
             assert_eq!(got, want, "prompt of {len} tokens, {params:?}");
         }
     }
+}
+
+fn check_leg_metrics(model: &Arc<Model>, c: &Cluster) {
     // Every one of the 16 prefills reported its timings and KV bytes.
     let mut text = String::new();
     c.backend.render_metrics(&mut text);
@@ -211,6 +232,24 @@ async fn one_prefill_one_decode_over_tcp_equals_one_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_prefill_two_decode_over_shm_equals_one_engine() {
     equivalence(2, 2, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_aggregated_workers_equal_one_engine() {
+    let model = tiny();
+    let c = cluster_with(&model, 0, 0, 2, false).await;
+    same_as_one_engine(&model, &c).await;
+    // No KV crossed a wire: every prompt was computed where it decodes.
+    let mut text = String::new();
+    c.backend.render_metrics(&mut text);
+    assert!(
+        text.contains("tandem_kv_transfer_bytes_total 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tandem_prefill_compute_seconds_count 16\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,6 +80,13 @@ pub struct DecodeArgs {
     /// Lease of a reservation whose Reserve asks for none, in milliseconds.
     #[arg(long, env = "TANDEM_LEASE_MS", default_value_t = 30_000)]
     pub lease_ms: u64,
+    /// Also prefill: prompts are computed in chunks inside this worker's continuous batch (the
+    /// aggregated baseline that disaggregation is measured against).
+    #[arg(long, env = "TANDEM_AGGREGATED")]
+    pub aggregated: bool,
+    /// Most tokens per step: decode tokens plus, with --aggregated, prompt chunks.
+    #[arg(long, env = "TANDEM_STEP_TOKENS", default_value_t = 512)]
+    pub step_tokens: usize,
 }
 
 /// `tandem router`.
@@ -215,6 +222,8 @@ pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
             advertise_host: w.advertise.clone().unwrap_or_else(|| w.listen.clone()),
             router: Some(w.router.clone()),
             default_lease: Duration::from_millis(args.lease_ms),
+            aggregated: args.aggregated,
+            step_tokens: args.step_tokens,
         };
         tandem_decode_worker::run(cfg, stop_signal(w.exit_with_stdin)).await?;
         Ok(())

@@ -45,6 +45,10 @@ pub struct UpArgs {
     /// Decode worker processes.
     #[arg(long, env = "TANDEM_DECODE", default_value_t = 1)]
     pub decode: usize,
+    /// Aggregated worker processes (each prefills and decodes in one continuous batch); with
+    /// `--prefill 0 --decode 0` this is the aggregated baseline.
+    #[arg(long, env = "TANDEM_AGGREGATED", default_value_t = 0)]
+    pub aggregated: usize,
     /// How prefill workers deliver KV to decode workers.
     #[arg(long, env = "TANDEM_TRANSPORT", value_enum, default_value = "tcp")]
     pub transport: Transport,
@@ -171,17 +175,21 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
 fn spawn_worker(role: &str, front: &Front, args: &UpArgs, index: usize) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("finding the tandem binary")?;
     let mut cmd = Command::new(exe);
-    cmd.arg(role)
-        .arg("--router")
-        .arg(front.router_addr.to_string())
-        .arg("--model")
-        .arg(&front.model_path)
-        .arg("--model-name")
-        .arg(&front.model_name)
-        .arg("--exit-with-stdin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
+    cmd.arg(if role == "aggregated" {
+        "decode-worker"
+    } else {
+        role
+    })
+    .arg("--router")
+    .arg(front.router_addr.to_string())
+    .arg("--model")
+    .arg(&front.model_path)
+    .arg("--model-name")
+    .arg(&front.model_name)
+    .arg("--exit-with-stdin")
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .kill_on_drop(true);
     if let Some(t) = args.worker_threads {
         cmd.arg("--threads").arg(t.to_string());
     }
@@ -189,7 +197,12 @@ fn spawn_worker(role: &str, front: &Front, args: &UpArgs, index: usize) -> anyho
         "prefill-worker" => {
             cmd.arg("--step-tokens").arg(args.step_tokens.to_string());
         }
-        _ => {
+        other => {
+            if other == "aggregated" {
+                cmd.arg("--aggregated")
+                    .arg("--step-tokens")
+                    .arg(args.step_tokens.to_string());
+            }
             let t = match args.transport {
                 Transport::Tcp => "tcp",
                 Transport::Shm => "shm",
@@ -202,8 +215,8 @@ fn spawn_worker(role: &str, front: &Front, args: &UpArgs, index: usize) -> anyho
 }
 
 pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
-    if args.prefill == 0 || args.decode == 0 {
-        bail!("a cluster needs at least one prefill and one decode worker");
+    if args.aggregated == 0 && (args.prefill == 0 || args.decode == 0) {
+        bail!("a cluster needs a prefill and a decode worker, or an aggregated one");
     }
     runtime()?.block_on(async {
         let front = start_front(&args.gateway).await?;
@@ -213,6 +226,9 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         }
         for i in 0..args.decode {
             children.push(("decode", spawn_worker("decode-worker", &front, &args, i)?));
+        }
+        for i in 0..args.aggregated {
+            children.push(("aggregated", spawn_worker("aggregated", &front, &args, i)?));
         }
         let ready = wait_ready(&front.router, &mut children, &args);
         let outcome = tokio::select! {
@@ -231,8 +247,8 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             );
         } else {
             println!(
-                "Tandem is up: {} prefill + {} decode workers ({:?} KV transport), model {:?}",
-                args.prefill, args.decode, args.transport, front.model_name
+                "Tandem is up: {} prefill + {} decode + {} aggregated workers ({:?} KV transport), model {:?}",
+                args.prefill, args.decode, args.aggregated, args.transport, front.model_name
             );
             println!("OpenAI API at {url}/v1 (Ctrl-C stops everything). Try:\n");
             println!(
@@ -256,7 +272,9 @@ async fn wait_ready(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout_s);
     loop {
         let set = router.workers();
-        if set.ready_for(Leg::Prefill) >= args.prefill && set.ready_for(Leg::Decode) >= args.decode
+        let want = |n: usize| n + args.aggregated;
+        if set.ready_for(Leg::Prefill) >= want(args.prefill)
+            && set.ready_for(Leg::Decode) >= want(args.decode)
         {
             return Ok(());
         }
