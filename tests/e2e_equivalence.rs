@@ -126,7 +126,12 @@ async fn ask(up: &Up, case: &Case) -> (Vec<u32>, Vec<u32>) {
 
 async fn check(extra: &[&str]) {
     let refs = references();
-    let up = Arc::new(Up::start(extra));
+    // Pool files on disk: CI containers often have a /dev/shm too small for the pool.
+    let dir = std::env::temp_dir();
+    let mut args = extra.to_vec();
+    args.extend(["--shm-dir", dir.to_str().unwrap()]);
+    // 256 MiB of KV per worker holds these prompts; the shm pool files are written out whole.
+    let up = Arc::new(Up::start_with_env(&args, &[("TANDEM_KV_MEMORY_MB", "256")]));
     // All at once, so that the workers batch them and a 2P+2D cluster spreads them.
     let mut tasks = Vec::new();
     for (i, case) in cases().into_iter().enumerate() {

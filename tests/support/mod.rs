@@ -65,11 +65,17 @@ pub struct Up {
 impl Up {
     /// Starts `tandem up --port 0 --json <extra>` and waits until it reports ready.
     pub fn start(extra: &[&str]) -> Up {
+        Up::start_with_env(extra, &[])
+    }
+
+    /// As [`Up::start`], with environment variables that its workers inherit too.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Up {
         let serial = Permit::take();
         let mut child = Command::new(BIN)
             .args(["up", "--port", "0", "--json", "--model"])
             .arg(model_path())
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()

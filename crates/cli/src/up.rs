@@ -52,6 +52,10 @@ pub struct UpArgs {
     /// How prefill workers deliver KV to decode workers.
     #[arg(long, env = "TANDEM_TRANSPORT", value_enum, default_value = "tcp")]
     pub transport: Transport,
+    /// Directory of the decode workers' shared-memory pool files (shm only). It must hold every
+    /// decode worker's KV memory: a container's /dev/shm is often only 64 MiB.
+    #[arg(long, env = "TANDEM_SHM_DIR", default_value = "/dev/shm")]
+    pub shm_dir: PathBuf,
     /// Compute threads of each worker process (default: all cores).
     #[arg(long, env = "TANDEM_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -207,7 +211,10 @@ fn spawn_worker(role: &str, front: &Front, args: &UpArgs, index: usize) -> anyho
                 Transport::Tcp => "tcp",
                 Transport::Shm => "shm",
             };
-            cmd.arg("--transport").arg(t);
+            cmd.arg("--transport")
+                .arg(t)
+                .arg("--shm-dir")
+                .arg(&args.shm_dir);
         }
     }
     cmd.spawn()

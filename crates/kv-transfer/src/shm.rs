@@ -53,7 +53,7 @@ impl ShmRegion {
             .create(true)
             .truncate(true)
             .open(path)?;
-        file.set_len(layout.file_len)?;
+        commit_zeros(&file, layout.file_len)?;
         let map = map(&file)?;
         Ok(ShmRegion {
             map,
@@ -266,3 +266,27 @@ fn invalid(msg: &str) -> KvTransferError {
 #[cfg(test)]
 #[path = "shm_tests.rs"]
 mod tests;
+
+/// Writes the file's zeros for real instead of extending it sparsely: a tmpfs smaller than the pool
+/// (a container's 64 MiB /dev/shm) then fails here with ENOSPC, a clear error at start-up, instead
+/// of killing the process with SIGBUS at the first write past its end; and the pool's pages are
+/// committed before the first request, not faulted in while it decodes.
+fn commit_zeros(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let chunk = vec![0u8; 1 << 20];
+    let mut w = std::io::BufWriter::with_capacity(0, file);
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        w.write_all(&chunk[..n]).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "reserving a {len}-byte KV pool file: {e} (is its file system big enough?)"
+                ),
+            )
+        })?;
+        left -= n as u64;
+    }
+    w.flush()
+}
