@@ -130,12 +130,15 @@ def compare(requests, concurrency):
                 up.terminate()
                 up.wait(timeout=30)
             slo = holder(summary, "goodput_rps")
-            print(f"{workload:12} {name:20} TTFT p50 {find(summary, 'ttft_ms')['p50']:7.0f} ms  "
-                  f"ITL p50 {find(summary, 'itl_ms')['p50']:6.1f} ms  "
+            ok = holder(summary, "succeeded")
+            ttft_d, itl_d = find(summary, "ttft_ms"), find(summary, "itl_ms")
+            p50 = lambda d: f"{d['p50']:7.0f}" if d else "      -"
+            print(f"{workload:12} {name:20} ok {ok['succeeded']}/{ok['requests']}  "
+                  f"TTFT p50 {p50(ttft_d)} ms  ITL p50 {p50(itl_d)} ms  "
                   f"{find(summary, 'output_token_throughput'):6.1f} tok/s  "
                   f"attainment {100 * slo['attainment']:5.1f}% (TTFT {100 * slo['ttft_attainment']:.0f}%, "
                   f"ITL {100 * slo['itl_attainment']:.0f}%)  goodput {slo['goodput_rps']:.3f} req/s  "
-                  f"[objectives TTFT {ttft} ms, ITL {itl} ms]")
+                  f"[objectives TTFT {ttft} ms, ITL {itl} ms]", flush=True)
 
 
 def main():
