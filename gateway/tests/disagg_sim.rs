@@ -33,7 +33,10 @@ struct Cluster {
     _stops: Vec<oneshot::Sender<()>>,
 }
 
-fn stop_pair() -> (oneshot::Sender<()>, impl Future<Output = ()> + Send + 'static) {
+fn stop_pair() -> (
+    oneshot::Sender<()>,
+    impl Future<Output = ()> + Send + 'static,
+) {
     let (tx, rx) = oneshot::channel::<()>();
     (tx, async {
         let _ = rx.await;

@@ -224,7 +224,10 @@ impl SimModel {
             .filter(|c| c.logits && !c.tokens.is_empty())
             .map(|c| {
                 let last = c.start + c.tokens.len() - 1;
-                logits(digest(pool, layers - 1, c.block_table, last), self.cfg.vocab)
+                logits(
+                    digest(pool, layers - 1, c.block_table, last),
+                    self.cfg.vocab,
+                )
             })
             .collect())
     }

@@ -45,7 +45,9 @@ fn engine(blocks: usize) -> Engine {
 }
 
 fn prompt(len: usize, salt: u32) -> Vec<u32> {
-    (0..len as u32).map(|i| (i * 37 + salt * 11 + 5) % 500).collect()
+    (0..len as u32)
+        .map(|i| (i * 37 + salt * 11 + 5) % 500)
+        .collect()
 }
 
 /// Greedy continuation of `prompt` for `n` tokens, alone on a fresh engine.
@@ -139,7 +141,10 @@ fn a_step_takes_at_least_the_clocks_time_and_layers_finish_in_turn() {
     )
     .unwrap();
     // Sleeping never ends early, so these lower bounds hold on any machine.
-    assert_eq!(at.iter().map(|(l, _)| *l).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(
+        at.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
     for (layer, t) in &at {
         assert!(*t >= each.mul_f64((layer + 1) as f64 / 3.0), "{at:?}");
     }
@@ -284,10 +289,7 @@ fn bad_steps_are_refused() {
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     let err = e.prefill(&[(1, &prompt(257, 0))], 512).unwrap_err();
     assert!(err.to_string().contains("past the context of 256"), "{err}");
-    let zero = SimConfig {
-        layers: 0,
-        ..cfg()
-    };
+    let zero = SimConfig { layers: 0, ..cfg() };
     assert!(Model::simulated(zero, Arc::new(ZeroClock)).is_err());
 }
 
@@ -305,7 +307,16 @@ fn sampling_has_a_spread_to_choose_from() {
         ..SamplingParams::greedy(1)
     };
     let picks: std::collections::HashSet<u32> = (0..64)
-        .map(|i| crate::sampling::sample(&l, &SamplingParams { seed: i, ..params.clone() }, 0))
+        .map(|i| {
+            crate::sampling::sample(
+                &l,
+                &SamplingParams {
+                    seed: i,
+                    ..params.clone()
+                },
+                0,
+            )
+        })
         .collect();
     assert!(picks.len() > 1, "{picks:?}");
 }
