@@ -210,7 +210,7 @@ impl WorkerControl for DecodeGrpc {
             identity: Some(self.identity()),
             load: Some(self.load()),
             prefill_requests: 0,
-            engine: "native".into(),
+            engine: self.shared.lock().engine.model().engine_name().into(),
         }))
     }
 

@@ -104,6 +104,7 @@ pub async fn run(
         max_queued_tokens: cfg.max_queued_tokens,
         draining: Arc::new(AtomicBool::new(false)),
         inflight: Arc::new(Mutex::new(HashMap::new())),
+        engine: cfg.model.engine_name(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -28,6 +28,8 @@ pub struct PrefillGrpc {
     pub draining: Arc<AtomicBool>,
     /// Cancel flags of requests in flight, by request id.
     pub inflight: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    /// The engine Info reports: `native` or `sim`.
+    pub engine: &'static str,
 }
 
 /// Cancels the job when the handler's future is dropped (the caller went away or its deadline
@@ -241,7 +243,7 @@ impl WorkerControl for PrefillGrpc {
             identity: Some(identity),
             load: Some(self.load()),
             prefill_requests: self.inflight().len() as u32,
-            engine: "native".into(),
+            engine: self.engine.into(),
         }))
     }
 

@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod engine_args;
 mod generate;
 mod profile;
 mod roles;

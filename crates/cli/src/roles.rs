@@ -9,10 +9,14 @@ use clap::{Args, ValueEnum};
 use tandem_engine::Model;
 use tokio::net::TcpListener;
 
+use crate::engine_args::{EngineArgs, tokenizer_facts};
+
 /// Flags every worker shares.
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
     /// Model: a GGUF file or a safetensors checkpoint directory (default: the fetched SmolLM2).
+    /// With --engine sim, only its tokenizer is read (for the vocabulary and end-of-sequence ids),
+    /// and only when the file is there.
     #[arg(long, env = "TANDEM_MODEL")]
     pub model: Option<PathBuf>,
     /// Name clients use for the model (default: the model file's name without extension).
@@ -30,7 +34,7 @@ pub struct WorkerArgs {
     /// gRPC port (0: any free port).
     #[arg(long, env = "TANDEM_PORT", default_value_t = 0)]
     pub port: u16,
-    /// Memory for the KV pool, in MiB.
+    /// Memory for the KV pool, in MiB (native engine; a sim pool holds the simulated capacity).
     #[arg(long, env = "TANDEM_KV_MEMORY_MB")]
     pub kv_memory_mb: Option<usize>,
     /// Compute threads (default: all cores).
@@ -39,6 +43,8 @@ pub struct WorkerArgs {
     /// Stop when standard input closes (`tandem up` uses it so that no worker outlives it).
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 /// `tandem prefill-worker`.
@@ -101,9 +107,43 @@ struct Loaded {
     model: Arc<Model>,
     name: String,
     eos: Vec<u32>,
+    /// The pool's size when the engine fixes it (sim: the simulated capacity).
+    kv_blocks: Option<usize>,
+}
+
+/// A simulated model for `--engine sim`: no weights; the tokenizer, when there, for its ids.
+fn load_sim(w: &WorkerArgs) -> anyhow::Result<Loaded> {
+    let path = w
+        .model
+        .clone()
+        .unwrap_or_else(tandem_runtime::default_model_path);
+    let facts = tokenizer_facts(&path)?;
+    if facts.is_none() {
+        tracing::warn!(path = %path.display(), "no tokenizer file: the simulated model uses its own vocabulary and has no end-of-sequence id");
+    }
+    if w.kv_memory_mb.is_some() {
+        tracing::warn!(
+            "--kv-memory-mb is ignored with --engine sim: the pool holds the simulated capacity"
+        );
+    }
+    let (vocab, eos) = facts.map_or((None, Vec::new()), |(v, e)| (Some(v), e));
+    let sim = w.engine.build_sim(vocab)?;
+    tracing::info!("{}", sim.summary);
+    Ok(Loaded {
+        name: w
+            .model_name
+            .clone()
+            .unwrap_or_else(|| sim.model.config().name.clone()),
+        model: Arc::new(sim.model),
+        eos,
+        kv_blocks: Some(sim.kv_blocks),
+    })
 }
 
 fn load(w: &WorkerArgs) -> anyhow::Result<Loaded> {
+    if w.engine.is_sim() {
+        return load_sim(w);
+    }
     if let Some(n) = w.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -124,6 +164,7 @@ fn load(w: &WorkerArgs) -> anyhow::Result<Loaded> {
         model: Arc::new(loaded.model),
         name: w.model_name.clone().unwrap_or_else(|| model_name(&path)),
         eos: loaded.tokenizer.eos_token_ids().to_vec(),
+        kv_blocks: None,
     })
 }
 
@@ -175,7 +216,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn run_prefill(args: PrefillArgs) -> anyhow::Result<()> {
     let w = &args.worker;
     let loaded = load(w)?;
-    let kv_blocks = blocks_in(&loaded.model, w.kv_memory_mb.unwrap_or(512));
+    let kv_blocks = loaded
+        .kv_blocks
+        .unwrap_or_else(|| blocks_in(&loaded.model, w.kv_memory_mb.unwrap_or(512)));
     runtime()?.block_on(async {
         let grpc = bind(&w.listen, w.port).await?;
         let cfg = tandem_prefill_worker::PrefillWorkerConfig {
@@ -197,7 +240,9 @@ pub fn run_prefill(args: PrefillArgs) -> anyhow::Result<()> {
 pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
     let w = &args.worker;
     let loaded = load(w)?;
-    let kv_blocks = blocks_in(&loaded.model, w.kv_memory_mb.unwrap_or(1024));
+    let kv_blocks = loaded
+        .kv_blocks
+        .unwrap_or_else(|| blocks_in(&loaded.model, w.kv_memory_mb.unwrap_or(1024)));
     let transport = match args.transport {
         Transport::Tcp => tandem_decode_worker::KvTransport::Tcp,
         Transport::Shm => tandem_decode_worker::KvTransport::Shm(args.shm_dir.join(format!(

@@ -11,6 +11,7 @@ use tandem_router::{Leg, RouterHandle};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
+use crate::engine_args::{EngineArgs, tokenizer_facts};
 use crate::roles::{Transport, model_name};
 
 /// Flags of the gateway, shared by `tandem gateway` and `tandem up`.
@@ -68,6 +69,15 @@ pub struct UpArgs {
     /// Print the listening address as one JSON line on stdout once ready (for scripts and tests).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// What the gateway serves when the workers run a simulated model: its name and context length
+/// (the tokenizer is still the model file's).
+struct SimFront {
+    name: String,
+    max_context: usize,
 }
 
 /// The gateway and its embedded router, started.
@@ -81,7 +91,7 @@ struct Front {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn start_front(args: &GatewayArgs) -> anyhow::Result<Front> {
+async fn start_front(args: &GatewayArgs, sim: Option<SimFront>) -> anyhow::Result<Front> {
     let model_path = args
         .model
         .clone()
@@ -92,10 +102,10 @@ async fn start_front(args: &GatewayArgs) -> anyhow::Result<Front> {
             model_path.display()
         );
     }
-    let name = args
-        .model_name
-        .clone()
-        .unwrap_or_else(|| model_name(&model_path));
+    let name = args.model_name.clone().unwrap_or_else(|| match &sim {
+        Some(s) => s.name.clone(),
+        None => model_name(&model_path),
+    });
     let router = tandem_router::spawn(
         tandem_router::RouterConfig::default(),
         Box::new(tandem_router::LeastLoaded),
@@ -114,7 +124,15 @@ async fn start_front(args: &GatewayArgs) -> anyhow::Result<Front> {
         router.clone(),
         tandem_gateway::DisaggConfig::default(),
     ));
-    let config = tandem_gateway::GatewayConfig::from_model_path(&name, &model_path, backend)?;
+    let config = match &sim {
+        Some(s) => tandem_gateway::GatewayConfig::new(
+            &name,
+            tandem_engine::load_tokenizer(&model_path)?,
+            s.max_context,
+            backend,
+        ),
+        None => tandem_gateway::GatewayConfig::from_model_path(&name, &model_path, backend)?,
+    };
     let state = tandem_gateway::AppState::new(config)?;
     let front = Front {
         router: router.clone(),
@@ -165,7 +183,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let front = start_front(&args).await?;
+        let front = start_front(&args, None).await?;
         eprintln!(
             "gateway on http://{} serving {:?}; workers register with --router {}",
             front.http_addr, front.model_name, front.router_addr
@@ -197,6 +215,7 @@ fn spawn_worker(role: &str, front: &Front, args: &UpArgs, index: usize) -> anyho
     if let Some(t) = args.worker_threads {
         cmd.arg("--threads").arg(t.to_string());
     }
+    cmd.args(args.engine.to_args());
     match role {
         "prefill-worker" => {
             cmd.arg("--step-tokens").arg(args.step_tokens.to_string());
@@ -225,8 +244,26 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
     if args.aggregated == 0 && (args.prefill == 0 || args.decode == 0) {
         bail!("a cluster needs a prefill and a decode worker, or an aggregated one");
     }
+    // Build the simulated model here too: bad flags fail once, before any worker starts.
+    let sim = if args.engine.is_sim() {
+        let path = args
+            .gateway
+            .model
+            .clone()
+            .unwrap_or_else(tandem_runtime::default_model_path);
+        let vocab = tokenizer_facts(&path)?.map(|(v, _)| v);
+        let e = args.engine.build_sim(vocab)?;
+        eprintln!("{}", e.summary);
+        let c = e.model.config();
+        Some(SimFront {
+            name: c.name.clone(),
+            max_context: c.max_context,
+        })
+    } else {
+        None
+    };
     runtime()?.block_on(async {
-        let front = start_front(&args.gateway).await?;
+        let front = start_front(&args.gateway, sim).await?;
         let mut children = Vec::new();
         for i in 0..args.prefill {
             children.push(("prefill", spawn_worker("prefill-worker", &front, &args, i)?));
@@ -254,8 +291,8 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             );
         } else {
             println!(
-                "Tandem is up: {} prefill + {} decode + {} aggregated workers ({:?} KV transport), model {:?}",
-                args.prefill, args.decode, args.aggregated, args.transport, front.model_name
+                "Tandem is up: {} prefill + {} decode + {} aggregated workers ({:?} KV transport, {:?} engine), model {:?}",
+                args.prefill, args.decode, args.aggregated, args.transport, args.engine.engine, front.model_name
             );
             println!("OpenAI API at {url}/v1 (Ctrl-C stops everything). Try:\n");
             println!(

@@ -4,7 +4,8 @@
 //! [`kv`] (block allocator and KV pool), [`engine`] (sequences and steps: what workers call),
 //! [`sampling`], [`generate`] (the single-process reference loop), [`tokenizer`] (tokenizer, chat
 //! template, incremental detokenizer), [`load`] (a model and its tokenizer by path), and [`tiny`]
-//! (a random model for tests).
+//! (a random model for tests). [`model::SimModel`] is the `sim` engine's model: compute replaced by
+//! a performance model's time over the same pool and engine.
 #![forbid(unsafe_code)]
 
 pub mod engine;
@@ -23,5 +24,5 @@ pub use engine::{Engine, SeqId, StepItem};
 pub use error::{EngineError, ErrorClass, Result};
 pub use generate::{Flow, Generated, generate};
 pub use load::{Loaded, load, load_tokenizer};
-pub use model::{Model, ModelConfig};
+pub use model::{Model, ModelConfig, SimConfig, SimModel, StepClock, ZeroClock};
 pub use sampling::{FinishReason, SamplingParams};

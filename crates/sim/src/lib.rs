@@ -34,6 +34,11 @@
 //! prefill alone, no single set of factors fits both 70B rows within 20% (22.6% at best by grid
 //! search), because a 128-token prefill at TP8 would have to cost 2.2 decode steps.
 //!
+//! # The `sim` engine
+//! With the `engine` feature, [`engine::build`] makes a `tandem_engine::Model` whose steps take the
+//! time this model gives and whose pool holds the simulated KV capacity: workers run
+//! `--engine sim` on it.
+//!
 //! # The simulator and the planner
 //! [`des::simulate`] runs a cluster (disaggregated prefill and decode instances, or aggregated ones
 //! with continuous batching and chunked prefill) in simulated time: 100,000 requests take well
@@ -50,6 +55,8 @@
 pub mod catalog;
 pub mod cli;
 pub mod des;
+#[cfg(feature = "engine")]
+pub mod engine;
 pub mod error;
 pub mod evaluate;
 pub mod peak;

@@ -1,11 +1,15 @@
 //! The Llama-family model and its forward pass over the paged KV cache.
 mod config;
 mod gguf;
+mod kind;
 mod safetensors;
+mod sim;
 
 pub use config::{HfConfig, ModelConfig, RopeTable};
 pub use gguf::{GgufFile, stack_weights};
+pub use kind::Model;
 pub use safetensors::load_safetensors;
+pub use sim::{SIM_HEAD_DIM, SimConfig, SimModel, StepClock, ZeroClock};
 
 use crate::kernels::{
     AttentionShape, Matrix, QueryCtx, Weight, add_in_place, matmul, paged_attention, rms_norm,
@@ -26,8 +30,9 @@ pub struct Layer {
     pub w_down: Weight,
 }
 
+/// The real model: weights and the CPU forward pass ([`Model`] wraps it or a [`SimModel`]).
 #[derive(Debug, Clone)]
-pub struct Model {
+struct Native {
     cfg: ModelConfig,
     embed: Weight,
     layers: Vec<Layer>,
@@ -49,7 +54,7 @@ pub struct SeqChunk<'a> {
     pub logits: bool,
 }
 
-impl Model {
+impl Native {
     pub fn new(
         cfg: ModelConfig,
         embed: Weight,
@@ -93,7 +98,7 @@ impl Model {
                 return bad("a layer's weights");
             }
         }
-        Ok(Model {
+        Ok(Native {
             cfg,
             embed,
             layers,
