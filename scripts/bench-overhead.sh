@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Control-plane overhead: gateway, router, prefill and decode workers and the KV transfer with the
+# compute removed (`--engine sim --sim-time-scale 0`), driven by `tandem bench` at 1 and 64 streams.
+# With no compute, TTFT is what the path itself adds and the token rate is what the path sustains.
+# Needs a release build: cargo build --release -p tandem-cli
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+B=./target/release/tandem
+M=models/SmolLM2-135M-Instruct.Q4_1.gguf
+coproc UP { exec $B up --port 0 --json --model $M --engine sim --sim-model llama-2-70b --sim-gpu h100 --tp 4 --sim-time-scale 0 2>/dev/null; }
+read -r line <&"${UP[0]}"
+URL=$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['url'])" "$line")
+MODEL=$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['model'])" "$line")
+for c in 1 64; do
+  $B bench --url $URL --model $MODEL --api completions --isl 128 --osl 256 --concurrency $c --requests $((c*4)) --warmup 4 --tokenizer $M --quiet --json /tmp/ovh-$c.json >/dev/null
+  python3 - "$c" <<'PY'
+import json,sys
+c=sys.argv[1]; r=json.load(open(f"/tmp/ovh-{c}.json"))["runs"][0]["summary"]
+print(f"concurrency {c}: TTFT p50 {r['ttft_ms']['p50']:.3f} ms p90 {r['ttft_ms']['p90']:.3f} ms, ITL p50 {r['itl_ms']['p50']:.3f} ms, {r['output_token_throughput']:.0f} output tokens/s, ok {r['succeeded']}/{r['requests']}")
+PY
+done
+kill $UP_PID; wait $UP_PID 2>/dev/null || true
