@@ -2,7 +2,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
 use tandem_engine::sampling::StopStrings;
 use tandem_engine::tokenizer::{ChatMessage, IncrementalDecoder};
@@ -55,22 +54,8 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting up compute threads")?;
-    }
-    let path = args
-        .model
-        .clone()
-        .unwrap_or_else(tandem_runtime::default_model_path);
-    let loaded = tandem_engine::load(&path).with_context(|| {
-        format!(
-            "loading {} (fetch the default model with scripts/fetch-model.sh)",
-            path.display()
-        )
-    })?;
+    crate::setup::compute_threads(args.threads)?;
+    let (_, loaded) = crate::setup::load_model(args.model.as_ref())?;
     let tok = loaded.tokenizer;
     let text = if args.chat {
         let mut msgs = Vec::new();

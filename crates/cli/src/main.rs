@@ -6,6 +6,7 @@ mod engine_args;
 mod generate;
 mod profile;
 mod roles;
+mod setup;
 mod up;
 
 #[derive(Parser, Debug)]

@@ -177,18 +177,8 @@ fn weight_bytes(path: &Path) -> u64 {
 }
 
 pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
-    if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting up compute threads")?;
-    }
-    let path = args
-        .model
-        .clone()
-        .unwrap_or_else(tandem_runtime::default_model_path);
-    let loaded =
-        tandem_engine::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    crate::setup::compute_threads(args.threads)?;
+    let (path, loaded) = crate::setup::load_model(args.model.as_ref())?;
     let model = Arc::new(loaded.model);
     let shapes = Shapes {
         prompt_lens: args.prompt_lens,

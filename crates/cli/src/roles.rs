@@ -144,22 +144,8 @@ fn load(w: &WorkerArgs) -> anyhow::Result<Loaded> {
     if w.engine.is_sim() {
         return load_sim(w);
     }
-    if let Some(n) = w.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting up compute threads")?;
-    }
-    let path = w
-        .model
-        .clone()
-        .unwrap_or_else(tandem_runtime::default_model_path);
-    let loaded = tandem_engine::load(&path).with_context(|| {
-        format!(
-            "loading {} (fetch the default model with scripts/fetch-model.sh)",
-            path.display()
-        )
-    })?;
+    crate::setup::compute_threads(w.threads)?;
+    let (path, loaded) = crate::setup::load_model(w.model.as_ref())?;
     Ok(Loaded {
         model: Arc::new(loaded.model),
         name: w.model_name.clone().unwrap_or_else(|| model_name(&path)),

@@ -1,0 +1,30 @@
+//! What every command that runs the native engine does first: size the compute pool and load the
+//! model (the named one, or the fetched default).
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+/// Sizes rayon's global pool to `threads` (default: all cores).
+pub fn compute_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up compute threads")?;
+    }
+    Ok(())
+}
+
+/// Loads `model`, or the default model when none is named; returns the path it loaded too.
+pub fn load_model(model: Option<&PathBuf>) -> anyhow::Result<(PathBuf, tandem_engine::Loaded)> {
+    let path = model
+        .cloned()
+        .unwrap_or_else(tandem_runtime::default_model_path);
+    let loaded = tandem_engine::load(&path).with_context(|| {
+        format!(
+            "loading {} (fetch the default model with scripts/fetch-model.sh)",
+            path.display()
+        )
+    })?;
+    Ok((path, loaded))
+}
