@@ -15,7 +15,7 @@ use crate::args::ApiKind;
 use crate::chunk::{parse_body, parse_event};
 use crate::error::BenchError;
 use crate::prompt::PromptTokenizer;
-use crate::record::{ErrorClass, RequestError, RequestRecord, TokenSource, Usage};
+use crate::record::{ErrorClass, RequestError, RequestRecord, TokenSource, Usage, apportion};
 use crate::sse::SseParser;
 
 /// A non-streaming answer larger than this is a protocol error, not something to buffer.
@@ -317,13 +317,10 @@ impl Client {
         epoch: Instant,
     ) -> RequestRecord {
         let at = |t: Instant| t.saturating_duration_since(epoch).as_secs_f64();
-        let chunks = seen.chunks.len();
-        // A server that says one token per chunk knows better than a tokenizer run on fragments.
-        if seen
-            .usage
-            .is_some_and(|u| u.completion_tokens as usize == chunks)
-        {
-            seen.chunk_tokens.iter_mut().for_each(|k| *k = 1);
+        // The server's count is the truth; the per-chunk estimates (one, or the tokenizer's count
+        // of a fragment) are made to add up to it. A chunk count equal to the usage means one each.
+        if let Some(u) = seen.usage {
+            apportion(&mut seen.chunk_tokens, u.completion_tokens);
         }
         let (output_tokens, source) = match (seen.usage, &self.tokenizer) {
             (Some(u), _) => (u.completion_tokens, TokenSource::Usage),

@@ -138,6 +138,40 @@ impl RequestRecord {
     }
 }
 
+/// Makes per-chunk token estimates add up to the `total` the server counted, keeping each chunk's
+/// share proportional to its estimate (largest remainder) and at least one token. Tokens the client
+/// never saw as text (a special token, text the server held back) are thereby charged to the chunks
+/// around them, so the ITL samples of a response stay one per generated token. With fewer tokens than
+/// chunks (a token's text split over chunks) every chunk keeps one token: the count cannot be made
+/// exact without chunks of zero tokens.
+pub fn apportion(estimates: &mut [u32], total: u32) {
+    let n = estimates.len() as u64;
+    let total = u64::from(total);
+    if n == 0 || total < n {
+        estimates.iter_mut().for_each(|k| *k = 1);
+        return;
+    }
+    let weights: Vec<u64> = estimates.iter().map(|&k| u64::from(k.max(1))).collect();
+    let sum: u64 = weights.iter().sum();
+    // Every chunk gets one token first; the rest go by weight.
+    let spare = total - n;
+    let mut rest = spare;
+    let mut remainders = Vec::with_capacity(estimates.len());
+    for (i, (k, &w)) in estimates.iter_mut().zip(&weights).enumerate() {
+        let exact = u128::from(spare) * u128::from(w);
+        let share = (exact / u128::from(sum)) as u64;
+        remainders.push((exact % u128::from(sum), i));
+        rest -= share;
+        *k = (1 + share) as u32;
+    }
+    // Ties go to the later chunk: the first chunk's tokens give no ITL sample, and a token the client
+    // never saw most often came after the first visible one.
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+    for &(_, i) in remainders.iter().take(rest as usize) {
+        estimates[i] += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +236,30 @@ mod tests {
         let r = record(vec![1.2], vec![1], 1, 1.2);
         assert_eq!(r.tpot(), None);
         assert_eq!(r.itls().count(), 0);
+    }
+
+    #[test]
+    fn apportion_makes_the_counts_add_up() {
+        let mut k = vec![1, 1, 1, 1];
+        apportion(&mut k, 6);
+        assert_eq!(k, vec![1, 1, 2, 2]);
+        let mut k = vec![3, 1];
+        apportion(&mut k, 8);
+        // one each, then 6 spare by weight 3:1 -> 4.5 and 1.5; the tied remainder goes to the later.
+        assert_eq!(k, vec![5, 3]);
+        let mut k = vec![2, 2, 2];
+        apportion(&mut k, 3);
+        assert_eq!(k, vec![1, 1, 1]);
+        let mut k = vec![5, 1];
+        apportion(&mut k, 1);
+        assert_eq!(k, vec![1, 1]);
+        let mut k: Vec<u32> = vec![];
+        apportion(&mut k, 4);
+        assert!(k.is_empty());
+        let mut k = vec![0, 4];
+        apportion(&mut k, 10);
+        assert_eq!(k.iter().sum::<u32>(), 10);
+        // 8 spare by weight 1:4 -> 1.6 and 6.4; the larger remainder is the first's.
+        assert_eq!(k, vec![3, 7]);
     }
 }
