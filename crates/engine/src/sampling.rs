@@ -96,12 +96,16 @@ pub fn sample(logits: &[f32], p: &SamplingParams, step: u64) -> u32 {
             .total_cmp(&logits[*a as usize])
             .then(a.cmp(b))
     };
-    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
     let k = if p.top_k > 0 {
-        (p.top_k as usize).min(ids.len())
+        (p.top_k as usize).min(logits.len())
     } else {
-        ids.len()
+        logits.len()
     };
+    if k == logits.len() && p.top_p >= 1.0 {
+        // Plain temperature over the whole vocabulary: no candidate list, no order.
+        return draw_dense(logits, inv_t as f32, u);
+    }
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
     if k < ids.len() {
         ids.select_nth_unstable_by(k - 1, by_logit);
         ids.truncate(k);
@@ -136,14 +140,22 @@ fn nucleus_len(
     inv_t: f64,
     top_p: f32,
 ) -> Option<usize> {
-    let max = logits[sorted[0] as usize] as f64;
-    let total: f64 = all
-        .iter()
-        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
-        .sum();
+    let max = logits[sorted[0] as usize];
+    let inv_t = inv_t as f32;
+    let total = if all.len() == logits.len() {
+        // The whole vocabulary, in some order: the dense sum is the same set, vectorized.
+        block_sums(logits, max, inv_t)
+            .iter()
+            .map(|&b| f64::from(b))
+            .sum()
+    } else {
+        all.iter()
+            .map(|&i| weight(logits[i as usize], max, inv_t))
+            .sum::<f64>()
+    };
     let mut cum = 0.0;
     for (n, &i) in sorted.iter().enumerate() {
-        cum += ((logits[i as usize] as f64 - max) * inv_t).exp() / total;
+        cum += weight(logits[i as usize], max, inv_t) / total;
         if cum >= top_p as f64 {
             return Some(n + 1);
         }
@@ -151,25 +163,162 @@ fn nucleus_len(
     None
 }
 
+/// The unnormalised probability of a logit: `e^((l - max) / T)`.
+#[inline(always)]
+fn weight(l: f32, max: f32, inv_t: f32) -> f64 {
+    f64::from(exp_nonpos((l - max) * inv_t))
+}
+
+/// Draws from a candidate list (top-k or nucleus survivors) in the list's order.
 fn draw(logits: &[f32], ids: &[u32], inv_t: f64, u: f64) -> u32 {
+    let inv_t = inv_t as f32;
     let max = ids
         .iter()
         .map(|&i| logits[i as usize])
-        .fold(f32::NEG_INFINITY, f32::max) as f64;
-    let w: Vec<f64> = ids
+        .fold(f32::NEG_INFINITY, f32::max);
+    let total: f64 = ids
         .iter()
-        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
-        .collect();
-    let total: f64 = w.iter().sum();
+        .map(|&i| weight(logits[i as usize], max, inv_t))
+        .sum();
     let target = u * total;
     let mut cum = 0.0;
-    for (&i, wi) in ids.iter().zip(&w) {
-        cum += wi;
+    for &i in ids {
+        cum += weight(logits[i as usize], max, inv_t);
         if target < cum {
             return i;
         }
     }
     ids[ids.len() - 1]
+}
+
+/// Logits per block of the dense sampler; the block sums are the coarse index its draw walks.
+const BLOCK: usize = 256;
+/// Independent accumulators, so that sums and maxima vectorize and stay in a fixed order
+/// (the same logits always give the same draw).
+const LANES: usize = 8;
+
+/// `e^x` for `x <= 0` in f32: relative error about 1e-6 near 0 and 1e-5 at the bottom of the
+/// range, 0 below -87 (where f32 stops being normal). libm's scalar `exp` over the vocabulary was
+/// most of a decode step once the model's own compute was gone (the `sim` engine at zero time);
+/// sampling needs nothing closer, and [`exp8`] computes eight at once.
+#[inline(always)]
+fn exp_nonpos(x: f32) -> f32 {
+    exp8([x; LANES])[0]
+}
+
+/// [`exp_nonpos`] on eight lanes, each step a loop over the lanes so that it compiles to vector
+/// instructions.
+#[inline(always)]
+fn exp8(x: [f32; LANES]) -> [f32; LANES] {
+    // Adding 1.5 * 2^23 rounds to an integer and leaves it in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let mut t = [0f32; LANES];
+    let mut r = [0f32; LANES];
+    let mut out = [0f32; LANES];
+    for j in 0..LANES {
+        let c = if x[j] < -87.0 { -87.0 } else { x[j] };
+        t[j] = c * std::f32::consts::LOG2_E;
+    }
+    for j in 0..LANES {
+        r[j] = t[j] + MAGIC;
+    }
+    for j in 0..LANES {
+        let f = (t[j] - (r[j] - MAGIC)) * std::f32::consts::LN_2;
+        // e^f for |f| <= ln(2)/2, Taylor to the 7th power (truncation below 5e-9).
+        let p = 1.0
+            + f * (1.0
+                + f * (1.0 / 2.0
+                    + f * (1.0 / 6.0
+                        + f * (1.0 / 24.0
+                            + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+        // 2^n from the integer in r's low bits, placed in the exponent field.
+        let two_n = f32::from_bits(
+            r[j].to_bits()
+                .wrapping_sub(MAGIC.to_bits())
+                .wrapping_add(127)
+                << 23,
+        );
+        // Below the range the lane is 0 (a mask, not a branch).
+        let keep = 0u32.wrapping_sub(u32::from(x[j] >= -87.0));
+        out[j] = f32::from_bits((p * two_n).to_bits() & keep);
+    }
+    out
+}
+
+fn max_logit(logits: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &l) in acc.iter_mut().zip(c) {
+            *a = if l > *a { l } else { *a };
+        }
+    }
+    acc.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m })
+}
+
+/// The weight of each block of [`BLOCK`] logits.
+fn block_sums(logits: &[f32], max: f32, inv_t: f32) -> Vec<f32> {
+    logits
+        .chunks(BLOCK)
+        .map(|block| {
+            let mut acc = [0.0f32; LANES];
+            let chunks = block.chunks_exact(LANES);
+            let rest = chunks.remainder();
+            for c in chunks {
+                let mut x = [0f32; LANES];
+                for j in 0..LANES {
+                    x[j] = (c[j] - max) * inv_t;
+                }
+                let w = exp8(x);
+                for j in 0..LANES {
+                    acc[j] += w[j];
+                }
+            }
+            let tail: f32 = rest.iter().map(|&l| exp_nonpos((l - max) * inv_t)).sum();
+            acc.iter().sum::<f32>() + tail
+        })
+        .collect()
+}
+
+/// Plain temperature sampling over the whole vocabulary without a candidate list: the block sums
+/// find the block the draw lands in, then only that block is walked token by token.
+fn draw_dense(logits: &[f32], inv_t: f32, u: f64) -> u32 {
+    let max = max_logit(logits);
+    let sums = block_sums(logits, max, inv_t);
+    let total: f64 = sums.iter().map(|&b| f64::from(b)).sum();
+    let target = u * total;
+    let mut cum = 0.0;
+    for (b, &sum) in sums.iter().enumerate() {
+        let last_block = b + 1 == sums.len();
+        if target >= cum + f64::from(sum) && !last_block {
+            cum += f64::from(sum);
+            continue;
+        }
+        let start = b * BLOCK;
+        let mut last_nonzero = None;
+        for (j, &l) in logits[start..(start + BLOCK).min(logits.len())]
+            .iter()
+            .enumerate()
+        {
+            let w = weight(l, max, inv_t);
+            if w > 0.0 {
+                last_nonzero = Some(start + j);
+            }
+            cum += w;
+            if target < cum {
+                return (start + j) as u32;
+            }
+        }
+        // The walk's sum fell short of the block's by rounding: the draw was at its very end.
+        if let Some(i) = last_nonzero {
+            return i as u32;
+        }
+        break;
+    }
+    argmax(logits)
 }
 
 /// Why a generation ended, in OpenAI's terms.
@@ -370,5 +519,58 @@ mod tests {
         assert!(params(1.0, 0, 0.0, 0).validate().is_err());
         assert!(params(f32::NAN, 0, 1.0, 0).validate().is_err());
         assert!(params(1.0, 0, 1.0, 0).validate().is_ok());
+    }
+    #[test]
+    fn fast_exp_agrees_with_libm() {
+        let mut x = -90.0f32;
+        while x <= 0.0 {
+            let want = (x as f64).exp();
+            let got = f64::from(exp_nonpos(x));
+            if x < -87.0 {
+                assert_eq!(got, 0.0, "{x}");
+            } else {
+                assert!((got - want).abs() <= 1e-5 * want, "e^{x}: {got} vs {want}");
+            }
+            x += 0.001;
+        }
+        assert_eq!(exp_nonpos(0.0), 1.0);
+    }
+
+    #[test]
+    fn plain_temperature_follows_the_softmax() {
+        // 1000 logits in 4 levels; the draw frequencies of each level match its probability.
+        let l: Vec<f32> = (0..1000).map(|i| (i % 4) as f32 * 0.5).collect();
+        let p = params(0.8, 0, 1.0, 11);
+        let w: Vec<f64> = (0..4).map(|k| (k as f64 * 0.5 / 0.8).exp()).collect();
+        let z: f64 = w.iter().sum();
+        let n = 40_000;
+        let mut count = [0usize; 4];
+        for s in 0..n {
+            count[sample(&l, &p, s) as usize % 4] += 1;
+        }
+        for k in 0..4 {
+            let want = w[k] / z;
+            let got = count[k] as f64 / n as f64;
+            // 5 standard deviations of a binomial proportion.
+            let sd = (want * (1.0 - want) / n as f64).sqrt();
+            assert!((got - want).abs() < 5.0 * sd, "level {k}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn plain_temperature_reaches_every_block_and_both_ends() {
+        // Equal logits over 1000 tokens (4 blocks, the last one short): the draw u maps to token
+        // floor(u * 1000), so the first and last tokens and every block are drawn.
+        let l = vec![0.0f32; 1000];
+        assert_eq!(draw_dense(&l, 1.0, 0.0), 0);
+        assert_eq!(draw_dense(&l, 1.0, 0.999_999_9), 999);
+        assert_eq!(draw_dense(&l, 1.0, 0.2561), 256);
+        assert_eq!(draw_dense(&l, 1.0, 0.7681), 768);
+        // A single dominant logit takes every draw, wherever it sits.
+        let mut l = vec![-1000.0f32; 1000];
+        l[777] = 0.0;
+        for u in [0.0, 0.3, 0.999_999] {
+            assert_eq!(draw_dense(&l, 1.0, u), 777);
+        }
     }
 }
