@@ -336,6 +336,7 @@ fn step(
         let r = running.remove(i);
         inner.release(r.id);
     }
+    inner.engine.recycle(logits);
     // Waiting KV writes, reservations and heartbeats go before the next step.
     parking_lot::MutexGuard::unlock_fair(inner);
     let dt = t0.elapsed().as_secs_f32().max(1e-6);

@@ -125,6 +125,11 @@ impl Engine {
         self.alloc.release(&seq.blocks)
     }
 
+    /// Gives back logits that [`Engine::step`] returned, once read, so that the model may reuse them.
+    pub fn recycle(&self, logits: Vec<Vec<f32>>) {
+        self.model.recycle(logits);
+    }
+
     /// Runs one step over `items` (prefill chunks and decode tokens together), returning the logits
     /// each item asked for, in order.
     pub fn step(&mut self, items: &[StepItem<'_>]) -> Result<Vec<Vec<f32>>> {

@@ -112,4 +112,12 @@ impl Model {
             Inner::Sim(s) => s.forward(chunks, pool, on_layer),
         }
     }
+
+    /// Hands back logits a forward pass returned, for reuse where the model keeps buffers (the
+    /// simulated model); dropping them instead is always correct.
+    pub fn recycle(&self, logits: Vec<Vec<f32>>) {
+        if let Inner::Sim(s) = &self.inner {
+            s.recycle(logits);
+        }
+    }
 }

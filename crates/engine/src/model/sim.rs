@@ -33,7 +33,7 @@
 //! hash-chosen token ids over a flat floor, so greedy decoding is deterministic and sampling with
 //! temperature, top-k and top-p has a spread to choose from.
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{ModelConfig, SeqChunk};
@@ -83,12 +83,31 @@ pub struct SimConfig {
 }
 
 /// A model whose forward pass writes deterministic KV and sleeps the simulated time.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SimModel {
     sim: SimConfig,
     cfg: ModelConfig,
     clock: Arc<dyn StepClock>,
+    /// Logits buffers handed back by [`SimModel::recycle`]. Vocabulary-sized buffers allocated and
+    /// freed every step made the allocator give pages back and fault them in again: a quarter of
+    /// a decode step at zero simulated time.
+    spare: Mutex<Vec<Vec<f32>>>,
 }
+
+impl Clone for SimModel {
+    /// A copy with the same behaviour; its reuse list starts empty.
+    fn clone(&self) -> Self {
+        SimModel {
+            sim: self.sim.clone(),
+            cfg: self.cfg.clone(),
+            clock: self.clock.clone(),
+            spare: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// Most buffers kept for reuse: more than any batch a step runs.
+const SPARE_LOGITS: usize = 1024;
 
 impl SimModel {
     pub fn new(sim: SimConfig, clock: Arc<dyn StepClock>) -> Result<Self> {
@@ -113,7 +132,12 @@ impl SimModel {
             rope_interleaved: false,
         };
         cfg.validate()?;
-        Ok(SimModel { sim, cfg, clock })
+        Ok(SimModel {
+            sim,
+            cfg,
+            clock,
+            spare: Mutex::new(Vec::new()),
+        })
     }
 
     /// The pool's shape: the simulated layers, one KV head of [`SIM_HEAD_DIM`].
@@ -219,17 +243,28 @@ impl SimModel {
             }
             on_layer(layer, pool)?;
         }
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(chunks
             .iter()
             .filter(|c| c.logits && !c.tokens.is_empty())
             .map(|c| {
                 let last = c.start + c.tokens.len() - 1;
+                let mut out = spare.pop().unwrap_or_default();
                 logits(
                     digest(pool, layers - 1, c.block_table, last),
                     self.cfg.vocab,
-                )
+                    &mut out,
+                );
+                out
             })
             .collect())
+    }
+
+    /// Takes back logits a step returned, so that the next step reuses their memory.
+    pub fn recycle(&self, logits: Vec<Vec<f32>>) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = SPARE_LOGITS.saturating_sub(spare.len());
+        spare.extend(logits.into_iter().take(room));
     }
 }
 
@@ -294,13 +329,13 @@ fn write_position(pool: &mut KvPool, layer: usize, table: &[u32], pos: usize, to
 /// Token ids that get a high logit, best first, and their values over a floor of zero.
 const PEAKS: [f32; 6] = [12.0, 11.0, 10.0, 9.0, 8.0, 7.0];
 
-fn logits(state: u64, vocab: usize) -> Vec<f32> {
-    let mut out = vec![0f32; vocab];
+fn logits(state: u64, vocab: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(vocab, 0.0);
     for (i, value) in PEAKS.iter().enumerate() {
         let id = (mix(state ^ (i as u64 + 1)) % vocab as u64) as usize;
         out[id] = out[id].max(*value);
     }
-    out
 }
 
 #[cfg(test)]
