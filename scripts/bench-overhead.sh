@@ -5,7 +5,7 @@
 # Needs a release build: cargo build --release -p tandem-cli
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-B=./target/release/tandem
+B=${B:-./target/release/tandem}
 M=models/SmolLM2-135M-Instruct.Q4_1.gguf
 coproc UP { exec $B up --port 0 --json --model $M --engine sim --sim-model llama-2-70b --sim-gpu h100 --tp 4 --sim-time-scale 0 2>/dev/null; }
 read -r line <&"${UP[0]}"

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod coalesce;
 pub mod service;
 pub mod state;
 

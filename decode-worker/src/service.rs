@@ -9,10 +9,10 @@ use tandem_proto::v1;
 use tandem_proto::v1::decode_service_server::DecodeService;
 use tandem_proto::v1::prefill_service_server::PrefillService;
 use tandem_proto::v1::worker_control_server::WorkerControl;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::batch::{ChunkResult, Inbox, Joiner, LoopStats, PrefillJob, admit};
+use crate::coalesce::Coalesced;
 use crate::state::{Phase, Shared};
 
 /// Longest lease a Reserve may ask for.
@@ -161,7 +161,7 @@ impl DecodeService for DecodeGrpc {
             sampling,
             tx,
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(Coalesced::new(rx))))
     }
 
     async fn release(
