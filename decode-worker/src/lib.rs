@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod coalesce;
 pub mod service;
+pub mod staging;
 pub mod state;
 
 use std::path::PathBuf;
@@ -183,7 +184,7 @@ pub async fn run(
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                shared.lock().expire(std::time::Instant::now());
+                shared.sweep(std::time::Instant::now());
             }
         })
     };

@@ -16,6 +16,8 @@ use tandem_engine::Engine;
 use tandem_kv_transfer::{KvError, KvSink, ReservationInfo, block_geometry, pool_checksum};
 use tandem_proto::v1;
 
+use crate::staging::Staging;
+
 /// What a reservation is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -88,6 +90,8 @@ pub struct Shared {
     pub geometry: v1::BlockGeometry,
     /// Whether the pool is the shm file prefill workers write into (no frames carry bytes).
     pub shm: bool,
+    /// KV frames that found the engine busy, and what the receiver last learned of reservations.
+    pub staging: Staging,
 }
 
 impl Shared {
@@ -103,7 +107,21 @@ impl Shared {
             next_id: AtomicU64::new(start_id()),
             geometry,
             shm,
+            staging: Staging::default(),
         }
+    }
+
+    /// The lease sweep: drops reservations whose lease lapsed, and staged KV of any reservation
+    /// that no longer fills.
+    pub fn sweep(&self, now: Instant) {
+        let mut inner = self.lock();
+        inner.expire(now);
+        self.staging.sweep(|id| {
+            inner
+                .reservations
+                .get(&id)
+                .is_some_and(|r| r.phase == Phase::Filling)
+        });
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -172,19 +190,60 @@ fn start_id() -> u64 {
 /// The KV receiver's view: frames land in the engine's pool, inside the reservation's blocks.
 pub struct Sink(pub Arc<Shared>);
 
-impl KvSink for Sink {
-    fn reservation(&self, reservation_id: u64) -> Option<ReservationInfo> {
-        let inner = self.0.lock();
+impl Sink {
+    fn lookup(&self, inner: &Inner, reservation_id: u64) -> Option<ReservationInfo> {
         let r = inner.reservations.get(&reservation_id)?;
         if r.phase != Phase::Filling {
             return None;
         }
-        Some(ReservationInfo {
+        let info = ReservationInfo {
             block_ids: r.block_ids.clone(),
             geometry: self.0.geometry,
             attempt: r.min_attempt,
             expires: r.expires,
-        })
+        };
+        self.0.staging.remember(reservation_id, &info);
+        Some(info)
+    }
+
+    /// Applies the frames staged for a reservation, in the order they arrived.
+    fn flush(&self, inner: &mut Inner, reservation_id: u64) -> Result<(), KvError> {
+        for f in self.0.staging.take(reservation_id) {
+            write_now(inner, reservation_id, f.layer, &f.block_ids, &f.payload)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_now(
+    inner: &mut Inner,
+    reservation_id: u64,
+    layer: u32,
+    block_ids: &[u32],
+    payload: &[u8],
+) -> Result<(), KvError> {
+    match inner.reservations.get(&reservation_id) {
+        Some(r) if r.phase == Phase::Filling => {}
+        _ => return Err(KvError::UnknownReservation),
+    }
+    inner
+        .engine
+        .pool_mut()
+        .import_layer(layer as usize, block_ids, payload)
+        .map_err(|_| KvError::BadBlock)
+}
+
+impl KvSink for Sink {
+    fn reservation(&self, reservation_id: u64) -> Option<ReservationInfo> {
+        if let Some(inner) = self.0.inner.try_lock() {
+            return self.lookup(&inner, reservation_id);
+        }
+        // The engine is in a step: what the last lookup saw still holds while the reservation
+        // fills (every write and the commit check again under the lock).
+        if let Some(info) = self.0.staging.known(reservation_id) {
+            return Some(info);
+        }
+        self.lookup(&self.0.lock(), reservation_id)
     }
 
     fn write(
@@ -194,16 +253,25 @@ impl KvSink for Sink {
         block_ids: &[u32],
         payload: &[u8],
     ) -> Result<(), KvError> {
-        let mut inner = self.0.lock();
-        match inner.reservations.get(&reservation_id) {
-            Some(r) if r.phase == Phase::Filling => {}
-            _ => return Err(KvError::UnknownReservation),
+        let mut inner = match self.0.inner.try_lock() {
+            Some(inner) => inner,
+            None if self
+                .0
+                .staging
+                .stage(reservation_id, layer, block_ids, payload) =>
+            {
+                return Ok(());
+            }
+            None => self.0.lock(),
+        };
+        let written = self
+            .flush(&mut inner, reservation_id)
+            .and_then(|()| write_now(&mut inner, reservation_id, layer, block_ids, payload));
+        if written.is_err() {
+            drop(inner);
+            self.0.staging.forget(reservation_id);
         }
-        inner
-            .engine
-            .pool_mut()
-            .import_layer(layer as usize, block_ids, payload)
-            .map_err(|_| KvError::BadBlock)
+        written
     }
 
     fn checksum(&self, reservation_id: u64, layer: u32, block_ids: &[u32]) -> Option<u32> {
@@ -217,14 +285,101 @@ impl KvSink for Sink {
 
     fn complete(&self, reservation_id: u64, attempt: u32) -> Result<(), KvError> {
         let mut inner = self.0.lock();
-        let r = inner
-            .reservations
-            .get_mut(&reservation_id)
-            .ok_or(KvError::UnknownReservation)?;
-        if r.phase != Phase::Filling || attempt < r.min_attempt {
-            return Err(KvError::UnknownReservation);
+        let committed = self.flush(&mut inner, reservation_id).and_then(|()| {
+            let r = inner
+                .reservations
+                .get_mut(&reservation_id)
+                .ok_or(KvError::UnknownReservation)?;
+            if r.phase != Phase::Filling || attempt < r.min_attempt {
+                return Err(KvError::UnknownReservation);
+            }
+            r.phase = Phase::Complete { attempt };
+            Ok(())
+        });
+        drop(inner);
+        self.0.staging.forget(reservation_id);
+        committed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        let model = Arc::new(tandem_engine::tiny::tiny_model(7, false).unwrap().0);
+        Arc::new(Shared::new(Engine::new(model, 64), false))
+    }
+
+    fn layer_bytes(inner: &Inner, blocks: usize, fill: u8) -> Vec<u8> {
+        vec![fill; inner.engine.pool().geometry().layer_bytes(blocks)]
+    }
+
+    #[test]
+    fn frames_that_find_the_engine_busy_are_staged_and_land_at_the_commit_in_order() {
+        let s = shared();
+        let (id, blocks) = s
+            .reserve("r".into(), 20, 4, Duration::from_secs(60), 0)
+            .unwrap();
+        let sink = Sink(s.clone());
+        // The first frame's lookup takes the lock; later ones are answered from what it saw.
+        assert!(sink.reservation(id).is_some());
+        let busy = s.lock();
+        // The engine is held (as by a decode step): lookups and writes return at once. Without
+        // staging this thread would wait for itself here.
+        assert_eq!(
+            sink.reservation(id).map(|i| i.block_ids),
+            Some(blocks.clone())
+        );
+        for layer in 0..s.geometry.num_layers {
+            let first = layer_bytes(&busy, blocks.len(), 1);
+            sink.write(id, layer, &blocks, &first).unwrap();
         }
-        r.phase = Phase::Complete { attempt };
-        Ok(())
+        // A second write of layer 0 arrives later: it must win over the first.
+        let later = layer_bytes(&busy, blocks.len(), 2);
+        sink.write(id, 0, &blocks, &later).unwrap();
+        assert!(s.staging.bytes() > 0);
+        drop(busy);
+        sink.complete(id, 0).unwrap();
+        assert_eq!(s.staging.bytes(), 0);
+        let inner = s.lock();
+        assert_eq!(
+            inner.reservations[&id].phase,
+            Phase::Complete { attempt: 0 }
+        );
+        let mut out = Vec::new();
+        inner
+            .engine
+            .pool()
+            .export_layer(0, &blocks, &mut out)
+            .unwrap();
+        assert_eq!(out, later);
+        out.clear();
+        inner
+            .engine
+            .pool()
+            .export_layer(1, &blocks, &mut out)
+            .unwrap();
+        assert!(out.iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn staged_frames_of_a_released_reservation_are_dropped_and_its_commit_fails() {
+        let s = shared();
+        let (id, blocks) = s
+            .reserve("r".into(), 20, 4, Duration::from_secs(60), 0)
+            .unwrap();
+        let sink = Sink(s.clone());
+        let payload = layer_bytes(&s.lock(), blocks.len(), 3);
+        {
+            let _busy = s.lock();
+            sink.write(id, 0, &blocks, &payload).unwrap();
+        }
+        assert_eq!(s.staging.bytes(), payload.len());
+        s.lock().release(id);
+        s.sweep(Instant::now());
+        assert_eq!(s.staging.bytes(), 0);
+        assert_eq!(sink.complete(id, 0), Err(KvError::UnknownReservation));
+        assert!(sink.reservation(id).is_none());
     }
 }
