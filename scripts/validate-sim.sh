@@ -13,7 +13,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 B=${B:-${CARGO_TARGET_DIR:-target}/release/tandem}
 M=models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -s "$M" ] || ./scripts/fetch-model.sh
-RATE=${RATE:-2.5}
+RATE=${RATE:-3}
 REQUESTS=${REQUESTS:-200}
 SCALE=${SCALE:-8}
 SEED=${SEED:-1}
