@@ -47,7 +47,8 @@
 //! [`run_plan`] is `tandem plan`; its `--simulate prefill=1,decode=1,tp=4` runs one cluster as the
 //! workers run it ([`simulate`]), optionally replaying the requests of a `tandem bench --json` run
 //! ([`replay`]), which is how scripts/validate-sim.sh sets the simulator beside a measured run.
-//! Its default method simulates continuous batching; `--method static` sizes as the calculator does (for the GPT-43B question: 13 DGX H100, as published).
+//! Its default method simulates continuous batching; `--method static` sizes as the calculator
+//! does (for the GPT-43B question: 13 DGX H100, as published).
 //! Continuous batching with chunked prefill needs markedly fewer GPUs for the same objectives (7 DGX
 //! for that question in this model), which is the gap in-flight batching is known to close.
 #![forbid(unsafe_code)]
