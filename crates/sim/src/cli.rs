@@ -12,8 +12,10 @@ use crate::peak::poisson_peak;
 use crate::perf::{Link, PerfModel};
 use crate::planner::{Grid, Mode, ModelSource, PlanInput, plan};
 use crate::profile::Profiled;
+use crate::replay::read_bench_json;
 use crate::report;
 use crate::roofline::{Efficiency, Roofline};
+use crate::simulate::{ClusterSpec, RunLoad, run_cluster};
 use crate::stats::Slo;
 use crate::workload::{Arrivals, Lengths, Workload};
 
@@ -35,12 +37,12 @@ pub struct PlanArgs {
     /// GPU, by catalogue name (h100, h200, a100-80gb, l40s).
     #[arg(long, env = "TANDEM_PLAN_GPU")]
     pub gpu: String,
-    /// Mean prompt length, tokens.
-    #[arg(long, env = "TANDEM_PLAN_ISL")]
-    pub isl: u32,
-    /// Mean answer length, tokens.
-    #[arg(long, env = "TANDEM_PLAN_OSL")]
-    pub osl: u32,
+    /// Mean prompt length, tokens (not needed with --replay).
+    #[arg(long, env = "TANDEM_PLAN_ISL", required_unless_present = "replay")]
+    pub isl: Option<u32>,
+    /// Mean answer length, tokens (not needed with --replay).
+    #[arg(long, env = "TANDEM_PLAN_OSL", required_unless_present = "replay")]
+    pub osl: Option<u32>,
     /// Prompt lengths spread uniformly over isl +- this many tokens (0: all equal).
     #[arg(long, env = "TANDEM_PLAN_ISL_SPREAD", default_value_t = 0)]
     pub isl_spread: u32,
@@ -68,6 +70,18 @@ pub struct PlanArgs {
     /// Cost one configuration instead of searching: `tp=4,batch=128,mode=aggregated`.
     #[arg(long, env = "TANDEM_PLAN_EVALUATE")]
     pub evaluate: Option<String>,
+    /// Simulate one disaggregated cluster instead of searching, configured as `tandem up`
+    /// configures its workers: `prefill=1,decode=1,tp=4[,tp-prefill=N][,tp-decode=N]
+    /// [,step-tokens=512][,max-running=N]` (no max-running: decode batches are bounded by KV only).
+    #[arg(long, env = "TANDEM_PLAN_SIMULATE", conflicts_with = "evaluate")]
+    pub simulate: Option<String>,
+    /// With --simulate: replay the requests of a `tandem bench --json` report (their send times and
+    /// token counts) instead of drawing arrivals and lengths.
+    #[arg(long, env = "TANDEM_PLAN_REPLAY", requires = "simulate")]
+    pub replay: Option<PathBuf>,
+    /// With --simulate: multiply every step time, as `--sim-time-scale` does for the sim engine.
+    #[arg(long, env = "TANDEM_PLAN_TIME_SCALE", default_value_t = 1.0)]
+    pub time_scale: f64,
     /// Sizing method: simulate (continuous batching, the default) or static (the calculator's).
     #[arg(long, env = "TANDEM_PLAN_METHOD", value_enum, default_value_t = Method::Simulate)]
     pub method: Method,
@@ -158,8 +172,12 @@ fn source(args: &PlanArgs) -> Result<(ModelSource, u32), SimError> {
 /// Runs `tandem plan`: the text (or JSON) to print; writes the plot when asked.
 pub fn run_plan(args: &PlanArgs) -> Result<String, SimError> {
     let (src, per_node) = source(args)?;
-    let input_len = lengths(args.isl, args.isl_spread, "--isl")?;
-    let output_len = lengths(args.osl, args.osl_spread, "--osl")?;
+    if let Some(spec) = &args.simulate {
+        return simulate_one(args, &src, spec);
+    }
+    let (isl, osl) = (args.isl_value()?, args.osl_value()?);
+    let input_len = lengths(isl, args.isl_spread, "--isl")?;
+    let output_len = lengths(osl, args.osl_spread, "--osl")?;
     if let Some(spec) = &args.evaluate {
         return evaluate(args, &src, spec);
     }
@@ -183,14 +201,12 @@ pub fn run_plan(args: &PlanArgs) -> Result<String, SimError> {
     };
     let models: Vec<Arc<dyn PerfModel>> =
         [1, 2, 4, 8].iter().filter_map(|&tp| src.at(tp)).collect();
-    let stat = size_static(
-        &models, args.isl, args.osl, rate, slo.ttft_s, slo.tpot_s, per_node,
-    );
+    let stat = size_static(&models, isl, osl, rate, slo.ttft_s, slo.tpot_s, per_node);
     if args.method == Method::Static {
         let Some(st) = stat else {
             let best = models
                 .iter()
-                .filter_map(|m| static_batch(m.as_ref(), 1, args.isl, args.osl).ok());
+                .filter_map(|m| static_batch(m.as_ref(), 1, isl, osl).ok());
             let ttft = best.map(|e| e.ttft_ms).fold(f64::INFINITY, f64::min);
             let binding = if ttft > slo.ttft_s * 1e3 {
                 "TTFT"
@@ -250,6 +266,56 @@ pub fn run_plan(args: &PlanArgs) -> Result<String, SimError> {
     }
 }
 
+impl PlanArgs {
+    fn isl_value(&self) -> Result<u32, SimError> {
+        self.isl.ok_or_else(|| SimError::invalid("give --isl"))
+    }
+
+    fn osl_value(&self) -> Result<u32, SimError> {
+        self.osl.ok_or_else(|| SimError::invalid("give --osl"))
+    }
+}
+
+/// `--simulate`: one cluster under the rate and lengths given, or under a replayed bench run.
+fn simulate_one(args: &PlanArgs, src: &ModelSource, spec: &str) -> Result<String, SimError> {
+    let cluster = ClusterSpec::parse(spec)?;
+    let (workload, requests) = match &args.replay {
+        Some(path) => {
+            let reqs = read_bench_json(path)?;
+            let n = reqs.len();
+            let (input, output) = (Lengths::Fixed(1), Lengths::Fixed(1));
+            let arrivals = Arrivals::Replay(reqs);
+            (
+                Workload {
+                    arrivals,
+                    input,
+                    output,
+                },
+                n,
+            )
+        }
+        None => {
+            let rate = match (args.rate, args.avg_rate) {
+                (Some(r), None) => r,
+                _ => return Err(SimError::invalid("--simulate needs --rate (or --replay)")),
+            };
+            let w = Workload {
+                arrivals: Arrivals::Poisson { rate },
+                input: lengths(args.isl_value()?, args.isl_spread, "--isl")?,
+                output: lengths(args.osl_value()?, args.osl_spread, "--osl")?,
+            };
+            (w, args.requests)
+        }
+    };
+    let load = RunLoad {
+        workload,
+        requests,
+        seed: args.seed,
+        time_scale: args.time_scale,
+    };
+    run_cluster(src, &cluster, &load, args.json)
+}
+
 fn evaluate(args: &PlanArgs, src: &ModelSource, spec: &str) -> Result<String, SimError> {
     let (mut tp, mut batch, mut mode) = (None, None, Mode::Aggregated);
     for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
@@ -290,7 +356,7 @@ fn evaluate(args: &PlanArgs, src: &ModelSource, spec: &str) -> Result<String, Si
             )));
         }
     };
-    let e = static_batch(model.as_ref(), batch, args.isl, args.osl)?;
+    let e = static_batch(model.as_ref(), batch, args.isl_value()?, args.osl_value()?)?;
     Ok(report::evaluation(&e, mode, model.as_ref(), args.json))
 }
 

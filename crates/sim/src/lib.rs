@@ -44,8 +44,11 @@
 //! with continuous batching and chunked prefill) in simulated time: 100,000 requests take well
 //! under a second on one core (`cargo run --release -p tandem-sim --example des_speed`).
 //! [`planner::plan`] searches tensor parallelism, batch limits and instance counts, DistServe-style;
-//! [`run_plan`] is `tandem plan`. Its default method simulates continuous batching; `--method
-//! static` sizes as the calculator does (for the GPT-43B question: 13 DGX H100, as published).
+//! [`run_plan`] is `tandem plan`; its `--simulate prefill=1,decode=1,tp=4` runs one cluster as the
+//! workers run it ([`simulate`]), optionally replaying the requests of a `tandem bench --json` run
+//! ([`replay`]), which is how scripts/validate-sim.sh sets the simulator beside a measured run.
+//! Its default method simulates continuous batching; `--method static` sizes as the calculator
+//! does (for the GPT-43B question: 13 DGX H100, as published).
 //! Continuous batching with chunked prefill needs markedly fewer GPUs for the same objectives (7 DGX
 //! for that question in this model), which is the gap in-flight batching is known to close.
 #![forbid(unsafe_code)]
@@ -63,9 +66,11 @@ pub mod peak;
 pub mod perf;
 pub mod planner;
 pub mod profile;
+pub mod replay;
 pub mod report;
 pub mod rng;
 pub mod roofline;
+pub mod simulate;
 pub mod stats;
 pub mod svg;
 pub mod workload;

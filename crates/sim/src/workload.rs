@@ -15,6 +15,9 @@ pub enum Arrivals {
     Constant { rate: f64 },
     /// Given arrival times in seconds, ascending.
     Trace(Vec<f64>),
+    /// Recorded requests, ascending in time, with their own lengths: the workload's length
+    /// distributions are not drawn (a `tandem bench --json` run replayed, see [`crate::replay`]).
+    Replay(Vec<RequestSpec>),
 }
 
 impl Arrivals {
@@ -23,7 +26,7 @@ impl Arrivals {
             Arrivals::Poisson { rate }
             | Arrivals::Gamma { rate, .. }
             | Arrivals::Constant { rate } => Some(*rate),
-            Arrivals::Trace(_) => None,
+            Arrivals::Trace(_) | Arrivals::Replay(_) => None,
         }
     }
 
@@ -41,6 +44,19 @@ impl Arrivals {
                 let span = t.last().copied().unwrap_or(0.0).max(f64::MIN_POSITIVE);
                 let scale = (n / span) / new_rate;
                 Arrivals::Trace(t.iter().map(|x| x * scale).collect())
+            }
+            Arrivals::Replay(r) => {
+                let n = r.len() as f64;
+                let span = r.last().map_or(0.0, |x| x.arrival).max(f64::MIN_POSITIVE);
+                let scale = (n / span) / new_rate;
+                Arrivals::Replay(
+                    r.iter()
+                        .map(|x| RequestSpec {
+                            arrival: x.arrival * scale,
+                            ..*x
+                        })
+                        .collect(),
+                )
             }
         }
     }
@@ -61,6 +77,16 @@ impl Arrivals {
             {
                 Err(SimError::invalid(
                     "a trace needs ascending, non-negative arrival times",
+                ))
+            }
+            Arrivals::Replay(r)
+                if r.is_empty()
+                    || r.windows(2).any(|w| w[1].arrival < w[0].arrival)
+                    || r[0].arrival < 0.0
+                    || r.iter().any(|x| x.input == 0 || x.output == 0) =>
+            {
+                Err(SimError::invalid(
+                    "a replay needs ascending, non-negative arrival times and positive lengths",
                 ))
             }
             _ => Ok(()),
@@ -151,6 +177,17 @@ impl Workload {
         self.input.validate("input")?;
         self.output.validate("output")
     }
+
+    /// The longest prompt and answer the workload can hold.
+    pub fn longest(&self) -> (u32, u32) {
+        match &self.arrivals {
+            Arrivals::Replay(r) => (
+                r.iter().map(|x| x.input).max().unwrap_or(0),
+                r.iter().map(|x| x.output).max().unwrap_or(0),
+            ),
+            _ => (self.input.max(), self.output.max()),
+        }
+    }
 }
 
 /// One generated request.
@@ -185,6 +222,11 @@ impl Iterator for RequestStream<'_> {
     type Item = RequestSpec;
 
     fn next(&mut self) -> Option<RequestSpec> {
+        if let Arrivals::Replay(r) = &self.w.arrivals {
+            let spec = *r.get(self.index)?;
+            self.index += 1;
+            return Some(spec);
+        }
         let arrival = match &self.w.arrivals {
             Arrivals::Poisson { rate } => self.now + self.rng.exponential(*rate),
             Arrivals::Gamma { rate, cv } => {
@@ -193,6 +235,7 @@ impl Iterator for RequestStream<'_> {
             }
             Arrivals::Constant { rate } => self.index as f64 / rate,
             Arrivals::Trace(t) => *t.get(self.index)?,
+            Arrivals::Replay(_) => return None,
         };
         self.now = arrival;
         self.index += 1;

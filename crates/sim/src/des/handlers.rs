@@ -85,25 +85,30 @@ impl<'a> Sim<'a> {
         true
     }
 
+    /// One prefill step, as the prefill worker's batcher makes it: prompts oldest first, each
+    /// taking what is left of the step's token budget, so that the last prompt in a step may be
+    /// chunked and finish in a later step (its earlier chunks then count as cached context).
     fn start_prefill(&mut self, p: usize) {
         let spec = &self.specs().0[p];
         let mut items = std::mem::take(&mut self.scratch_items);
         items.clear();
         let inst = &mut self.prefill[p];
-        inst.batch.clear();
-        let mut tokens = 0u64;
-        while let Some(&id) = inst.queue.front() {
-            let n = u64::from(self.reqs[id as usize].input);
-            if !inst.batch.is_empty() && tokens + n > u64::from(spec.max_batch_tokens) {
+        inst.chunks.clear();
+        let mut room = spec.max_batch_tokens.max(1);
+        for &id in &inst.queue {
+            if room == 0 {
                 break;
             }
-            inst.queue.pop_front();
-            tokens += n;
-            inst.batch.push(id);
-            items.push(PrefillItem::fresh(self.reqs[id as usize].input));
+            let r = &self.reqs[id as usize];
+            let chunk = (r.input - r.done).min(room);
+            room -= chunk;
+            items.push(PrefillItem {
+                new_tokens: chunk,
+                cached_tokens: r.done,
+            });
+            inst.chunks.push((id, chunk));
         }
-        inst.queued_tokens -= tokens;
-        if inst.batch.is_empty() {
+        if inst.chunks.is_empty() {
             inst.busy = false;
         } else {
             inst.busy = true;
@@ -116,11 +121,18 @@ impl<'a> Sim<'a> {
 
     pub(super) fn on_prefill_done(&mut self, p: usize) {
         let (pspecs, _, link) = self.specs();
-        let batch = std::mem::take(&mut self.prefill[p].batch);
+        let chunks = std::mem::take(&mut self.prefill[p].chunks);
         let dt = self.now - self.prefill[p].started;
         let mut freed = false;
-        for &id in &batch {
+        for &(id, chunk) in &chunks {
+            self.prefill[p].queued_tokens -= u64::from(chunk);
             let r = &mut self.reqs[id as usize];
+            r.done += chunk;
+            if r.done < r.input {
+                continue;
+            }
+            // Chunks are taken oldest first, so a finished prompt is at the front.
+            self.prefill[p].queue.pop_front();
             r.first = self.now;
             if self.cfg.phase == Phase::PrefillOnly {
                 r.finish = self.now;
@@ -137,7 +149,7 @@ impl<'a> Sim<'a> {
                 self.schedule(self.now + exposed, Kind::KvReady(id));
             }
         }
-        self.prefill[p].batch = batch;
+        self.prefill[p].chunks = chunks;
         self.start_prefill(p);
         if freed {
             self.admit_pending();

@@ -5,7 +5,8 @@
 //! * Disaggregated: a request is placed at arrival as the router does: its KV blocks (prompt plus
 //!   answer, in 16-token blocks) are reserved on the decode instance with the most free blocks
 //!   (then the fewest sequences), and its prompt is queued on the prefill instance with the fewest
-//!   queued tokens. A prefill instance batches queued prompts FCFS up to its token budget. KV moves
+//!   queued tokens. A prefill instance fills each step with queued prompts FCFS up to its token
+//!   budget, chunking the last one that does not fit (as the prefill worker does). KV moves
 //!   layer by layer while the prefill computes, so only the transfer time beyond the prefill's own
 //!   shows. A decode instance runs continuous batching up to its sequence limit.
 //! * Aggregated: one instance does both, Sarathi-style: each step carries every running sequence's
@@ -210,8 +211,8 @@ fn validate(cfg: &SimConfig) -> Result<(), SimError> {
             "the cluster has no instance for this phase",
         ));
     }
-    let need =
-        blocks_for(u64::from(cfg.workload.input.max()) + u64::from(cfg.workload.output.max()));
+    let (longest_in, longest_out) = cfg.workload.longest();
+    let need = blocks_for(u64::from(longest_in) + u64::from(longest_out));
     for i in a.iter().chain(b) {
         if i.max_running == 0 || i.max_batch_tokens == 0 {
             return Err(SimError::invalid("batch limits must be positive"));

@@ -116,9 +116,11 @@ impl DecodeSet {
 
 #[derive(Debug, Default)]
 pub(super) struct PrefillInst {
+    /// Prompts not yet fully computed, FCFS; only the front one can be part-computed.
     pub queue: VecDeque<u32>,
     pub queued_tokens: u64,
-    pub batch: Vec<u32>,
+    /// Prompt chunks in the current step: (request, tokens).
+    pub chunks: Vec<(u32, u32)>,
     pub busy: bool,
     pub started: f64,
 }

@@ -1,0 +1,324 @@
+//! `tandem plan --simulate prefill=1,decode=1,tp=4`: one fixed cluster run through the
+//! discrete-event simulator, configured as `tandem up` configures its workers, so that its
+//! predictions can be set beside a measured run (see scripts/validate-sim.sh).
+//!
+//! What the workers do and how this run models it:
+//! * Prefill worker: each step takes prompts oldest first up to `step-tokens` (the workers'
+//!   `--step-tokens`, 512 by default), chunking the last one; the DES does the same.
+//! * Decode worker: every sequence holding KV runs in every step (no batch limit but KV room); the
+//!   DES runs with `max-running` unlimited unless given.
+//! * KV transfer: the `sim` engine sends scaled-down bytes over the real transport, which is not
+//!   modelled in time; here it overlaps the prefill over an InfiniBand NDR link, so only its fixed
+//!   latency shows (microseconds), which is what the real transfer costs on loopback too.
+//! * `--time-scale S` multiplies every step time, as the workers' `--sim-time-scale` does, so that
+//!   times and rates compare with a run of `tandem up --engine sim` as measured by `tandem bench`.
+//! * Not modelled: the gateway, router and gRPC hops (a millisecond or two per request on a small
+//!   machine), and the streaming of tokens to the client.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::des::{Cluster, InstanceSpec, Phase, SimConfig, simulate};
+use crate::error::SimError;
+use crate::perf::{Link, MemoryFit, PerfModel, StepShape};
+use crate::planner::ModelSource;
+use crate::stats::{Dist, SimReport, Slo};
+use crate::workload::{Arrivals, Lengths, Workload};
+
+/// The cluster `--simulate` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterSpec {
+    pub prefill: u32,
+    pub decode: u32,
+    pub tp_prefill: u32,
+    pub tp_decode: u32,
+    /// Most prompt tokens per prefill step (the workers' `--step-tokens`).
+    pub step_tokens: u32,
+    /// Most sequences per decode step; `None`: as many as KV holds (the decode worker's rule).
+    pub max_running: Option<u32>,
+}
+
+impl ClusterSpec {
+    /// Parses `prefill=1,decode=1,tp=4[,tp-prefill=N][,tp-decode=N][,step-tokens=N][,max-running=N]`.
+    pub fn parse(spec: &str) -> Result<Self, SimError> {
+        let mut c = ClusterSpec {
+            prefill: 1,
+            decode: 1,
+            tp_prefill: 1,
+            tp_decode: 1,
+            step_tokens: 512,
+            max_running: None,
+        };
+        for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                SimError::invalid(format!("--simulate wants key=value pairs, got {part:?}"))
+            })?;
+            let n = v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    SimError::invalid(format!("--simulate {k}: {v:?} is not a positive number"))
+                })?;
+            match k.trim() {
+                "prefill" => c.prefill = n,
+                "decode" => c.decode = n,
+                "tp" => (c.tp_prefill, c.tp_decode) = (n, n),
+                "tp-prefill" => c.tp_prefill = n,
+                "tp-decode" => c.tp_decode = n,
+                "step-tokens" => c.step_tokens = n,
+                "max-running" => c.max_running = Some(n),
+                other => {
+                    return Err(SimError::invalid(format!(
+                        "--simulate: unknown key {other:?} (prefill, decode, tp, tp-prefill, \
+                         tp-decode, step-tokens, max-running)"
+                    )));
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// A performance model whose times are all `scale` times another's (the `sim` engine's
+/// `--sim-time-scale`).
+#[derive(Debug)]
+pub struct TimeScaled {
+    inner: Arc<dyn PerfModel>,
+    scale: f64,
+}
+
+impl TimeScaled {
+    pub fn new(inner: Arc<dyn PerfModel>, scale: f64) -> Result<Self, SimError> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(SimError::invalid(format!(
+                "--time-scale must be positive, got {scale}"
+            )));
+        }
+        Ok(TimeScaled { inner, scale })
+    }
+}
+
+impl PerfModel for TimeScaled {
+    fn describe(&self) -> String {
+        if self.scale == 1.0 {
+            self.inner.describe()
+        } else {
+            format!("{}; times x {}", self.inner.describe(), self.scale)
+        }
+    }
+    fn tensor_parallel(&self) -> u32 {
+        self.inner.tensor_parallel()
+    }
+    fn step_time(&self, step: &StepShape<'_>) -> f64 {
+        self.inner.step_time(step) * self.scale
+    }
+    fn kv_bytes_per_token(&self) -> u64 {
+        self.inner.kv_bytes_per_token()
+    }
+    fn memory(&self) -> MemoryFit {
+        self.inner.memory()
+    }
+    fn kv_transfer_time(&self, tokens: u64, link: &Link) -> f64 {
+        self.inner.kv_transfer_time(tokens, link) * self.scale
+    }
+}
+
+/// The arrivals and lengths of one simulated run.
+#[derive(Debug, Clone)]
+pub struct RunLoad {
+    pub workload: Workload,
+    pub requests: usize,
+    pub seed: u64,
+    /// Multiplies every step time.
+    pub time_scale: f64,
+}
+
+/// Simulates `cluster` under `load` and reports as text or JSON.
+pub fn run_cluster(
+    src: &ModelSource,
+    cluster: &ClusterSpec,
+    load: &RunLoad,
+    json: bool,
+) -> Result<String, SimError> {
+    let model = |tp: u32| -> Result<Arc<dyn PerfModel>, SimError> {
+        let m = src.at(tp).ok_or_else(|| {
+            SimError::invalid(format!(
+                "no performance model at tp={tp} (a power of two the model fits on, or the \
+                 profile's own tp)"
+            ))
+        })?;
+        Ok(Arc::new(TimeScaled::new(m, load.time_scale)?))
+    };
+    let (pm, dm) = (model(cluster.tp_prefill)?, model(cluster.tp_decode)?);
+    let unit = |m: &Arc<dyn PerfModel>, max_running: u32| InstanceSpec {
+        model: m.clone(),
+        max_running,
+        max_batch_tokens: cluster.step_tokens,
+    };
+    let sim = SimConfig {
+        cluster: Cluster::Disaggregated {
+            prefill: (0..cluster.prefill).map(|_| unit(&pm, 1)).collect(),
+            decode: (0..cluster.decode)
+                .map(|_| unit(&dm, cluster.max_running.unwrap_or(u32::MAX)))
+                .collect(),
+            link: Link::infiniband_ndr(),
+        },
+        workload: load.workload.clone(),
+        requests: load.requests,
+        seed: load.seed,
+        // A measured run counts every request it sends, so the prediction does too.
+        warmup: 0.0,
+        phase: Phase::Full,
+        slo: Slo {
+            ttft_s: f64::INFINITY,
+            tpot_s: f64::INFINITY,
+        },
+    };
+    let rep = simulate(&sim)?;
+    let desc = (pm.describe(), dm.describe());
+    Ok(if json {
+        as_json(cluster, load, &rep, &desc)
+    } else {
+        as_text(cluster, load, &rep, &desc)
+    })
+}
+
+fn dist_json(d: &Dist) -> serde_json::Value {
+    json!({
+        "mean": d.mean * 1e3, "p50": d.p50 * 1e3, "p90": d.p90 * 1e3,
+        "p99": d.p99 * 1e3, "max": d.max * 1e3,
+    })
+}
+
+fn describe_arrivals(w: &Workload) -> String {
+    match &w.arrivals {
+        Arrivals::Poisson { rate } => format!("Poisson arrivals at {rate}/s"),
+        Arrivals::Gamma { rate, cv } => format!("gamma arrivals at {rate}/s, cv {cv}"),
+        Arrivals::Constant { rate } => format!("constant arrivals at {rate}/s"),
+        Arrivals::Trace(t) => format!("a trace of {} arrivals", t.len()),
+        Arrivals::Replay(r) => format!("a replay of {} recorded requests", r.len()),
+    }
+}
+
+fn lengths_text(l: &Lengths) -> String {
+    match *l {
+        Lengths::Fixed(n) => n.to_string(),
+        Lengths::Uniform { lo, hi } => format!("{lo}-{hi}"),
+        Lengths::Normal { mean, std, lo, hi } => format!("normal({mean}, {std}) in {lo}-{hi}"),
+    }
+}
+
+fn as_json(c: &ClusterSpec, load: &RunLoad, r: &SimReport, desc: &(String, String)) -> String {
+    let v = json!({
+        "prefill_instances": c.prefill,
+        "decode_instances": c.decode,
+        "tp_prefill": c.tp_prefill,
+        "tp_decode": c.tp_decode,
+        "step_tokens": c.step_tokens,
+        "max_running": c.max_running,
+        "time_scale": load.time_scale,
+        "arrivals": describe_arrivals(&load.workload),
+        "requests": r.requests,
+        "ttft_ms": dist_json(&r.ttft),
+        "itl_ms": dist_json(&r.itl),
+        "tpot_ms": dist_json(&r.tpot),
+        "e2e_ms": dist_json(&r.e2e),
+        "throughput_rps": r.throughput_rps,
+        "output_tokens_per_s": r.output_tokens_per_s,
+        "span_s": r.span_s,
+        "model_prefill": desc.0,
+        "model_decode": desc.1,
+    });
+    format!("{v}\n")
+}
+
+fn as_text(c: &ClusterSpec, load: &RunLoad, r: &SimReport, desc: &(String, String)) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let running = c
+        .max_running
+        .map_or("as many as KV holds".to_string(), |n| n.to_string());
+    let _ = writeln!(
+        s,
+        "simulated: {} x prefill TP{} ({} prompt tokens per step) + {} x decode TP{} (batch: {running})",
+        c.prefill, c.tp_prefill, c.step_tokens, c.decode, c.tp_decode
+    );
+    let _ = writeln!(s, "prefill model: {}", desc.0);
+    if desc.1 != desc.0 {
+        let _ = writeln!(s, "decode model: {}", desc.1);
+    }
+    let w = &load.workload;
+    let lens = match w.arrivals {
+        Arrivals::Replay(_) => String::new(),
+        _ => format!(
+            "; prompts {} tokens, answers {} tokens",
+            lengths_text(&w.input),
+            lengths_text(&w.output)
+        ),
+    };
+    let _ = writeln!(
+        s,
+        "workload: {} requests, {}{lens}",
+        r.requests,
+        describe_arrivals(w)
+    );
+    let _ = writeln!(
+        s,
+        "{:<10}{:>10}{:>10}{:>10}{:>10}{:>10}",
+        "(ms)", "mean", "p50", "p90", "p99", "max"
+    );
+    for (name, d) in [
+        ("TTFT", &r.ttft),
+        ("ITL", &r.itl),
+        ("TPOT", &r.tpot),
+        ("E2E", &r.e2e),
+    ] {
+        let _ = writeln!(
+            s,
+            "{name:<10}{:>10.2}{:>10.2}{:>10.2}{:>10.2}{:>10.2}",
+            d.mean * 1e3,
+            d.p50 * 1e3,
+            d.p90 * 1e3,
+            d.p99 * 1e3,
+            d.max * 1e3
+        );
+    }
+    let _ = writeln!(
+        s,
+        "throughput: {:.3} requests/s, {:.1} output tokens/s over {:.2} s",
+        r.throughput_rps, r.output_tokens_per_s, r.span_s
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_with_worker_defaults() {
+        let c = ClusterSpec::parse("prefill=1,decode=2,tp=4").unwrap();
+        assert_eq!(
+            c,
+            ClusterSpec {
+                prefill: 1,
+                decode: 2,
+                tp_prefill: 4,
+                tp_decode: 4,
+                step_tokens: 512,
+                max_running: None,
+            }
+        );
+        let c = ClusterSpec::parse("tp=4,tp-decode=8,step-tokens=256,max-running=64").unwrap();
+        assert_eq!(
+            (c.tp_prefill, c.tp_decode, c.step_tokens, c.max_running),
+            (4, 8, 256, Some(64))
+        );
+        for bad in ["prefill=0", "tp=x", "gpus=8", "prefill"] {
+            assert!(ClusterSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
