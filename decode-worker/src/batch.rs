@@ -222,7 +222,7 @@ fn step(
     cfg: LoopConfig,
 ) {
     let t0 = Instant::now();
-    let mut inner = shared.lock();
+    let mut inner = shared.lock_for_step();
     // Oldest first: admit sequences while their next position has a block.
     let bs = inner.engine.block_size();
     let mut free = inner.engine.free_blocks();

@@ -82,9 +82,14 @@ impl Inner {
     }
 }
 
+/// Longest the batch loop defers its next step to threads waiting for the engine.
+const WAITERS_FIRST: Duration = Duration::from_millis(2);
+
 /// State shared by every part of a decode worker.
 pub struct Shared {
     inner: Mutex<Inner>,
+    /// Threads blocked in [`Shared::lock`]: the batch loop lets them in before its next step.
+    waiting: std::sync::atomic::AtomicUsize,
     next_id: AtomicU64,
     /// Geometry as the wire states it, fixed for the life of the pool.
     pub geometry: v1::BlockGeometry,
@@ -105,6 +110,7 @@ impl Shared {
             // Ids start at a process-specific point so that a stale id from a restarted worker at
             // the same address is not mistaken for a live one.
             next_id: AtomicU64::new(start_id()),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             geometry,
             shm,
             staging: Staging::default(),
@@ -125,6 +131,24 @@ impl Shared {
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        if let Some(g) = self.inner.try_lock() {
+            return g;
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let g = self.inner.lock();
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        g
+    }
+
+    /// The batch loop's lock for a step. The loop hands the lock over fairly after a step, but
+    /// only to one waiter; whoever else waits (Reserve, a KV commit, Decode's admission) would
+    /// then wait a whole step more, each, so the loop first lets every waiter through (for at
+    /// most [`WAITERS_FIRST`]).
+    pub fn lock_for_step(&self) -> MutexGuard<'_, Inner> {
+        let start = Instant::now();
+        while self.waiting.load(Ordering::Acquire) > 0 && start.elapsed() < WAITERS_FIRST {
+            std::thread::yield_now();
+        }
         self.inner.lock()
     }
 

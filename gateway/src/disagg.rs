@@ -197,18 +197,32 @@ impl Legs {
         };
         let mut call_req = tonic::Request::new(decode_req);
         call_req.set_timeout(self.config.decode_timeout);
-        let stream = decode
-            .decode(call_req)
-            .await
-            .map_err(|s| status_error("decode worker", s))?
-            .into_inner();
         let deadline = tokio::time::Instant::now() + self.config.decode_timeout;
+        // The first token goes to the client now; the Decode stream opens behind it (the decode
+        // worker answers Decode between two steps of its batch, so waiting for it here would add
+        // up to a decode step to every time to first token).
+        let opening: DecodeOpening = Box::pin(async move { decode.decode(call_req).await });
         let rest = futures::stream::unfold(
-            (stream, Some(release.take()), false),
-            move |(mut stream, guard, done)| async move {
-                if done {
-                    return None;
-                }
+            (DecodeLeg::Opening(opening), Some(release.take())),
+            move |(leg, guard)| async move {
+                let mut stream = match leg {
+                    DecodeLeg::Done => return None,
+                    DecodeLeg::Streaming(stream) => *stream,
+                    DecodeLeg::Opening(open) => match tokio::time::timeout_at(deadline, open).await
+                    {
+                        Ok(Ok(response)) => response.into_inner(),
+                        Ok(Err(s)) => {
+                            let e = Err(status_error("decode worker", s));
+                            return Some((e, (DecodeLeg::Done, guard)));
+                        }
+                        Err(_) => {
+                            let e = Err(BackendError::Timeout(
+                                "decode stream deadline passed".into(),
+                            ));
+                            return Some((e, (DecodeLeg::Done, guard)));
+                        }
+                    },
+                };
                 let next = tokio::time::timeout_at(deadline, stream.message()).await;
                 let item = match next {
                     Err(_) => Err(BackendError::Timeout(
@@ -231,7 +245,12 @@ impl Legs {
                         g.client = None;
                     }
                 }
-                Some((item, (stream, guard, finished)))
+                let leg = if finished {
+                    DecodeLeg::Done
+                } else {
+                    DecodeLeg::Streaming(Box::new(stream))
+                };
+                Some((item, (leg, guard)))
             },
         );
         Ok(futures::stream::iter([Ok(first)]).chain(rest).boxed())
@@ -458,4 +477,20 @@ fn router_error(e: RouterError) -> BackendError {
         }
         other => BackendError::Internal(other.to_string()),
     }
+}
+
+/// The Decode call, answered once the decode worker admits the sequence.
+type DecodeOpening = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<tonic::Response<tonic::Streaming<v1::DecodeChunk>>, tonic::Status>,
+            > + Send,
+    >,
+>;
+
+/// Where the decode leg of a generation stands.
+enum DecodeLeg {
+    Opening(DecodeOpening),
+    Streaming(Box<tonic::Streaming<v1::DecodeChunk>>),
+    Done,
 }
