@@ -12,8 +12,10 @@ use tandem_proto::v1;
 use tandem_sim::engine::{SimSpec, build};
 use tandem_sim::perf::PerfModel;
 
-fn sim_up(time_scale: &str) -> Up {
-    Up::start(&[
+/// A simulated Llama-2-70B cluster on TP4 H100s: `prefill` and `decode` worker processes, simulated
+/// times scaled by `time_scale`, and any further `tandem up` flags.
+fn sim_up(time_scale: &str, prefill: &str, decode: &str, extra: &[&str]) -> Up {
+    let mut args = vec![
         "--engine",
         "sim",
         "--sim-model",
@@ -23,17 +25,19 @@ fn sim_up(time_scale: &str) -> Up {
         "--tp",
         "4",
         "--prefill",
-        "2",
+        prefill,
         "--decode",
-        "2",
+        decode,
         "--sim-time-scale",
         time_scale,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Up::start(&args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_simulated_70b_cluster_streams_completions_to_the_end() {
-    let up = sim_up("0.01");
+    let up = sim_up("0.01", "2", "2", &[]);
     assert_eq!(up.model, "llama-2-70b");
     // Every worker runs the sim engine; decode pools hold the simulated GPUs' KV capacity.
     let want = build(&SimSpec {
@@ -79,7 +83,7 @@ async fn a_simulated_70b_cluster_streams_completions_to_the_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_takes_at_least_the_simulated_time() {
-    let up = sim_up("1");
+    let up = sim_up("1", "2", "2", &[]);
     let body = json!({
         "model": up.model,
         "prompt": "Once upon a time",
@@ -195,31 +199,13 @@ fn bench_and_replay(
 /// control plane's own milliseconds stay small beside them.
 ///
 /// TTFT is checked with one-token answers, ITL under a decoding load. Time to first token while
-/// sequences decode does not agree yet, and not because of the simulator: the decode worker
-/// imports KV frames under the engine lock that a decode step holds for its whole duration, so a
-/// prompt's KV (one frame per layer) trickles in between decode steps and its first token waits
-/// several steps (see BENCHMARKS.md, "The simulator against the sim engine").
+/// sequences decode does not agree yet (ratio 0.55), and not because of the simulator: Reserve and
+/// the KV commit still wait for the decode step in progress, which holds the engine lock for its
+/// whole duration (see BENCHMARKS.md, "The simulator against the sim engine").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_predicts_the_sim_engine_within_ten_percent() {
     let scale = "6";
-    let up = Up::start(&[
-        "--engine",
-        "sim",
-        "--sim-model",
-        "llama-2-70b",
-        "--sim-gpu",
-        "h100",
-        "--tp",
-        "4",
-        "--prefill",
-        "1",
-        "--decode",
-        "1",
-        "--step-tokens",
-        "512",
-        "--sim-time-scale",
-        scale,
-    ]);
+    let up = sim_up(scale, "1", "1", &["--step-tokens", "512"]);
     let up = tokio::task::spawn_blocking(move || {
         // About 70% of the prefill worker's capacity at this scale: prompts queue and batch.
         let (m, s) = bench_and_replay(&up, scale, "1", "4", "48", "ttft_ms");
