@@ -106,7 +106,7 @@ fn hf_checkpoint_loads_and_matches_the_reference() {
         .forward(&[chunk], &mut pool, |_, _| Ok(()))
         .expect("forward")
         .remove(0);
-    let want = common::reference_logits(&c, &w, &tokens)
+    let want = common::reference_logits(&c, &w, &tokens, false)
         .pop()
         .expect("logits");
     let err = got

@@ -2,8 +2,9 @@
 //!
 //! Every value the model computes for a token depends only on that token's inputs, never on which
 //! other rows share the batch, where a chunk boundary falls, or how work is split across threads.
-//! A dot product is always one 8-lane FMA accumulator over `k` in steps of 8, a fixed horizontal sum,
-//! then the scalar tail in order. So a prompt prefilled in one chunk or ten, a sequence decoded alone
+//! A dot product with f32 weights is always one 8-lane FMA accumulator over `k` in steps of 8, a fixed
+//! horizontal sum, then the scalar tail in order; with quantized weights, the row is first rounded to
+//! 16-bit blocks on its own and the block products are exact integers summed in one order ([`q16`]). So a prompt prefilled in one chunk or ten, a sequence decoded alone
 //! or beside 31 others, and a KV cache computed in another process all give bit-identical results:
 //! the equivalence tests of a disaggregated run against a single process are exact, not approximate.
 
@@ -11,6 +12,7 @@ mod attention;
 mod fused;
 mod matmul;
 mod ops;
+mod q16;
 mod quant;
 
 pub use attention::{AttentionShape, QueryCtx, paged_attention};

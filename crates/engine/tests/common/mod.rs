@@ -1,8 +1,34 @@
 //! A plain f64 Llama forward pass over the whole sequence, with no cache: the reference the paged,
-//! fixed-order f32 engine is checked against.
+//! fixed-order f32 engine is checked against. With `round`, the input of every linear layer but the
+//! output head is first rounded to 16-bit blocks of 32 (scale max|x|/32767, ties to even), as the
+//! engine rounds activations against quantized weights; the rest stays exact.
 #![allow(dead_code)]
 use tandem_engine::ModelConfig;
 use tandem_engine::tiny::TinyWeights;
+
+/// `x` rounded to 16-bit blocks of 32, as values.
+fn round_q16(x: &[f64]) -> Vec<f64> {
+    x.chunks(32)
+        .flat_map(|b| {
+            let d = b.iter().fold(0f64, |a, v| a.max(v.abs())) / 32767.0;
+            b.iter().map(move |v| {
+                if d > 0.0 {
+                    (v / d).round_ties_even() * d
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect()
+}
+
+fn matvec_q(w: &[f32], n: usize, k: usize, x: &[f64], round: bool) -> Vec<f64> {
+    if round {
+        matvec(w, n, k, &round_q16(x))
+    } else {
+        matvec(w, n, k, x)
+    }
+}
 
 fn matvec(w: &[f32], n: usize, k: usize, x: &[f64]) -> Vec<f64> {
     (0..n)
@@ -33,7 +59,12 @@ fn rope(v: &mut [f64], hd: usize, pos: usize, base: f32, interleaved: bool) {
 }
 
 /// Logits at every position of `tokens`.
-pub fn reference_logits(c: &ModelConfig, w: &TinyWeights, tokens: &[u32]) -> Vec<Vec<f64>> {
+pub fn reference_logits(
+    c: &ModelConfig,
+    w: &TinyWeights,
+    tokens: &[u32],
+    round: bool,
+) -> Vec<Vec<f64>> {
     let (h, hd) = (c.hidden, c.head_dim);
     let mut xs: Vec<Vec<f64>> = tokens
         .iter()
@@ -50,13 +81,13 @@ pub fn reference_logits(c: &ModelConfig, w: &TinyWeights, tokens: &[u32]) -> Vec
         let mut vs = Vec::new();
         for (p, x) in xs.iter().enumerate() {
             let n = rms(x, &l.attn_norm, c.rms_eps);
-            let mut q = matvec(&l.wq, c.q_width(), h, &n);
-            let mut k = matvec(&l.wk, c.kv_width(), h, &n);
+            let mut q = matvec_q(&l.wq, c.q_width(), h, &n, round);
+            let mut k = matvec_q(&l.wk, c.kv_width(), h, &n, round);
             rope(&mut q, hd, p, c.rope_base, c.rope_interleaved);
             rope(&mut k, hd, p, c.rope_base, c.rope_interleaved);
             qs.push(q);
             ks.push(k);
-            vs.push(matvec(&l.wv, c.kv_width(), h, &n));
+            vs.push(matvec_q(&l.wv, c.kv_width(), h, &n, round));
         }
         let group = c.heads / c.kv_heads;
         for (p, x) in xs.iter_mut().enumerate() {
@@ -82,19 +113,19 @@ pub fn reference_logits(c: &ModelConfig, w: &TinyWeights, tokens: &[u32]) -> Vec
                     }
                 }
             }
-            let o = matvec(&l.wo, h, c.q_width(), &att);
+            let o = matvec_q(&l.wo, h, c.q_width(), &att, round);
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
             let n = rms(x, &l.ffn_norm, c.rms_eps);
-            let g = matvec(&l.w_gate, c.ffn, h, &n);
-            let u = matvec(&l.w_up, c.ffn, h, &n);
+            let g = matvec_q(&l.w_gate, c.ffn, h, &n, round);
+            let u = matvec_q(&l.w_up, c.ffn, h, &n, round);
             let act: Vec<f64> = g
                 .iter()
                 .zip(&u)
                 .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
                 .collect();
-            let d = matvec(&l.w_down, h, c.ffn, &act);
+            let d = matvec_q(&l.w_down, h, c.ffn, &act, round);
             for (a, b) in x.iter_mut().zip(&d) {
                 *a += b;
             }
