@@ -14,3 +14,6 @@ run -p tandem-kv-transfer --example kv_bandwidth
 run -p tandem-router --example place_bench
 run -p tandem-sim --example des_speed
 run -p tandem-bench --example client_throughput
+echo
+echo "== scripts/bench-llamacpp.sh --no-install"
+./scripts/bench-llamacpp.sh --no-install

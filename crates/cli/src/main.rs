@@ -26,7 +26,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure the native engine's step times into a profile for `tandem plan --profile`.
     Profile(profile::ProfileArgs),
-    /// Size a cluster for a workload: GPUs, nodes and the prefill:decode ratio.
+    /// Size a cluster for a workload: GPUs and nodes as the sizing calculator counts them, or a
+    /// simulated continuous-batching search with the prefill:decode ratio (--method simulate).
     Plan(tandem_sim::PlanArgs),
     /// Load-test an OpenAI-compatible endpoint: TTFT, ITL, throughput, goodput.
     Bench(bench::BenchCmd),

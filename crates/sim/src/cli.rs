@@ -22,10 +22,12 @@ use crate::workload::{Arrivals, Lengths, Workload};
 /// How `tandem plan` sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Method {
-    /// Simulate continuous batching, aggregated and disaggregated, with the discrete-event simulator.
-    Simulate,
-    /// The sizing calculator's method: static batches (prefill together, decode in lock step).
+    /// The sizing calculator's method (the default): static batches, each prefilled together and
+    /// then decoded in lock step; the best configuration per GPU replicated to the rate.
     Static,
+    /// Simulate continuous batching, aggregated and disaggregated, with the discrete-event
+    /// simulator: a DistServe-style search that also gives the prefill:decode ratio.
+    Simulate,
 }
 
 /// Size a cluster for a workload under latency objectives, or cost one configuration.
@@ -82,8 +84,24 @@ pub struct PlanArgs {
     /// With --simulate: multiply every step time, as `--sim-time-scale` does for the sim engine.
     #[arg(long, env = "TANDEM_PLAN_TIME_SCALE", default_value_t = 1.0)]
     pub time_scale: f64,
-    /// Sizing method: simulate (continuous batching, the default) or static (the calculator's).
-    #[arg(long, env = "TANDEM_PLAN_METHOD", value_enum, default_value_t = Method::Simulate)]
+    /// Sizing method: static (the sizing calculator's, the default) or simulate (continuous
+    /// batching, aggregated and disaggregated, with the prefill:decode ratio).
+    ///
+    /// `static` answers as NVIDIA's sizing calculator does, and as the published answers were
+    /// reached: TTFT is the prefill of a whole batch plus one decode step, so the TTFT objective
+    /// bounds the batch; the configuration (tensor parallelism, power-of-two batch) with the most
+    /// prompts/s per GPU within the objectives is replicated to the rate. It is the method the
+    /// roofline's efficiency factors are calibrated against (GPT-43B 3500/500, TTFT under 3 s, 31
+    /// requests/s: 13 DGX H100, as published). --attainment, --requests, --seed and --plot apply to
+    /// `simulate` only.
+    ///
+    /// `simulate` searches tensor parallelism per role, batch limits and instance counts on the
+    /// discrete-event simulator, as a continuous-batching server (Tandem's own) would run them.
+    /// It needs fewer GPUs than the calculator for the same objectives (7 DGX for the GPT-43B
+    /// question, 10 with the published 21.4 ms ITL as objective): first tokens no longer wait for
+    /// a whole batch's prefill, so batches grow to what KV and ITL allow. That gain is a prediction
+    /// of the model, not yet checked against a GPU cluster; size purchases with `static`.
+    #[arg(long, env = "TANDEM_PLAN_METHOD", value_enum, default_value_t = Method::Static)]
     pub method: Method,
     /// Print JSON instead of text.
     #[arg(long, env = "TANDEM_PLAN_JSON")]
@@ -203,6 +221,11 @@ pub fn run_plan(args: &PlanArgs) -> Result<String, SimError> {
         [1, 2, 4, 8].iter().filter_map(|&tp| src.at(tp)).collect();
     let stat = size_static(&models, isl, osl, rate, slo.ttft_s, slo.tpot_s, per_node);
     if args.method == Method::Static {
+        if args.plot.is_some() {
+            return Err(SimError::invalid(
+                "--plot draws the simulated search: add --method simulate",
+            ));
+        }
         let Some(st) = stat else {
             let best = models
                 .iter()

@@ -82,6 +82,7 @@ fn candidate_json(ctx: &Context<'_>, c: &Candidate) -> Value {
 pub fn json(ctx: &Context<'_>, p: &Plan) -> String {
     let i = ctx.input;
     let v = json!({
+        "method": "simulate",
         "rate_rps": i.rate,
         "peak": ctx.peak.map(|(avg, pct, peak)| json!({"avg_rps": avg, "percentile": pct, "peak_rps": peak})),
         "objectives": { "ttft_ms": i.slo.ttft_s * 1e3, "itl_ms": i.slo.tpot_s * 1e3, "attainment": i.attainment },
@@ -207,7 +208,7 @@ pub fn evaluation(e: &StaticEstimate, mode: Mode, model: &dyn PerfModel, as_json
 fn static_json(s: &StaticSizing, rate: f64, model: Option<String>) -> Value {
     let e = &s.estimate;
     json!({
-        "mode": "static", "rate_rps": rate, "gpus": s.gpus, "nodes": s.nodes, "instances": s.instances,
+        "method": "static", "mode": "static", "rate_rps": rate, "gpus": s.gpus, "nodes": s.nodes, "instances": s.instances,
         "tp_prefill": e.tp, "tp_decode": e.tp, "batch": e.batch, "ttft_ms": e.ttft_ms, "itl_ms": e.itl_ms,
         "prompts_per_s_per_8gpu": e.prompts_per_s_per_8gpu,
         "goodput_per_gpu": e.prompts_per_s_per_8gpu / 8.0, "model": model,
@@ -222,7 +223,9 @@ pub fn static_sizing(s: &StaticSizing, rate: f64, model: Option<String>, as_json
     let e = &s.estimate;
     format!(
         "{}\nstatic batching for {rate:.2} requests/s: {} x TP{} batch {}: {} GPUs ({} nodes)\n\
-         TTFT {:.0} ms (batch prefill + first step), ITL {:.1} ms, {:.2} prompts/s per 8 GPUs\n",
+         TTFT {:.0} ms (batch prefill + first step), ITL {:.1} ms, {:.2} prompts/s per 8 GPUs\n\
+         (the sizing calculator's method; --method simulate searches continuous batching, aggregated \
+         and disaggregated, with the prefill:decode ratio)\n",
         model.unwrap_or_default(),
         s.instances,
         e.tp,
