@@ -2,12 +2,14 @@
 //! workers (tcp frames or writes into its shared-memory pool), and generates the rest of each
 //! sequence in a continuous batch, streaming tokens over gRPC.
 //!
-//! Parts: [`state`] (the engine and the reservation table behind one lock, and the KV receiver's
-//! sink), [`batch`] (the continuous-batching loop on its own thread), [`service`] (the gRPC
+//! Parts: [`book`] (the reservation table, apart from the engine), [`state`] (what the parts
+//! share, and the KV receiver's sink), [`staging`] (KV frames that found the engine in a step),
+//! [`batch`] (the continuous-batching loop on its own thread), [`service`] (the gRPC
 //! handlers), and [`run`], which wires them to listeners and the router.
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod book;
 pub mod coalesce;
 pub mod service;
 pub mod staging;
