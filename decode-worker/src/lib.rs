@@ -124,7 +124,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DecodeWorkerError> {
     let (engine, shm_layout) = build_engine(cfg.model.clone(), cfg.kv_blocks, &cfg.transport)?;
-    let shared = Arc::new(Shared::new(engine, shm_layout.is_some()));
+    let shared = Shared::new(engine, shm_layout.is_some());
+    let shared = Arc::new(match &shm_layout {
+        Some(layout) => shared.with_shm_view(ShmRegion::open(layout)?),
+        None => shared,
+    });
     let grpc_addr = cfg.grpc_listener.local_addr()?;
     let kv_addr = cfg.kv_listener.local_addr()?;
     let identity = v1::WorkerIdentity {

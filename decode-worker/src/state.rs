@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 use tandem_engine::{Engine, Model, SharedAllocator, lock_allocator};
-use tandem_kv_transfer::{KvError, KvSink, ReservationInfo, block_geometry, pool_checksum};
+use tandem_kv_transfer::{
+    KvError, KvSink, ReservationInfo, ShmRegion, block_geometry, pool_checksum,
+};
 use tandem_proto::v1;
 use tonic::Status;
 
@@ -40,6 +42,9 @@ pub struct Shared {
     pub shm: bool,
     /// KV frames that found the engine busy.
     pub staging: Staging,
+    /// A second mapping of the shm pool file, to check what prefill workers wrote into reserved
+    /// blocks without the engine (which a step holds) while the engine uses other blocks.
+    shm_view: Option<ShmRegion>,
 }
 
 impl Shared {
@@ -59,7 +64,14 @@ impl Shared {
             geometry,
             shm,
             staging: Staging::default(),
+            shm_view: None,
         }
+    }
+
+    /// Checks shm notices against `view`, a mapping of the engine's own pool file.
+    pub fn with_shm_view(mut self, view: ShmRegion) -> Self {
+        self.shm_view = Some(view);
+        self
     }
 
     /// The engine, waiting for a step in progress.
@@ -319,6 +331,14 @@ impl KvSink for Sink {
         if !self.0.shm {
             return None;
         }
+        if let Some(view) = &self.0.shm_view {
+            // The table stays locked while the blocks are read: they cannot change hands.
+            let book = self.0.book();
+            if !book.accepts_frames(reservation_id) {
+                return None;
+            }
+            return view.checksum(layer as usize, block_ids).ok();
+        }
         let engine = self.0.lock();
         self.0.book().get(reservation_id)?;
         pool_checksum(engine.pool(), layer as usize, block_ids)
@@ -465,6 +485,32 @@ mod tests {
         assert_eq!(s.staging.bytes(), 0);
         assert!(s.book().get(short).is_none());
         assert_eq!(s.free_blocks(), 64);
+    }
+
+    #[test]
+    fn shm_notices_are_checked_during_a_step() {
+        let model = Arc::new(tandem_engine::tiny::tiny_model(7, false).unwrap().0);
+        let path = std::env::temp_dir().join(format!("tandem-state-{}.kv", std::process::id()));
+        let geom = Engine::geometry_for(&model, 16);
+        let region = ShmRegion::create(&path, &geom).unwrap();
+        let layout = region.layout().clone();
+        let pool = tandem_engine::kv::KvPool::with_memory(geom, Box::new(region)).unwrap();
+        let s = Arc::new(
+            Shared::new(Engine::with_pool(model, pool), true)
+                .with_shm_view(ShmRegion::open(&layout).unwrap()),
+        );
+        let (id, blocks) = s.reserve("r".into(), 20, 4, lease(), 0).unwrap();
+        let payload = layer_bytes(&s, blocks.len(), 5);
+        // A prefill worker's own mapping, as it writes a layer.
+        let mut prefill = ShmRegion::open(&layout).unwrap();
+        prefill.write_blocks(1, &blocks, &payload).unwrap();
+        let want = prefill.checksum(1, &blocks).unwrap();
+        let sink = Sink(s.clone());
+        let busy = s.lock();
+        assert_eq!(sink.checksum(id, 1, &blocks), Some(want));
+        sink.complete(id, 0).unwrap();
+        assert_eq!(sink.checksum(id, 1, &blocks), None, "no longer filling");
+        drop(busy);
     }
 
     #[test]
