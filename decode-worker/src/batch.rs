@@ -6,12 +6,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use tandem_engine::sampling::{FinishReason, SamplingParams, sample, token_finishes};
-use tandem_engine::{EngineError, StepItem};
+use tandem_engine::{Engine, EngineError, StepItem};
 use tandem_proto::v1;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
-use crate::state::{Phase, Shared};
+use crate::state::Shared;
 
 /// What a Decode stream receives.
 pub type ChunkResult = Result<v1::DecodeChunk, Status>;
@@ -48,6 +48,8 @@ struct Prefilling {
     job: PrefillJob,
     done: usize,
     started: Option<Instant>,
+    /// The engine holds the reservation's blocks as a sequence.
+    adopted: bool,
 }
 
 struct Running {
@@ -57,6 +59,8 @@ struct Running {
     generated: u32,
     sampling: SamplingParams,
     tx: UnboundedSender<ChunkResult>,
+    /// The engine holds the reservation's blocks as a sequence.
+    adopted: bool,
 }
 
 /// Counters the heartbeat and Info read.
@@ -171,16 +175,18 @@ pub fn run(
                 generated: j.generated_before,
                 sampling: j.sampling,
                 tx: j.tx,
+                adopted: false,
             });
         }
         prefilling.extend(prefills.into_iter().map(|job| Prefilling {
             job,
             done: 0,
             started: None,
+            adopted: false,
         }));
         let stop_all = stopped.load(Ordering::Relaxed);
         if !cancels.is_empty() || stop_all {
-            let mut inner = shared.lock();
+            let mut engine = shared.lock();
             running.retain(|r| {
                 let drop = stop_all || cancels.contains(&r.id);
                 if drop {
@@ -188,7 +194,7 @@ pub fn run(
                         let _ =
                             r.tx.send(Err(Status::unavailable("decode worker stopping")));
                     }
-                    inner.release(r.id);
+                    shared.end(Some(&mut engine), r.id);
                 }
                 !drop
             });
@@ -222,21 +228,20 @@ fn step(
     cfg: LoopConfig,
 ) {
     let t0 = Instant::now();
-    let mut inner = shared.lock_for_step();
-    // Oldest first: admit sequences while their next position has a block.
-    let bs = inner.engine.block_size();
-    let mut free = inner.engine.free_blocks();
+    let mut engine = shared.lock_for_step();
+    shared.apply_staged(&mut engine);
+    adopt(shared, &mut engine, running, prefilling, stats);
+    if running.is_empty() && prefilling.is_empty() {
+        return;
+    }
+    // Oldest first: admit sequences while their next position gets a block. The block is taken
+    // now, not inside the step: Reserve draws from the same allocator at any time.
     let mut take = Vec::with_capacity(running.len());
     for (i, r) in running.iter().enumerate() {
-        let len = inner.engine.seq_len(r.id).unwrap_or(0);
-        let needs_block = len.is_multiple_of(bs);
-        if needs_block {
-            if free == 0 {
-                continue;
-            }
-            free -= 1;
+        let len = engine.seq_len(r.id).unwrap_or(0);
+        if engine.reserve(r.id, len + 1).is_ok() {
+            take.push(i);
         }
-        take.push(i);
     }
     if take.is_empty() && !running.is_empty() && prefilling.is_empty() {
         // Every sequence needs a block and none is free: the youngest gives its blocks back so
@@ -245,7 +250,7 @@ fn step(
             let _ = r.tx.send(Err(Status::resource_exhausted(
                 "KV cache full: sequence preempted",
             )));
-            inner.release(r.id);
+            shared.end(Some(&mut engine), r.id);
         }
         return;
     }
@@ -282,13 +287,13 @@ fn step(
             logits: r.end == p.job.prompt.len(),
         });
     }
-    let result = inner.engine.step(&items);
+    let result = engine.step(&items);
     drop(items);
-    let ctx = inner.engine.model().config().max_context;
+    let ctx = engine.model().config().max_context;
     let logits = match result {
         Ok(l) => l,
         Err(e) => {
-            fail_step(&mut inner, running, &take, &e);
+            fail_step(shared, &mut engine, running, &take, &e);
             for (i, _) in chunks.iter().rev() {
                 let p = prefilling.remove(*i);
                 let left = (p.job.prompt.len() - p.done) as u64;
@@ -301,15 +306,7 @@ fn step(
         }
     };
     let (decode_logits, prefill_logits) = logits.split_at(take.len());
-    finish_prefills(
-        &mut inner,
-        prefilling,
-        &chunks,
-        prefill_logits,
-        stats,
-        eos,
-        t0,
-    );
+    finish_prefills(shared, prefilling, &chunks, prefill_logits, stats, eos, t0);
     let waiting = running.len() - take.len();
     let mut done = Vec::new();
     for (&i, l) in take.iter().zip(decode_logits) {
@@ -334,11 +331,11 @@ fn step(
     }
     for &i in done.iter().rev() {
         let r = running.remove(i);
-        inner.release(r.id);
+        shared.end(Some(&mut engine), r.id);
     }
-    inner.engine.recycle(logits);
-    // Waiting KV writes, reservations and heartbeats go before the next step.
-    parking_lot::MutexGuard::unlock_fair(inner);
+    engine.recycle(logits);
+    // Whoever waits for the engine (a KV write when staging is full) goes before the next step.
+    parking_lot::MutexGuard::unlock_fair(engine);
     let dt = t0.elapsed().as_secs_f32().max(1e-6);
     let rate = take.len() as f32 / dt;
     let old = f32::from_bits(stats.tokens_per_s.load(Ordering::Relaxed));
@@ -356,7 +353,7 @@ fn step(
 /// Advances the prompts this step computed; those whose last chunk it was get their first token
 /// and become complete reservations, ready for Decode.
 fn finish_prefills(
-    inner: &mut crate::state::Inner,
+    shared: &Shared,
     prefilling: &mut Vec<Prefilling>,
     chunks: &[(usize, std::ops::Range<usize>)],
     logits: &[Vec<f32>],
@@ -381,7 +378,7 @@ fn finish_prefills(
             .prefill_tokens_per_s
             .store(avg.to_bits(), Ordering::Relaxed);
     }
-    let ctx = inner.engine.model().config().max_context;
+    let ctx = shared.model().config().max_context;
     let mut logits = logits.iter();
     let mut done = Vec::new();
     for (i, r) in chunks {
@@ -396,9 +393,7 @@ fn finish_prefills(
         let first_token = sample(l, &p.job.sampling, 0);
         let finish = token_finishes(&p.job.sampling, eos, first_token, 1)
             .or((p.job.prompt.len() + 1 >= ctx).then_some(FinishReason::Length));
-        if let Some(res) = inner.reservations.get_mut(&p.job.reservation_id) {
-            res.phase = Phase::Complete { attempt: 0 };
-        }
+        shared.book().complete(p.job.reservation_id, 0);
         done.push((
             *i,
             Prefilled {
@@ -418,7 +413,8 @@ fn finish_prefills(
 /// A failed step changed nothing in the engine; the sequences in it fail with the error, so that
 /// one bad sequence cannot wedge the loop.
 fn fail_step(
-    inner: &mut crate::state::Inner,
+    shared: &Shared,
+    engine: &mut Engine,
     running: &mut Vec<Running>,
     take: &[usize],
     e: &EngineError,
@@ -427,39 +423,61 @@ fn fail_step(
     for &i in take.iter().rev() {
         let r = running.remove(i);
         let _ = r.tx.send(Err(tandem_wire::engine_status(e)));
-        inner.release(r.id);
+        shared.end(Some(engine), r.id);
     }
 }
 
-/// Whether a reservation may start decoding, and its prompt length: it must be complete.
-pub fn admit(shared: &Shared, reservation_id: u64) -> Result<usize, Status> {
-    let mut inner = shared.lock();
-    let crate::state::Inner {
-        engine,
-        reservations,
-    } = &mut *inner;
-    let r = reservations.get_mut(&reservation_id).ok_or_else(|| {
-        Status::not_found(format!(
-            "reservation {reservation_id} is unknown or expired"
-        ))
-    })?;
-    match r.phase {
-        Phase::Complete { .. } => {}
-        Phase::Filling => {
-            return Err(Status::failed_precondition(format!(
-                "the KV of reservation {reservation_id} has not fully arrived"
-            )));
+/// At a step boundary, hands the blocks of sequences that joined (and of prompts about to be
+/// computed here) to the engine. One that cannot join fails alone; so does a prompt whose
+/// reservation went away (its lease lapsed) while it was being computed.
+fn adopt(
+    shared: &Shared,
+    engine: &mut Engine,
+    running: &mut Vec<Running>,
+    prefilling: &mut Vec<Prefilling>,
+    stats: &LoopStats,
+) {
+    running.retain_mut(|r| {
+        if r.adopted {
+            return true;
         }
-        Phase::Running => {
-            return Err(Status::already_exists(format!(
-                "reservation {reservation_id} is already decoding"
-            )));
+        match shared.adopt(engine, r.id, r.prompt_tokens) {
+            Ok(()) => {
+                r.adopted = true;
+                true
+            }
+            Err(status) => {
+                let _ = r.tx.send(Err(status));
+                shared.end(Some(engine), r.id);
+                false
+            }
+        }
+    });
+    let mut i = 0;
+    while i < prefilling.len() {
+        let p = &mut prefilling[i];
+        let id = p.job.reservation_id;
+        let ok = if p.adopted {
+            engine
+                .seq_len(id)
+                .map(|_| ())
+                .ok_or_else(|| Status::not_found(format!("reservation {id} expired")))
+        } else {
+            shared.adopt(engine, id, 0)
+        };
+        match ok {
+            Ok(()) => {
+                p.adopted = true;
+                i += 1;
+            }
+            Err(status) => {
+                let p = prefilling.remove(i);
+                let left = (p.job.prompt.len() - p.done) as u64;
+                stats
+                    .queued_prefill_tokens
+                    .fetch_sub(left, Ordering::Relaxed);
+                let _ = p.job.reply.send(Err(status));
+            }
         }
     }
-    let prompt = r.prompt_tokens as usize;
-    engine
-        .commit(reservation_id, prompt)
-        .map_err(|e| tandem_wire::engine_status(&e))?;
-    r.phase = Phase::Running;
-    Ok(prompt)
 }

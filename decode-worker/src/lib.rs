@@ -2,12 +2,14 @@
 //! workers (tcp frames or writes into its shared-memory pool), and generates the rest of each
 //! sequence in a continuous batch, streaming tokens over gRPC.
 //!
-//! Parts: [`state`] (the engine and the reservation table behind one lock, and the KV receiver's
-//! sink), [`batch`] (the continuous-batching loop on its own thread), [`service`] (the gRPC
+//! Parts: [`book`] (the reservation table, apart from the engine), [`state`] (what the parts
+//! share, and the KV receiver's sink), [`staging`] (KV frames that found the engine in a step),
+//! [`batch`] (the continuous-batching loop on its own thread), [`service`] (the gRPC
 //! handlers), and [`run`], which wires them to listeners and the router.
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod book;
 pub mod coalesce;
 pub mod service;
 pub mod staging;
@@ -122,7 +124,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DecodeWorkerError> {
     let (engine, shm_layout) = build_engine(cfg.model.clone(), cfg.kv_blocks, &cfg.transport)?;
-    let shared = Arc::new(Shared::new(engine, shm_layout.is_some()));
+    let shared = Shared::new(engine, shm_layout.is_some());
+    let shared = Arc::new(match &shm_layout {
+        Some(layout) => shared.with_shm_view(ShmRegion::open(layout)?),
+        None => shared,
+    });
     let grpc_addr = cfg.grpc_listener.local_addr()?;
     let kv_addr = cfg.kv_listener.local_addr()?;
     let identity = v1::WorkerIdentity {

@@ -11,7 +11,7 @@ use tandem_proto::v1::prefill_service_server::PrefillService;
 use tandem_proto::v1::worker_control_server::WorkerControl;
 use tonic::{Request, Response, Status};
 
-use crate::batch::{ChunkResult, Inbox, Joiner, LoopStats, PrefillJob, admit};
+use crate::batch::{ChunkResult, Inbox, Joiner, LoopStats, PrefillJob};
 use crate::coalesce::Coalesced;
 use crate::state::{Phase, Shared};
 
@@ -35,19 +35,14 @@ pub struct DecodeGrpc {
 impl DecodeGrpc {
     /// The worker's load as heartbeats and Info report it.
     pub fn load(&self) -> v1::LoadReport {
-        let inner = self.shared.lock();
-        let reservations = inner
-            .reservations
-            .values()
-            .filter(|r| r.phase != Phase::Running)
-            .count() as u32;
+        let reservations = self.shared.book().pending();
         v1::LoadReport {
             state: self.state().into(),
             queued_prefill_tokens: self.stats.queued_prefill_tokens.load(Ordering::Relaxed),
             running_seqs: self.stats.running.load(Ordering::Relaxed),
             waiting_seqs: self.stats.waiting.load(Ordering::Relaxed),
-            free_kv_blocks: inner.engine.free_blocks() as u64,
-            total_kv_blocks: inner.engine.total_blocks() as u64,
+            free_kv_blocks: self.shared.free_blocks() as u64,
+            total_kv_blocks: self.shared.total_blocks() as u64,
             prefill_tokens_per_s: f32::from_bits(
                 self.stats.prefill_tokens_per_s.load(Ordering::Relaxed),
             ),
@@ -114,10 +109,9 @@ impl DecodeService for DecodeGrpc {
         request: Request<v1::CommitRequest>,
     ) -> Result<Response<v1::CommitResponse>, Status> {
         let id = request.into_inner().reservation_id;
-        let mut inner = self.shared.lock();
-        let r = inner
-            .reservations
-            .get_mut(&id)
+        let mut book = self.shared.book();
+        let r = book
+            .get_mut(id)
             .ok_or_else(|| Status::not_found(format!("reservation {id} is unknown or expired")))?;
         match r.phase {
             Phase::Filling => Err(Status::failed_precondition(format!(
@@ -151,7 +145,8 @@ impl DecodeService for DecodeGrpc {
                 "generated_before counts first_token, so it is at least 1",
             ));
         }
-        let prompt_tokens = admit(&self.shared, req.reservation_id)?;
+        // The batch loop hands the blocks to the engine at its next step boundary.
+        let prompt_tokens = self.shared.book().admit(req.reservation_id)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.inbox.join(Joiner {
             reservation_id: req.reservation_id,
@@ -169,21 +164,22 @@ impl DecodeService for DecodeGrpc {
         request: Request<v1::ReleaseRequest>,
     ) -> Result<Response<v1::ReleaseResponse>, Status> {
         let id = request.into_inner().reservation_id;
-        let mut inner = self.shared.lock();
-        let Some(r) = inner.reservations.get(&id) else {
+        let book = self.shared.book();
+        let Some(r) = book.get(id) else {
             return Ok(Response::new(v1::ReleaseResponse::default()));
         };
         let blocks = r.block_ids.len() as u32;
         if r.phase == Phase::Running {
             // The batch loop owns a running sequence; it frees the blocks before its next step.
-            drop(inner);
+            drop(book);
             self.inbox.cancel(id);
             return Ok(Response::new(v1::ReleaseResponse {
                 found: true,
                 blocks_freed: blocks,
             }));
         }
-        let freed = inner.release(id).unwrap_or(0);
+        drop(book);
+        let freed = self.shared.end(None, id).unwrap_or(0);
         Ok(Response::new(v1::ReleaseResponse {
             found: true,
             blocks_freed: freed,
@@ -210,7 +206,7 @@ impl WorkerControl for DecodeGrpc {
             identity: Some(self.identity()),
             load: Some(self.load()),
             prefill_requests: 0,
-            engine: self.shared.lock().engine.model().engine_name().into(),
+            engine: self.shared.model().engine_name().into(),
         }))
     }
 
@@ -249,16 +245,13 @@ impl PrefillService for DecodeGrpc {
             .validate()
             .map_err(|e| tandem_wire::engine_status(&e))?;
         {
-            let inner = self.shared.lock();
-            let r = inner
-                .reservations
-                .get(&dest.reservation_id)
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "reservation {} is not one of this worker's",
-                        dest.reservation_id
-                    ))
-                })?;
+            let book = self.shared.book();
+            let r = book.get(dest.reservation_id).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "reservation {} is not one of this worker's",
+                    dest.reservation_id
+                ))
+            })?;
             if r.phase != Phase::Filling || r.prompt_tokens as usize != req.prompt_tokens.len() {
                 return Err(Status::invalid_argument(format!(
                     "reservation {} is not waiting for a prompt of {} tokens",

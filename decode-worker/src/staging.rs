@@ -1,17 +1,16 @@
 //! KV frames that arrive while the batch loop holds the engine.
 //!
-//! The engine lock is held for a whole decode step. A tcp transfer delivers one frame per layer,
-//! and the loop hands the lock over fairly only between steps, so a frame that waits for the lock
-//! costs the prompt up to a decode step; over 80 layers that was several decode steps added to
-//! every time to first token while anything decoded (scripts/validate-sim.sh measured it). Instead
-//! a frame that finds the engine busy is copied here, and a reservation's frames are applied, in
-//! the order they arrived, the next time its transfer holds the lock: at a later frame that finds
-//! the engine free, or at the commit, which waits for it once. The reservation checks the receiver
-//! makes per frame use what the last locked lookup saw, for the same reason.
+//! The engine lock is held for a whole decode step, and the pool lives in the engine. A tcp
+//! transfer delivers one frame per layer; a frame that waited for the lock would cost the prompt
+//! up to a decode step, and over 80 layers that was several decode steps added to every time to
+//! first token while anything decoded (scripts/validate-sim.sh measured it). Instead a frame that
+//! finds the engine busy is copied here, and a reservation's frames are applied, in the order they
+//! arrived, by whoever next holds the engine: a later frame of its transfer that finds it free, a
+//! commit that finds it free, or else the batch loop at its next step boundary, before the
+//! sequence can join the batch. The commit does not wait for them to be applied.
 use std::collections::HashMap;
 
 use parking_lot::Mutex;
-use tandem_kv_transfer::ReservationInfo;
 
 /// Most bytes held for all reservations; past it, a frame waits for the engine instead.
 pub const STAGING_LIMIT: usize = 256 << 20;
@@ -28,8 +27,6 @@ pub struct StagedFrame {
 struct Held {
     frames: HashMap<u64, Vec<StagedFrame>>,
     bytes: usize,
-    /// Reservation facts as last seen under the engine lock, while the reservation fills.
-    known: HashMap<u64, ReservationInfo>,
 }
 
 #[derive(Debug, Default)]
@@ -70,31 +67,23 @@ impl Staging {
         frames
     }
 
-    pub fn remember(&self, reservation_id: u64, info: &ReservationInfo) {
-        self.held.lock().known.insert(reservation_id, info.clone());
-    }
-
-    pub fn known(&self, reservation_id: u64) -> Option<ReservationInfo> {
-        self.held.lock().known.get(&reservation_id).cloned()
-    }
-
-    /// Forgets a reservation that committed or went away, with any frames still held for it.
-    pub fn forget(&self, reservation_id: u64) {
-        self.take(reservation_id);
-        self.held.lock().known.remove(&reservation_id);
-    }
-
-    /// Forgets every reservation for which `filling` is false (released, expired). Run by the
-    /// lease sweep.
-    pub fn sweep(&self, filling: impl Fn(u64) -> bool) {
+    /// Every frame held, by reservation (each oldest first); none are held any more.
+    pub fn take_all(&self) -> Vec<(u64, Vec<StagedFrame>)> {
         let mut h = self.held.lock();
-        h.known.retain(|id, _| filling(*id));
-        let gone: Vec<u64> = h
-            .frames
-            .keys()
-            .copied()
-            .filter(|id| !filling(*id))
-            .collect();
+        h.bytes = 0;
+        h.frames.drain().collect()
+    }
+
+    /// Whether any frame is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.lock().frames.is_empty()
+    }
+
+    /// Forgets every reservation for which `live` is false (released, expired). Run by the
+    /// lease sweep.
+    pub fn sweep(&self, live: impl Fn(u64) -> bool) {
+        let mut h = self.held.lock();
+        let gone: Vec<u64> = h.frames.keys().copied().filter(|id| !live(*id)).collect();
         for id in gone {
             if let Some(frames) = h.frames.remove(&id) {
                 h.bytes -= frames.iter().map(|f| f.payload.len()).sum::<usize>();
@@ -127,6 +116,16 @@ mod tests {
         s.sweep(|id| id != 8);
         assert_eq!(s.bytes(), 0);
         assert!(s.take(8).is_empty());
+        assert!(s.stage(9, 2, &[4], &[4; 3]));
+        assert!(s.stage(9, 3, &[4], &[5; 3]));
+        let all = s.take_all();
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            all[0].1.iter().map(|f| f.layer).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
     }
 
     #[test]

@@ -1,155 +1,117 @@
-//! Reservations and the engine they live in, shared by the gRPC handlers, the KV receiver and the
-//! batch loop.
+//! What the gRPC handlers, the KV receiver and the batch loop share: the engine, and apart from
+//! it the reservation table ([`Book`]) and the frames staged for the pool ([`Staging`]).
 //!
-//! One mutex guards the engine and the reservation table together: a reservation's blocks and the
-//! engine's sequence for it must change as one. The batch loop holds it for one step at a time and
-//! hands it over fairly after each step (a plain mutex would let the loop take it straight back
-//! and starve KV writes, Reserve and heartbeats), so any of them waits at most one decode step.
-use std::collections::HashMap;
+//! The batch loop holds the engine for one step at a time (its whole compute). Nothing on a
+//! prompt's way to its first token waits for that: Reserve takes blocks from the engine's shared
+//! allocator under the table's lock, KV frames that find the engine busy are staged, and the
+//! commit is acknowledged once every frame is written or staged; the loop applies staged frames
+//! and adopts new sequences into the engine at its step boundaries. Lock order, where two are
+//! held: engine, then table, then staging or the allocator (each held for list operations only).
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use parking_lot::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tandem_engine::Engine;
-use tandem_kv_transfer::{KvError, KvSink, ReservationInfo, block_geometry, pool_checksum};
+use parking_lot::{Mutex, MutexGuard};
+use tandem_engine::{Engine, Model, SharedAllocator, lock_allocator};
+use tandem_kv_transfer::{
+    KvError, KvSink, ReservationInfo, ShmRegion, block_geometry, pool_checksum,
+};
 use tandem_proto::v1;
+use tonic::Status;
 
+use crate::book::{Ask, Book};
+pub use crate::book::{Phase, Reservation};
 use crate::staging::Staging;
-
-/// What a reservation is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Blocks reserved; KV arriving. Expires with its lease.
-    Filling,
-    /// Every layer of every block arrived for `attempt`; no more KV is taken. Still leased.
-    Complete { attempt: u32 },
-    /// In the running batch; the lease no longer applies.
-    Running,
-}
-
-#[derive(Debug)]
-pub struct Reservation {
-    pub request_id: String,
-    pub prompt_tokens: u32,
-    pub max_new_tokens: u32,
-    pub block_ids: Arc<[u32]>,
-    pub expires: Instant,
-    pub phase: Phase,
-    /// Frames of attempts below this are refused.
-    pub min_attempt: u32,
-}
-
-pub struct Inner {
-    pub engine: Engine,
-    pub reservations: HashMap<u64, Reservation>,
-}
-
-impl Inner {
-    /// Frees a reservation's blocks (and its running sequence's, if it runs). Returns the blocks.
-    pub fn release(&mut self, id: u64) -> Option<u32> {
-        self.reservations.remove(&id)?;
-        let blocks = self.engine.block_table(id).map_or(0, |b| b.len() as u32);
-        if let Err(e) = self.engine.release(id) {
-            tracing::error!(reservation = id, error = %e, "release of a known reservation failed");
-        }
-        Some(blocks)
-    }
-
-    /// Drops every reservation whose lease ran out before Decode started.
-    pub fn expire(&mut self, now: Instant) -> usize {
-        let lapsed: Vec<u64> = self
-            .reservations
-            .iter()
-            .filter(|(_, r)| r.phase != Phase::Running && r.expires <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &lapsed {
-            tracing::debug!(reservation = id, "lease lapsed");
-            self.release(*id);
-        }
-        lapsed.len()
-    }
-
-    /// Blocks held by reservations that have not started decoding.
-    pub fn reserved_blocks(&self) -> u64 {
-        self.reservations
-            .values()
-            .filter(|r| r.phase != Phase::Running)
-            .map(|r| r.block_ids.len() as u64)
-            .sum()
-    }
-}
 
 /// Longest the batch loop defers its next step to threads waiting for the engine.
 const WAITERS_FIRST: Duration = Duration::from_millis(2);
 
 /// State shared by every part of a decode worker.
 pub struct Shared {
-    inner: Mutex<Inner>,
+    engine: Mutex<Engine>,
     /// Threads blocked in [`Shared::lock`]: the batch loop lets them in before its next step.
-    waiting: std::sync::atomic::AtomicUsize,
+    waiting: AtomicUsize,
+    book: Mutex<Book>,
+    /// The engine's allocator: Reserve takes blocks from it without the engine.
+    alloc: SharedAllocator,
+    model: Arc<Model>,
     next_id: AtomicU64,
     /// Geometry as the wire states it, fixed for the life of the pool.
     pub geometry: v1::BlockGeometry,
     /// Whether the pool is the shm file prefill workers write into (no frames carry bytes).
     pub shm: bool,
-    /// KV frames that found the engine busy, and what the receiver last learned of reservations.
+    /// KV frames that found the engine busy.
     pub staging: Staging,
+    /// A second mapping of the shm pool file, to check what prefill workers wrote into reserved
+    /// blocks without the engine (which a step holds) while the engine uses other blocks.
+    shm_view: Option<ShmRegion>,
 }
 
 impl Shared {
     pub fn new(engine: Engine, shm: bool) -> Self {
         let geometry = block_geometry(engine.pool().geometry());
+        let model = engine.model().clone();
+        let book = Book::new(engine.block_size(), model.config().max_context);
         Shared {
-            inner: Mutex::new(Inner {
-                engine,
-                reservations: HashMap::new(),
-            }),
+            alloc: engine.allocator(),
+            engine: Mutex::new(engine),
+            waiting: AtomicUsize::new(0),
+            book: Mutex::new(book),
+            model,
             // Ids start at a process-specific point so that a stale id from a restarted worker at
             // the same address is not mistaken for a live one.
             next_id: AtomicU64::new(start_id()),
-            waiting: std::sync::atomic::AtomicUsize::new(0),
             geometry,
             shm,
             staging: Staging::default(),
+            shm_view: None,
         }
     }
 
-    /// The lease sweep: drops reservations whose lease lapsed, and staged KV of any reservation
-    /// that no longer fills.
-    pub fn sweep(&self, now: Instant) {
-        let mut inner = self.lock();
-        inner.expire(now);
-        self.staging.sweep(|id| {
-            inner
-                .reservations
-                .get(&id)
-                .is_some_and(|r| r.phase == Phase::Filling)
-        });
+    /// Checks shm notices against `view`, a mapping of the engine's own pool file.
+    pub fn with_shm_view(mut self, view: ShmRegion) -> Self {
+        self.shm_view = Some(view);
+        self
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, Inner> {
-        if let Some(g) = self.inner.try_lock() {
+    /// The engine, waiting for a step in progress.
+    pub fn lock(&self) -> MutexGuard<'_, Engine> {
+        if let Some(g) = self.engine.try_lock() {
             return g;
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
-        let g = self.inner.lock();
+        let g = self.engine.lock();
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         g
     }
 
     /// The batch loop's lock for a step. The loop hands the lock over fairly after a step, but
-    /// only to one waiter; whoever else waits (Reserve, a KV commit, Decode's admission) would
-    /// then wait a whole step more, each, so the loop first lets every waiter through (for at
-    /// most [`WAITERS_FIRST`]).
-    pub fn lock_for_step(&self) -> MutexGuard<'_, Inner> {
+    /// only to one waiter; whoever else waits (a KV write when staging is full, an shm checksum)
+    /// would then wait a whole step more, each, so the loop first lets every waiter through (for
+    /// at most [`WAITERS_FIRST`]).
+    pub fn lock_for_step(&self) -> MutexGuard<'_, Engine> {
         let start = Instant::now();
         while self.waiting.load(Ordering::Acquire) > 0 && start.elapsed() < WAITERS_FIRST {
             std::thread::yield_now();
         }
-        self.inner.lock()
+        self.engine.lock()
+    }
+
+    /// The reservation table. Never held while waiting for the engine.
+    pub fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock()
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        lock_allocator(&self.alloc).free_count()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        lock_allocator(&self.alloc).total()
     }
 
     pub fn next_id(&self) -> u64 {
@@ -165,41 +127,113 @@ impl Shared {
         max_new_tokens: u32,
         lease: Duration,
         headroom: usize,
-    ) -> Result<(u64, Arc<[u32]>), tonic::Status> {
+    ) -> Result<(u64, Arc<[u32]>), Status> {
         let id = self.next_id();
-        let mut inner = self.lock();
-        let engine = &mut inner.engine;
-        let ctx = engine.model().config().max_context;
-        let total = prompt_tokens as usize + max_new_tokens as usize;
-        if prompt_tokens == 0 || total > ctx {
-            return Err(tonic::Status::invalid_argument(format!(
-                "a prompt of {prompt_tokens} tokens plus {max_new_tokens} new ones does not fit the context of {ctx}"
-            )));
-        }
-        let need = engine.blocks_for(prompt_tokens as usize);
-        if need + headroom > engine.free_blocks() {
-            return Err(tonic::Status::resource_exhausted(format!(
-                "{need} KV blocks needed, {} free",
-                engine.free_blocks().saturating_sub(headroom)
-            )));
-        }
-        let blocks: Arc<[u32]> = engine
-            .add_sequence(id)
-            .and_then(|()| engine.reserve(id, prompt_tokens as usize).map(Arc::from))
-            .map_err(|e| tandem_wire::engine_status(&e))?;
-        inner.reservations.insert(
-            id,
-            Reservation {
-                request_id,
-                prompt_tokens,
-                max_new_tokens,
-                block_ids: blocks.clone(),
-                expires: Instant::now() + lease,
-                phase: Phase::Filling,
-                min_attempt: 0,
-            },
-        );
+        let ask = Ask {
+            request_id,
+            prompt_tokens,
+            max_new_tokens,
+            expires: Instant::now() + lease,
+            headroom,
+        };
+        let mut book = self.book();
+        let blocks = book.reserve(&mut lock_allocator(&self.alloc), id, ask)?;
         Ok((id, blocks))
+    }
+
+    /// Ends a reservation wherever its blocks are. `engine` is the caller's guard if it holds the
+    /// engine (the batch loop); otherwise the engine is locked only when its sequence holds the
+    /// blocks. Returns the blocks the reservation held, `None` if it was unknown.
+    pub fn end(&self, engine: Option<&mut Engine>, id: u64) -> Option<u32> {
+        let removed = {
+            let mut book = self.book();
+            let removed = book.remove(&mut lock_allocator(&self.alloc), id);
+            drop(self.staging.take(id));
+            removed
+        };
+        match (removed, engine) {
+            (Some(r), Some(engine)) if r.in_engine => release_seq(engine, id),
+            (Some(r), None) if r.in_engine => release_seq(&mut self.lock(), id),
+            // Unknown to the table: the engine may still hold a sequence of that id.
+            (None, Some(engine)) if engine.seq_len(id).is_some() => release_seq(engine, id),
+            _ => {}
+        }
+        removed.map(|r| r.blocks)
+    }
+
+    /// The lease sweep: drops reservations whose lease lapsed, and staged KV of any reservation
+    /// that no longer holds its blocks.
+    pub fn sweep(&self, now: Instant) {
+        let in_engine = {
+            let mut book = self.book();
+            let gone = book.expire(&mut lock_allocator(&self.alloc), now);
+            self.staging.sweep(|id| book.holds_blocks(id));
+            gone
+        };
+        if !in_engine.is_empty() {
+            let mut engine = self.lock();
+            for id in in_engine {
+                release_seq(&mut engine, id);
+            }
+        }
+    }
+
+    /// At a step boundary: writes every staged frame into the pool, so that committed KV is in
+    /// place before its sequence joins the batch and staged memory is given back each step.
+    pub fn apply_staged(&self, engine: &mut Engine) {
+        if self.staging.is_empty() {
+            return;
+        }
+        let mut book = self.book();
+        for (id, frames) in self.staging.take_all() {
+            if !book.holds_blocks(id) {
+                continue;
+            }
+            for f in frames {
+                if let Err(e) =
+                    engine
+                        .pool_mut()
+                        .import_layer(f.layer as usize, &f.block_ids, &f.payload)
+                {
+                    // The receiver checked the frame against the reservation; this is a bug.
+                    tracing::error!(reservation = id, error = %e, "staged KV frame not written");
+                    if let Some(r) = book.get_mut(id) {
+                        r.damaged = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands an admitted reservation's blocks to the engine as sequence `id` with `len` positions
+    /// of KV (the prompt it imported, or 0 for an aggregated prefill about to be computed).
+    pub fn adopt(&self, engine: &mut Engine, id: u64, len: usize) -> Result<(), Status> {
+        let mut book = self.book();
+        let r = book
+            .get_mut(id)
+            .ok_or_else(|| Status::not_found(format!("reservation {id} is unknown or expired")))?;
+        if r.damaged {
+            return Err(Status::internal(format!(
+                "the KV of reservation {id} could not be written"
+            )));
+        }
+        if r.in_engine {
+            // Computed here (aggregated): the engine's sequence already holds the prompt.
+            return engine
+                .commit(id, len)
+                .map_err(|e| tandem_wire::engine_status(&e));
+        }
+        engine
+            .adopt(id, r.block_ids.to_vec(), len)
+            .map_err(|e| tandem_wire::engine_status(&e))?;
+        r.in_engine = true;
+        Ok(())
+    }
+}
+
+fn release_seq(engine: &mut Engine, id: u64) {
+    if let Err(e) = engine.release(id) {
+        tracing::debug!(reservation = id, error = %e, "sequence already gone");
     }
 }
 
@@ -215,59 +249,41 @@ fn start_id() -> u64 {
 pub struct Sink(pub Arc<Shared>);
 
 impl Sink {
-    fn lookup(&self, inner: &Inner, reservation_id: u64) -> Option<ReservationInfo> {
-        let r = inner.reservations.get(&reservation_id)?;
-        if r.phase != Phase::Filling {
-            return None;
-        }
-        let info = ReservationInfo {
-            block_ids: r.block_ids.clone(),
-            geometry: self.0.geometry,
-            attempt: r.min_attempt,
-            expires: r.expires,
-        };
-        self.0.staging.remember(reservation_id, &info);
-        Some(info)
-    }
-
-    /// Applies the frames staged for a reservation, in the order they arrived.
-    fn flush(&self, inner: &mut Inner, reservation_id: u64) -> Result<(), KvError> {
-        for f in self.0.staging.take(reservation_id) {
-            write_now(inner, reservation_id, f.layer, &f.block_ids, &f.payload)?;
+    /// Writes a reservation's staged frames, then `frame` if any, into the pool; on an error the
+    /// reservation's staged frames are dropped.
+    fn write_now(
+        &self,
+        engine: &mut Engine,
+        reservation_id: u64,
+        frame: Option<(u32, &[u32], &[u8])>,
+    ) -> Result<(), KvError> {
+        let staged = self.0.staging.take(reservation_id);
+        let staged = staged
+            .iter()
+            .map(|f| (f.layer, f.block_ids.as_slice(), f.payload.as_slice()));
+        for (layer, block_ids, payload) in staged.chain(frame) {
+            engine
+                .pool_mut()
+                .import_layer(layer as usize, block_ids, payload)
+                .map_err(|_| KvError::BadBlock)?;
         }
         Ok(())
     }
 }
 
-fn write_now(
-    inner: &mut Inner,
-    reservation_id: u64,
-    layer: u32,
-    block_ids: &[u32],
-    payload: &[u8],
-) -> Result<(), KvError> {
-    match inner.reservations.get(&reservation_id) {
-        Some(r) if r.phase == Phase::Filling => {}
-        _ => return Err(KvError::UnknownReservation),
-    }
-    inner
-        .engine
-        .pool_mut()
-        .import_layer(layer as usize, block_ids, payload)
-        .map_err(|_| KvError::BadBlock)
-}
-
 impl KvSink for Sink {
     fn reservation(&self, reservation_id: u64) -> Option<ReservationInfo> {
-        if let Some(inner) = self.0.inner.try_lock() {
-            return self.lookup(&inner, reservation_id);
+        let book = self.0.book();
+        if !book.accepts_frames(reservation_id) {
+            return None;
         }
-        // The engine is in a step: what the last lookup saw still holds while the reservation
-        // fills (every write and the commit check again under the lock).
-        if let Some(info) = self.0.staging.known(reservation_id) {
-            return Some(info);
-        }
-        self.lookup(&self.0.lock(), reservation_id)
+        let r = book.get(reservation_id)?;
+        Some(ReservationInfo {
+            block_ids: r.block_ids.clone(),
+            geometry: self.0.geometry,
+            attempt: r.min_attempt,
+            expires: r.expires,
+        })
     }
 
     fn write(
@@ -277,52 +293,73 @@ impl KvSink for Sink {
         block_ids: &[u32],
         payload: &[u8],
     ) -> Result<(), KvError> {
-        let mut inner = match self.0.inner.try_lock() {
-            Some(inner) => inner,
-            None if self
+        let frame = Some((layer, block_ids, payload));
+        // The table stays locked through each write, so that the blocks cannot be released
+        // (and handed to another reservation) under it.
+        if let Some(mut engine) = self.0.engine.try_lock() {
+            let book = self.0.book();
+            if !book.accepts_frames(reservation_id) {
+                return Err(KvError::UnknownReservation);
+            }
+            return self.write_now(&mut engine, reservation_id, frame);
+        }
+        {
+            // Staged under the table's lock, so that a commit or release cannot slip between
+            // the check and the copy.
+            let book = self.0.book();
+            if !book.accepts_frames(reservation_id) {
+                return Err(KvError::UnknownReservation);
+            }
+            if self
                 .0
                 .staging
-                .stage(reservation_id, layer, block_ids, payload) =>
+                .stage(reservation_id, layer, block_ids, payload)
             {
                 return Ok(());
             }
-            None => self.0.lock(),
-        };
-        let written = self
-            .flush(&mut inner, reservation_id)
-            .and_then(|()| write_now(&mut inner, reservation_id, layer, block_ids, payload));
-        if written.is_err() {
-            drop(inner);
-            self.0.staging.forget(reservation_id);
         }
-        written
+        // Staging is full: wait for the engine.
+        let mut engine = self.0.lock();
+        let book = self.0.book();
+        if !book.accepts_frames(reservation_id) {
+            return Err(KvError::UnknownReservation);
+        }
+        self.write_now(&mut engine, reservation_id, frame)
     }
 
     fn checksum(&self, reservation_id: u64, layer: u32, block_ids: &[u32]) -> Option<u32> {
         if !self.0.shm {
             return None;
         }
-        let inner = self.0.lock();
-        inner.reservations.get(&reservation_id)?;
-        pool_checksum(inner.engine.pool(), layer as usize, block_ids)
+        if let Some(view) = &self.0.shm_view {
+            // The table stays locked while the blocks are read: they cannot change hands.
+            let book = self.0.book();
+            if !book.accepts_frames(reservation_id) {
+                return None;
+            }
+            return view.checksum(layer as usize, block_ids).ok();
+        }
+        let engine = self.0.lock();
+        self.0.book().get(reservation_id)?;
+        pool_checksum(engine.pool(), layer as usize, block_ids)
     }
 
     fn complete(&self, reservation_id: u64, attempt: u32) -> Result<(), KvError> {
-        let mut inner = self.0.lock();
-        let committed = self.flush(&mut inner, reservation_id).and_then(|()| {
-            let r = inner
-                .reservations
-                .get_mut(&reservation_id)
-                .ok_or(KvError::UnknownReservation)?;
-            if r.phase != Phase::Filling || attempt < r.min_attempt {
-                return Err(KvError::UnknownReservation);
-            }
-            r.phase = Phase::Complete { attempt };
-            Ok(())
-        });
-        drop(inner);
-        self.0.staging.forget(reservation_id);
-        committed
+        // Not waiting for a step: what is staged stays for the loop's next step boundary.
+        let engine = self.0.engine.try_lock();
+        let mut book = self.0.book();
+        let fills = book.accepts_frames(reservation_id)
+            && book
+                .get(reservation_id)
+                .is_some_and(|r| attempt >= r.min_attempt);
+        if !fills {
+            return Err(KvError::UnknownReservation);
+        }
+        if let Some(mut engine) = engine {
+            self.write_now(&mut engine, reservation_id, None)?;
+        }
+        book.complete(reservation_id, attempt);
+        Ok(())
     }
 }
 
@@ -335,75 +372,157 @@ mod tests {
         Arc::new(Shared::new(Engine::new(model, 64), false))
     }
 
-    fn layer_bytes(inner: &Inner, blocks: usize, fill: u8) -> Vec<u8> {
-        vec![fill; inner.engine.pool().geometry().layer_bytes(blocks)]
+    fn layer_bytes(s: &Shared, blocks: usize, fill: u8) -> Vec<u8> {
+        vec![fill; s.lock().pool().geometry().layer_bytes(blocks)]
+    }
+
+    fn lease() -> Duration {
+        Duration::from_secs(60)
+    }
+
+    fn pool_layer(engine: &Engine, layer: usize, blocks: &[u32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        engine.pool().export_layer(layer, blocks, &mut out).unwrap();
+        out
     }
 
     #[test]
-    fn frames_that_find_the_engine_busy_are_staged_and_land_at_the_commit_in_order() {
+    fn reserve_and_release_do_not_wait_for_a_step() {
         let s = shared();
-        let (id, blocks) = s
-            .reserve("r".into(), 20, 4, Duration::from_secs(60), 0)
-            .unwrap();
+        let busy = s.lock(); // as a decode step holds it
+        let (id, blocks) = s.reserve("r".into(), 20, 4, lease(), 0).unwrap();
+        assert_eq!(blocks.len(), 2);
+        assert_eq!(s.free_blocks(), 62);
+        let e = s.reserve("big".into(), 500, 4, lease(), 40).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        assert_eq!(s.end(None, id), Some(2));
+        assert_eq!(s.free_blocks(), 64);
+        assert_eq!(s.end(None, id), None);
+        drop(busy);
+    }
+
+    #[test]
+    fn the_commit_is_acknowledged_during_a_step_and_applied_at_the_boundary() {
+        let s = shared();
+        let (id, blocks) = s.reserve("r".into(), 20, 4, lease(), 0).unwrap();
         let sink = Sink(s.clone());
-        // The first frame's lookup takes the lock; later ones are answered from what it saw.
-        assert!(sink.reservation(id).is_some());
-        let busy = s.lock();
-        // The engine is held (as by a decode step): lookups and writes return at once. Without
-        // staging this thread would wait for itself here.
+        let first = layer_bytes(&s, blocks.len(), 1);
+        let later = layer_bytes(&s, blocks.len(), 2);
+        let mut busy = s.lock();
         assert_eq!(
             sink.reservation(id).map(|i| i.block_ids),
             Some(blocks.clone())
         );
         for layer in 0..s.geometry.num_layers {
-            let first = layer_bytes(&busy, blocks.len(), 1);
             sink.write(id, layer, &blocks, &first).unwrap();
         }
         // A second write of layer 0 arrives later: it must win over the first.
-        let later = layer_bytes(&busy, blocks.len(), 2);
         sink.write(id, 0, &blocks, &later).unwrap();
         assert!(s.staging.bytes() > 0);
-        drop(busy);
+        // Without waiting for the engine (this thread holds it: waiting would never end).
         sink.complete(id, 0).unwrap();
-        assert_eq!(s.staging.bytes(), 0);
-        let inner = s.lock();
         assert_eq!(
-            inner.reservations[&id].phase,
-            Phase::Complete { attempt: 0 }
+            s.book().get(id).map(|r| r.phase),
+            Some(Phase::Complete { attempt: 0 })
         );
-        let mut out = Vec::new();
-        inner
-            .engine
-            .pool()
-            .export_layer(0, &blocks, &mut out)
-            .unwrap();
-        assert_eq!(out, later);
-        out.clear();
-        inner
-            .engine
-            .pool()
-            .export_layer(1, &blocks, &mut out)
-            .unwrap();
-        assert!(out.iter().all(|&b| b == 1));
+        assert!(sink.reservation(id).is_none(), "no KV after the commit");
+        assert_eq!(
+            sink.write(id, 0, &blocks, &first),
+            Err(KvError::UnknownReservation)
+        );
+        assert_eq!(sink.complete(id, 0), Err(KvError::UnknownReservation));
+        // The Decode call admits it; the loop applies the frames, then adopts it.
+        assert_eq!(s.book().admit(id), Ok(20));
+        s.apply_staged(&mut busy);
+        assert_eq!(s.staging.bytes(), 0);
+        s.adopt(&mut busy, id, 20).unwrap();
+        assert_eq!(busy.seq_len(id), Some(20));
+        assert_eq!(busy.block_table(id), Some(&blocks[..]));
+        assert_eq!(pool_layer(&busy, 0, &blocks), later);
+        assert!(pool_layer(&busy, 1, &blocks).iter().all(|&b| b == 1));
+        // Ended by the loop: the engine's sequence gives the blocks back.
+        assert_eq!(s.end(Some(&mut busy), id), Some(2));
+        assert_eq!((busy.seq_len(id), s.free_blocks()), (None, 64));
     }
 
     #[test]
-    fn staged_frames_of_a_released_reservation_are_dropped_and_its_commit_fails() {
+    fn frames_that_find_the_engine_free_are_written_with_what_was_staged_before() {
         let s = shared();
-        let (id, blocks) = s
-            .reserve("r".into(), 20, 4, Duration::from_secs(60), 0)
+        let (id, blocks) = s.reserve("r".into(), 20, 4, lease(), 0).unwrap();
+        let sink = Sink(s.clone());
+        let (first, later) = (layer_bytes(&s, 2, 1), layer_bytes(&s, 2, 3));
+        {
+            let _busy = s.lock();
+            sink.write(id, 0, &blocks, &first).unwrap();
+        }
+        sink.write(id, 0, &blocks, &later).unwrap();
+        assert_eq!(s.staging.bytes(), 0);
+        assert!(pool_layer(&s.lock(), 0, &blocks).iter().all(|&b| b == 3));
+        sink.complete(id, 0).unwrap();
+    }
+
+    #[test]
+    fn staged_frames_of_a_released_or_lapsed_reservation_are_dropped_and_its_commit_fails() {
+        let s = shared();
+        let (id, blocks) = s.reserve("r".into(), 20, 4, lease(), 0).unwrap();
+        let (short, _) = s
+            .reserve("s".into(), 20, 4, Duration::from_millis(1), 0)
             .unwrap();
         let sink = Sink(s.clone());
-        let payload = layer_bytes(&s.lock(), blocks.len(), 3);
+        let payload = layer_bytes(&s, blocks.len(), 3);
         {
             let _busy = s.lock();
             sink.write(id, 0, &blocks, &payload).unwrap();
+            let short_blocks = s.book().get(short).unwrap().block_ids.clone();
+            sink.write(short, 0, &short_blocks, &payload).unwrap();
         }
+        assert_eq!(s.staging.bytes(), 2 * payload.len());
+        s.end(None, id);
         assert_eq!(s.staging.bytes(), payload.len());
-        s.lock().release(id);
-        s.sweep(Instant::now());
-        assert_eq!(s.staging.bytes(), 0);
         assert_eq!(sink.complete(id, 0), Err(KvError::UnknownReservation));
         assert!(sink.reservation(id).is_none());
+        s.sweep(Instant::now() + Duration::from_millis(5));
+        assert_eq!(s.staging.bytes(), 0);
+        assert!(s.book().get(short).is_none());
+        assert_eq!(s.free_blocks(), 64);
+    }
+
+    #[test]
+    fn shm_notices_are_checked_during_a_step() {
+        let model = Arc::new(tandem_engine::tiny::tiny_model(7, false).unwrap().0);
+        let path = std::env::temp_dir().join(format!("tandem-state-{}.kv", std::process::id()));
+        let geom = Engine::geometry_for(&model, 16);
+        let region = ShmRegion::create(&path, &geom).unwrap();
+        let layout = region.layout().clone();
+        let pool = tandem_engine::kv::KvPool::with_memory(geom, Box::new(region)).unwrap();
+        let s = Arc::new(
+            Shared::new(Engine::with_pool(model, pool), true)
+                .with_shm_view(ShmRegion::open(&layout).unwrap()),
+        );
+        let (id, blocks) = s.reserve("r".into(), 20, 4, lease(), 0).unwrap();
+        let payload = layer_bytes(&s, blocks.len(), 5);
+        // A prefill worker's own mapping, as it writes a layer.
+        let mut prefill = ShmRegion::open(&layout).unwrap();
+        prefill.write_blocks(1, &blocks, &payload).unwrap();
+        let want = prefill.checksum(1, &blocks).unwrap();
+        let sink = Sink(s.clone());
+        let busy = s.lock();
+        assert_eq!(sink.checksum(id, 1, &blocks), Some(want));
+        sink.complete(id, 0).unwrap();
+        assert_eq!(sink.checksum(id, 1, &blocks), None, "no longer filling");
+        drop(busy);
+    }
+
+    #[test]
+    fn a_lapsed_aggregated_prefill_leaves_the_engine_too() {
+        let s = shared();
+        let (id, _) = s
+            .reserve("a".into(), 20, 4, Duration::from_millis(1), 0)
+            .unwrap();
+        s.adopt(&mut s.lock(), id, 0).unwrap();
+        assert_eq!(s.lock().seq_len(id), Some(0));
+        s.sweep(Instant::now() + Duration::from_millis(5));
+        assert_eq!(s.lock().seq_len(id), None);
+        assert_eq!(s.free_blocks(), 64);
     }
 }

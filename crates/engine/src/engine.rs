@@ -1,6 +1,6 @@
 //! Sequences over a model and a KV pool: the entry points prefill and decode workers use.
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::kv::{BlockAllocator, KvGeometry, KvPool};
 use crate::model::{Model, SeqChunk};
@@ -24,11 +24,22 @@ pub struct StepItem<'a> {
     pub logits: bool,
 }
 
+/// A block allocator that several owners draw from (see [`Engine::allocator`]).
+pub type SharedAllocator = Arc<Mutex<BlockAllocator>>;
+
+/// Locks a shared allocator. Every holder keeps it for a few list operations, none of which can
+/// leave it half changed, so a holder that panicked left it consistent.
+pub fn lock_allocator(a: &Mutex<BlockAllocator>) -> MutexGuard<'_, BlockAllocator> {
+    a.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[derive(Debug)]
 pub struct Engine {
     model: Arc<Model>,
     pool: KvPool,
-    alloc: BlockAllocator,
+    /// Behind its own lock so that blocks can be handed out while a step runs (a decode worker
+    /// reserves for incoming prompts while the engine is busy); held only for list operations.
+    alloc: SharedAllocator,
     seqs: HashMap<SeqId, Seq>,
 }
 
@@ -50,7 +61,7 @@ impl Engine {
         Engine {
             model,
             pool,
-            alloc,
+            alloc: Arc::new(Mutex::new(alloc)),
             seqs: HashMap::new(),
         }
     }
@@ -68,11 +79,18 @@ impl Engine {
     }
 
     pub fn free_blocks(&self) -> usize {
-        self.alloc.free_count()
+        lock_allocator(&self.alloc).free_count()
     }
 
     pub fn total_blocks(&self) -> usize {
-        self.alloc.total()
+        lock_allocator(&self.alloc).total()
+    }
+
+    /// The allocator this engine's sequences draw their blocks from. Others may take blocks from
+    /// it at any time, even during a step (a decode worker's reservations for incoming KV); such
+    /// blocks are theirs until [`Engine::adopt`] hands them to a sequence.
+    pub fn allocator(&self) -> SharedAllocator {
+        self.alloc.clone()
     }
 
     pub fn sequences(&self) -> usize {
@@ -110,10 +128,29 @@ impl Engine {
             .get_mut(&id)
             .ok_or(EngineError::UnknownSequence(id))?;
         if need > seq.blocks.len() {
-            let more = self.alloc.allocate(need - seq.blocks.len())?;
+            let more = lock_allocator(&self.alloc).allocate(need - seq.blocks.len())?;
             seq.blocks.extend(more);
         }
         Ok(&seq.blocks)
+    }
+
+    /// Makes `blocks`, taken from [`Engine::allocator`] by the caller, the block table of a new
+    /// sequence `id` whose first `len` positions already hold KV (imported into those blocks).
+    /// The sequence owns the blocks from now on; on an error the caller still does.
+    pub fn adopt(&mut self, id: SeqId, blocks: Vec<u32>, len: usize) -> Result<()> {
+        if self.seqs.contains_key(&id) {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence {id} already exists"
+            )));
+        }
+        if self.blocks_for(len) > blocks.len() {
+            return Err(EngineError::KvImport(format!(
+                "{len} positions do not fit {} blocks",
+                blocks.len()
+            )));
+        }
+        self.seqs.insert(id, Seq { blocks, len });
+        Ok(())
     }
 
     /// Frees a sequence and its blocks.
@@ -122,7 +159,7 @@ impl Engine {
             .seqs
             .remove(&id)
             .ok_or(EngineError::UnknownSequence(id))?;
-        self.alloc.release(&seq.blocks)
+        lock_allocator(&self.alloc).release(&seq.blocks)
     }
 
     /// Gives back logits that [`Engine::step`] returned, once read, so that the model may reuse them.
@@ -166,27 +203,37 @@ impl Engine {
             self.model.check_tokens(it.tokens)?;
             extra += self.blocks_for(end).saturating_sub(seq.blocks.len());
         }
-        if extra > self.alloc.free_count() {
-            return Err(EngineError::OutOfBlocks {
-                needed: extra,
-                free: self.alloc.free_count(),
-            });
-        }
         let before: Vec<usize> = items
             .iter()
             .map(|it| self.seqs[&it.seq].blocks.len())
             .collect();
-        for it in items {
-            let tokens = self.seqs[&it.seq].len + it.tokens.len();
-            self.reserve(it.seq, tokens)?;
+        {
+            // Checked and taken under one lock: others may allocate between two locks.
+            let bs = self.block_size();
+            let mut alloc = lock_allocator(&self.alloc);
+            if extra > alloc.free_count() {
+                return Err(EngineError::OutOfBlocks {
+                    needed: extra,
+                    free: alloc.free_count(),
+                });
+            }
+            for it in items {
+                if let Some(s) = self.seqs.get_mut(&it.seq) {
+                    let need = (s.len + it.tokens.len()).div_ceil(bs);
+                    if need > s.blocks.len() {
+                        s.blocks.extend(alloc.allocate(need - s.blocks.len())?);
+                    }
+                }
+            }
         }
         let out = self.run_step(items, on_layer);
         if out.is_err() {
             // Give back what this step allocated, so a failed step changes nothing.
+            let mut alloc = lock_allocator(&self.alloc);
             for (it, n) in items.iter().zip(before) {
                 if let Some(s) = self.seqs.get_mut(&it.seq) {
                     let extra = s.blocks.split_off(n);
-                    self.alloc.release(&extra)?;
+                    alloc.release(&extra)?;
                 }
             }
         }

@@ -20,7 +20,7 @@ pub mod testing;
 pub mod tiny;
 pub mod tokenizer;
 
-pub use engine::{Engine, SeqId, StepItem};
+pub use engine::{Engine, SeqId, SharedAllocator, StepItem, lock_allocator};
 pub use error::{EngineError, ErrorClass, Result};
 pub use generate::{Flow, Generated, generate};
 pub use load::{Loaded, load, load_tokenizer};

@@ -188,6 +188,53 @@ fn release_returns_every_block() {
 }
 
 #[test]
+fn blocks_taken_from_the_shared_allocator_are_adopted_and_counted_by_steps() {
+    let (mut e, _) = engine(false, 10);
+    let alloc = e.allocator();
+    // Another owner (a decode worker's reservation) takes blocks while the engine runs.
+    let taken = tandem_engine::lock_allocator(&alloc)
+        .allocate(3)
+        .expect("three");
+    assert_eq!(e.free_blocks(), 7);
+    assert!(
+        matches!(
+            e.adopt(5, taken[..1].to_vec(), 40),
+            Err(EngineError::KvImport(_))
+        ),
+        "40 positions need 3 blocks"
+    );
+    e.adopt(5, taken.clone(), 40).expect("adopt");
+    assert_eq!(
+        (e.seq_len(5), e.block_table(5)),
+        (Some(40), Some(&taken[..]))
+    );
+    assert!(e.adopt(5, Vec::new(), 0).is_err(), "an id is adopted once");
+    // The rest goes elsewhere: a step that needs a block fails whole and takes nothing.
+    let rest = tandem_engine::lock_allocator(&alloc)
+        .allocate(7)
+        .expect("the rest");
+    let t = prompt(9, 2);
+    let r = e.step(&[StepItem {
+        seq: 5,
+        tokens: &t,
+        logits: true,
+    }]);
+    assert!(
+        matches!(r, Err(EngineError::OutOfBlocks { needed: 1, free: 0 })),
+        "{r:?}"
+    );
+    assert_eq!(
+        (e.seq_len(5), e.block_table(5).map(<[u32]>::len)),
+        (Some(40), Some(3))
+    );
+    tandem_engine::lock_allocator(&alloc)
+        .release(&rest)
+        .expect("give back");
+    e.release(5).expect("release");
+    assert_eq!(e.free_blocks(), 10);
+}
+
+#[test]
 fn bad_input_is_an_error_and_changes_nothing() {
     let (mut e, _) = engine(false, 3);
     let greedy = SamplingParams::greedy(4);

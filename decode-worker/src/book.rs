@@ -1,0 +1,377 @@
+//! The reservation table: the blocks each incoming prompt holds and where it is in its life.
+//!
+//! Kept apart from the engine on purpose. A decode step holds the engine for its whole duration
+//! (the native engine computes inside it, the sim engine sleeps its time), and Reserve, the KV
+//! receiver's checks and its commit must not wait for it, as a GPU's reservations and KV writes do
+//! not wait for its compute: each wait cost a prompt half a decode step on average, before its
+//! first token (scripts/validate-sim.sh measured it). So blocks come from the engine's shared
+//! allocator, this table owns them while the KV arrives, and the batch loop hands them to the
+//! engine (adopts the reservation) at a step boundary, when the sequence starts to decode (or, in
+//! aggregated mode, to prefill).
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tandem_engine::kv::BlockAllocator;
+use tonic::Status;
+
+/// What a reservation is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Blocks reserved; KV arriving. Expires with its lease.
+    Filling,
+    /// Every layer of every block arrived for `attempt`; no more KV is taken. Still leased.
+    Complete { attempt: u32 },
+    /// Admitted to the running batch; the lease no longer applies.
+    Running,
+}
+
+#[derive(Debug)]
+pub struct Reservation {
+    pub request_id: String,
+    pub prompt_tokens: u32,
+    pub max_new_tokens: u32,
+    pub block_ids: Arc<[u32]>,
+    pub expires: Instant,
+    pub phase: Phase,
+    /// Frames of attempts below this are refused.
+    pub min_attempt: u32,
+    /// The engine owns the blocks, as the sequence of the same id: the batch loop adopted it.
+    pub in_engine: bool,
+    /// KV that was acknowledged could not be written into the pool: it must not decode.
+    pub damaged: bool,
+}
+
+/// Why the table refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BookError {
+    #[error(
+        "a prompt of {prompt} tokens plus {new} new ones does not fit the context of {context}"
+    )]
+    TooLong {
+        prompt: u32,
+        new: u32,
+        context: usize,
+    },
+    #[error("{need} KV blocks needed, {free} free")]
+    OutOfBlocks { need: usize, free: usize },
+    #[error("reservation {0} is unknown or expired")]
+    Unknown(u64),
+    #[error("the KV of reservation {0} has not fully arrived")]
+    NotComplete(u64),
+    #[error("reservation {0} is already decoding")]
+    Running(u64),
+    #[error("the KV of reservation {0} could not be written")]
+    Damaged(u64),
+}
+
+impl From<BookError> for Status {
+    fn from(e: BookError) -> Status {
+        let msg = e.to_string();
+        match e {
+            BookError::TooLong { .. } => Status::invalid_argument(msg),
+            BookError::OutOfBlocks { .. } => Status::resource_exhausted(msg),
+            BookError::Unknown(_) => Status::not_found(msg),
+            BookError::NotComplete(_) => Status::failed_precondition(msg),
+            BookError::Running(_) => Status::already_exists(msg),
+            BookError::Damaged(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// A reservation that left the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Removed {
+    pub blocks: u32,
+    /// Its blocks belong to the engine's sequence, which the caller must release; otherwise
+    /// they went back to the allocator.
+    pub in_engine: bool,
+}
+
+/// A reservation's request, as Reserve states it.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    pub request_id: String,
+    pub prompt_tokens: u32,
+    pub max_new_tokens: u32,
+    pub expires: Instant,
+    /// Blocks that must stay free beyond the prompt's, so that running sequences can grow.
+    pub headroom: usize,
+}
+
+#[derive(Debug)]
+pub struct Book {
+    reservations: HashMap<u64, Reservation>,
+    block_size: usize,
+    max_context: usize,
+}
+
+impl Book {
+    pub fn new(block_size: usize, max_context: usize) -> Self {
+        Book {
+            reservations: HashMap::new(),
+            block_size: block_size.max(1),
+            max_context,
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Reservation> {
+        self.reservations.get(&id)
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Reservation> {
+        self.reservations.get_mut(&id)
+    }
+
+    /// Takes blocks for a prompt, all or none.
+    pub fn reserve(
+        &mut self,
+        alloc: &mut BlockAllocator,
+        id: u64,
+        ask: Ask,
+    ) -> Result<Arc<[u32]>, BookError> {
+        let total = ask.prompt_tokens as usize + ask.max_new_tokens as usize;
+        if ask.prompt_tokens == 0 || total > self.max_context {
+            return Err(BookError::TooLong {
+                prompt: ask.prompt_tokens,
+                new: ask.max_new_tokens,
+                context: self.max_context,
+            });
+        }
+        let need = (ask.prompt_tokens as usize).div_ceil(self.block_size);
+        let free = alloc.free_count();
+        if need + ask.headroom > free {
+            return Err(BookError::OutOfBlocks {
+                need,
+                free: free.saturating_sub(ask.headroom),
+            });
+        }
+        let blocks: Arc<[u32]> = alloc
+            .allocate(need)
+            .map_err(|_| BookError::OutOfBlocks { need, free })?
+            .into();
+        self.reservations.insert(
+            id,
+            Reservation {
+                request_id: ask.request_id,
+                prompt_tokens: ask.prompt_tokens,
+                max_new_tokens: ask.max_new_tokens,
+                block_ids: blocks.clone(),
+                expires: ask.expires,
+                phase: Phase::Filling,
+                min_attempt: 0,
+                in_engine: false,
+                damaged: false,
+            },
+        );
+        Ok(blocks)
+    }
+
+    /// Whether KV frames may land in the reservation's blocks: it fills, and the table still owns
+    /// them.
+    pub fn accepts_frames(&self, id: u64) -> bool {
+        self.reservations
+            .get(&id)
+            .is_some_and(|r| r.phase == Phase::Filling && !r.in_engine)
+    }
+
+    /// Whether frames staged for it may still be applied: the table owns its blocks. A completed
+    /// reservation's staged frames wait for the batch loop's next step boundary.
+    pub fn holds_blocks(&self, id: u64) -> bool {
+        self.reservations.get(&id).is_some_and(|r| !r.in_engine)
+    }
+
+    /// Every layer of every block arrived for `attempt`; `false` if the reservation does not
+    /// fill (unknown, already complete) or the attempt is too old.
+    pub fn complete(&mut self, id: u64, attempt: u32) -> bool {
+        match self.reservations.get_mut(&id) {
+            Some(r) if r.phase == Phase::Filling && attempt >= r.min_attempt => {
+                r.phase = Phase::Complete { attempt };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Lets a complete reservation start decoding; returns its prompt length.
+    pub fn admit(&mut self, id: u64) -> Result<usize, BookError> {
+        let r = self
+            .reservations
+            .get_mut(&id)
+            .ok_or(BookError::Unknown(id))?;
+        match r.phase {
+            Phase::Complete { .. } if r.damaged => Err(BookError::Damaged(id)),
+            Phase::Complete { .. } => {
+                r.phase = Phase::Running;
+                Ok(r.prompt_tokens as usize)
+            }
+            Phase::Filling => Err(BookError::NotComplete(id)),
+            Phase::Running => Err(BookError::Running(id)),
+        }
+    }
+
+    /// Takes a reservation out of the table. Blocks the table owned go back to `alloc`.
+    pub fn remove(&mut self, alloc: &mut BlockAllocator, id: u64) -> Option<Removed> {
+        let r = self.reservations.remove(&id)?;
+        if !r.in_engine
+            && let Err(e) = alloc.release(&r.block_ids)
+        {
+            tracing::error!(reservation = id, error = %e, "blocks of a reservation were not allocated");
+        }
+        Some(Removed {
+            blocks: r.block_ids.len() as u32,
+            in_engine: r.in_engine,
+        })
+    }
+
+    /// Drops every reservation whose lease ran out before it started decoding. Returns those
+    /// whose blocks the engine holds (an aggregated prefill), for the caller to release there.
+    pub fn expire(&mut self, alloc: &mut BlockAllocator, now: Instant) -> Vec<u64> {
+        let lapsed: Vec<u64> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.phase != Phase::Running && r.expires <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut in_engine = Vec::new();
+        for id in lapsed {
+            tracing::debug!(reservation = id, "lease lapsed");
+            if self.remove(alloc, id).is_some_and(|r| r.in_engine) {
+                in_engine.push(id);
+            }
+        }
+        in_engine
+    }
+
+    /// Reservations that have not started decoding.
+    pub fn pending(&self) -> u32 {
+        self.reservations
+            .values()
+            .filter(|r| r.phase != Phase::Running)
+            .count() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn ask(prompt_tokens: u32, expires: Instant) -> Ask {
+        Ask {
+            request_id: "r".into(),
+            prompt_tokens,
+            max_new_tokens: 8,
+            expires,
+            headroom: 0,
+        }
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn reserve_takes_whole_blocks_or_refuses_with_the_free_count() {
+        let mut alloc = BlockAllocator::new(4);
+        let mut book = Book::new(16, 128);
+        let blocks = book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
+        assert_eq!(blocks.len(), 2);
+        assert_eq!(alloc.free_count(), 2);
+        let e = book.reserve(&mut alloc, 2, ask(40, later())).unwrap_err();
+        assert_eq!(e, BookError::OutOfBlocks { need: 3, free: 2 });
+        assert_eq!(Status::from(e).code(), tonic::Code::ResourceExhausted);
+        let mut headroom = ask(20, later());
+        headroom.headroom = 1;
+        assert_eq!(
+            book.reserve(&mut alloc, 3, headroom).unwrap_err(),
+            BookError::OutOfBlocks { need: 2, free: 1 }
+        );
+        let e = book.reserve(&mut alloc, 4, ask(125, later())).unwrap_err();
+        assert_eq!(Status::from(e).code(), tonic::Code::InvalidArgument);
+        assert_eq!(alloc.free_count(), 2, "refusals take nothing");
+        assert!(book.get(2).is_none());
+    }
+
+    #[test]
+    fn a_reservation_fills_completes_once_and_is_admitted_once() {
+        let mut alloc = BlockAllocator::new(4);
+        let mut book = Book::new(16, 128);
+        book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
+        assert!(book.accepts_frames(1) && book.holds_blocks(1));
+        assert_eq!(book.admit(1), Err(BookError::NotComplete(1)));
+        assert!(book.complete(1, 0));
+        assert!(!book.complete(1, 0), "complete once");
+        assert!(!book.accepts_frames(1), "no KV after the commit");
+        assert!(book.holds_blocks(1), "staged frames may still land");
+        assert_eq!(book.admit(1), Ok(20));
+        assert_eq!(book.admit(1), Err(BookError::Running(1)));
+        assert!(!book.complete(7, 0));
+        assert_eq!(book.admit(7), Err(BookError::Unknown(7)));
+    }
+
+    #[test]
+    fn old_attempts_and_damaged_kv_are_refused() {
+        let mut alloc = BlockAllocator::new(4);
+        let mut book = Book::new(16, 128);
+        book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
+        book.get_mut(1).unwrap().min_attempt = 2;
+        assert!(!book.complete(1, 1));
+        assert!(book.complete(1, 2));
+        book.get_mut(1).unwrap().damaged = true;
+        assert_eq!(book.admit(1), Err(BookError::Damaged(1)));
+    }
+
+    #[test]
+    fn removal_frees_what_the_table_owns_and_reports_what_the_engine_owns() {
+        let mut alloc = BlockAllocator::new(4);
+        let mut book = Book::new(16, 128);
+        book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
+        book.reserve(&mut alloc, 2, ask(10, later())).unwrap();
+        assert_eq!(alloc.free_count(), 1);
+        assert_eq!(
+            book.remove(&mut alloc, 1),
+            Some(Removed {
+                blocks: 2,
+                in_engine: false
+            })
+        );
+        assert_eq!(alloc.free_count(), 3);
+        book.get_mut(2).unwrap().in_engine = true;
+        assert!(!book.accepts_frames(2) && !book.holds_blocks(2));
+        assert_eq!(
+            book.remove(&mut alloc, 2),
+            Some(Removed {
+                blocks: 1,
+                in_engine: true
+            })
+        );
+        assert_eq!(alloc.free_count(), 3, "the engine gives those back");
+        assert_eq!(book.remove(&mut alloc, 2), None);
+    }
+
+    #[test]
+    fn leases_lapse_before_decoding_only() {
+        let mut alloc = BlockAllocator::new(8);
+        let mut book = Book::new(16, 128);
+        let now = Instant::now();
+        let soon = now + Duration::from_millis(10);
+        for id in 1..=4 {
+            book.reserve(&mut alloc, id, ask(16, soon)).unwrap();
+        }
+        book.reserve(&mut alloc, 5, ask(16, later())).unwrap();
+        assert!(book.complete(2, 0));
+        assert!(book.complete(3, 0));
+        assert_eq!(book.admit(3), Ok(16));
+        book.get_mut(4).unwrap().in_engine = true;
+        assert_eq!(book.pending(), 4);
+        assert!(book.expire(&mut alloc, now).is_empty(), "not yet");
+        assert_eq!(book.expire(&mut alloc, soon), vec![4]);
+        assert!(book.get(1).is_none() && book.get(2).is_none());
+        assert!(book.get(3).is_some(), "a running sequence has no lease");
+        assert!(book.get(5).is_some());
+        // 1 and 2 came back; 4's block is the engine's to give back.
+        assert_eq!(alloc.free_count(), 8 - 3);
+        assert_eq!(book.pending(), 1);
+    }
+}
