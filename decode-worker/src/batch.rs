@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use tandem_engine::sampling::{FinishReason, SamplingParams, sample, token_finishes};
-use tandem_engine::{EngineError, StepItem};
+use tandem_engine::{EngineError, Logits, StepItem};
 use tandem_proto::v1;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
@@ -336,7 +336,6 @@ fn step(
         let r = running.remove(i);
         inner.release(r.id);
     }
-    inner.engine.recycle(logits);
     // Waiting KV writes, reservations and heartbeats go before the next step.
     parking_lot::MutexGuard::unlock_fair(inner);
     let dt = t0.elapsed().as_secs_f32().max(1e-6);
@@ -359,7 +358,7 @@ fn finish_prefills(
     inner: &mut crate::state::Inner,
     prefilling: &mut Vec<Prefilling>,
     chunks: &[(usize, std::ops::Range<usize>)],
-    logits: &[Vec<f32>],
+    logits: &[Logits],
     stats: &LoopStats,
     eos: &[u32],
     t0: Instant,
