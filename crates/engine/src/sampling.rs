@@ -439,6 +439,11 @@ impl StopStrings {
         }
     }
 
+    /// Whether there are no stop strings (every text may be emitted as it comes).
+    pub fn is_empty(&self) -> bool {
+        self.stops.is_empty()
+    }
+
     /// Adds `text`; returns what may be emitted now and whether a stop string was found.
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
