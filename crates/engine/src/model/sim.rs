@@ -46,6 +46,8 @@ use crate::{EngineError, Result};
 
 /// Floats of K (and of V) per token and layer in a simulated pool.
 pub const SIM_HEAD_DIM: usize = 2;
+// The KV hashing below reads and writes each head as one pair of floats.
+const _: () = assert!(SIM_HEAD_DIM == 2);
 
 /// How long a step of the simulated model takes. Defined here so that the engine does not depend on
 /// the performance model's crate; `tandem_sim` adapts its `PerfModel` to it.
@@ -266,13 +268,15 @@ fn digest(pool: &KvPool, layer: usize, table: &[u32], pos: usize) -> u64 {
     digest_at(k, v, table[pos / bs] as usize * bs + pos % bs)
 }
 
-/// A hash of every bit of K and V in slot `s` of one layer's halves.
+/// A hash of every bit of K and V in slot `s` of one layer's halves: one mixing step per 64 bits
+/// (K's two floats, then V's).
 fn digest_at(k: &[f32], v: &[f32], s: usize) -> u64 {
-    const W: usize = SIM_HEAD_DIM;
-    k[s * W..(s + 1) * W]
-        .iter()
-        .chain(&v[s * W..(s + 1) * W])
-        .fold(0x51u64, |acc, x| mix(acc ^ u64::from(x.to_bits())))
+    mix(mix(0x51 ^ pair(&k[s * SIM_HEAD_DIM..])) ^ pair(&v[s * SIM_HEAD_DIM..]))
+}
+
+/// The bits of the first two floats of `x`, as one word.
+fn pair(x: &[f32]) -> u64 {
+    u64::from(x[0].to_bits()) | (u64::from(x[1].to_bits()) << 32)
 }
 
 /// The earlier position besides `pos - 1` that `pos` depends on, so that bytes lost anywhere in a
@@ -325,14 +329,13 @@ fn write_layer(pool: &mut KvPool, layer: usize, plan: &[Write], below: &mut [u64
         if layer > 0 {
             h = mix(h ^ below.rotate_left(31));
         }
-        for (i, x) in k[w.at * W..(w.at + 1) * W]
-            .iter_mut()
-            .chain(&mut v[w.at * W..(w.at + 1) * W])
-            .enumerate()
-        {
-            // Values in [-1, 1), as real K and V would be.
-            *x = (mix(h ^ i as u64) >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-        }
+        // Two values of 24 bits from each mixing step, in [-1, 1) as real K and V would be.
+        let unit = |bits: u64| (bits & 0xFF_FFFF) as f32 / (1u64 << 23) as f32 - 1.0;
+        let (hk, hv) = (mix(h), mix(h ^ 1));
+        k[w.at * W] = unit(hk >> 40);
+        k[w.at * W + 1] = unit(hk >> 8);
+        v[w.at * W] = unit(hv >> 40);
+        v[w.at * W + 1] = unit(hv >> 8);
         *below = digest_at(k, v, w.at);
     }
 }

@@ -177,9 +177,11 @@ fn batch_and_chunking_give_the_same_logits_as_whole_prompts_alone() {
         }
         assert_eq!(e.prefill(&items, budget).unwrap(), alone, "budget {budget}");
     }
-    // Different prompts lead to different greedy tokens (the logits are not a constant).
+    // Different prompts lead to different greedy tokens (the logits are not a constant). Two of
+    // five hash-chosen ids in a vocabulary of 500 may coincide (a 2% chance, which the hash of
+    // these prompts happens to hit); a constant would give one.
     let firsts: std::collections::HashSet<u32> = alone.iter().map(Logits::argmax).collect();
-    assert_eq!(firsts.len(), prompts.len());
+    assert!(firsts.len() >= prompts.len() - 1, "{firsts:?}");
 }
 
 #[test]
