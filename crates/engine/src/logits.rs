@@ -53,7 +53,7 @@ impl Peaks {
             self.scores[at] = self.scores[at].max(score);
             return;
         }
-        if !(score > self.floor) {
+        if score.is_nan() || score <= self.floor {
             // The floor already, or NaN (which `max` ignores).
             return;
         }
@@ -181,7 +181,9 @@ mod tests {
 
     #[test]
     fn argmax_agrees_with_the_dense_form_on_ties_and_floors() {
-        let cases: Vec<(usize, f32, Vec<(u32, f32)>)> = vec![
+        // (vocabulary, floor, peaks)
+        type Case = (usize, f32, Vec<(u32, f32)>);
+        let cases: Vec<Case> = vec![
             (10, 0.0, vec![(3, 2.0), (5, 2.0)]),
             (10, 0.0, vec![(0, -1.0)]),
             (4, 1.0, vec![(0, 2.0), (1, 3.0), (2, 3.0), (3, 2.0)]),
