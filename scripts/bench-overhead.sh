@@ -11,12 +11,24 @@ coproc UP { exec $B up --port 0 --json --model $M --engine sim --sim-model llama
 read -r line <&"${UP[0]}"
 URL=$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['url'])" "$line")
 MODEL=$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['model'])" "$line")
-for c in 1 64; do
-  $B bench --url $URL --model $MODEL --api completions --isl 128 --osl 256 --concurrency $c --requests $((c*4)) --warmup 4 --tokenizer $M --quiet --json /tmp/ovh-$c.json >/dev/null
-  python3 - "$c" <<'PY'
+# PER: measured requests per stream of the closed-loop runs; RATE: requests/s of the open-loop run.
+PER=${PER:-4}
+RATE=${RATE:-50}
+report() {
+  python3 - "$1" "$2" <<'PY'
 import json,sys
-c=sys.argv[1]; r=json.load(open(f"/tmp/ovh-{c}.json"))["runs"][0]["summary"]
-print(f"concurrency {c}: TTFT p50 {r['ttft_ms']['p50']:.3f} ms p90 {r['ttft_ms']['p90']:.3f} ms, ITL p50 {r['itl_ms']['p50']:.3f} ms, {r['output_token_throughput']:.0f} output tokens/s, ok {r['succeeded']}/{r['requests']}")
+name,f=sys.argv[1],sys.argv[2]; r=json.load(open(f))["runs"][0]["summary"]
+print(f"{name}: TTFT p50 {r['ttft_ms']['p50']:.3f} ms p90 {r['ttft_ms']['p90']:.3f} ms, ITL p50 {r['itl_ms']['p50']:.3f} ms, {r['output_token_throughput']:.0f} output tokens/s, ok {r['succeeded']}/{r['requests']}")
 PY
+}
+# Closed loop: 1 stream (added latency on an idle path) and 64 (what the path sustains; with zero
+# compute the machine is saturated by construction, so TTFT there is mostly queueing).
+for c in 1 64; do
+  $B bench --url $URL --model $MODEL --api completions --isl 128 --osl 256 --concurrency $c --requests $((c*PER)) --warmup 4 --tokenizer $M --quiet --json /tmp/ovh-$c.json >/dev/null
+  report "concurrency $c" /tmp/ovh-$c.json
 done
+# Open loop below saturation: Poisson arrivals at RATE requests/s (RATE*256 tokens/s), so that
+# TTFT is what the path adds to a request that does not queue behind a saturated CPU.
+$B bench --url $URL --model $MODEL --api completions --isl 128 --osl 256 --rate $RATE --arrival poisson --seed 1 --requests $((RATE*4)) --warmup 4 --tokenizer $M --quiet --json /tmp/ovh-rate.json >/dev/null
+report "open loop $RATE req/s" /tmp/ovh-rate.json
 kill $UP_PID; wait $UP_PID 2>/dev/null || true

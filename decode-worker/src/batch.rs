@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use tandem_engine::sampling::{FinishReason, SamplingParams, sample, token_finishes};
-use tandem_engine::{Engine, EngineError, StepItem};
+use tandem_engine::{Engine, EngineError, Logits, StepItem};
 use tandem_proto::v1;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
@@ -333,7 +333,6 @@ fn step(
         let r = running.remove(i);
         shared.end(Some(&mut engine), r.id);
     }
-    engine.recycle(logits);
     // Whoever waits for the engine (a KV write when staging is full) goes before the next step.
     parking_lot::MutexGuard::unlock_fair(engine);
     let dt = t0.elapsed().as_secs_f32().max(1e-6);
@@ -356,7 +355,7 @@ fn finish_prefills(
     shared: &Shared,
     prefilling: &mut Vec<Prefilling>,
     chunks: &[(usize, std::ops::Range<usize>)],
-    logits: &[Vec<f32>],
+    logits: &[Logits],
     stats: &LoopStats,
     eos: &[u32],
     t0: Instant,

@@ -85,6 +85,13 @@ impl Generation {
             for &t in &chunk.tokens {
                 self.completion_tokens += 1;
                 self.token_ids.push(t);
+                if self.stops.is_empty() {
+                    // No stop string to hold text back for: decode straight into the piece.
+                    if let Some(Err(e)) = self.detok.as_mut().map(|d| d.push_into(t, &mut text)) {
+                        return Some(Err(self.fail(e.to_string())));
+                    }
+                    continue;
+                }
                 let piece = match self.detok.as_mut().map(|d| d.push(t)) {
                     Some(Ok(p)) => p,
                     Some(Err(e)) => return Some(Err(self.fail(e.to_string()))),

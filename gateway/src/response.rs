@@ -4,6 +4,25 @@ use tandem_engine::FinishReason;
 
 use crate::request::Kind;
 
+/// A text chunk's JSON with a hole for the text (see [`Meta::text_chunk_template`]).
+#[derive(Debug, Clone)]
+pub(crate) struct TextChunkTemplate {
+    before: String,
+    after: String,
+}
+
+impl TextChunkTemplate {
+    /// The same JSON as `meta.text_chunk(text).to_string()`.
+    pub(crate) fn render(&self, text: &str) -> String {
+        let mut out = Vec::with_capacity(self.before.len() + text.len() + 8 + self.after.len());
+        out.extend_from_slice(self.before.as_bytes());
+        // Serializing a str into a Vec cannot fail, and gives UTF-8.
+        let _ = serde_json::to_writer(&mut out, text);
+        out.extend_from_slice(self.after.as_bytes());
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
 /// What every response and chunk of one request repeats.
 #[derive(Debug, Clone)]
 pub(crate) struct Meta {
@@ -100,6 +119,24 @@ impl Meta {
         self.chunk(json!([choice]))
     }
 
+    /// The JSON of [`Meta::text_chunk`] around its text: everything before the text's JSON string
+    /// and everything after it. Built once per streamed request, so that each text chunk is the
+    /// escaped text between two copies, not a `Value` tree built, serialized and dropped: that
+    /// was a quarter of the gateway's CPU at zero compute time.
+    pub(crate) fn text_chunk_template(&self) -> TextChunkTemplate {
+        // A marker no text piece can hold; its JSON form is searched for in the serialized chunk.
+        const MARK: &str = "\u{0}tandem-text\u{0}";
+        let whole = self.text_chunk(MARK).to_string();
+        let mark = Value::from(MARK).to_string();
+        let (before, after) = whole
+            .split_once(&mark)
+            .map_or((whole.as_str(), ""), |(b, a)| (b, a));
+        TextChunkTemplate {
+            before: before.to_owned(),
+            after: after.to_owned(),
+        }
+    }
+
     /// With `include_usage`, the last chunk before `[DONE]`: no choices, the usage.
     pub(crate) fn usage_chunk(&self, prompt: usize, completion: usize) -> Value {
         let mut v = self.chunk(json!([]));
@@ -143,5 +180,40 @@ impl Meta {
             "choices": [choice],
             "usage": usage(prompt, completion),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_template_renders_the_same_json_as_the_value() {
+        for kind in [Kind::Chat, Kind::Completion] {
+            for include_usage in [false, true] {
+                let meta = Meta {
+                    kind,
+                    id: "cmpl-\"x\"".into(),
+                    created: 17,
+                    model: "m/é".into(),
+                    include_usage,
+                };
+                let t = meta.text_chunk_template();
+                for text in [
+                    "",
+                    "plain",
+                    "q\"uo\\te\n",
+                    "é中🙂",
+                    "\u{0}\u{1f}",
+                    "tandem-text",
+                ] {
+                    assert_eq!(
+                        t.render(text),
+                        meta.text_chunk(text).to_string(),
+                        "{text:?}"
+                    );
+                }
+            }
+        }
     }
 }

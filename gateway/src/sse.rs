@@ -10,7 +10,7 @@ use futures::Stream;
 
 use crate::generation::Generation;
 use crate::request::Kind;
-use crate::response::Meta;
+use crate::response::{Meta, TextChunkTemplate};
 
 enum Phase {
     Role,
@@ -22,6 +22,7 @@ enum Phase {
 
 struct SseState {
     meta: Meta,
+    text: TextChunkTemplate,
     generation: Generation,
     phase: Phase,
     /// Events ready to go out before the generation is read again.
@@ -48,7 +49,8 @@ impl SseState {
                 Phase::Text => match self.generation.next().await {
                     Some(Ok(piece)) => {
                         if !piece.text.is_empty() {
-                            self.queued.push(event(&self.meta.text_chunk(&piece.text)));
+                            let json = self.text.render(&piece.text);
+                            self.queued.push(Event::default().data(json));
                         }
                         if let Some(f) = piece.finish {
                             self.queued.push(event(&self.meta.finish_chunk(f)));
@@ -93,6 +95,7 @@ pub(crate) fn events(
     generation: Generation,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
     let state = SseState {
+        text: meta.text_chunk_template(),
         meta,
         generation,
         phase: Phase::Role,

@@ -48,7 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let l = e.prefill(&[(1, &prompt)], 512)?;
         let o_pf = t.elapsed().as_secs_f64();
-        let mut tok = argmax(&l[0]);
+        let mut tok = l[0].argmax();
         let t = Instant::now();
         for _ in 0..decode_n {
             let l = e.step(&[StepItem {
@@ -56,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tokens: &[tok],
                 logits: true,
             }])?;
-            tok = argmax(&l[0]);
+            tok = l[0].argmax();
         }
         let o_dec = t.elapsed().as_secs_f64();
 
@@ -116,7 +116,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let prompts: Vec<(u64, &[u32])> = ids.iter().map(|id| (*id, &prompt[..64])).collect();
         let first = e.prefill(&prompts, 4096)?;
-        let mut toks: Vec<[u32; 1]> = first.iter().map(|l| [argmax(l)]).collect();
+        let mut toks: Vec<[u32; 1]> = first.iter().map(|l| [l.argmax()]).collect();
         let t = Instant::now();
         for _ in 0..steps {
             let items: Vec<StepItem<'_>> = ids
@@ -130,7 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .collect();
             let out = e.step(&items)?;
             for (t, l) in toks.iter_mut().zip(out) {
-                t[0] = argmax(&l);
+                t[0] = l.argmax();
             }
         }
         let tps = (batch * steps) as f64 / t.elapsed().as_secs_f64();

@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::kv::{BlockAllocator, KvGeometry, KvPool};
+use crate::logits::Logits;
 use crate::model::{Model, SeqChunk};
 use crate::{EngineError, Result};
 
@@ -162,14 +163,9 @@ impl Engine {
         lock_allocator(&self.alloc).release(&seq.blocks)
     }
 
-    /// Gives back logits that [`Engine::step`] returned, once read, so that the model may reuse them.
-    pub fn recycle(&self, logits: Vec<Vec<f32>>) {
-        self.model.recycle(logits);
-    }
-
     /// Runs one step over `items` (prefill chunks and decode tokens together), returning the logits
     /// each item asked for, in order.
-    pub fn step(&mut self, items: &[StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+    pub fn step(&mut self, items: &[StepItem<'_>]) -> Result<Vec<Logits>> {
         self.step_with(items, |_, _| Ok(()))
     }
 
@@ -178,7 +174,7 @@ impl Engine {
         &mut self,
         items: &[StepItem<'_>],
         on_layer: impl FnMut(usize, &KvPool) -> Result<()>,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<Logits>> {
         // Validate and allocate for the whole step first: a step either runs whole or changes nothing.
         let mut extra = 0;
         for (i, it) in items.iter().enumerate() {
@@ -244,7 +240,7 @@ impl Engine {
         &mut self,
         items: &[StepItem<'_>],
         on_layer: impl FnMut(usize, &KvPool) -> Result<()>,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<Logits>> {
         let Engine {
             model, pool, seqs, ..
         } = self;
@@ -271,10 +267,10 @@ impl Engine {
 
     /// Prefills whole prompts, cutting them into chunks of at most `budget` tokens per step
     /// (first come, first served), and returns each prompt's last logits.
-    pub fn prefill(&mut self, prompts: &[(SeqId, &[u32])], budget: usize) -> Result<Vec<Vec<f32>>> {
+    pub fn prefill(&mut self, prompts: &[(SeqId, &[u32])], budget: usize) -> Result<Vec<Logits>> {
         let budget = budget.max(1);
         let mut done = vec![0usize; prompts.len()];
-        let mut logits = vec![Vec::new(); prompts.len()];
+        let mut logits = vec![Logits::Dense(Vec::new()); prompts.len()];
         while done.iter().zip(prompts).any(|(d, (_, p))| *d < p.len()) {
             let mut room = budget;
             let mut items = Vec::new();

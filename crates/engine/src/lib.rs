@@ -2,7 +2,7 @@
 //!
 //! Layers: [`kernels`] (fixed-order CPU kernels), [`model`] (configuration, loading, forward pass),
 //! [`kv`] (block allocator and KV pool), [`engine`] (sequences and steps: what workers call),
-//! [`sampling`], [`generate`] (the single-process reference loop), [`tokenizer`] (tokenizer, chat
+//! [`logits`] and [`sampling`], [`generate`] (the single-process reference loop), [`tokenizer`] (tokenizer, chat
 //! template, incremental detokenizer), [`load`] (a model and its tokenizer by path), and [`tiny`]
 //! (a random model for tests). [`model::SimModel`] is the `sim` engine's model: compute replaced by
 //! a performance model's time over the same pool and engine.
@@ -14,6 +14,7 @@ pub mod generate;
 pub mod kernels;
 pub mod kv;
 pub mod load;
+pub mod logits;
 pub mod model;
 pub mod sampling;
 pub mod testing;
@@ -24,5 +25,6 @@ pub use engine::{Engine, SeqId, SharedAllocator, StepItem, lock_allocator};
 pub use error::{EngineError, ErrorClass, Result};
 pub use generate::{Flow, Generated, generate};
 pub use load::{Loaded, load, load_tokenizer};
+pub use logits::{Logits, Peaks};
 pub use model::{Model, ModelConfig, SimConfig, SimModel, StepClock, ZeroClock};
 pub use sampling::{FinishReason, SamplingParams};

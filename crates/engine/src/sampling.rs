@@ -5,6 +5,7 @@
 //! the output is the same as one process drawing them all.
 use serde::{Deserialize, Serialize};
 
+use crate::logits::{Logits, Peaks};
 use crate::{EngineError, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,22 +71,96 @@ pub fn uniform(seed: u64, step: u64) -> f64 {
     (splitmix(seed ^ splitmix(step)) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// The highest logit; the lowest id wins a tie.
+/// The highest logit; the lowest id wins a tie, and NaN never wins (all NaN: 0).
+///
+/// Two vectorized passes rather than one branchy one (a scalar loop with a branch per logit took
+/// 30 us for a 49k vocabulary, as long as the rest of a `sim` step): the maximum in [`LANES`]
+/// independent lanes, then the first block of logits that holds it, found with comparisons
+/// or-ed across the block, and the first id in that block.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    let max = max_logit(logits);
+    let mut base = 0;
+    for block in logits.chunks(ARGMAX_BLOCK) {
+        if block.iter().fold(false, |hit, &l| hit | (l == max)) {
+            let at = block.iter().position(|&l| l == max).unwrap_or(0);
+            return (base + at) as u32;
         }
+        base += block.len();
     }
-    best as u32
+    // Every logit is NaN (max_logit ignores NaN and answers -inf, which none equals).
+    0
 }
+
+/// Logits per block of [`argmax`]'s search pass.
+const ARGMAX_BLOCK: usize = 64;
 
 /// Candidates tried before a full sort when only a nucleus is asked for.
 const NUCLEUS_PREFILTER: usize = 1024;
 
 /// Picks the next token for generated token number `step`.
-pub fn sample(logits: &[f32], p: &SamplingParams, step: u64) -> u32 {
+///
+/// Greedy and plain temperature sampling from [`Logits::Peaks`] (the simulated model) take time
+/// independent of the vocabulary: the softmax over every id, floor ids included, is summed in
+/// closed form. Top-k and top-p over them go through the dense form (one vocabulary-sized buffer
+/// per token, as the dense path's candidate list already is).
+pub fn sample(logits: &Logits, p: &SamplingParams, step: u64) -> u32 {
+    match logits {
+        Logits::Dense(v) => sample_dense(v, p, step),
+        Logits::Peaks(peaks) if p.is_greedy() || peaks.vocab() <= 1 => peaks.argmax(),
+        Logits::Peaks(peaks) if p.top_k == 0 && p.top_p >= 1.0 => draw_peaks(
+            peaks,
+            (1.0 / f64::from(p.temperature)) as f32,
+            uniform(p.seed, step),
+        ),
+        Logits::Peaks(_) => sample_dense(&logits.to_vec(), p, step),
+    }
+}
+
+/// Plain temperature over every id of `peaks`, in id order as [`draw_dense`] walks: the floor ids
+/// between two listed ids are one run of equal weights, so the draw lands in a run arithmetically.
+fn draw_peaks(peaks: &Peaks, inv_t: f32, u: f64) -> u32 {
+    let has_floor = peaks.floor_count() > 0;
+    let max = peaks
+        .iter()
+        .map(|(_, s)| s)
+        .chain(has_floor.then_some(peaks.floor()))
+        .fold(f32::NEG_INFINITY, f32::max);
+    let wf = weight(peaks.floor(), max, inv_t);
+    let total: f64 = peaks
+        .iter()
+        .map(|(_, s)| weight(s, max, inv_t))
+        .sum::<f64>()
+        + peaks.floor_count() as f64 * wf;
+    let target = u * total;
+    let mut cum = 0.0;
+    let mut next = 0u32;
+    let runs = peaks
+        .iter()
+        .map(|(id, s)| (id, Some(s)))
+        .chain([(peaks.vocab() as u32, None)]);
+    for (id, score) in runs {
+        // The floor run next..id.
+        let run = f64::from(id - next) * wf;
+        if run > 0.0 && target < cum + run {
+            let k = ((target - cum) / wf) as u32;
+            return next + k.min(id - next - 1);
+        }
+        cum += run;
+        if let Some(s) = score {
+            let w = weight(s, max, inv_t);
+            cum += w;
+            if w > 0.0 && target < cum {
+                return id;
+            }
+        }
+        next = id + 1;
+    }
+    // Rounding left the draw past the total: it was at the very end.
+    peaks.argmax()
+}
+
+/// As [`sample`], over one score per id.
+pub fn sample_dense(logits: &[f32], p: &SamplingParams, step: u64) -> u32 {
     if p.is_greedy() || logits.len() <= 1 {
         return argmax(logits);
     }
@@ -364,6 +439,11 @@ impl StopStrings {
         }
     }
 
+    /// Whether there are no stop strings (every text may be emitted as it comes).
+    pub fn is_empty(&self) -> bool {
+        self.stops.is_empty()
+    }
+
     /// Adds `text`; returns what may be emitted now and whether a stop string was found.
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
@@ -432,20 +512,23 @@ mod tests {
     #[test]
     fn greedy_picks_the_first_maximum() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
-        assert_eq!(sample(&[1.0, 3.0, 3.0], &SamplingParams::greedy(1), 0), 1);
+        assert_eq!(
+            sample_dense(&[1.0, 3.0, 3.0], &SamplingParams::greedy(1), 0),
+            1
+        );
     }
 
     #[test]
     fn same_seed_same_tokens_other_seed_other_tokens() {
         let l = logits();
         let a: Vec<u32> = (0..50)
-            .map(|s| sample(&l, &params(1.0, 0, 0.9, 42), s))
+            .map(|s| sample_dense(&l, &params(1.0, 0, 0.9, 42), s))
             .collect();
         let b: Vec<u32> = (0..50)
-            .map(|s| sample(&l, &params(1.0, 0, 0.9, 42), s))
+            .map(|s| sample_dense(&l, &params(1.0, 0, 0.9, 42), s))
             .collect();
         let c: Vec<u32> = (0..50)
-            .map(|s| sample(&l, &params(1.0, 0, 0.9, 43), s))
+            .map(|s| sample_dense(&l, &params(1.0, 0, 0.9, 43), s))
             .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
@@ -458,7 +541,7 @@ mod tests {
         order.sort_by(|a, b| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b)));
         let allowed = &order[..5];
         for s in 0..500 {
-            let t = sample(&l, &params(5.0, 5, 1.0, 9), s);
+            let t = sample_dense(&l, &params(5.0, 5, 1.0, 9), s);
             assert!(allowed.contains(&t), "step {s} picked {t}");
         }
     }
@@ -471,7 +554,7 @@ mod tests {
             .collect();
         let mut seen = [false; 2];
         for s in 0..400 {
-            let t = sample(&l, &params(1.0, 0, 0.7, 5), s) as usize;
+            let t = sample_dense(&l, &params(1.0, 0, 0.7, 5), s) as usize;
             assert!(t < 2, "step {s} picked {t}");
             seen[t] = true;
         }
@@ -482,7 +565,7 @@ mod tests {
     fn top_p_with_a_large_vocabulary_uses_the_prefilter_and_agrees_with_the_full_sort() {
         let l = logits();
         for s in 0..100 {
-            let t = sample(&l, &params(0.7, 0, 0.5, 1), s);
+            let t = sample_dense(&l, &params(0.7, 0, 0.5, 1), s);
             assert!(l[t as usize] >= 9.0, "step {s}: logit {}", l[t as usize]);
         }
     }
@@ -546,7 +629,7 @@ mod tests {
         let n = 40_000;
         let mut count = [0usize; 4];
         for s in 0..n {
-            count[sample(&l, &p, s) as usize % 4] += 1;
+            count[sample_dense(&l, &p, s) as usize % 4] += 1;
         }
         for k in 0..4 {
             let want = w[k] / z;
@@ -571,6 +654,119 @@ mod tests {
         l[777] = 0.0;
         for u in [0.0, 0.3, 0.999_999] {
             assert_eq!(draw_dense(&l, 1.0, u), 777);
+        }
+    }
+
+    fn naive_argmax(l: &[f32]) -> u32 {
+        let mut best: Option<usize> = None;
+        for (i, &x) in l.iter().enumerate() {
+            if !x.is_nan() && best.is_none_or(|b| x > l[b]) {
+                best = Some(i);
+            }
+        }
+        best.unwrap_or(0) as u32
+    }
+
+    #[test]
+    fn argmax_in_lanes_finds_the_first_maximum_anywhere() {
+        for n in [1usize, 7, 8, 9, 64, 1000, 1003] {
+            for at in [0, n / 3, n - 1] {
+                let mut l: Vec<f32> = (0..n).map(|i| ((i * 7919) % 101) as f32 / 101.0).collect();
+                l[at] = 5.0;
+                assert_eq!(argmax(&l), at as u32, "n {n} at {at}");
+                // A tie later, in another lane and in the same lane: the first still wins.
+                for other in [at + 1, at + 8] {
+                    if other < n {
+                        let mut t = l.clone();
+                        t[other] = 5.0;
+                        assert_eq!(argmax(&t), at as u32, "n {n} at {at} tie {other}");
+                    }
+                }
+                let mut t = l.clone();
+                t[n / 2] = f32::NAN;
+                assert_eq!(argmax(&t), naive_argmax(&t), "n {n} NaN");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN; 9]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 9]), 0);
+        let mut l = [f32::NAN; 11];
+        l[9] = f32::NEG_INFINITY;
+        assert_eq!(argmax(&l), 9);
+    }
+
+    fn peaks(vocab: usize, floor: f32, listed: &[(u32, f32)]) -> Logits {
+        let mut p = Peaks::new(vocab, floor);
+        for &(id, s) in listed {
+            p.raise(id, s);
+        }
+        Logits::Peaks(p)
+    }
+
+    #[test]
+    fn peaks_draw_the_same_distribution_as_their_dense_form() {
+        // The simulated model's shape: a few peaks over a floor, with the floor's total weight
+        // comparable to the peaks' at temperature 1.
+        let l = peaks(
+            5000,
+            0.0,
+            &[(17, 9.0), (2500, 8.0), (4999, 7.5), (0, 6.0), (1234, 8.5)],
+        );
+        let dense = l.to_vec();
+        let n = 20_000u64;
+        let (mut agree, mut floor_draws) = (0, 0);
+        let mut count = std::collections::HashMap::new();
+        for s in 0..n {
+            let p = params(1.0, 0, 1.0, 3);
+            let a = sample(&l, &p, s);
+            let b = sample_dense(&dense, &p, s);
+            agree += usize::from(a == b);
+            *count.entry(a).or_insert(0usize) += 1;
+            floor_draws += usize::from(l.get(a) == 0.0);
+        }
+        // The same draw u lands on the same id but for f32 rounding of the dense block sums.
+        assert!(agree as f64 > 0.99 * n as f64, "{agree} of {n}");
+        let z: f64 = [9.0f64, 8.0, 7.5, 6.0, 8.5]
+            .iter()
+            .map(|x| (x - 9.0).exp())
+            .sum::<f64>()
+            + 4995.0 * (-9.0f64).exp();
+        for (id, score) in [(17u32, 9.0f64), (1234, 8.5), (0, 6.0)] {
+            let want = (score - 9.0).exp() / z;
+            let got = count.get(&id).copied().unwrap_or(0) as f64 / n as f64;
+            let sd = (want * (1.0 - want) / n as f64).sqrt();
+            assert!((got - want).abs() < 5.0 * sd, "id {id}: {got} vs {want}");
+        }
+        let want = 4995.0 * (-9.0f64).exp() / z;
+        let got = floor_draws as f64 / n as f64;
+        let sd = (want * (1.0 - want) / n as f64).sqrt();
+        assert!((got - want).abs() < 5.0 * sd, "floor: {got} vs {want}");
+    }
+
+    #[test]
+    fn peaks_draws_reach_both_ends_and_every_run() {
+        // Equal scores everywhere: u maps to id floor(u * vocab), as in the dense walk.
+        let l = peaks(1000, 0.0, &[]);
+        let p = |u: f64| draw_peaks(&Peaks::new(1000, 0.0), 1.0, u);
+        assert_eq!(p(0.0), 0);
+        assert_eq!(p(0.999_999_9), 999);
+        assert_eq!(p(0.5001), 500);
+        assert_eq!(l.argmax(), 0);
+        // One dominant peak takes every draw.
+        let mut d = Peaks::new(1000, -1000.0);
+        d.raise(777, 0.0);
+        for u in [0.0, 0.3, 0.999_999] {
+            assert_eq!(draw_peaks(&d, 1.0, u), 777);
+        }
+        // Greedy, top-k and top-p take the peaks' dense semantics.
+        let l = peaks(300, 0.0, &[(5, 3.0), (200, 4.0), (299, 2.0)]);
+        assert_eq!(sample(&l, &SamplingParams::greedy(1), 0), 200);
+        for s in 0..200 {
+            let t = sample(&l, &params(2.0, 2, 1.0, 1), s);
+            assert!(t == 5 || t == 200, "{t}");
+            assert_eq!(
+                sample(&l, &params(0.7, 0, 0.5, 4), s),
+                sample_dense(&l.to_vec(), &params(0.7, 0, 0.5, 4), s)
+            );
         }
     }
 }

@@ -110,6 +110,7 @@ fn hf_checkpoint_loads_and_matches_the_reference() {
         .pop()
         .expect("logits");
     let err = got
+        .to_vec()
         .iter()
         .zip(&want)
         .map(|(a, b)| (*a as f64 - b).abs())

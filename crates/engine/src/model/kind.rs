@@ -8,6 +8,7 @@ use super::{Layer, ModelConfig, Native, RopeTable, SeqChunk};
 use crate::Result;
 use crate::kernels::{AttentionShape, Weight};
 use crate::kv::KvPool;
+use crate::logits::Logits;
 
 /// A model the engine runs: real weights, or compute replaced by a performance model's time.
 #[derive(Debug, Clone)]
@@ -106,18 +107,14 @@ impl Model {
         chunks: &[SeqChunk<'_>],
         pool: &mut KvPool,
         on_layer: impl FnMut(usize, &KvPool) -> Result<()>,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<Logits>> {
         match &self.inner {
-            Inner::Native(n) => n.forward(chunks, pool, on_layer),
+            Inner::Native(n) => Ok(n
+                .forward(chunks, pool, on_layer)?
+                .into_iter()
+                .map(Logits::Dense)
+                .collect()),
             Inner::Sim(s) => s.forward(chunks, pool, on_layer),
-        }
-    }
-
-    /// Hands back logits a forward pass returned, for reuse where the model keeps buffers (the
-    /// simulated model); dropping them instead is always correct.
-    pub fn recycle(&self, logits: Vec<Vec<f32>>) {
-        if let Inner::Sim(s) = &self.inner {
-            s.recycle(logits);
         }
     }
 }

@@ -31,17 +31,23 @@
 //!
 //! Logits are a function of the last position's KV in the last layer: a few high values at
 //! hash-chosen token ids over a flat floor, so greedy decoding is deterministic and sampling with
-//! temperature, top-k and top-p has a spread to choose from.
+//! temperature, top-k and top-p has a spread to choose from. They are handed over in that form
+//! ([`Logits::Peaks`]: the floor and the few ids above it), not as one value per id, so that a
+//! step costs nothing per vocabulary entry and the sampler sums the softmax over the whole
+//! vocabulary in closed form; the distribution is the same as the dense vector's.
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{ModelConfig, SeqChunk};
 use crate::kv::KvPool;
+use crate::logits::{Logits, Peaks};
 use crate::{EngineError, Result};
 
 /// Floats of K (and of V) per token and layer in a simulated pool.
 pub const SIM_HEAD_DIM: usize = 2;
+// The KV hashing below reads and writes each head as one pair of floats.
+const _: () = assert!(SIM_HEAD_DIM == 2);
 
 /// How long a step of the simulated model takes. Defined here so that the engine does not depend on
 /// the performance model's crate; `tandem_sim` adapts its `PerfModel` to it.
@@ -83,31 +89,12 @@ pub struct SimConfig {
 }
 
 /// A model whose forward pass writes deterministic KV and sleeps the simulated time.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SimModel {
     sim: SimConfig,
     cfg: ModelConfig,
     clock: Arc<dyn StepClock>,
-    /// Logits buffers handed back by [`SimModel::recycle`]. Vocabulary-sized buffers allocated and
-    /// freed every step made the allocator give pages back and fault them in again: a quarter of
-    /// a decode step at zero simulated time.
-    spare: Mutex<Vec<Vec<f32>>>,
 }
-
-impl Clone for SimModel {
-    /// A copy with the same behaviour; its reuse list starts empty.
-    fn clone(&self) -> Self {
-        SimModel {
-            sim: self.sim.clone(),
-            cfg: self.cfg.clone(),
-            clock: self.clock.clone(),
-            spare: Mutex::new(Vec::new()),
-        }
-    }
-}
-
-/// Most buffers kept for reuse: more than any batch a step runs.
-const SPARE_LOGITS: usize = 1024;
 
 impl SimModel {
     pub fn new(sim: SimConfig, clock: Arc<dyn StepClock>) -> Result<Self> {
@@ -132,12 +119,7 @@ impl SimModel {
             rope_interleaved: false,
         };
         cfg.validate()?;
-        Ok(SimModel {
-            sim,
-            cfg,
-            clock,
-            spare: Mutex::new(Vec::new()),
-        })
+        Ok(SimModel { sim, cfg, clock })
     }
 
     /// The pool's shape: the simulated layers, one KV head of [`SIM_HEAD_DIM`].
@@ -224,17 +206,31 @@ impl SimModel {
         chunks: &[SeqChunk<'_>],
         pool: &mut KvPool,
         mut on_layer: impl FnMut(usize, &KvPool) -> Result<()>,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<Logits>> {
         self.check(chunks, pool)?;
         let total = self.step_time(chunks);
         let t0 = Instant::now();
         let layers = self.cfg.layers;
+        let bs = pool.geometry().block_size;
+        let plan: Vec<Write> = chunks
+            .iter()
+            .flat_map(|c| {
+                let slot = |pos: usize| c.block_table[pos / bs] as usize * bs + pos % bs;
+                c.tokens.iter().enumerate().map(move |(i, &token)| {
+                    let pos = c.start + i;
+                    Write {
+                        token,
+                        pos,
+                        at: slot(pos),
+                        prev: pos.checked_sub(1).map(slot),
+                        far: far_position(pos).map(slot),
+                    }
+                })
+            })
+            .collect();
+        let mut below = vec![0u64; plan.len()];
         for layer in 0..layers {
-            for c in chunks {
-                for (i, &tok) in c.tokens.iter().enumerate() {
-                    write_position(pool, layer, c.block_table, c.start + i, tok);
-                }
-            }
+            write_layer(pool, layer, &plan, &mut below);
             let due = total.mul_f64((layer + 1) as f64 / layers as f64);
             if let Some(rest) = due.checked_sub(t0.elapsed())
                 && !rest.is_zero()
@@ -243,28 +239,17 @@ impl SimModel {
             }
             on_layer(layer, pool)?;
         }
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(chunks
             .iter()
             .filter(|c| c.logits && !c.tokens.is_empty())
             .map(|c| {
                 let last = c.start + c.tokens.len() - 1;
-                let mut out = spare.pop().unwrap_or_default();
                 logits(
                     digest(pool, layers - 1, c.block_table, last),
                     self.cfg.vocab,
-                    &mut out,
-                );
-                out
+                )
             })
             .collect())
-    }
-
-    /// Takes back logits a step returned, so that the next step reuses their memory.
-    pub fn recycle(&self, logits: Vec<Vec<f32>>) {
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        let room = SPARE_LOGITS.saturating_sub(spare.len());
-        spare.extend(logits.into_iter().take(room));
     }
 }
 
@@ -276,20 +261,22 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn slot(pool: &KvPool, table: &[u32], pos: usize) -> usize {
-    let bs = pool.geometry().block_size;
-    table[pos / bs] as usize * bs + pos % bs
-}
-
 /// A hash of every bit of K and V at `pos` in `layer`.
 fn digest(pool: &KvPool, layer: usize, table: &[u32], pos: usize) -> u64 {
-    let w = pool.geometry().kv_heads * pool.geometry().head_dim;
-    let s = slot(pool, table, pos);
+    let bs = pool.geometry().block_size;
     let (k, v) = pool.layer(layer);
-    k[s * w..(s + 1) * w]
-        .iter()
-        .chain(&v[s * w..(s + 1) * w])
-        .fold(0x51u64, |acc, x| mix(acc ^ u64::from(x.to_bits())))
+    digest_at(k, v, table[pos / bs] as usize * bs + pos % bs)
+}
+
+/// A hash of every bit of K and V in slot `s` of one layer's halves: one mixing step per 64 bits
+/// (K's two floats, then V's).
+fn digest_at(k: &[f32], v: &[f32], s: usize) -> u64 {
+    mix(mix(0x51 ^ pair(&k[s * SIM_HEAD_DIM..])) ^ pair(&v[s * SIM_HEAD_DIM..]))
+}
+
+/// The bits of the first two floats of `x`, as one word.
+fn pair(x: &[f32]) -> u64 {
+    u64::from(x[0].to_bits()) | (u64::from(x[1].to_bits()) << 32)
 }
 
 /// The earlier position besides `pos - 1` that `pos` depends on, so that bytes lost anywhere in a
@@ -298,44 +285,73 @@ fn far_position(pos: usize) -> Option<usize> {
     (pos >= 2).then(|| (mix(pos as u64 ^ 0xFA) % (pos as u64 - 1)) as usize)
 }
 
-/// Writes K and V at `pos` of `layer` from the token, the position, the layer below at `pos`
-/// (written earlier in this step) and earlier positions of this layer (written in this or an
-/// earlier step, or imported).
-fn write_position(pool: &mut KvPool, layer: usize, table: &[u32], pos: usize, token: u32) {
-    let mut h = mix(((layer as u64) << 40) ^ ((pos as u64) << 8) ^ 0x5EED);
-    h = mix(h ^ u64::from(token));
-    if pos > 0 {
-        h = mix(h ^ digest(pool, layer, table, pos - 1));
-    }
-    if let Some(far) = far_position(pos) {
-        h = mix(h ^ digest(pool, layer, table, far).rotate_left(17));
-    }
-    if layer > 0 {
-        h = mix(h ^ digest(pool, layer - 1, table, pos).rotate_left(31));
-    }
-    let w = pool.geometry().kv_heads * pool.geometry().head_dim;
-    let s = slot(pool, table, pos);
+/// One position a step writes, with the pool slots it writes and reads (the same in every layer).
+struct Write {
+    token: u32,
+    pos: usize,
+    at: usize,
+    prev: Option<usize>,
+    far: Option<usize>,
+}
+
+/// Writes one layer's K and V at every position of `plan`, in order. Each position's values are
+/// a hash of its token, its position, the layer below at that position (written just before, in
+/// this step), and the previous and one earlier position of this layer (written earlier in this
+/// step or in an earlier one, or imported). `below` holds the digests of the layer below on entry
+/// and this layer's on return.
+///
+/// The earlier positions lie anywhere in a pool of hundreds of megabytes, so their reads miss
+/// every cache. Read one after another, each behind the hashing of the last, they were most of a
+/// step at zero simulated time; a first pass loads them all at once (independent loads, so the
+/// misses overlap) and the hashing then finds them in cache. The values are the same either way.
+fn write_layer(pool: &mut KvPool, layer: usize, plan: &[Write], below: &mut [u64]) {
+    const W: usize = SIM_HEAD_DIM;
     let (k, v) = pool.layer_mut(layer);
-    for (i, x) in k[s * w..(s + 1) * w]
-        .iter_mut()
-        .chain(&mut v[s * w..(s + 1) * w])
-        .enumerate()
-    {
-        // Values in [-1, 1), as real K and V would be.
-        *x = (mix(h ^ i as u64) >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+    let mut touched = 0u32;
+    for w in plan {
+        if let Some(f) = w.far {
+            touched ^= k[f * W].to_bits() ^ v[f * W].to_bits();
+        }
+        if let Some(p) = w.prev {
+            touched ^= k[p * W].to_bits() ^ v[p * W].to_bits();
+        }
+    }
+    std::hint::black_box(touched);
+    for (w, below) in plan.iter().zip(below.iter_mut()) {
+        let mut h = mix(((layer as u64) << 40) ^ ((w.pos as u64) << 8) ^ 0x5EED);
+        h = mix(h ^ u64::from(w.token));
+        if let Some(p) = w.prev {
+            h = mix(h ^ digest_at(k, v, p));
+        }
+        if let Some(f) = w.far {
+            h = mix(h ^ digest_at(k, v, f).rotate_left(17));
+        }
+        if layer > 0 {
+            h = mix(h ^ below.rotate_left(31));
+        }
+        // Two values of 24 bits from each mixing step, in [-1, 1) as real K and V would be.
+        let unit = |bits: u64| (bits & 0xFF_FFFF) as f32 / (1u64 << 23) as f32 - 1.0;
+        let (hk, hv) = (mix(h), mix(h ^ 1));
+        k[w.at * W] = unit(hk >> 40);
+        k[w.at * W + 1] = unit(hk >> 8);
+        v[w.at * W] = unit(hv >> 40);
+        v[w.at * W + 1] = unit(hv >> 8);
+        *below = digest_at(k, v, w.at);
     }
 }
 
 /// Token ids that get a high logit, best first, and their values over a floor of zero.
 const PEAKS: [f32; 6] = [12.0, 11.0, 10.0, 9.0, 8.0, 7.0];
 
-fn logits(state: u64, vocab: usize, out: &mut Vec<f32>) {
-    out.clear();
-    out.resize(vocab, 0.0);
+/// Hash-chosen ids at the [`PEAKS`] values (an id chosen twice keeps the higher), every other id
+/// at zero.
+fn logits(state: u64, vocab: usize) -> Logits {
+    let mut out = Peaks::new(vocab, 0.0);
     for (i, value) in PEAKS.iter().enumerate() {
-        let id = (mix(state ^ (i as u64 + 1)) % vocab as u64) as usize;
-        out[id] = out[id].max(*value);
+        let id = (mix(state ^ (i as u64 + 1)) % vocab as u64) as u32;
+        out.raise(id, *value);
     }
+    Logits::Peaks(out)
 }
 
 #[cfg(test)]

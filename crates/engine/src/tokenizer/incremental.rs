@@ -34,13 +34,19 @@ impl IncrementalDecoder {
     /// vocabulary is an error and leaves the decoder as it was.
     pub fn push(&mut self, id: u32) -> Result<String> {
         let mut out = String::new();
+        self.push_into(id, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`IncrementalDecoder::push`], appending the text to `out` (no allocation per id).
+    pub fn push_into(&mut self, id: u32, out: &mut String) -> Result<()> {
         if let Some(bytes) =
             self.tokenizer
                 .piece_for_decode(id, self.skip_special, &mut self.at_start)?
         {
-            self.utf8.push(bytes, &mut out);
+            self.utf8.push(bytes, out);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Ends the text: returns what was held back (an incomplete character becomes U+FFFD).
