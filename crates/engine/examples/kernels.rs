@@ -1,4 +1,5 @@
 //! Matmul kernel throughput on the shapes of SmolLM2 (GFLOP/s), f32 and Q4_1 weights.
+//! `M=rows` picks one batch size, `W=f32|q4_1` one weight kind, `REPS=n` the repetitions.
 use std::time::Instant;
 
 use tandem_engine::kernels::{Weight, matmul};
@@ -20,6 +21,9 @@ fn main() {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 13) % 97) as f32 / 97.0).collect();
         let mut out = vec![0f32; m * n];
         for (name, wt) in [("f32", &f), ("q4_1", &q)] {
+            if std::env::var("W").is_ok_and(|w| w != name) {
+                continue;
+            }
             let reps = reps_env.unwrap_or((2000 / m).max(5));
             matmul(&x, m, wt, &mut out);
             let t = Instant::now();

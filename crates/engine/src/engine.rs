@@ -14,6 +14,9 @@ struct Seq {
     blocks: Vec<u32>,
     /// Positions whose K and V are in the cache.
     len: usize,
+    /// The sequence has had logits (its prompt is done): what it is given next was generated, and
+    /// computes as [`crate::model::SeqChunk::generated`] says.
+    generating: bool,
 }
 
 /// One sequence's part of a step: `tokens` continue the sequence at its current length.
@@ -150,7 +153,15 @@ impl Engine {
                 blocks.len()
             )));
         }
-        self.seqs.insert(id, Seq { blocks, len });
+        // Its prompt was computed elsewhere (that is where its first token came from).
+        self.seqs.insert(
+            id,
+            Seq {
+                blocks,
+                len,
+                generating: true,
+            },
+        );
         Ok(())
     }
 
@@ -253,6 +264,7 @@ impl Engine {
                     start: s.len,
                     block_table: &s.blocks,
                     logits: it.logits,
+                    generated: s.generating,
                 }
             })
             .collect();
@@ -260,6 +272,7 @@ impl Engine {
         for it in items {
             if let Some(s) = seqs.get_mut(&it.seq) {
                 s.len += it.tokens.len();
+                s.generating |= it.logits;
             }
         }
         Ok(out)
@@ -336,6 +349,8 @@ impl Engine {
             )));
         }
         seq.len = len;
+        // The prompt was computed where this KV came from; what follows was generated.
+        seq.generating = true;
         Ok(())
     }
 

@@ -101,12 +101,13 @@ fn hf_checkpoint_loads_and_matches_the_reference() {
         start: 0,
         block_table: &table,
         logits: true,
+        generated: false,
     };
     let got = model
         .forward(&[chunk], &mut pool, |_, _| Ok(()))
         .expect("forward")
         .remove(0);
-    let want = common::reference_logits(&c, &w, &tokens, false)
+    let want = common::reference_logits(&c, &w, &tokens, None)
         .pop()
         .expect("logits");
     let err = got

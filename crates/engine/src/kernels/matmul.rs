@@ -144,11 +144,8 @@ const NR: usize = 4;
 /// Below this many rows the work is split by columns (decode); above, by rows (prefill).
 const ROW_SPLIT_MIN: usize = 64;
 
-/// `out[m × n] = x[m × k] · Wᵀ`.
-///
-/// f32 weights compute every element as [`super::dot`]; quantized ones (with `k` a multiple of 32)
-/// on activations rounded to 16 bits, as [`super::q16`] defines. Either way an element depends only
-/// on its own activation row and weight row.
+/// `out[m × n] = x[m × k] · Wᵀ`, every element exactly as [`super::dot`] computes it (quantized
+/// weights take their dequantized values).
 pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "matmul: x is not m × k");
@@ -156,27 +153,13 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
     if m == 0 || n == 0 {
         return;
     }
-    let quant = match &w.data {
-        WeightData::Quant { format, bytes } if k.is_multiple_of(QK) => {
-            Some((*format, bytes.as_slice(), Q16Rows::quantize(x, k)))
-        }
-        _ => None,
-    };
     let threads = rayon::current_num_threads().max(1);
     if m >= ROW_SPLIT_MIN {
-        // One task per thread: each task reads every weight row once per tile of its rows.
+        // One task per thread: each task dequantizes every weight row once for its rows.
         let rows_per_task = m.div_ceil(threads).next_multiple_of(MR).min(192);
         out.par_chunks_mut(rows_per_task * n)
-            .enumerate()
-            .for_each(|(t, o)| {
-                let rows = t * rows_per_task..t * rows_per_task + o.len() / n;
-                match &quant {
-                    Some((format, bytes, xq)) => {
-                        q16::rows_times_weights(*format, bytes, format.row_bytes(k), xq, rows, o, n)
-                    }
-                    None => block(&x[rows.start * k..rows.end * k], rows.len(), w, 0..n, o, n),
-                }
-            });
+            .zip(x.par_chunks(rows_per_task * k))
+            .for_each(|(o, xb)| block(xb, xb.len() / k, w, 0..n, o, n));
     } else {
         let cols_per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR * 4);
         let parts: Vec<(usize, Vec<f32>)> = (0..n)
@@ -186,29 +169,15 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
             .map(|c0| {
                 let c1 = (c0 + cols_per_task).min(n);
                 let mut local = vec![0f32; m * (c1 - c0)];
-                match &quant {
-                    Some((format, bytes, xq)) => {
-                        let rb = format.row_bytes(k);
-                        let wrows = &bytes[c0 * rb..c1 * rb];
-                        q16::rows_times_weights(*format, wrows, rb, xq, 0..m, &mut local, c1 - c0)
-                    }
-                    None => block(x, m, w, c0..c1, &mut local, c1 - c0),
-                }
+                block(x, m, w, c0..c1, &mut local, c1 - c0);
                 (c0, local)
             })
             .collect();
-        for (c0, local) in parts {
-            let width = local.len() / m;
-            for r in 0..m {
-                out[r * n + c0..r * n + c0 + width]
-                    .copy_from_slice(&local[r * width..(r + 1) * width]);
-            }
-        }
+        scatter_columns(parts, m, n, out);
     }
 }
 
-/// Computes columns `cols` of `x · Wᵀ` for `m` rows into `out` (row stride `ld`, column 0 =
-/// cols.start), in f32: the weight's rows are read (or dequantized) `NR` at a time.
+/// Computes columns `cols` of `x · Wᵀ` for `m` rows into `out` (row stride `ld`, column 0 = cols.start).
 fn block(
     x: &[f32],
     m: usize,
@@ -218,6 +187,16 @@ fn block(
     ld: usize,
 ) {
     let k = w.k;
+    if let WeightData::Quant { format, bytes } = &w.data
+        && m < ROW_SPLIT_MIN
+        && k.is_multiple_of(QK)
+    {
+        // Few rows: dequantize in registers rather than into a panel that few rows would share.
+        let rb = format.row_bytes(k);
+        let wrows = &bytes[cols.start * rb..cols.end * rb];
+        super::fused::quant_block(*format, wrows, rb, &x[..m * k], k, out, ld);
+        return;
+    }
     let mut scratch: Vec<Vec<f32>> = vec![Vec::new(); NR];
     let mut c = cols.start;
     while c < cols.end {
@@ -254,6 +233,63 @@ fn block(
             r += 1;
         }
         c += nr;
+    }
+}
+
+/// `out[m × n] = x[m × k] · Wᵀ` with the rows of `x` rounded to 16-bit blocks first where the
+/// weight is quantized (`k` a multiple of 32), as [`super::q16`] defines: integer products, about
+/// twice as fast for a few rows as dequantizing in registers. f32 weights compute as [`matmul`].
+/// Either way an element depends only on its own activation row and weight row.
+pub fn matmul_rounded(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
+    let WeightData::Quant { format, bytes } = &w.data else {
+        return matmul(x, m, w, out);
+    };
+    if !k.is_multiple_of(QK) {
+        return matmul(x, m, w, out);
+    }
+    assert_eq!(x.len(), m * k, "matmul: x is not m × k");
+    assert_eq!(out.len(), m * n, "matmul: out is not m × n");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let xq = Q16Rows::quantize(x, k);
+    let rb = format.row_bytes(k);
+    let threads = rayon::current_num_threads().max(1);
+    if m >= ROW_SPLIT_MIN {
+        let rows_per_task = m.div_ceil(threads).next_multiple_of(MR).min(192);
+        out.par_chunks_mut(rows_per_task * n)
+            .enumerate()
+            .for_each(|(t, o)| {
+                let r0 = t * rows_per_task;
+                let rows = r0..r0 + o.len() / n;
+                q16::rows_times_weights(*format, bytes, rb, &xq, rows, o, n);
+            });
+    } else {
+        let cols_per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR * 4);
+        let parts: Vec<(usize, Vec<f32>)> = (0..n)
+            .step_by(cols_per_task)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|c0| {
+                let c1 = (c0 + cols_per_task).min(n);
+                let mut local = vec![0f32; m * (c1 - c0)];
+                let wrows = &bytes[c0 * rb..c1 * rb];
+                q16::rows_times_weights(*format, wrows, rb, &xq, 0..m, &mut local, c1 - c0);
+                (c0, local)
+            })
+            .collect();
+        scatter_columns(parts, m, n, out);
+    }
+}
+
+/// Writes column blocks computed apart (`(first column, m × width values)`) into `out` (m × n).
+fn scatter_columns(parts: Vec<(usize, Vec<f32>)>, m: usize, n: usize, out: &mut [f32]) {
+    for (c0, local) in parts {
+        let width = local.len() / m;
+        for r in 0..m {
+            out[r * n + c0..r * n + c0 + width].copy_from_slice(&local[r * width..(r + 1) * width]);
+        }
     }
 }
 
@@ -347,7 +383,7 @@ mod tests {
     }
 
     #[test]
-    fn quantized_rows_give_the_same_value_whatever_the_batch_and_split() {
+    fn rounded_rows_give_the_same_value_whatever_the_batch_and_split() {
         let mut seed = 3;
         let (n, k) = (70, 64);
         let mut bytes = Vec::new();
@@ -369,12 +405,12 @@ mod tests {
         let m = 70;
         let x = rand_vec(m * k, &mut seed);
         let mut all = vec![0f32; m * n];
-        matmul(&x, m, &q, &mut all);
+        matmul_rounded(&x, m, &q, &mut all);
         let mut exact = vec![0f32; m * n];
         matmul(&x, m, &f, &mut exact);
         for r in 0..m {
             let mut one = vec![0f32; n];
-            matmul(&x[r * k..(r + 1) * k], 1, &q, &mut one);
+            matmul_rounded(&x[r * k..(r + 1) * k], 1, &q, &mut one);
             assert_eq!(&all[r * n..(r + 1) * n], &one[..], "row {r}");
             // 16-bit activations stay within a rounding step of the f32 product.
             for c in 0..n {
@@ -382,5 +418,31 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "row {r} col {c}: {a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn quantized_rows_compute_as_their_dequantized_form() {
+        let mut seed = 3;
+        let (n, k) = (10, 64);
+        let mut bytes = Vec::new();
+        for _ in 0..n * k / QK {
+            bytes.extend_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+            bytes.extend_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
+            bytes.extend((0..16).map(|_| ((lcg(&mut seed) + 0.5) * 255.0) as u8));
+        }
+        let q = Weight {
+            n,
+            k,
+            data: WeightData::Quant {
+                format: BlockFormat::Q4_1,
+                bytes,
+            },
+        };
+        let f = q.to_f32();
+        let x = rand_vec(5 * k, &mut seed);
+        let (mut a, mut b) = (vec![0f32; 5 * n], vec![0f32; 5 * n]);
+        matmul(&x, 5, &q, &mut a);
+        matmul(&x, 5, &f, &mut b);
+        assert_eq!(a, b);
     }
 }

@@ -16,7 +16,7 @@ mod q16;
 mod quant;
 
 pub use attention::{AttentionShape, QueryCtx, paged_attention};
-pub use matmul::{Matrix, Weight, WeightData, matmul};
+pub use matmul::{Matrix, Weight, WeightData, matmul, matmul_rounded};
 pub use ops::{add_in_place, rms_norm, rope_in_place, silu_mul};
 pub use quant::{BlockFormat, dequantize_row};
 

@@ -343,51 +343,45 @@ mod avx2 {
         out: &mut [f32],
         ld: usize,
     ) {
-        let (m, r0) = (rows.end, rows.start);
         let n = wrows.len() / row_bytes;
-        let mut mins = Vec::with_capacity(x.blocks);
-        // Writes one column of a tile, adding the offsets' part row by row.
-        let mut put = |acc: &[m256], j: usize, xr: &[RowRef<'_>], r: usize| {
-            offsets(
-                format,
-                &wrows[j * row_bytes..(j + 1) * row_bytes],
-                &mut mins,
-            );
-            for (i, (a, x)) in acc.iter().zip(xr).enumerate() {
-                out[(r - r0 + i) * ld + j] = finish((*a).into(), &mins, x.s);
-            }
-        };
-        let mut r = r0;
-        macro_rules! rows_of {
-            ($r:literal, $c:literal) => {
-                while m - r >= $r {
-                    let xr: [RowRef<'_>; $r] = std::array::from_fn(|i| x.row(r + i));
-                    let mut j = 0;
-                    while n - j >= $c {
-                        let wr: [&[u8]; $c] = std::array::from_fn(|t| {
-                            &wrows[(j + t) * row_bytes..(j + t + 1) * row_bytes]
-                        });
-                        let acc = tile::<F, $r, $c>(wr, xr);
-                        for t in 0..$c {
-                            let col: [m256; $r] = std::array::from_fn(|i| acc[i][t]);
-                            put(&col, j + t, &xr, r);
+        let mut mins: [Vec<f32>; 4] = std::array::from_fn(|_| Vec::with_capacity(x.blocks));
+        let mut j = 0;
+        // Columns outside, rows inside: a group of weight rows stays in L1 while every activation
+        // row passes, and its offsets are read once. Tiles keep their accumulators in registers
+        // (3 × 2 and 1 × 4 fit the sixteen of AVX2 with the weights and activations beside them).
+        macro_rules! cols_of {
+            ($c:literal, [$($r:literal),*]) => {
+                while n - j >= $c {
+                    let wr: [&[u8]; $c] = std::array::from_fn(|t| {
+                        &wrows[(j + t) * row_bytes..(j + t + 1) * row_bytes]
+                    });
+                    for t in 0..$c {
+                        offsets(format, wr[t], &mut mins[t]);
+                    }
+                    let mut r = rows.start;
+                    $(
+                        while rows.end - r >= $r {
+                            let xr: [RowRef<'_>; $r] = std::array::from_fn(|i| x.row(r + i));
+                            let acc = tile::<F, $r, $c>(wr, xr);
+                            for i in 0..$r {
+                                let o = (r - rows.start + i) * ld + j;
+                                for t in 0..$c {
+                                    out[o + t] = finish(acc[i][t].into(), &mins[t], xr[i].s);
+                                }
+                            }
+                            r += $r;
                         }
-                        j += $c;
-                    }
-                    while j < n {
-                        let w = [&wrows[j * row_bytes..(j + 1) * row_bytes]];
-                        let acc = tile::<F, $r, 1>(w, xr);
-                        let col: [m256; $r] = std::array::from_fn(|i| acc[i][0]);
-                        put(&col, j, &xr, r);
-                        j += 1;
-                    }
-                    r += $r;
+                    )*
+                    j += $c;
                 }
             };
         }
-        rows_of!(4, 2);
-        rows_of!(2, 2);
-        rows_of!(1, 4);
+        if rows.len() == 1 {
+            cols_of!(4, [1]);
+        } else {
+            cols_of!(2, [3, 2, 1]);
+        }
+        cols_of!(1, [4, 2, 1]);
     }
 }
 

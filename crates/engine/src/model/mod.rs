@@ -12,8 +12,8 @@ pub use safetensors::load_safetensors;
 pub use sim::{SIM_HEAD_DIM, SimConfig, SimModel, StepClock, ZeroClock};
 
 use crate::kernels::{
-    AttentionShape, Matrix, QueryCtx, Weight, add_in_place, matmul, paged_attention, rms_norm,
-    rope_in_place, silu_mul,
+    AttentionShape, Matrix, QueryCtx, Weight, add_in_place, matmul, matmul_rounded,
+    paged_attention, rms_norm, rope_in_place, silu_mul,
 };
 use crate::kv::KvPool;
 use crate::{EngineError, Result};
@@ -52,6 +52,11 @@ pub struct SeqChunk<'a> {
     pub block_table: &'a [u32],
     /// Return the logits of the chunk's last token.
     pub logits: bool,
+    /// The tokens were generated (sampled from this sequence's logits), not given as its prompt:
+    /// their quantized products take activations rounded to 16 bits ([`matmul_rounded`]), twice
+    /// as fast for the few rows of a decode step. A prompt's tokens compute exactly. Either way
+    /// every row's values depend only on that row, so batches and chunks change nothing.
+    pub generated: bool,
 }
 
 impl Native {
@@ -204,6 +209,10 @@ impl Native {
             }
         }
 
+        let rounded: Vec<bool> = chunks
+            .iter()
+            .flat_map(|c| std::iter::repeat_n(c.generated, c.tokens.len()))
+            .collect();
         let mut x = Matrix::zeros(t_rows, cfg.hidden);
         let mut scratch = Vec::new();
         for (r, tok) in chunks.iter().flat_map(|c| c.tokens.iter()).enumerate() {
@@ -226,7 +235,7 @@ impl Native {
                 cfg.rms_eps,
                 &mut h.data,
             );
-            matmul(&h.data, t_rows, &layer.wqkv, &mut qkv.data);
+            linear(&h.data, &rounded, &layer.wqkv, &mut qkv.data);
             {
                 let (kc, vc) = pool.layer_mut(li);
                 for (r, &(pos, table)) in positions.iter().enumerate() {
@@ -246,7 +255,7 @@ impl Native {
                 let (kc, vc) = pool.layer(li);
                 paged_attention(&shape, &q.data, &queries, kc, vc, &mut attn.data);
             }
-            matmul(&attn.data, t_rows, &layer.wo, &mut proj.data);
+            linear(&attn.data, &rounded, &layer.wo, &mut proj.data);
             add_in_place(&mut x.data, &proj.data);
             rms_norm(
                 &x.data,
@@ -255,19 +264,21 @@ impl Native {
                 cfg.rms_eps,
                 &mut h.data,
             );
-            matmul(&h.data, t_rows, &layer.w_gate_up, &mut gu.data);
+            linear(&h.data, &rounded, &layer.w_gate_up, &mut gu.data);
             silu_mul(&gu.data, cfg.ffn, &mut act.data);
-            matmul(&act.data, t_rows, &layer.w_down, &mut proj.data);
+            linear(&act.data, &rounded, &layer.w_down, &mut proj.data);
             add_in_place(&mut x.data, &proj.data);
             on_layer(li, pool)?;
         }
 
         let mut last_rows = Vec::new();
+        let mut last_rounded = Vec::new();
         let mut end = 0;
         for c in chunks {
             end += c.tokens.len();
             if c.logits && !c.tokens.is_empty() {
                 last_rows.push(end - 1);
+                last_rounded.push(c.generated);
             }
         }
         let n = last_rows.len();
@@ -286,10 +297,30 @@ impl Native {
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; n * cfg.vocab];
-        matmul(&last.data, n, head, &mut logits);
+        linear(&last.data, &last_rounded, head, &mut logits);
         Ok(logits
             .chunks_exact(cfg.vocab)
             .map(<[f32]>::to_vec)
             .collect())
+    }
+}
+
+/// `out = x · Wᵀ` for rows that each say whether they compute rounded ([`SeqChunk::generated`]):
+/// each run of rows alike is one matmul.
+fn linear(x: &[f32], rounded: &[bool], w: &Weight, out: &mut [f32]) {
+    let (k, n) = (w.k, w.n);
+    let mut r = 0;
+    while r < rounded.len() {
+        let e = r + rounded[r..]
+            .iter()
+            .take_while(|v| **v == rounded[r])
+            .count();
+        let (xs, os) = (&x[r * k..e * k], &mut out[r * n..e * n]);
+        if rounded[r] {
+            matmul_rounded(xs, e - r, w, os);
+        } else {
+            matmul(xs, e - r, w, os);
+        }
+        r = e;
     }
 }

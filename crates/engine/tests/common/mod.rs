@@ -1,7 +1,8 @@
 //! A plain f64 Llama forward pass over the whole sequence, with no cache: the reference the paged,
-//! fixed-order f32 engine is checked against. With `round`, the input of every linear layer but the
-//! output head is first rounded to 16-bit blocks of 32 (scale max|x|/32767, ties to even), as the
-//! engine rounds activations against quantized weights; the rest stays exact.
+//! fixed-order f32 engine is checked against. With `round_from: Some(p)`, at positions from `p` on
+//! (the generated tokens) the input of every linear layer but the output head is first rounded to
+//! 16-bit blocks of 32 (scale max|x|/32767, ties to even), as the engine rounds a generated token's
+//! activations against quantized weights; the rest stays exact.
 #![allow(dead_code)]
 use tandem_engine::ModelConfig;
 use tandem_engine::tiny::TinyWeights;
@@ -63,8 +64,9 @@ pub fn reference_logits(
     c: &ModelConfig,
     w: &TinyWeights,
     tokens: &[u32],
-    round: bool,
+    round_from: Option<usize>,
 ) -> Vec<Vec<f64>> {
+    let rounds = |p: usize| round_from.is_some_and(|f| p >= f);
     let (h, hd) = (c.hidden, c.head_dim);
     let mut xs: Vec<Vec<f64>> = tokens
         .iter()
@@ -81,13 +83,13 @@ pub fn reference_logits(
         let mut vs = Vec::new();
         for (p, x) in xs.iter().enumerate() {
             let n = rms(x, &l.attn_norm, c.rms_eps);
-            let mut q = matvec_q(&l.wq, c.q_width(), h, &n, round);
-            let mut k = matvec_q(&l.wk, c.kv_width(), h, &n, round);
+            let mut q = matvec_q(&l.wq, c.q_width(), h, &n, rounds(p));
+            let mut k = matvec_q(&l.wk, c.kv_width(), h, &n, rounds(p));
             rope(&mut q, hd, p, c.rope_base, c.rope_interleaved);
             rope(&mut k, hd, p, c.rope_base, c.rope_interleaved);
             qs.push(q);
             ks.push(k);
-            vs.push(matvec_q(&l.wv, c.kv_width(), h, &n, round));
+            vs.push(matvec_q(&l.wv, c.kv_width(), h, &n, rounds(p)));
         }
         let group = c.heads / c.kv_heads;
         for (p, x) in xs.iter_mut().enumerate() {
@@ -113,19 +115,19 @@ pub fn reference_logits(
                     }
                 }
             }
-            let o = matvec_q(&l.wo, h, c.q_width(), &att, round);
+            let o = matvec_q(&l.wo, h, c.q_width(), &att, rounds(p));
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
             }
             let n = rms(x, &l.ffn_norm, c.rms_eps);
-            let g = matvec_q(&l.w_gate, c.ffn, h, &n, round);
-            let u = matvec_q(&l.w_up, c.ffn, h, &n, round);
+            let g = matvec_q(&l.w_gate, c.ffn, h, &n, rounds(p));
+            let u = matvec_q(&l.w_up, c.ffn, h, &n, rounds(p));
             let act: Vec<f64> = g
                 .iter()
                 .zip(&u)
                 .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
                 .collect();
-            let d = matvec_q(&l.w_down, h, c.ffn, &act, round);
+            let d = matvec_q(&l.w_down, h, c.ffn, &act, rounds(p));
             for (a, b) in x.iter_mut().zip(&d) {
                 *a += b;
             }
