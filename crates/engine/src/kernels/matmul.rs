@@ -382,24 +382,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rounded_rows_give_the_same_value_whatever_the_batch_and_split() {
-        let mut seed = 3;
-        let (n, k) = (70, 64);
+    /// A Q4_1 weight of random nibbles under one scale and offset.
+    fn q4_1_weight(n: usize, k: usize, seed: &mut u64) -> Weight {
         let mut bytes = Vec::new();
         for _ in 0..n * k / QK {
             bytes.extend_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
             bytes.extend_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
-            bytes.extend((0..16).map(|_| ((lcg(&mut seed) + 0.5) * 255.0) as u8));
+            bytes.extend((0..16).map(|_| ((lcg(seed) + 0.5) * 255.0) as u8));
         }
-        let q = Weight {
+        Weight {
             n,
             k,
             data: WeightData::Quant {
                 format: BlockFormat::Q4_1,
                 bytes,
             },
-        };
+        }
+    }
+
+    #[test]
+    fn rounded_rows_give_the_same_value_whatever_the_batch_and_split() {
+        let mut seed = 3;
+        let (n, k) = (70, 64);
+        let q = q4_1_weight(n, k, &mut seed);
         let f = q.to_f32();
         // 70 rows go through the row split, each alone through the column split.
         let m = 70;
@@ -424,20 +429,7 @@ mod tests {
     fn quantized_rows_compute_as_their_dequantized_form() {
         let mut seed = 3;
         let (n, k) = (10, 64);
-        let mut bytes = Vec::new();
-        for _ in 0..n * k / QK {
-            bytes.extend_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
-            bytes.extend_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
-            bytes.extend((0..16).map(|_| ((lcg(&mut seed) + 0.5) * 255.0) as u8));
-        }
-        let q = Weight {
-            n,
-            k,
-            data: WeightData::Quant {
-                format: BlockFormat::Q4_1,
-                bytes,
-            },
-        };
+        let q = q4_1_weight(n, k, &mut seed);
         let f = q.to_f32();
         let x = rand_vec(5 * k, &mut seed);
         let (mut a, mut b) = (vec![0f32; 5 * n], vec![0f32; 5 * n]);
