@@ -1,8 +1,9 @@
-//! Matmul kernel throughput on the shapes of SmolLM2 (GFLOP/s), f32 and Q4_1 weights.
-//! `M=rows` picks one batch size, `W=f32|q4_1` one weight kind, `REPS=n` the repetitions.
+//! Matmul kernel throughput on the shapes of SmolLM2 (GFLOP/s): f32 weights, Q4_1 weights computed
+//! exactly (prompt tokens) and Q4_1 on 16-bit rounded activations (`q4_1r`, generated tokens).
+//! `M=rows` picks one batch size, `W=f32|q4_1|q4_1r` one kind, `REPS=n` the repetitions.
 use std::time::Instant;
 
-use tandem_engine::kernels::{Weight, matmul};
+use tandem_engine::kernels::{Weight, matmul, matmul_rounded};
 use tandem_engine::tiny::quantize_q4_1;
 
 fn main() {
@@ -20,19 +21,25 @@ fn main() {
         }
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 13) % 97) as f32 / 97.0).collect();
         let mut out = vec![0f32; m * n];
-        for (name, wt) in [("f32", &f), ("q4_1", &q)] {
+        type Mm = fn(&[f32], usize, &Weight, &mut [f32]);
+        let kinds: [(&str, &Weight, Mm); 3] = [
+            ("f32", &f, matmul),
+            ("q4_1", &q, matmul),
+            ("q4_1r", &q, matmul_rounded),
+        ];
+        for (name, wt, mm) in kinds {
             if std::env::var("W").is_ok_and(|w| w != name) {
                 continue;
             }
             let reps = reps_env.unwrap_or((2000 / m).max(5));
-            matmul(&x, m, wt, &mut out);
+            mm(&x, m, wt, &mut out);
             let t = Instant::now();
             for _ in 0..reps {
-                matmul(&x, m, wt, &mut out);
+                mm(&x, m, wt, &mut out);
             }
             let dt = t.elapsed().as_secs_f64() / reps as f64;
             println!(
-                "m={m:4} {name:5} {:8.1} us  {:6.1} GFLOP/s",
+                "m={m:4} {name:6} {:8.1} us  {:6.1} GFLOP/s",
                 dt * 1e6,
                 2.0 * (m * n * k) as f64 / dt / 1e9
             );
