@@ -2,19 +2,14 @@
 //! dequantized in registers and used by every activation row of the tile. The weights take exactly
 //! the values [`super::dequantize_row`] gives and the FMAs run in the canonical order, so the result
 //! is bit-identical to dequantizing first.
-use half::f16;
 use wide::f32x8;
 
-use super::quant::BlockFormat;
+use super::quant::{BlockFormat, half_at};
 
 trait Format {
     const BYTES: usize;
     /// The block's 32 weights as four chunks of 8, in order.
     fn block(block: &[u8]) -> [f32x8; 4];
-}
-
-fn half_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// The 32 nibbles of 16 bytes in weight order: low nibbles are weights 0..16, high ones 16..32.

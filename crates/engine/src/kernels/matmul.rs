@@ -1,5 +1,7 @@
 //! `out = x · Wᵀ` for activations `x` (m × k, row-major) and a weight `W` (n × k, row-major, as GGUF
 //! and PyTorch store linear layers), with each element computed exactly as [`super::dot`] does.
+use std::ops::Range;
+
 use rayon::prelude::*;
 use wide::f32x8;
 
@@ -150,16 +152,33 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "matmul: x is not m × k");
     assert_eq!(out.len(), m * n, "matmul: out is not m × n");
+    split(m, n, out, |rows, cols, o, ld| {
+        block(&x[rows.start * k..rows.end * k], rows.len(), w, cols, o, ld)
+    });
+}
+
+/// Shares an m × n product among the threads: above `ROW_SPLIT_MIN` rows, one task per thread
+/// takes a run of rows and every column (prefill: each weight row read once per task); below, each
+/// task takes a run of columns and every row (decode: the weights are split, not re-read).
+/// `f(rows, cols, out, ld)` computes that part into `out` (row stride `ld`, first column at 0).
+fn split(
+    m: usize,
+    n: usize,
+    out: &mut [f32],
+    f: impl Fn(Range<usize>, Range<usize>, &mut [f32], usize) + Sync,
+) {
     if m == 0 || n == 0 {
         return;
     }
     let threads = rayon::current_num_threads().max(1);
     if m >= ROW_SPLIT_MIN {
-        // One task per thread: each task dequantizes every weight row once for its rows.
         let rows_per_task = m.div_ceil(threads).next_multiple_of(MR).min(192);
         out.par_chunks_mut(rows_per_task * n)
-            .zip(x.par_chunks(rows_per_task * k))
-            .for_each(|(o, xb)| block(xb, xb.len() / k, w, 0..n, o, n));
+            .enumerate()
+            .for_each(|(t, o)| {
+                let r0 = t * rows_per_task;
+                f(r0..r0 + o.len() / n, 0..n, o, n)
+            });
     } else {
         let cols_per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR * 4);
         let parts: Vec<(usize, Vec<f32>)> = (0..n)
@@ -169,23 +188,22 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
             .map(|c0| {
                 let c1 = (c0 + cols_per_task).min(n);
                 let mut local = vec![0f32; m * (c1 - c0)];
-                block(x, m, w, c0..c1, &mut local, c1 - c0);
+                f(0..m, c0..c1, &mut local, c1 - c0);
                 (c0, local)
             })
             .collect();
-        scatter_columns(parts, m, n, out);
+        for (c0, local) in parts {
+            let width = local.len() / m;
+            for r in 0..m {
+                out[r * n + c0..r * n + c0 + width]
+                    .copy_from_slice(&local[r * width..(r + 1) * width]);
+            }
+        }
     }
 }
 
 /// Computes columns `cols` of `x · Wᵀ` for `m` rows into `out` (row stride `ld`, column 0 = cols.start).
-fn block(
-    x: &[f32],
-    m: usize,
-    w: &Weight,
-    cols: std::ops::Range<usize>,
-    out: &mut [f32],
-    ld: usize,
-) {
+fn block(x: &[f32], m: usize, w: &Weight, cols: Range<usize>, out: &mut [f32], ld: usize) {
     let k = w.k;
     if let WeightData::Quant { format, bytes } = &w.data
         && m < ROW_SPLIT_MIN
@@ -250,47 +268,12 @@ pub fn matmul_rounded(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
     }
     assert_eq!(x.len(), m * k, "matmul: x is not m × k");
     assert_eq!(out.len(), m * n, "matmul: out is not m × n");
-    if m == 0 || n == 0 {
-        return;
-    }
     let xq = Q16Rows::quantize(x, k);
     let rb = format.row_bytes(k);
-    let threads = rayon::current_num_threads().max(1);
-    if m >= ROW_SPLIT_MIN {
-        let rows_per_task = m.div_ceil(threads).next_multiple_of(MR).min(192);
-        out.par_chunks_mut(rows_per_task * n)
-            .enumerate()
-            .for_each(|(t, o)| {
-                let r0 = t * rows_per_task;
-                let rows = r0..r0 + o.len() / n;
-                q16::rows_times_weights(*format, bytes, rb, &xq, rows, o, n);
-            });
-    } else {
-        let cols_per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR * 4);
-        let parts: Vec<(usize, Vec<f32>)> = (0..n)
-            .step_by(cols_per_task)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|c0| {
-                let c1 = (c0 + cols_per_task).min(n);
-                let mut local = vec![0f32; m * (c1 - c0)];
-                let wrows = &bytes[c0 * rb..c1 * rb];
-                q16::rows_times_weights(*format, wrows, rb, &xq, 0..m, &mut local, c1 - c0);
-                (c0, local)
-            })
-            .collect();
-        scatter_columns(parts, m, n, out);
-    }
-}
-
-/// Writes column blocks computed apart (`(first column, m × width values)`) into `out` (m × n).
-fn scatter_columns(parts: Vec<(usize, Vec<f32>)>, m: usize, n: usize, out: &mut [f32]) {
-    for (c0, local) in parts {
-        let width = local.len() / m;
-        for r in 0..m {
-            out[r * n + c0..r * n + c0 + width].copy_from_slice(&local[r * width..(r + 1) * width]);
-        }
-    }
+    split(m, n, out, |rows, cols, o, ld| {
+        let wrows = &bytes[cols.start * rb..cols.end * rb];
+        q16::rows_times_weights(*format, wrows, rb, &xq, rows, o, ld)
+    });
 }
 
 /// An MR × NR register tile of canonical dot products.

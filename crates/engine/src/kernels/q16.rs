@@ -25,9 +25,7 @@
 //! `vpmaddubsw` on 32, but no second widening step).
 use std::ops::Range;
 
-use half::f16;
-
-use super::quant::{BlockFormat, QK};
+use super::quant::{BlockFormat, QK, half_at};
 
 const QMAX: f32 = 32767.0;
 
@@ -86,10 +84,6 @@ struct RowRef<'a> {
     q: &'a [[i16; QK]],
     d: &'a [f32],
     s: &'a [f32],
-}
-
-fn half_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// A weight block's scale and its 32 integer values.
@@ -387,6 +381,8 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::*;
 
     fn lcg(seed: &mut u64) -> u64 {

@@ -28,7 +28,8 @@ impl BlockFormat {
     }
 }
 
-fn half_at(b: &[u8], at: usize) -> f32 {
+/// The little-endian f16 at `b[at..at + 2]`, as f32: a block's scale or offset.
+pub(super) fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
