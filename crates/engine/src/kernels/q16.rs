@@ -3,31 +3,37 @@
 //! Each activation row is cut into blocks of 32 and each block rounded to `q = round(x / d)` (ties
 //! to even) with `d = max|x| / 32767`: the rounding reads only that row, so it is the same whatever
 //! else shares the batch. A weight block (Q4_0, Q4_1, Q8_0) is then dotted with an activation block
-//! in integers, which is exact, and the blocks' scaled sums are accumulated in one fixed order:
+//! in integers, which is exact whatever the order, and one output element is, by definition:
 //!
-//! - per block `b`, eight integer partial sums `p[j] = Σ q_w[e]·q_x[e]` over
-//!   `e ∈ {2j, 2j+1, 16+2j, 17+2j}` (what two `vpmaddwd` and one `vpaddd` leave in the lanes; at
-//!   most 4·128·32767 < 2²⁴, so exact as floats too);
-//! - `acc[j] = fma(d_w[b]·d_x[b], p[j], acc[j])` for the blocks in order;
-//! - the result is `hsum(acc)`, plus, for the formats with an offset (`w = q·d + m`; Q4_0 is
-//!   `m = -8·d`), the canonical [`super::dot`] of the blocks' offsets `m[b]` with the activation
-//!   blocks' `d_x[b]·Σq_x`.
+//! - `acc = 0`; for the blocks `b` in order, with `P[b] = Σ q_w[e]·q_x[e]` the block's exact integer
+//!   dot product (converted to `f32` once):
+//!   - `acc = fma(d_w[b]·d_x[b], P[b], acc)`;
+//!   - for the formats with an offset (`w = q·d + m`; Q4_0 is `m = -8·d`):
+//!     `acc = fma(m[b], s_x[b], acc)`, with `s_x[b] = d_x[b]·Σq_x` the activation block's sum;
+//! - the result is `acc`.
 //!
-//! The AVX2 kernel and the portable one compute exactly these operations, so every output element
-//! is a function of its activation row and weight row alone, as everywhere in [`super`].
+//! One chain of scalar operations per output element, with nothing in it that depends on how the
+//! work is laid out: the AVX2 kernels put eight output columns (one activation row) or eight
+//! activation rows (one weight row) in the lanes of a vector and run that chain in every lane, and
+//! the portable kernel runs it one element at a time; a test checks that they agree bit for bit.
+//! Every output element is a function of its activation row and weight row alone, as everywhere in
+//! [`super`].
 //!
 //! Why 16 bits and not 8 as llama.cpp and candle round: this model's activations have outliers,
 //! so an 8-bit step is coarse, and rounding is chaotic: a change of one part in 10⁷ in the
 //! activations (f32 against f64) moves SmolLM2's logits by up to 1 through 30 layers, and greedy
 //! outputs part ways wherever the top two logits are closer than that. With 16 bits the step is
-//! 258 times finer and the engine keeps the exact arithmetic's greedy tokens (the fixtures test);
-//! the integer products cost about as much as 8-bit ones (`vpmaddwd` on 16 pairs instead of
-//! `vpmaddubsw` on 32, but no second widening step).
+//! 258 times finer and the engine keeps the exact arithmetic's greedy tokens (the fixtures test).
+//! `vpmaddwd` multiplies 16 pairs and adds them in twos, so a block costs two of them.
 use std::ops::Range;
 
 use super::quant::{BlockFormat, QK, half_at};
 
 const QMAX: f32 = 32767.0;
+/// Activation rows per transposed group (the lanes of an AVX2 vector).
+const GROUP: usize = 8;
+/// Pairs of values in a block.
+const PAIRS: usize = QK / 2;
 
 /// Activation rows rounded to 16-bit blocks: `m` rows of `k / 32` blocks.
 #[derive(Debug, Default)]
@@ -39,6 +45,14 @@ pub struct Q16Rows {
     /// `m × k/32` block sums `d · Σq`, for the weight formats with an offset.
     s: Vec<f32>,
     blocks: usize,
+    /// Whole groups of eight rows (rows `8g..8g+8`), transposed for the batched kernel.
+    groups: usize,
+    /// Per group, block and pair `t` the eight rows' values `2t` (low half) and `2t+1` (high half)
+    /// packed in an `i32`: `[group][block][pair][row]`.
+    xt: Vec<i32>,
+    /// Per group and block the eight rows' `d` and `s`: `[group][block][row]`.
+    dt: Vec<f32>,
+    st: Vec<f32>,
 }
 
 impl Q16Rows {
@@ -51,6 +65,7 @@ impl Q16Rows {
             d: Vec::with_capacity(blocks_total),
             s: Vec::with_capacity(blocks_total),
             blocks: k / QK,
+            ..Q16Rows::default()
         };
         for (xb, qb) in x.chunks_exact(QK).zip(out.q.chunks_exact_mut(QK)) {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -66,7 +81,29 @@ impl Q16Rows {
             out.d.push(d);
             out.s.push(d * sum as f32);
         }
+        out.transpose_groups(x.len() / k.max(1));
         out
+    }
+
+    fn transpose_groups(&mut self, rows: usize) {
+        let nb = self.blocks;
+        self.groups = rows / GROUP;
+        let pack = |a: i16, b: i16| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
+        self.xt = vec![0; self.groups * nb * PAIRS * GROUP];
+        self.dt = vec![0.0; self.groups * nb * GROUP];
+        self.st = vec![0.0; self.groups * nb * GROUP];
+        for r in 0..self.groups * GROUP {
+            let (g, i) = (r / GROUP, r % GROUP);
+            for b in 0..nb {
+                let gb = g * nb + b;
+                let q = &self.q[(r * nb + b) * QK..(r * nb + b + 1) * QK];
+                for (t, pair) in q.chunks_exact(2).enumerate() {
+                    self.xt[(gb * PAIRS + t) * GROUP + i] = pack(pair[0], pair[1]);
+                }
+                self.dt[gb * GROUP + i] = self.d[r * nb + b];
+                self.st[gb * GROUP + i] = self.s[r * nb + b];
+            }
+        }
     }
 
     fn row(&self, r: usize) -> RowRef<'_> {
@@ -110,42 +147,28 @@ fn scalar_block(format: BlockFormat, block: &[u8]) -> (f32, [i32; QK]) {
     (half_at(block, 0), q)
 }
 
-/// The offsets `m` of a weight row's blocks (empty for formats without one).
-fn offsets(format: BlockFormat, w: &[u8], out: &mut Vec<f32>) {
-    out.clear();
+/// A weight block's offset `m` (`w = q·d + m`), for the formats with one.
+#[inline(always)]
+fn offset(format: BlockFormat, block: &[u8]) -> Option<f32> {
     match format {
-        BlockFormat::Q4_1 => out.extend(w.chunks_exact(20).map(|b| half_at(b, 2))),
-        BlockFormat::Q4_0 => out.extend(w.chunks_exact(18).map(|b| -8.0 * half_at(b, 0))),
-        BlockFormat::Q8_0 => {}
+        BlockFormat::Q4_1 => Some(half_at(block, 2)),
+        BlockFormat::Q4_0 => Some(-8.0 * half_at(block, 0)),
+        BlockFormat::Q8_0 => None,
     }
 }
 
 /// The definition: one weight row against one activation row, portably.
-fn dot_portable(format: BlockFormat, w: &[u8], x: RowRef<'_>, mins: &mut Vec<f32>) -> f32 {
-    let mut acc = [0f32; 8];
+fn dot_portable(format: BlockFormat, w: &[u8], x: RowRef<'_>) -> f32 {
+    let mut acc = 0f32;
     for (b, block) in w.chunks_exact(format.block_bytes()).enumerate() {
         let (d, q) = scalar_block(format, block);
-        let scale = d * x.d[b];
-        for (j, a) in acc.iter_mut().enumerate() {
-            let p: i32 = [2 * j, 2 * j + 1, 16 + 2 * j, 17 + 2 * j]
-                .iter()
-                .map(|&e| q[e] * x.q[b][e] as i32)
-                .sum();
-            *a = scale.mul_add(p as f32, *a);
+        let p: i32 = (0..QK).map(|e| q[e] * x.q[b][e] as i32).sum();
+        acc = (d * x.d[b]).mul_add(p as f32, acc);
+        if let Some(m) = offset(format, block) {
+            acc = m.mul_add(x.s[b], acc);
         }
     }
-    offsets(format, w, mins);
-    finish(acc, mins, x.s)
-}
-
-#[inline(always)]
-fn finish(acc: [f32; 8], mins: &[f32], s: &[f32]) -> f32 {
-    let main = super::hsum(wide::f32x8::new(acc));
-    if mins.is_empty() {
-        main
-    } else {
-        main + super::dot(mins, s)
-    }
+    acc
 }
 
 /// `out[(r - rows.start) * ld + j] = dot(x_r, w_j)` for the rows `rows` of `x` and the quantized
@@ -190,10 +213,9 @@ fn portable_run(
     out: &mut [f32],
     ld: usize,
 ) {
-    let mut mins = Vec::with_capacity(x.blocks);
     for r in rows.clone() {
         for (j, w) in wrows.chunks_exact(row_bytes).enumerate() {
-            out[(r - rows.start) * ld + j] = dot_portable(format, w, x.row(r), &mut mins);
+            out[(r - rows.start) * ld + j] = dot_portable(format, w, x.row(r));
         }
     }
 }
@@ -207,26 +229,31 @@ mod avx2 {
     use std::ops::Range;
 
     use safe_arch::{
-        add_i32_m256i, bitand_m128i, convert_to_i16_m256i_from_i8_m128i,
+        add_horizontal_i32_m256i, add_i32_m256i, bitand_m128i, convert_to_i16_m256i_from_i8_m128i,
         convert_to_i16_m256i_from_u8_m128i, convert_to_m256_from_i32_m256i, fused_mul_add_m256,
-        m128i, m256, m256i, mul_i16_horizontal_add_m256i, set_splat_i8_m128i, set_splat_m256,
-        shr_imm_u16_m128i, zeroed_m256,
+        m128i, m256, m256i, mul_i16_horizontal_add_m256i, mul_m256, permute2z_m256i,
+        set_splat_i8_m128i, set_splat_i32_m256i, set_splat_m256, shr_imm_u16_m128i, zeroed_m256,
+        zeroed_m256i,
     };
 
-    use super::{BlockFormat, Q16Rows, RowRef, finish, half_at, offsets};
+    use super::{BlockFormat, GROUP, PAIRS, Q16Rows, QK, RowRef, half_at, offset};
 
-    /// A weight block in registers: its scale and its values as 16-bit integers, weights 0..16
-    /// then 16..32.
-    #[derive(Clone, Copy)]
-    struct WBlock {
-        d: f32,
-        lo: m256i,
-        hi: m256i,
-    }
+    /// A weight block's 32 values as 16-bit integers: weights 0..16, then 16..32.
+    type Values = [m256i; 2];
 
     trait Fmt {
+        const FORMAT: BlockFormat;
         const BYTES: usize;
-        fn load(block: &[u8]) -> WBlock;
+        fn values(block: &[u8]) -> Values;
+        #[inline(always)]
+        fn d(block: &[u8]) -> f32 {
+            half_at(block, 0)
+        }
+        #[inline(always)]
+        fn m(block: &[u8]) -> f32 {
+            offset(Self::FORMAT, block).unwrap_or(0.0)
+        }
+        const OFFSET: bool;
     }
 
     #[inline(always)]
@@ -237,75 +264,186 @@ mod avx2 {
     }
 
     #[inline(always)]
-    fn nibbles(qs: &[u8], d: f32) -> WBlock {
+    fn nibbles(qs: &[u8]) -> Values {
         let v = bytes16(qs);
         let mask = set_splat_i8_m128i(0x0f);
-        WBlock {
-            d,
-            lo: convert_to_i16_m256i_from_u8_m128i(bitand_m128i(v, mask)),
-            hi: convert_to_i16_m256i_from_u8_m128i(bitand_m128i(shr_imm_u16_m128i::<4>(v), mask)),
-        }
+        [
+            convert_to_i16_m256i_from_u8_m128i(bitand_m128i(v, mask)),
+            convert_to_i16_m256i_from_u8_m128i(bitand_m128i(shr_imm_u16_m128i::<4>(v), mask)),
+        ]
     }
 
     struct Q4_0;
     impl Fmt for Q4_0 {
+        const FORMAT: BlockFormat = BlockFormat::Q4_0;
         const BYTES: usize = 18;
+        const OFFSET: bool = true;
         #[inline(always)]
-        fn load(block: &[u8]) -> WBlock {
-            nibbles(&block[2..18], half_at(block, 0))
+        fn values(block: &[u8]) -> Values {
+            nibbles(&block[2..18])
         }
     }
 
     struct Q4_1;
     impl Fmt for Q4_1 {
+        const FORMAT: BlockFormat = BlockFormat::Q4_1;
         const BYTES: usize = 20;
+        const OFFSET: bool = true;
         #[inline(always)]
-        fn load(block: &[u8]) -> WBlock {
-            nibbles(&block[4..20], half_at(block, 0))
+        fn values(block: &[u8]) -> Values {
+            nibbles(&block[4..20])
         }
     }
 
     struct Q8_0;
     impl Fmt for Q8_0 {
+        const FORMAT: BlockFormat = BlockFormat::Q8_0;
         const BYTES: usize = 34;
+        const OFFSET: bool = false;
         #[inline(always)]
-        fn load(block: &[u8]) -> WBlock {
-            WBlock {
-                d: half_at(block, 0),
-                lo: convert_to_i16_m256i_from_i8_m128i(bytes16(&block[2..18])),
-                hi: convert_to_i16_m256i_from_i8_m128i(bytes16(&block[18..34])),
-            }
+        fn values(block: &[u8]) -> Values {
+            [
+                convert_to_i16_m256i_from_i8_m128i(bytes16(&block[2..18])),
+                convert_to_i16_m256i_from_i8_m128i(bytes16(&block[18..34])),
+            ]
         }
     }
 
-    /// The accumulators of an R × C tile: R activation rows against C weight rows.
     #[inline(always)]
-    fn tile<F: Fmt, const R: usize, const C: usize>(
-        wr: [&[u8]; C],
-        xr: [RowRef<'_>; R],
-    ) -> [[m256; C]; R] {
-        let nb = xr[0].d.len();
-        let mut acc = [[zeroed_m256(); C]; R];
-        for b in 0..nb {
+    fn half_of(q: &[i16; QK], h: usize) -> m256i {
+        let mut a = [0i16; 16];
+        a.copy_from_slice(&q[h * 16..h * 16 + 16]);
+        m256i::from(a)
+    }
+
+    /// Eight lanes of partial sums (two `vpmaddwd` and an add): their total is the block's `P`.
+    #[inline(always)]
+    fn partials(w: Values, x: &[i16; QK]) -> m256i {
+        add_i32_m256i(
+            mul_i16_horizontal_add_m256i(w[0], half_of(x, 0)),
+            mul_i16_horizontal_add_m256i(w[1], half_of(x, 1)),
+        )
+    }
+
+    /// The totals of eight vectors, in the lanes of one (integer adds: exact in any order).
+    #[inline(always)]
+    fn totals(v: [m256i; 8]) -> m256i {
+        let h01 = add_horizontal_i32_m256i(v[0], v[1]);
+        let h23 = add_horizontal_i32_m256i(v[2], v[3]);
+        let h45 = add_horizontal_i32_m256i(v[4], v[5]);
+        let h67 = add_horizontal_i32_m256i(v[6], v[7]);
+        let q0 = add_horizontal_i32_m256i(h01, h23);
+        let q1 = add_horizontal_i32_m256i(h45, h67);
+        add_i32_m256i(
+            permute2z_m256i::<0x20>(q0, q1),
+            permute2z_m256i::<0x31>(q0, q1),
+        )
+    }
+
+    /// One activation row against eight weight rows, one output column per lane.
+    #[inline(always)]
+    fn eight_columns<F: Fmt>(wr: [&[u8]; 8], x: RowRef<'_>) -> m256 {
+        let mut acc = zeroed_m256();
+        for (b, xq) in x.q.iter().enumerate() {
             let at = b * F::BYTES;
-            let w: [WBlock; C] = std::array::from_fn(|j| F::load(&wr[j][at..at + F::BYTES]));
-            for i in 0..R {
-                let (xq, dx) = (&xr[i].q[b], xr[i].d[b]);
-                let mut a = [0i16; 16];
-                a.copy_from_slice(&xq[..16]);
-                let xlo = m256i::from(a);
-                a.copy_from_slice(&xq[16..]);
-                let xhi = m256i::from(a);
+            let blocks: [&[u8]; 8] = std::array::from_fn(|t| &wr[t][at..at + F::BYTES]);
+            let p = totals(std::array::from_fn(|t| partials(F::values(blocks[t]), xq)));
+            let d = m256::from(std::array::from_fn::<f32, 8, _>(|t| F::d(blocks[t])));
+            let scale = mul_m256(d, set_splat_m256(x.d[b]));
+            acc = fused_mul_add_m256(scale, convert_to_m256_from_i32_m256i(p), acc);
+            if F::OFFSET {
+                let m = m256::from(std::array::from_fn::<f32, 8, _>(|t| F::m(blocks[t])));
+                acc = fused_mul_add_m256(m, set_splat_m256(x.s[b]), acc);
+            }
+        }
+        acc
+    }
+
+    /// One activation row against one weight row, lane by lane (the columns left over after the
+    /// groups of eight).
+    fn one_column<F: Fmt>(w: &[u8], x: RowRef<'_>) -> f32 {
+        let mut acc = 0f32;
+        for (b, xq) in x.q.iter().enumerate() {
+            let block = &w[b * F::BYTES..(b + 1) * F::BYTES];
+            let lanes: [i32; 8] = partials(F::values(block), xq).into();
+            let p: i32 = lanes.iter().sum();
+            acc = (F::d(block) * x.d[b]).mul_add(p as f32, acc);
+            if F::OFFSET {
+                acc = F::m(block).mul_add(x.s[b], acc);
+            }
+        }
+        acc
+    }
+
+    /// A weight block unpacked ahead of the batched kernel: its pairs of values packed in `i32`s
+    /// (as `xt`'s), its scale and its offset.
+    #[derive(Clone, Copy)]
+    struct Unpacked {
+        pairs: [i32; PAIRS],
+        d: f32,
+        m: f32,
+    }
+
+    #[inline(always)]
+    fn unpack<F: Fmt>(block: &[u8]) -> Unpacked {
+        let [lo, hi] = F::values(block);
+        let (lo, hi): ([i32; 8], [i32; 8]) = (lo.into(), hi.into());
+        Unpacked {
+            pairs: std::array::from_fn(|t| if t < 8 { lo[t] } else { hi[t - 8] }),
+            d: F::d(block),
+            m: F::m(block),
+        }
+    }
+
+    /// `NG` groups of eight activation rows (from group `g0`) against `C` unpacked weight rows
+    /// (`w[b * C + j]`), one activation row per lane: each pair of weight values is broadcast and
+    /// multiplied with the same pair of eight rows.
+    #[inline(always)]
+    fn groups_against<const NG: usize, const C: usize>(
+        w: &[Unpacked],
+        x: &Q16Rows,
+        g0: usize,
+        offset: bool,
+    ) -> [[m256; C]; NG] {
+        let nb = x.blocks;
+        let mut acc = [[zeroed_m256(); C]; NG];
+        for b in 0..nb {
+            let wb: &[Unpacked; C] = w[b * C..(b + 1) * C].as_array().expect("C blocks");
+            let xt: [&[i32]; NG] = std::array::from_fn(|g| {
+                let base = ((g0 + g) * nb + b) * PAIRS * GROUP;
+                &x.xt[base..base + PAIRS * GROUP]
+            });
+            let mut p = [[zeroed_m256i(); C]; NG];
+            for t in 0..PAIRS {
+                let xv: [m256i; NG] = std::array::from_fn(|g| {
+                    let mut a = [0i32; 8];
+                    a.copy_from_slice(&xt[g][t * GROUP..(t + 1) * GROUP]);
+                    m256i::from(a)
+                });
                 for j in 0..C {
-                    let p = add_i32_m256i(
-                        mul_i16_horizontal_add_m256i(w[j].lo, xlo),
-                        mul_i16_horizontal_add_m256i(w[j].hi, xhi),
+                    let wv = set_splat_i32_m256i(wb[j].pairs[t]);
+                    for g in 0..NG {
+                        p[g][j] = add_i32_m256i(p[g][j], mul_i16_horizontal_add_m256i(xv[g], wv));
+                    }
+                }
+            }
+            for g in 0..NG {
+                let at = ((g0 + g) * nb + b) * GROUP;
+                let mut a = [0f32; 8];
+                a.copy_from_slice(&x.dt[at..at + GROUP]);
+                let dx = m256::from(a);
+                a.copy_from_slice(&x.st[at..at + GROUP]);
+                let sx = m256::from(a);
+                for j in 0..C {
+                    let scale = mul_m256(set_splat_m256(wb[j].d), dx);
+                    acc[g][j] = fused_mul_add_m256(
+                        scale,
+                        convert_to_m256_from_i32_m256i(p[g][j]),
+                        acc[g][j],
                     );
-                    acc[i][j] = fused_mul_add_m256(
-                        set_splat_m256(w[j].d * dx),
-                        convert_to_m256_from_i32_m256i(p),
-                        acc[i][j],
-                    );
+                    if offset {
+                        acc[g][j] = fused_mul_add_m256(set_splat_m256(wb[j].m), sx, acc[g][j]);
+                    }
                 }
             }
         }
@@ -322,14 +460,13 @@ mod avx2 {
         ld: usize,
     ) {
         match format {
-            BlockFormat::Q4_0 => run_fmt::<Q4_0>(format, wrows, row_bytes, x, rows, out, ld),
-            BlockFormat::Q4_1 => run_fmt::<Q4_1>(format, wrows, row_bytes, x, rows, out, ld),
-            BlockFormat::Q8_0 => run_fmt::<Q8_0>(format, wrows, row_bytes, x, rows, out, ld),
+            BlockFormat::Q4_0 => run_fmt::<Q4_0>(wrows, row_bytes, x, rows, out, ld),
+            BlockFormat::Q4_1 => run_fmt::<Q4_1>(wrows, row_bytes, x, rows, out, ld),
+            BlockFormat::Q8_0 => run_fmt::<Q8_0>(wrows, row_bytes, x, rows, out, ld),
         }
     }
 
     fn run_fmt<F: Fmt>(
-        format: BlockFormat,
         wrows: &[u8],
         row_bytes: usize,
         x: &Q16Rows,
@@ -338,44 +475,71 @@ mod avx2 {
         ld: usize,
     ) {
         let n = wrows.len() / row_bytes;
-        let mut mins: [Vec<f32>; 4] = std::array::from_fn(|_| Vec::with_capacity(x.blocks));
+        let wrow = |j: usize| &wrows[j * row_bytes..(j + 1) * row_bytes];
+        // The whole groups of eight inside `rows` go through the batched kernel, the rows around
+        // them one at a time.
+        let g_start = rows.start.div_ceil(GROUP);
+        let g_end = (rows.end / GROUP).min(x.groups).max(g_start);
+        let grouped = if g_end > g_start {
+            g_start * GROUP..g_end * GROUP
+        } else {
+            rows.end..rows.end
+        };
+
+        // Columns outside, groups inside: a tile of weight rows is unpacked once for all groups.
+        let mut buf: Vec<Unpacked> = Vec::new();
         let mut j = 0;
-        // Columns outside, rows inside: a group of weight rows stays in L1 while every activation
-        // row passes, and its offsets are read once. Tiles keep their accumulators in registers
-        // (3 × 2 and 1 × 4 fit the sixteen of AVX2 with the weights and activations beside them).
         macro_rules! cols_of {
-            ($c:literal, [$($r:literal),*]) => {
-                while n - j >= $c {
-                    let wr: [&[u8]; $c] = std::array::from_fn(|t| {
-                        &wrows[(j + t) * row_bytes..(j + t + 1) * row_bytes]
-                    });
-                    for t in 0..$c {
-                        offsets(format, wr[t], &mut mins[t]);
-                    }
-                    let mut r = rows.start;
-                    $(
-                        while rows.end - r >= $r {
-                            let xr: [RowRef<'_>; $r] = std::array::from_fn(|i| x.row(r + i));
-                            let acc = tile::<F, $r, $c>(wr, xr);
-                            for i in 0..$r {
-                                let o = (r - rows.start + i) * ld + j;
-                                for t in 0..$c {
-                                    out[o + t] = finish(acc[i][t].into(), &mins[t], xr[i].s);
-                                }
-                            }
-                            r += $r;
+            ($c:literal) => {
+                while g_end > g_start && n - j >= $c {
+                    buf.clear();
+                    for b in 0..x.blocks {
+                        for t in 0..$c {
+                            let at = b * F::BYTES;
+                            buf.push(unpack::<F>(&wrow(j + t)[at..at + F::BYTES]));
                         }
-                    )*
+                    }
+                    let mut g = g_start;
+                    macro_rules! groups_of {
+                        ($ng:literal) => {
+                            while g_end - g >= $ng {
+                                let acc = groups_against::<$ng, $c>(&buf, x, g, F::OFFSET);
+                                for (gi, accs) in acc.iter().enumerate() {
+                                    for (t, a) in accs.iter().enumerate() {
+                                        let lanes: [f32; 8] = (*a).into();
+                                        for (i, v) in lanes.iter().enumerate() {
+                                            let r = (g + gi) * GROUP + i;
+                                            out[(r - rows.start) * ld + j + t] = *v;
+                                        }
+                                    }
+                                }
+                                g += $ng;
+                            }
+                        };
+                    }
+                    groups_of!(2);
+                    groups_of!(1);
                     j += $c;
                 }
             };
         }
-        if rows.len() == 1 {
-            cols_of!(4, [1]);
-        } else {
-            cols_of!(2, [3, 2, 1]);
+        cols_of!(2);
+        cols_of!(1);
+
+        for r in (rows.start..grouped.start).chain(grouped.end..rows.end) {
+            let xr = x.row(r);
+            let o = &mut out[(r - rows.start) * ld..];
+            let mut j = 0;
+            while n - j >= 8 {
+                let wr: [&[u8]; 8] = std::array::from_fn(|t| wrow(j + t));
+                let lanes: [f32; 8] = eight_columns::<F>(wr, xr).into();
+                o[j..j + 8].copy_from_slice(&lanes);
+                j += 8;
+            }
+            for (jj, v) in o[j..n].iter_mut().enumerate() {
+                *v = one_column::<F>(wrow(j + jj), xr);
+            }
         }
-        cols_of!(1, [4, 2, 1]);
     }
 }
 
@@ -438,10 +602,10 @@ mod tests {
     fn every_kernel_gives_the_portable_value_bit_for_bit() {
         let mut seed = 5;
         for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            for &(n, k) in &[(9usize, 64usize), (7, 576), (4, 32)] {
+            for &(n, k) in &[(9usize, 64usize), (7, 576), (4, 32), (19, 96)] {
                 let w = random_rows(format, n, k, &mut seed);
                 let rb = format.row_bytes(k);
-                for m in [1usize, 2, 3, 5, 8, 11] {
+                for m in [1usize, 2, 3, 5, 8, 11, 16, 19, 27] {
                     let x = Q16Rows::quantize(&random_x(m * k, &mut seed), k);
                     let mut got = vec![0f32; m * n];
                     rows_times_weights(format, &w, rb, &x, 0..m, &mut got, n);
@@ -449,11 +613,19 @@ mod tests {
                     portable_run(format, &w, rb, &x, 0..m, &mut want, n);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "{format:?} n={n} k={k} m={m}");
-                    // A range of rows writes those rows only, from the start of `out`.
-                    if m > 2 {
-                        let mut part = vec![0f32; (m - 2) * n];
-                        rows_times_weights(format, &w, rb, &x, 2..m, &mut part, n);
-                        assert_eq!(bits(&part), bits(&want[2 * n..]));
+                    // A range of rows writes those rows only, from the start of `out`, whether
+                    // or not it starts and ends on a group of eight.
+                    for start in [2, 3, 8] {
+                        if m > start {
+                            let mut part = vec![0f32; (m - start) * n];
+                            rows_times_weights(format, &w, rb, &x, start..m, &mut part, n);
+                            assert_eq!(bits(&part), bits(&want[start * n..]), "rows {start}..{m}");
+                        }
+                    }
+                    if m > 12 {
+                        let mut mid = vec![0f32; 7 * n];
+                        rows_times_weights(format, &w, rb, &x, 5..12, &mut mid, n);
+                        assert_eq!(bits(&mid), bits(&want[5 * n..12 * n]), "rows 5..12");
                     }
                 }
             }
