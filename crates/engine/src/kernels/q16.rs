@@ -487,16 +487,21 @@ mod avx2 {
         };
 
         // Columns outside, groups inside: a tile of weight rows is unpacked once for all groups.
-        let mut buf: Vec<Unpacked> = Vec::new();
+        let blank = Unpacked {
+            pairs: [0; PAIRS],
+            d: 0.0,
+            m: 0.0,
+        };
+        let mut buf: Vec<Unpacked> = vec![blank; if g_end > g_start { x.blocks * 2 } else { 0 }];
         let mut j = 0;
         macro_rules! cols_of {
             ($c:literal) => {
                 while g_end > g_start && n - j >= $c {
-                    buf.clear();
-                    for b in 0..x.blocks {
-                        for t in 0..$c {
-                            let at = b * F::BYTES;
-                            buf.push(unpack::<F>(&wrow(j + t)[at..at + F::BYTES]));
+                    let tiles = buf[..x.blocks * $c].as_chunks_mut::<$c>().0;
+                    for t in 0..$c {
+                        let w = wrow(j + t);
+                        for (tile, block) in tiles.iter_mut().zip(w.chunks_exact(F::BYTES)) {
+                            tile[t] = unpack::<F>(block);
                         }
                     }
                     let mut g = g_start;
