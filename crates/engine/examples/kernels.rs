@@ -1,20 +1,25 @@
 //! Matmul kernel throughput on the shapes of SmolLM2 (GFLOP/s): f32 weights, Q4_1 weights computed
 //! exactly (prompt tokens) and Q4_1 on 16-bit rounded activations (`q4_1r`, generated tokens).
-//! `M=rows` picks one batch size, `W=f32|q4_1|q4_1r` one kind, `REPS=n` the repetitions.
+//! `M=rows` picks one batch size, `W=f32|q4_1|q4_1r` one kind, `REPS=n` the repetitions, `N` and
+//! `K` the shape (default 1536 x 576, the MLP's gate).
 use std::time::Instant;
 
 use tandem_engine::kernels::{Weight, matmul, matmul_rounded};
 use tandem_engine::tiny::quantize_q4_1;
 
 fn main() {
-    let (n, k) = (1536usize, 576usize);
+    let env = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let (n, k) = (env("N").unwrap_or(1536), env("K").unwrap_or(576));
     let w: Vec<f32> = (0..n * k)
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
     let f = Weight::f32(n, k, w.clone());
     let q = quantize_q4_1(&w, n, k);
-    let only: Option<usize> = std::env::var("M").ok().and_then(|v| v.parse().ok());
-    let reps_env: Option<usize> = std::env::var("REPS").ok().and_then(|v| v.parse().ok());
+    let (only, reps_env) = (env("M"), env("REPS"));
     for m in [1usize, 4, 16, 200] {
         if only.is_some_and(|o| o != m) {
             continue;
