@@ -228,12 +228,13 @@ fn portable_run(
 mod avx2 {
     use std::ops::Range;
 
+    use half::f16;
     use safe_arch::{
         add_horizontal_i32_m256i, add_i32_m256i, bitand_m128i, convert_to_i16_m256i_from_i8_m128i,
         convert_to_i16_m256i_from_u8_m128i, convert_to_m256_from_i32_m256i, fused_mul_add_m256,
         m128i, m256, m256i, mul_i16_horizontal_add_m256i, mul_m256, permute2z_m256i,
-        set_splat_i8_m128i, set_splat_i32_m256i, set_splat_m256, shr_imm_u16_m128i, zeroed_m256,
-        zeroed_m256i,
+        set_splat_i8_m128i, set_splat_i32_m256i, set_splat_m256, shr_imm_u16_m128i,
+        shuffle_ai_i64_all_m256i, shuffle_av_i8z_half_m256i, zeroed_m256, zeroed_m256i,
     };
 
     use super::{BlockFormat, GROUP, PAIRS, Q16Rows, QK, RowRef, half_at, offset};
@@ -340,6 +341,33 @@ mod avx2 {
         )
     }
 
+    /// The scales `d` and offsets `m` of eight blocks, one per lane (the values of `Fmt::d` and
+    /// `Fmt::m`): each block's first four bytes are loaded whole, then one byte shuffle and one
+    /// lane permutation line the eight `d` up in the low half and the eight second halves in the
+    /// high half, ready for one conversion each (instead of sixteen separate 16-bit inserts).
+    #[inline(always)]
+    fn headers<F: Fmt>(blocks: [&[u8]; 8]) -> (m256, m256) {
+        let words: [u32; 8] = std::array::from_fn(|t| {
+            let b = blocks[t];
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        });
+        let lane: [u8; 16] = [0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15];
+        let mut mask = [0u8; 32];
+        mask[..16].copy_from_slice(&lane);
+        mask[16..].copy_from_slice(&lane);
+        let packed = shuffle_av_i8z_half_m256i(m256i::from(words), m256i::from(mask));
+        // Quadwords [d0-3, h0-3, d4-7, h4-7] to [d0-3, d4-7, h0-3, h4-7].
+        let halves: [u16; 16] = shuffle_ai_i64_all_m256i::<0b11_01_10_00>(packed).into();
+        let f = |i: usize| f16::from_bits(halves[i]).to_f32();
+        let d = m256::from(std::array::from_fn::<f32, 8, _>(f));
+        let m = match F::FORMAT {
+            BlockFormat::Q4_1 => m256::from(std::array::from_fn::<f32, 8, _>(|i| f(8 + i))),
+            BlockFormat::Q4_0 => mul_m256(d, set_splat_m256(-8.0)),
+            BlockFormat::Q8_0 => zeroed_m256(),
+        };
+        (d, m)
+    }
+
     /// One activation row against eight weight rows, one output column per lane.
     #[inline(always)]
     fn eight_columns<F: Fmt>(wr: [&[u8]; 8], x: RowRef<'_>) -> m256 {
@@ -348,11 +376,10 @@ mod avx2 {
             let at = b * F::BYTES;
             let blocks: [&[u8]; 8] = std::array::from_fn(|t| &wr[t][at..at + F::BYTES]);
             let p = totals(std::array::from_fn(|t| partials(F::values(blocks[t]), xq)));
-            let d = m256::from(std::array::from_fn::<f32, 8, _>(|t| F::d(blocks[t])));
+            let (d, m) = headers::<F>(blocks);
             let scale = mul_m256(d, set_splat_m256(x.d[b]));
             acc = fused_mul_add_m256(scale, convert_to_m256_from_i32_m256i(p), acc);
             if F::OFFSET {
-                let m = m256::from(std::array::from_fn::<f32, 8, _>(|t| F::m(blocks[t])));
                 acc = fused_mul_add_m256(m, set_splat_m256(x.s[b]), acc);
             }
         }
