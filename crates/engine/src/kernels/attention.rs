@@ -38,105 +38,115 @@ pub fn paged_attention(
     v_cache: &[f32],
     out: &mut [f32],
 ) {
-    let width = shape.heads * shape.head_dim;
-    assert_eq!(q.len(), queries.len() * width);
+    assert_eq!(q.len(), queries.len() * shape.heads * shape.head_dim);
     assert_eq!(out.len(), q.len());
-    out.par_chunks_mut(width)
-        .zip(q.par_chunks(width))
-        .zip(queries.par_iter())
-        .for_each_init(Vec::new, |scores, ((o, qr), ctx)| {
-            attend_one(shape, qr, ctx, k_cache, v_cache, scores, o)
+    // One task per query row and head: a single decode row still spreads its heads over the pool.
+    let hd = shape.head_dim;
+    out.par_chunks_mut(hd)
+        .zip(q.par_chunks(hd))
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (i, (oh, qh))| {
+            let ctx = &queries[i / shape.heads];
+            attend_head(
+                shape,
+                i % shape.heads,
+                qh,
+                ctx,
+                k_cache,
+                v_cache,
+                scores,
+                oh,
+            )
         });
 }
 
-fn attend_one(
+/// Query head `h` of one query row (`qh`, `head_dim` values) into `oh`.
+#[allow(clippy::too_many_arguments)]
+fn attend_head(
     shape: &AttentionShape,
-    q: &[f32],
+    h: usize,
+    qh: &[f32],
     ctx: &QueryCtx<'_>,
     k_cache: &[f32],
     v_cache: &[f32],
     scores: &mut Vec<f32>,
-    out: &mut [f32],
+    oh: &mut [f32],
 ) {
     let hd = shape.head_dim;
     let group = shape.heads / shape.kv_heads;
     let slot_w = shape.slot_width();
     let scale = 1.0 / (hd as f32).sqrt();
     scores.resize(ctx.n_ctx, 0.0);
-    for h in 0..shape.heads {
-        let kvh = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        let at = |p: usize| {
-            let slot = ctx.block_table[p / shape.block_size] as usize * shape.block_size
-                + p % shape.block_size;
-            slot * slot_w + kvh * hd
-        };
-        if hd.is_multiple_of(8) {
-            // Four positions at a time: four independent FMA chains instead of one, each the
-            // canonical `dot` of its position (the tail is empty), so the values do not change.
-            let done = scores.len() / 4 * 4;
-            let mut chunks = scores.chunks_exact_mut(4);
-            for (c, s4) in (&mut chunks).enumerate() {
-                let base: [usize; 4] = std::array::from_fn(|i| at(4 * c + i));
-                let mut acc = [f32x8::ZERO; 4];
-                for k in (0..hd).step_by(8) {
-                    let qv = load8(&qh[k..]);
-                    for (a, b) in acc.iter_mut().zip(base) {
-                        *a = qv.mul_add(load8(&k_cache[b + k..]), *a);
-                    }
-                }
-                for (s, a) in s4.iter_mut().zip(acc) {
-                    *s = hsum(a) * scale;
+    let kvh = h / group;
+    let at = |p: usize| {
+        let slot = ctx.block_table[p / shape.block_size] as usize * shape.block_size
+            + p % shape.block_size;
+        slot * slot_w + kvh * hd
+    };
+    if hd.is_multiple_of(8) {
+        // Four positions at a time: four independent FMA chains instead of one, each the
+        // canonical `dot` of its position (the tail is empty), so the values do not change.
+        let done = scores.len() / 4 * 4;
+        let mut chunks = scores.chunks_exact_mut(4);
+        for (c, s4) in (&mut chunks).enumerate() {
+            let base: [usize; 4] = std::array::from_fn(|i| at(4 * c + i));
+            let mut acc = [f32x8::ZERO; 4];
+            for k in (0..hd).step_by(8) {
+                let qv = load8(&qh[k..]);
+                for (a, b) in acc.iter_mut().zip(base) {
+                    *a = qv.mul_add(load8(&k_cache[b + k..]), *a);
                 }
             }
-            for (p, s) in scores.iter_mut().enumerate().skip(done) {
-                let base = at(p);
-                *s = dot(qh, &k_cache[base..base + hd]) * scale;
-            }
-        } else {
-            for (p, s) in scores.iter_mut().enumerate() {
-                let base = at(p);
-                *s = dot(qh, &k_cache[base..base + hd]) * scale;
+            for (s, a) in s4.iter_mut().zip(acc) {
+                *s = hsum(a) * scale;
             }
         }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        for (p, s) in scores.iter_mut().enumerate().skip(done) {
+            let base = at(p);
+            *s = dot(qh, &k_cache[base..base + hd]) * scale;
         }
-        let oh = &mut out[h * hd..(h + 1) * hd];
-        if hd == 64 {
-            // The common head size with its accumulators in registers (same operations as below).
-            weigh_values::<8>(scores, &at, v_cache, oh);
-        } else if hd == 128 {
-            weigh_values::<16>(scores, &at, v_cache, oh);
-        } else if hd.is_multiple_of(8) && hd <= 256 {
-            let mut acc = [f32x8::ZERO; 32];
-            let lanes = hd / 8;
-            for (p, &e) in scores.iter().enumerate() {
-                let base = at(p);
-                let v = &v_cache[base..base + hd];
-                let ev = f32x8::splat(e);
-                for (l, a) in acc.iter_mut().enumerate().take(lanes) {
-                    *a = ev.mul_add(load8(&v[l * 8..]), *a);
-                }
-            }
-            for (l, a) in acc.iter().enumerate().take(lanes) {
-                oh[l * 8..l * 8 + 8].copy_from_slice(&a.to_array());
-            }
-        } else {
-            oh.fill(0.0);
-            for (p, &e) in scores.iter().enumerate() {
-                let base = at(p);
-                for (o, v) in oh.iter_mut().zip(&v_cache[base..base + hd]) {
-                    *o = e.mul_add(*v, *o);
-                }
+    } else {
+        for (p, s) in scores.iter_mut().enumerate() {
+            let base = at(p);
+            *s = dot(qh, &k_cache[base..base + hd]) * scale;
+        }
+    }
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    if hd == 64 {
+        // The common head size with its accumulators in registers (same operations as below).
+        weigh_values::<8>(scores, &at, v_cache, oh);
+    } else if hd == 128 {
+        weigh_values::<16>(scores, &at, v_cache, oh);
+    } else if hd.is_multiple_of(8) && hd <= 256 {
+        let mut acc = [f32x8::ZERO; 32];
+        let lanes = hd / 8;
+        for (p, &e) in scores.iter().enumerate() {
+            let base = at(p);
+            let v = &v_cache[base..base + hd];
+            let ev = f32x8::splat(e);
+            for (l, a) in acc.iter_mut().enumerate().take(lanes) {
+                *a = ev.mul_add(load8(&v[l * 8..]), *a);
             }
         }
-        for o in oh.iter_mut() {
-            *o /= sum;
+        for (l, a) in acc.iter().enumerate().take(lanes) {
+            oh[l * 8..l * 8 + 8].copy_from_slice(&a.to_array());
         }
+    } else {
+        oh.fill(0.0);
+        for (p, &e) in scores.iter().enumerate() {
+            let base = at(p);
+            for (o, v) in oh.iter_mut().zip(&v_cache[base..base + hd]) {
+                *o = e.mul_add(*v, *o);
+            }
+        }
+    }
+    for o in oh.iter_mut() {
+        *o /= sum;
     }
 }
 
