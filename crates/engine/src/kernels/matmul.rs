@@ -179,6 +179,16 @@ fn split(
                 let r0 = t * rows_per_task;
                 f(r0..r0 + o.len() / n, 0..n, o, n)
             });
+    } else if m == 1 {
+        // One row: each task's columns are a contiguous run of `out`, written in place.
+        let cols_per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR * 4);
+        out.par_chunks_mut(cols_per_task)
+            .enumerate()
+            .for_each(|(t, o)| {
+                let c0 = t * cols_per_task;
+                let width = o.len();
+                f(0..1, c0..c0 + width, o, width)
+            });
     } else {
         let cols_per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR * 4);
         let parts: Vec<(usize, Vec<f32>)> = (0..n)
