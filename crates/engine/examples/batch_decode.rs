@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tandem_engine::{Engine, StepItem, load};
+use tandem_engine::{Engine, load};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = tandem_engine::testing::model_path();
@@ -24,22 +24,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let prompts: Vec<(u64, &[u32])> = ids.iter().map(|id| (*id, &prompt[..])).collect();
     let first = e.prefill(&prompts, 4096)?;
-    let mut toks: Vec<[u32; 1]> = first.iter().map(|l| [l.argmax()]).collect();
+    let mut last: Vec<u32> = first.iter().map(|l| l.argmax()).collect();
     let t = Instant::now();
     for _ in 0..steps {
-        let items: Vec<StepItem<'_>> = ids
-            .iter()
-            .zip(&toks)
-            .map(|(id, t)| StepItem {
-                seq: *id,
-                tokens: t,
-                logits: true,
-            })
-            .collect();
-        let out = e.step(&items)?;
-        for (t, l) in toks.iter_mut().zip(out) {
-            t[0] = l.argmax();
-        }
+        e.greedy_step(&ids, &mut last)?;
     }
     let dt = t.elapsed().as_secs_f64();
     println!(

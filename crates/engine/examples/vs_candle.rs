@@ -116,22 +116,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let prompts: Vec<(u64, &[u32])> = ids.iter().map(|id| (*id, &prompt[..64])).collect();
         let first = e.prefill(&prompts, 4096)?;
-        let mut toks: Vec<[u32; 1]> = first.iter().map(|l| [l.argmax()]).collect();
+        let mut last: Vec<u32> = first.iter().map(|l| l.argmax()).collect();
         let t = Instant::now();
         for _ in 0..steps {
-            let items: Vec<StepItem<'_>> = ids
-                .iter()
-                .zip(&toks)
-                .map(|(id, t)| StepItem {
-                    seq: *id,
-                    tokens: t,
-                    logits: true,
-                })
-                .collect();
-            let out = e.step(&items)?;
-            for (t, l) in toks.iter_mut().zip(out) {
-                t[0] = l.argmax();
-            }
+            e.greedy_step(&ids, &mut last)?;
         }
         let tps = (batch * steps) as f64 / t.elapsed().as_secs_f64();
         if batch == 1 {

@@ -180,6 +180,25 @@ impl Engine {
         self.step_with(items, |_, _| Ok(()))
     }
 
+    /// One greedy decode step for a batch: sequence `ids[i]` takes `last[i]` and `last[i]` becomes
+    /// its most likely next token.
+    pub fn greedy_step(&mut self, ids: &[SeqId], last: &mut [u32]) -> Result<()> {
+        let tokens: Vec<[u32; 1]> = last.iter().map(|t| [*t]).collect();
+        let items: Vec<StepItem<'_>> = ids
+            .iter()
+            .zip(&tokens)
+            .map(|(id, t)| StepItem {
+                seq: *id,
+                tokens: t,
+                logits: true,
+            })
+            .collect();
+        for (t, l) in last.iter_mut().zip(self.step(&items)?) {
+            *t = l.argmax();
+        }
+        Ok(())
+    }
+
     /// As [`Engine::step`], calling `on_layer(layer, pool)` when each layer's KV is written.
     pub fn step_with(
         &mut self,
