@@ -435,7 +435,7 @@ mod avx2 {
         let nb = x.blocks;
         let mut acc = [[zeroed_m256(); C]; NG];
         for b in 0..nb {
-            let wb: &[Unpacked; C] = w[b * C..(b + 1) * C].as_array().expect("C blocks");
+            let wb = &w[b * C..(b + 1) * C];
             let xt: [&[i32]; NG] = std::array::from_fn(|g| {
                 let base = ((g0 + g) * nb + b) * PAIRS * GROUP;
                 &x.xt[base..base + PAIRS * GROUP]
