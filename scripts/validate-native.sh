@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 4: the simulator against reality. Profiles the native engine (one compute thread), then runs
 # `tandem up` (1 prefill + 1 decode worker, the default SmolLM2, one compute thread each) under the
-# `chat` workload at each rate in RATES, and sets the measured TTFT p50/p90, ITL p50 and throughput
-# beside `tandem plan --simulate --profile` replaying the same requests.
+# `chat` workload at each rate in RATES, and sets the measured TTFT p50/p90, ITL p50 and mean, and
+# throughput beside `tandem plan --simulate --profile` replaying the same requests. The machine's
+# load average (1-minute) before and after each rate's run is printed with its figures: the runs
+# share 2 cores with whatever else is running, so a load above about 2 spoils them.
 # Needs a release build (cargo build --release -p tandem-cli). Knobs (environment): RATES
 # (requests/s, comma-separated), REQUESTS (per rate), SEED, OSL (answer length instead of the
 # workload's 64; 1 isolates the prefill path), PROFILE (reuse a profile file), KEEP.
@@ -22,6 +24,7 @@ if [ ! -s "$PROFILE" ]; then
   $B profile --model "$M" --threads 1 --out "$PROFILE" | tail -2
 fi
 for rate in ${RATES//,/ }; do
+  load_before=$(cut -d' ' -f1 /proc/loadavg)
   coproc UP { exec $B up --port 0 --json --model $M --prefill 1 --decode 1 --worker-threads 1 \
     --step-tokens 512 2>"$dir/up-$rate.log"; }
   read -r line <&"${UP[0]}"
@@ -31,20 +34,23 @@ for rate in ${RATES//,/ }; do
   $B bench --url "$URL" --model "$MODEL" --api completions --workload chat ${OSL:+--osl "$OSL"} --rate "$rate" \
     --arrival poisson --requests "$REQUESTS" --seed "$SEED" --tokenizer "$M" --quiet --json "$out" \
     >/dev/null
+  load_after=$(cut -d' ' -f1 /proc/loadavg)
   exec {UP[1]}>&- 2>/dev/null || true
   kill "$UP_PID" 2>/dev/null || true
   wait "$UP_PID" 2>/dev/null || true
   $B plan --model smollm2-135m --gpu h100 --profile "$PROFILE" --json \
     --simulate prefill=1,decode=1,tp=1,step-tokens=512 --replay "$out" >"$dir/des-$rate.json"
-  python3 - "$out" "$dir/des-$rate.json" "$rate" <<'PY'
+  python3 - "$out" "$dir/des-$rate.json" "$rate" "$load_before" "$load_after" <<'PY'
 import json, sys
 b = json.load(open(sys.argv[1]))["runs"][0]["summary"]
 d = json.load(open(sys.argv[2]))
-print(f"rate {sys.argv[3]}/s: {b['requests']} requests ({b['failed']} failed)")
+print(f"rate {sys.argv[3]}/s: {b['requests']} requests ({b['failed']} failed), "
+      f"load average {sys.argv[4]} before, {sys.argv[5]} after")
 print(f"{'':18}{'measured':>12}{'DES':>12}{'DES/measured':>14}")
 rows = [("TTFT p50 ms", b["ttft_ms"]["p50"], d["ttft_ms"]["p50"]),
         ("TTFT p90 ms", b["ttft_ms"]["p90"], d["ttft_ms"]["p90"]),
         ("ITL p50 ms", (b["itl_ms"] or {}).get("p50", 0), d["itl_ms"]["p50"]),
+        ("ITL mean ms", (b["itl_ms"] or {}).get("mean", 0), d["itl_ms"]["mean"]),
         ("requests/s", b["request_throughput"], d["throughput_rps"]),
         ("output tokens/s", b["output_token_throughput"], d["output_tokens_per_s"])]
 for name, m, s in rows:

@@ -11,10 +11,11 @@
 //!   FLOPs at `compute_eff * M / (M + gemm_ramp_tokens)` of peak (M: tokens in the step) and bytes
 //!   (weights once, KV read and written) at `bandwidth_eff` of peak, plus two all-reduces per layer
 //!   over NVLink at `link_eff`, each with a fixed latency. KV heads are split across GPUs.
-//! * [`profile::Profiled`] is fitted to measurements of a real engine, in DistServe's shape
-//!   (prefill `a*tokens + b*sum(len^2) + c`, decode `d*batch + e*context + f`), by non-negative least
-//!   squares on relative error, and reports its fit error. [`profile::ProfileFile`] is the format
-//!   `tandem profile` writes.
+//! * [`profile::Profiled`] is fitted to measurements of a real engine on relative error, and
+//!   reports its fit errors: prefill in DistServe's shape (`a*tokens + b*sum(len^2) + c`, by
+//!   non-negative least squares), a decode step as a table over the profiled batch sizes plus a cost
+//!   per token of context ([`profile::DecodeTable`]; a CPU engine's step is not a line in the
+//!   batch). [`profile::ProfileFile`] is the format `tandem profile` writes.
 //!
 //! # Calibration and accuracy
 //! One set of factors ([`roofline::Efficiency::CALIBRATED`]: compute 47.5%, GEMM ramp 384 tokens,

@@ -13,14 +13,22 @@ pub struct Dist {
 }
 
 impl Dist {
-    /// From unweighted samples (sorted here).
+    /// From unweighted samples (sorted here). Percentiles interpolate linearly between the two
+    /// closest ranks, as `tandem bench` (and numpy) compute them, so that a replay of a bench run
+    /// compares like with like: over 20 requests the nearest rank below would put the median at the
+    /// 10th value where the bench puts it halfway to the 11th.
     pub fn of(mut xs: Vec<f64>) -> Dist {
         if xs.is_empty() {
             return Dist::default();
         }
         xs.sort_by(f64::total_cmp);
         let n = xs.len();
-        let q = |p: f64| xs[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
+        let q = |p: f64| {
+            let h = (n - 1) as f64 * p;
+            let lo = h.floor() as usize;
+            let hi = (lo + 1).min(n - 1);
+            xs[lo] + (h - lo as f64) * (xs[hi] - xs[lo])
+        };
         Dist {
             mean: xs.iter().sum::<f64>() / n as f64,
             p50: q(0.5),
@@ -156,12 +164,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_are_nearest_rank() {
+    fn percentiles_interpolate_as_the_bench_does_and_weighted_ones_take_a_rank() {
         let d = Dist::of((1..=100).map(f64::from).collect());
-        assert_eq!(
-            (d.p50, d.p90, d.p99, d.max, d.mean),
-            (50.0, 90.0, 99.0, 100.0, 50.5)
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(
+            close(d.p50, 50.5) && close(d.p90, 90.1) && close(d.p99, 99.01),
+            "{d:?}"
         );
+        assert_eq!((d.max, d.mean), (100.0, 50.5));
+        // numpy.percentile([15, 20, 35, 40, 50], [50, 90]) == [35, 46]
+        let d = Dist::of(vec![50.0, 15.0, 35.0, 20.0, 40.0]);
+        assert!(close(d.p50, 35.0) && close(d.p90, 46.0), "{d:?}");
+        assert_eq!(Dist::of(vec![7.0]).p99, 7.0);
         let w = Dist::weighted(vec![(1.0, 9), (10.0, 1)]);
         assert_eq!((w.p50, w.p90, w.p99), (1.0, 1.0, 10.0));
         assert!((w.mean - 1.9).abs() < 1e-12);

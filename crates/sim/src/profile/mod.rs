@@ -1,11 +1,17 @@
-//! The `profiled` model: step times fitted to measurements of a real engine, in the shape DistServe
-//! uses: prefill = a * tokens + b * sum(len^2) + c, decode step = d * batch + e * context + f.
+//! The `profiled` model: step times fitted to measurements of a real engine. Prefill has the shape
+//! DistServe uses, `a * tokens + b * sum(len^2) + c`; a decode step is a table over the profiled
+//! batch sizes plus a cost per token of context ([`table`]), because a CPU engine's decode step is
+//! not linear in the batch. The DistServe decode line `d * batch + e * context + f` is still fitted
+//! and reported beside it, and gives the fixed part that a mixed step shares.
 //!
-//! `tandem profile` writes a [`ProfileFile`] (JSON); [`Profiled::from_profile`] fits it by
-//! non-negative least squares on relative error (so that short steps weigh as much as long ones),
-//! and reports the fit's error. For a prompt with a cached prefix of `c` tokens and `n` new ones,
-//! the quadratic term counts `n^2 + 2 n c`: the attention work of the new rows against the whole
-//! context, in the units of `len^2` for a prompt with no prefix.
+//! `tandem profile` writes a [`ProfileFile`] (JSON); [`Profiled::from_profile`] fits it on
+//! relative error (so that short steps weigh as much as long ones), and reports the fits' errors.
+//! For a prompt with a cached prefix of `c` tokens and `n` new ones, the quadratic term counts
+//! `n^2 + 2 n c`: the attention work of the new rows against the whole context, in the units of
+//! `len^2` for a prompt with no prefix.
+
+mod fit;
+pub mod table;
 
 use std::path::Path;
 
@@ -13,6 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::SimError;
 use crate::perf::{MemoryFit, PerfModel, StepShape};
+pub use fit::Fit;
+use fit::{features_decode, features_prefill, fit};
+pub use table::DecodeTable;
 
 /// The profile file's format version; bump it on an incompatible change.
 pub const PROFILE_FORMAT: u32 = 1;
@@ -82,125 +91,15 @@ impl ProfileFile {
     }
 }
 
-/// A fitted linear form and how well it matches its samples.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Fit {
-    /// Coefficients: (a, b, c) for prefill, (d, e, f) for decode.
-    pub coef: [f64; 3],
-    pub samples: usize,
-    /// Mean of |predicted / measured - 1|.
-    pub mean_rel_err: f64,
-    pub max_rel_err: f64,
-}
-
-fn features_prefill(s: &PrefillSample) -> [f64; 3] {
-    let mut tokens = 0.0;
-    let mut sq = 0.0;
-    for (i, &n) in s.prompt_lens.iter().enumerate() {
-        let n = f64::from(n);
-        let c = f64::from(s.cached_lens.get(i).copied().unwrap_or(0));
-        tokens += n;
-        sq += n * n + 2.0 * n * c;
-    }
-    [tokens, sq, 1.0]
-}
-
-fn features_decode(s: &DecodeSample) -> [f64; 3] {
-    [f64::from(s.batch), s.context_tokens as f64, 1.0]
-}
-
-/// Solves the 3x3 (or smaller, by mask) weighted least-squares problem; `None` when singular.
-fn solve_masked(rows: &[([f64; 3], f64)], mask: [bool; 3]) -> Option<[f64; 3]> {
-    let idx: Vec<usize> = (0..3).filter(|&i| mask[i]).collect();
-    let k = idx.len();
-    let mut a = vec![vec![0.0; k + 1]; k];
-    for (x, y) in rows {
-        // Weight 1/y: minimise relative error.
-        let w = 1.0 / y;
-        for (r, &i) in idx.iter().enumerate() {
-            for (c, &j) in idx.iter().enumerate() {
-                a[r][c] += x[i] * x[j] * w * w;
-            }
-            a[r][k] += x[i] * y * w * w;
-        }
-    }
-    for col in 0..k {
-        let piv = (col..k).max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))?;
-        if a[piv][col].abs() < 1e-300 {
-            return None;
-        }
-        a.swap(col, piv);
-        let pivot_row = a[col].clone();
-        for (r, row) in a.iter_mut().enumerate() {
-            if r != col {
-                let f = row[col] / pivot_row[col];
-                for (x, p) in row.iter_mut().zip(&pivot_row).skip(col) {
-                    *x -= f * p;
-                }
-            }
-        }
-    }
-    let mut out = [0.0; 3];
-    for (r, &i) in idx.iter().enumerate() {
-        out[i] = a[r][k] / a[r][r];
-    }
-    out.iter().all(|v| v.is_finite()).then_some(out)
-}
-
-/// Non-negative least squares over the 8 subsets of 3 features: exact for this size.
-fn fit(rows: &[([f64; 3], f64)], what: &str) -> Result<Fit, SimError> {
-    if rows.len() < 3 {
-        return Err(SimError::Profile(format!(
-            "{what}: need at least 3 samples, have {}",
-            rows.len()
-        )));
-    }
-    if rows.iter().any(|(_, y)| !(*y > 0.0 && y.is_finite())) {
-        return Err(SimError::Profile(format!(
-            "{what}: every sample needs a positive time"
-        )));
-    }
-    let mut best: Option<(f64, [f64; 3])> = None;
-    for m in 1u8..8 {
-        let mask = [m & 1 != 0, m & 2 != 0, m & 4 != 0];
-        let Some(coef) = solve_masked(rows, mask) else {
-            continue;
-        };
-        if coef.iter().any(|c| *c < 0.0) {
-            continue;
-        }
-        let sse: f64 = rows
-            .iter()
-            .map(|(x, y)| (dot(&coef, x) / y - 1.0).powi(2))
-            .sum();
-        if best.is_none_or(|(b, _)| sse < b) {
-            best = Some((sse, coef));
-        }
-    }
-    let (_, coef) =
-        best.ok_or_else(|| SimError::Profile(format!("{what}: samples admit no fit")))?;
-    let errs: Vec<f64> = rows
-        .iter()
-        .map(|(x, y)| (dot(&coef, x) / y - 1.0).abs())
-        .collect();
-    Ok(Fit {
-        coef,
-        samples: rows.len(),
-        mean_rel_err: errs.iter().sum::<f64>() / errs.len() as f64,
-        max_rel_err: errs.iter().copied().fold(0.0, f64::max),
-    })
-}
-
-fn dot(a: &[f64; 3], b: &[f64; 3]) -> f64 {
-    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
-}
-
 /// A performance model fitted to a profile.
 #[derive(Debug, Clone)]
 pub struct Profiled {
     source: ProfileFile,
     pub prefill_fit: Fit,
+    /// The decode line, for its fixed part and for comparison.
     pub decode_fit: Fit,
+    /// What a decode step costs.
+    pub decode_table: DecodeTable,
 }
 
 impl Profiled {
@@ -223,10 +122,12 @@ impl Profiled {
             .collect();
         let prefill_fit = fit(&p, "prefill")?;
         let decode_fit = fit(&d, "decode")?;
+        let decode_table = DecodeTable::fit(&profile.decode, decode_fit.coef[1])?;
         Ok(Profiled {
             source: profile,
             prefill_fit,
             decode_fit,
+            decode_table,
         })
     }
 
@@ -237,9 +138,15 @@ impl Profiled {
 
 impl PerfModel for Profiled {
     fn describe(&self) -> String {
+        let t = &self.decode_table;
+        let (lo, hi) = (
+            t.points.first().map_or(0, |p| p.0),
+            t.points.last().map_or(0, |p| p.0),
+        );
         format!(
             "profiled: {} on {} (tp {}, engine {}); prefill fit {} samples, mean error {:.1}%, max {:.1}%; \
-             decode fit {} samples, mean error {:.1}%, max {:.1}%",
+             decode table over {} batch sizes ({lo}-{hi}), {} samples, mean error {:.1}%, max {:.1}% \
+             (a line in the batch: mean {:.1}%, max {:.1}%)",
             self.source.model,
             self.source.hardware,
             self.source.tensor_parallel,
@@ -247,7 +154,10 @@ impl PerfModel for Profiled {
             self.prefill_fit.samples,
             self.prefill_fit.mean_rel_err * 100.0,
             self.prefill_fit.max_rel_err * 100.0,
-            self.decode_fit.samples,
+            t.points.len(),
+            t.samples,
+            t.mean_rel_err * 100.0,
+            t.max_rel_err * 100.0,
             self.decode_fit.mean_rel_err * 100.0,
             self.decode_fit.max_rel_err * 100.0
         )
@@ -257,11 +167,12 @@ impl PerfModel for Profiled {
         self.source.tensor_parallel
     }
 
-    /// A mixed step pays both variable parts and the larger fixed part once: the fixed parts are
-    /// mostly the weight traffic, which one forward pass reads once.
+    /// A mixed step pays both parts but the smaller fixed part (prefill's `c`, the decode line's
+    /// `f`) once only: the fixed parts are mostly the weight traffic, which one forward pass reads
+    /// once.
     fn step_time(&self, step: &StepShape<'_>) -> f64 {
         let [a, b, c] = self.prefill_fit.coef;
-        let [d, e, f] = self.decode_fit.coef;
+        let f = self.decode_fit.coef[2];
         let mut tokens = 0.0;
         let mut sq = 0.0;
         for p in step.prefill {
@@ -269,19 +180,20 @@ impl PerfModel for Profiled {
             tokens += n;
             sq += n * n + 2.0 * n * f64::from(p.cached_tokens);
         }
-        let has_p = !step.prefill.is_empty();
-        let has_d = step.decode_batch > 0;
-        let fixed = match (has_p, has_d) {
-            (false, false) => return 0.0,
-            (true, false) => c,
-            (false, true) => f,
-            (true, true) => c.max(f),
+        let prefill = if step.prefill.is_empty() {
+            0.0
+        } else {
+            a * tokens + b * sq + c
         };
-        a * tokens
-            + b * sq
-            + d * f64::from(step.decode_batch)
-            + e * step.decode_context as f64
-            + fixed
+        let decode = self
+            .decode_table
+            .step_time(step.decode_batch, step.decode_context);
+        let shared = if prefill > 0.0 && decode > 0.0 {
+            c.min(f)
+        } else {
+            0.0
+        };
+        prefill + decode - shared
     }
 
     fn kv_bytes_per_token(&self) -> u64 {
@@ -360,12 +272,27 @@ mod tests {
                 && (c / 5e-3 - 1.0).abs() < 1e-6
         );
         assert!(m.decode_fit.max_rel_err < 1e-9);
+        assert!(m.decode_table.max_rel_err < 1e-9, "{:?}", m.decode_table);
         let t = m.prefill_time(&[PrefillItem::fresh(300)]);
         assert!(
             (t - (2e-4 * 300.0 + 1e-8 * 90_000.0 + 5e-3)).abs() < 1e-9,
             "{t}"
         );
         assert!((m.decode_step_time(10, 1000) - (3e-3 + 2e-4 + 8e-3)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_mixed_step_shares_the_smaller_fixed_part() {
+        let m = Profiled::from_profile(synthetic(false)).unwrap();
+        let p = [PrefillItem::fresh(100)];
+        let apart = m.prefill_time(&p) + m.decode_step_time(4, 800);
+        let mixed = m.step_time(&StepShape {
+            prefill: &p,
+            decode_batch: 4,
+            decode_context: 800,
+        });
+        assert!((apart - mixed - 5e-3).abs() < 1e-12, "{apart} {mixed}");
+        assert_eq!(m.step_time(&StepShape::default()), 0.0);
     }
 
     #[test]
@@ -383,7 +310,9 @@ mod tests {
             "{:?}",
             m.prefill_fit
         );
-        assert!(m.describe().contains("prefill fit 6 samples"));
+        let d = m.describe();
+        assert!(d.contains("prefill fit 6 samples"), "{d}");
+        assert!(d.contains("decode table over 5 batch sizes (1-32)"), "{d}");
     }
 
     #[test]

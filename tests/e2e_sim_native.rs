@@ -1,0 +1,189 @@
+//! Issue 4 on the real engine: the discrete-event simulator, fitted to a profile of the native
+//! engine taken by this test, predicts a short run of `tandem up` (one prefill and one decode
+//! worker, the real SmolLM2, one compute thread each, 512 prompt tokens per step) under the `chat`
+//! workload within 10%: TTFT p50, ITL p50 and request throughput, with the DES replaying the very
+//! requests the run sent.
+//!
+//! The profile is reduced to what the run needs, so that the test stays near two minutes on two
+//! cores: prompts of 64 to 400 tokens (the workload's range is 50-400) alone and in pairs, decode
+//! batches of 1 to 6 (the run's decode batch holds one to three sequences) at two contexts, three
+//! timed repetitions of each. The answers are 16 tokens instead of the workload's 64, so that 24
+//! requests at 0.5/s take under a minute.
+//!
+//! TTFT p90 is printed, not asserted: of 24 requests it lies between the 21st and the 22nd, the
+//! queueing of one or two requests, which moves by more than 10% from one run to the next of the
+//! same requests on a shared machine (BENCHMARKS.md, "The simulator against the native engine",
+//! has it over 40 requests).
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use support::{BIN, Up, model_path};
+
+const RATE: &str = "0.5";
+const REQUESTS: &str = "24";
+const OSL: &str = "16";
+
+/// Runs `tandem <args>` to success; returns its stdout.
+fn tandem(args: &[&str], paths: &[&Path]) -> Vec<u8> {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(paths)
+        .output()
+        .expect("running tandem");
+    assert!(
+        out.status.success(),
+        "tandem {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn number(v: &Value, path: &[&str]) -> f64 {
+    let mut x = v;
+    for k in path {
+        x = &x[k];
+    }
+    x.as_f64()
+        .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
+}
+
+#[test]
+fn the_simulator_predicts_the_native_engine_within_ten_percent() {
+    let model = model_path();
+    let dir = std::env::temp_dir().join(format!("tandem-sim-native-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (profile, bench) = (dir.join("profile.json"), dir.join("bench.json"));
+    let t0 = std::time::Instant::now();
+
+    tandem(
+        &[
+            "profile",
+            "--threads",
+            "1",
+            "--prompt-lens",
+            "64,128,256,400",
+            "--prefill-batches",
+            "1,2",
+            "--decode-batches",
+            "1,2,3,4,5,6",
+            "--contexts",
+            "128,320",
+            "--reps",
+            "3",
+            "--model",
+        ],
+        &[&model, Path::new("--out"), &profile],
+    );
+    let profiled = t0.elapsed();
+
+    let up = Up::start(&[
+        "--prefill",
+        "1",
+        "--decode",
+        "1",
+        "--worker-threads",
+        "1",
+        "--step-tokens",
+        "512",
+    ]);
+    tandem(
+        &[
+            "bench",
+            "--url",
+            &up.url,
+            "--model",
+            &up.model,
+            "--api",
+            "completions",
+            "--workload",
+            "chat",
+            "--osl",
+            OSL,
+            "--rate",
+            RATE,
+            "--arrival",
+            "poisson",
+            "--requests",
+            REQUESTS,
+            "--seed",
+            "1",
+            "--quiet",
+            "--tokenizer",
+        ],
+        &[&model, Path::new("--json"), &bench],
+    );
+    drop(up);
+
+    let simulated = tandem(
+        &[
+            "plan",
+            "--model",
+            "smollm2-135m",
+            "--gpu",
+            "h100",
+            "--json",
+            "--simulate",
+            "prefill=1,decode=1,tp=1,step-tokens=512",
+            "--profile",
+        ],
+        &[&profile, Path::new("--replay"), &bench],
+    );
+    let simulated: Value = serde_json::from_slice(&simulated).unwrap();
+    let measured: Value = serde_json::from_slice(&std::fs::read(&bench).unwrap()).unwrap();
+    let measured = &measured["runs"][0]["summary"];
+    assert_eq!(measured["failed"], 0, "{measured}");
+
+    let rows = [
+        (
+            "TTFT p50 ms",
+            number(measured, &["ttft_ms", "p50"]),
+            number(&simulated, &["ttft_ms", "p50"]),
+            true,
+        ),
+        (
+            "TTFT p90 ms",
+            number(measured, &["ttft_ms", "p90"]),
+            number(&simulated, &["ttft_ms", "p90"]),
+            false,
+        ),
+        (
+            "ITL p50 ms",
+            number(measured, &["itl_ms", "p50"]),
+            number(&simulated, &["itl_ms", "p50"]),
+            true,
+        ),
+        (
+            "requests/s",
+            number(measured, &["request_throughput"]),
+            number(&simulated, &["throughput_rps"]),
+            true,
+        ),
+    ];
+    eprintln!(
+        "profile {:.0} s, whole test {:.0} s; the profile and the run are in {} until the test \
+         passes",
+        profiled.as_secs_f64(),
+        t0.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    eprintln!("{:14}{:>10}{:>10}{:>8}", "", "measured", "DES", "ratio");
+    for (name, m, s, _) in &rows {
+        eprintln!("{name:14}{m:10.2}{s:10.2}{:8.3}", s / m);
+    }
+    for (name, m, s, checked) in rows {
+        assert!(m > 0.0 && s > 0.0, "{name}: measured {m}, DES {s}");
+        if checked {
+            assert!(
+                (s / m - 1.0).abs() <= 0.10,
+                "{name}: measured {m:.2}, DES {s:.2} (ratio {:.3})",
+                s / m
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
