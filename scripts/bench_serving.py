@@ -5,7 +5,8 @@ script, and the share of TTFT spent in the KV transfer (from the gateway's /metr
 prefill workers' own timings). With --compare: the same two worker processes once split into
 prefill and decode and once as two aggregated workers, on the three named workloads, with goodput at
 the stated TTFT and ITL objectives.
-Usage: scripts/bench_serving.py [--requests N] [--transport tcp|shm] [--compare]"""
+Usage: scripts/bench_serving.py [--requests N] [--transport tcp|shm] [--compare]
+B=path/to/tandem picks the binary (default: target/release/tandem)."""
 import argparse
 import json
 import os
@@ -15,7 +16,7 @@ import tempfile
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "tandem")
+BIN = os.environ.get("B") or os.path.join(ROOT, "target", "release", "tandem")
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 ISL, OSL = 128, 64
 
