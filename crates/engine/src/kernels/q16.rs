@@ -68,16 +68,9 @@ impl Q16Rows {
             ..Q16Rows::default()
         };
         for (xb, qb) in x.chunks_exact(QK).zip(out.q.chunks_exact_mut(QK)) {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / QMAX;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                // Within ±32767 by construction; the clamp guards rounding at the edge and NaN
-                // (which casts to 0).
-                *q = (v * id).round_ties_even().clamp(-QMAX, QMAX) as i16;
-                sum += *q as i32;
-            }
+            let xb: &[f32; QK] = xb.try_into().expect("chunks_exact gives QK values");
+            let qb: &mut [i16; QK] = qb.try_into().expect("chunks_exact gives QK values");
+            let (d, sum) = round_block(xb, qb);
             out.d.push(d);
             out.s.push(d * sum as f32);
         }
@@ -114,6 +107,79 @@ impl Q16Rows {
             s: &self.s[r * nb..(r + 1) * nb],
         }
     }
+}
+
+/// Rounds one block of activations to 16 bits: returns its scale `d` and the sum of its values.
+/// The definition, one value at a time.
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
+fn round_block_portable(x: &[f32; QK], q: &mut [i16; QK]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / QMAX;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in q.iter_mut().zip(x) {
+        // Within ±32767 by construction; the clamp guards rounding at the edge and NaN (which
+        // casts to 0).
+        *q = (v * id).round_ties_even().clamp(-QMAX, QMAX) as i16;
+        sum += *q as i32;
+    }
+    (d, sum)
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+fn round_block(x: &[f32; QK], q: &mut [i16; QK]) -> (f32, i32) {
+    round_block_portable(x, q)
+}
+
+/// [`round_block_portable`] eight values at a time, with the same operations in every lane: the
+/// maximum ignores NaN as `f32::max` does (`vmaxps` returns its second operand when the first is
+/// NaN), products and rounding (to nearest, ties to even) are IEEE's, NaN lanes become 0 as the
+/// cast makes them, and the rounded values, exact integers within ±32767, convert exactly.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+fn round_block(x: &[f32; QK], q: &mut [i16; QK]) -> (f32, i32) {
+    use safe_arch::{
+        add_i32_m256i, bitand_m256, cmp_op_mask_m256, convert_to_i32_m256i_from_m256, m256, m256i,
+        max_m256, min_m256, mul_m256, pack_i32_to_i16_m256i, round_m256, set_splat_m256,
+        shuffle_ai_i64_all_m256i, zeroed_m256, zeroed_m256i,
+    };
+    let v: [m256; 4] = std::array::from_fn(|i| {
+        let mut a = [0f32; 8];
+        a.copy_from_slice(&x[i * 8..i * 8 + 8]);
+        m256::from(a)
+    });
+    let abs_mask = m256::from([f32::from_bits(0x7fff_ffff); 8]);
+    let mut vmax = zeroed_m256();
+    for vi in v {
+        vmax = max_m256(bitand_m256(vi, abs_mask), vmax);
+    }
+    let lanes: [f32; 8] = vmax.into();
+    let amax = lanes.iter().fold(0f32, |a, l| a.max(*l));
+    let d = amax / QMAX;
+    let id = set_splat_m256(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let (lo, hi) = (set_splat_m256(-QMAX), set_splat_m256(QMAX));
+    let mut sum = zeroed_m256i();
+    let ints: [m256i; 4] = std::array::from_fn(|i| {
+        let r = round_m256::<{ safe_arch::round_op!(Nearest) }>(mul_m256(v[i], id));
+        // NaN compares unequal to itself: those lanes become +0.0, which converts to 0 (before
+        // the clamp, whose `vmaxps` would turn NaN into its bound).
+        let r = bitand_m256(
+            r,
+            cmp_op_mask_m256::<{ safe_arch::cmp_op!(EqualOrdered) }>(r, r),
+        );
+        let r = min_m256(max_m256(r, lo), hi);
+        let n = convert_to_i32_m256i_from_m256(r);
+        sum = add_i32_m256i(sum, n);
+        n
+    });
+    // `vpackssdw` interleaves 128-bit halves; the quadword shuffle puts the values back in order.
+    for (h, pair) in ints.chunks_exact(2).enumerate() {
+        let packed =
+            shuffle_ai_i64_all_m256i::<0b11_01_10_00>(pack_i32_to_i16_m256i(pair[0], pair[1]));
+        let vals: [i16; 16] = packed.into();
+        q[h * 16..h * 16 + 16].copy_from_slice(&vals);
+    }
+    let s: [i32; 8] = sum.into();
+    (d, s.iter().sum())
 }
 
 #[derive(Clone, Copy)]
@@ -519,7 +585,7 @@ mod avx2 {
             d: 0.0,
             m: 0.0,
         };
-        let mut buf: Vec<Unpacked> = vec![blank; if g_end > g_start { x.blocks * 2 } else { 0 }];
+        let mut buf: Vec<Unpacked> = vec![blank; if g_end > g_start { x.blocks * 4 } else { 0 }];
         let mut j = 0;
         macro_rules! cols_of {
             ($c:literal) => {
@@ -555,6 +621,7 @@ mod avx2 {
                 }
             };
         }
+        cols_of!(4);
         cols_of!(2);
         cols_of!(1);
 
@@ -628,6 +695,38 @@ mod tests {
         let mut nan = [1.0f32; 32];
         nan[3] = f32::NAN;
         assert_eq!(Q16Rows::quantize(&nan, 32).q[3], 0);
+    }
+
+    #[test]
+    fn rounding_a_block_gives_the_portable_values() {
+        let mut seed = 17;
+        for case in 0..400 {
+            let mut x: [f32; QK] = std::array::from_fn(|_| {
+                let u = lcg(&mut seed) as f32 / (1u64 << 31) as f32;
+                (u - 0.5) * 10f32.powi((case % 7) as i32 - 3)
+            });
+            match case % 5 {
+                // Ties: values that land on half steps of the block's scale.
+                1 => {
+                    x[0] = 32767.0;
+                    for (i, v) in x.iter_mut().enumerate().skip(1) {
+                        *v = (i as f32 - 16.0) * 0.5;
+                    }
+                }
+                2 => x[(case / 5) % QK] = f32::NAN,
+                3 => x[(case / 5) % QK] = f32::NEG_INFINITY,
+                4 => x = [0.0; QK],
+                _ => {}
+            }
+            let (mut a, mut b) = ([0i16; QK], [0i16; QK]);
+            let (da, sa) = round_block(&x, &mut a);
+            let (db, sb) = round_block_portable(&x, &mut b);
+            assert_eq!(
+                (da.to_bits(), sa, a),
+                (db.to_bits(), sb, b),
+                "case {case}: {x:?}"
+            );
+        }
     }
 
     #[test]
