@@ -280,10 +280,50 @@ pub fn matmul_rounded(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
     assert_eq!(out.len(), m * n, "matmul: out is not m × n");
     let xq = Q16Rows::quantize(x, k);
     let rb = format.row_bytes(k);
-    split(m, n, out, |rows, cols, o, ld| {
+    split_segments(m, n, out, |rows, cols, o| {
         let wrows = &bytes[cols.start * rb..cols.end * rb];
-        q16::rows_times_weights(*format, wrows, rb, &xq, rows, o, ld)
+        q16::rows_times_weights(*format, wrows, rb, &xq, rows, o)
     });
+}
+
+/// [`split`]'s division of the work, with each task given its rows' output segments (one slice
+/// per row, starting at the task's first column) to write in place: column tasks of a batch need
+/// no scratch to zero and copy back.
+fn split_segments(
+    m: usize,
+    n: usize,
+    out: &mut [f32],
+    f: impl Fn(Range<usize>, Range<usize>, &mut [&mut [f32]]) + Sync,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    if m >= ROW_SPLIT_MIN {
+        let rows_per_task = m.div_ceil(threads).next_multiple_of(MR).min(192);
+        out.par_chunks_mut(rows_per_task * n)
+            .enumerate()
+            .for_each(|(t, o)| {
+                let r0 = t * rows_per_task;
+                let mut rows: Vec<&mut [f32]> = o.chunks_mut(n).collect();
+                f(r0..r0 + rows.len(), 0..n, &mut rows)
+            });
+    } else {
+        let cols_per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR * 4);
+        let mut parts: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(cols_per_task))
+            .map(|_| Vec::with_capacity(m))
+            .collect();
+        for row in out.chunks_mut(n) {
+            for (part, segment) in parts.iter_mut().zip(row.chunks_mut(cols_per_task)) {
+                part.push(segment);
+            }
+        }
+        parts.into_par_iter().enumerate().for_each(|(t, mut rows)| {
+            let c0 = t * cols_per_task;
+            let width = rows.first().map_or(0, |r| r.len());
+            f(0..m, c0..c0 + width, &mut rows)
+        });
+    }
 }
 
 /// An MR × NR register tile of canonical dot products.

@@ -237,29 +237,29 @@ fn dot_portable(format: BlockFormat, w: &[u8], x: RowRef<'_>) -> f32 {
     acc
 }
 
-/// `out[(r - rows.start) * ld + j] = dot(x_r, w_j)` for the rows `rows` of `x` and the quantized
-/// rows `w_j` of `wrows` (each `row_bytes` long, `x`'s number of blocks).
+/// `out[r - rows.start][j] = dot(x_r, w_j)` for the rows `rows` of `x` and the quantized rows
+/// `w_j` of `wrows` (each `row_bytes` long, `x`'s number of blocks): `out` holds one output
+/// segment per row, so that a task can own a run of columns of every row in place.
 pub(super) fn rows_times_weights(
     format: BlockFormat,
     wrows: &[u8],
     row_bytes: usize,
     x: &Q16Rows,
     rows: Range<usize>,
-    out: &mut [f32],
-    ld: usize,
+    out: &mut [&mut [f32]],
 ) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    avx2::run(format, wrows, row_bytes, x, rows, out, ld);
+    avx2::run(format, wrows, row_bytes, x, rows, out);
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
     )))]
-    portable_run(format, wrows, row_bytes, x, rows, out, ld);
+    portable_run(format, wrows, row_bytes, x, rows, out);
 }
 
 #[cfg_attr(
@@ -276,12 +276,11 @@ fn portable_run(
     row_bytes: usize,
     x: &Q16Rows,
     rows: Range<usize>,
-    out: &mut [f32],
-    ld: usize,
+    out: &mut [&mut [f32]],
 ) {
     for r in rows.clone() {
         for (j, w) in wrows.chunks_exact(row_bytes).enumerate() {
-            out[(r - rows.start) * ld + j] = dot_portable(format, w, x.row(r));
+            out[r - rows.start][j] = dot_portable(format, w, x.row(r));
         }
     }
 }
@@ -507,7 +506,9 @@ mod avx2 {
                 &x.xt[base..base + PAIRS * GROUP]
             });
             let mut p = [[zeroed_m256i(); C]; NG];
-            for t in 0..PAIRS {
+            // Two pairs per pass: the loop's own counting otherwise costs a tenth of its
+            // instructions when four weight rows keep it from being unrolled whole.
+            let mut pair = |t: usize| {
                 let xv: [m256i; NG] = std::array::from_fn(|g| {
                     let mut a = [0i32; 8];
                     a.copy_from_slice(&xt[g][t * GROUP..(t + 1) * GROUP]);
@@ -519,6 +520,10 @@ mod avx2 {
                         p[g][j] = add_i32_m256i(p[g][j], mul_i16_horizontal_add_m256i(xv[g], wv));
                     }
                 }
+            };
+            for t in (0..PAIRS).step_by(2) {
+                pair(t);
+                pair(t + 1);
             }
             for g in 0..NG {
                 let at = ((g0 + g) * nb + b) * GROUP;
@@ -549,13 +554,12 @@ mod avx2 {
         row_bytes: usize,
         x: &Q16Rows,
         rows: Range<usize>,
-        out: &mut [f32],
-        ld: usize,
+        out: &mut [&mut [f32]],
     ) {
         match format {
-            BlockFormat::Q4_0 => run_fmt::<Q4_0>(wrows, row_bytes, x, rows, out, ld),
-            BlockFormat::Q4_1 => run_fmt::<Q4_1>(wrows, row_bytes, x, rows, out, ld),
-            BlockFormat::Q8_0 => run_fmt::<Q8_0>(wrows, row_bytes, x, rows, out, ld),
+            BlockFormat::Q4_0 => run_fmt::<Q4_0>(wrows, row_bytes, x, rows, out),
+            BlockFormat::Q4_1 => run_fmt::<Q4_1>(wrows, row_bytes, x, rows, out),
+            BlockFormat::Q8_0 => run_fmt::<Q8_0>(wrows, row_bytes, x, rows, out),
         }
     }
 
@@ -564,8 +568,7 @@ mod avx2 {
         row_bytes: usize,
         x: &Q16Rows,
         rows: Range<usize>,
-        out: &mut [f32],
-        ld: usize,
+        out: &mut [&mut [f32]],
     ) {
         let n = wrows.len() / row_bytes;
         let wrow = |j: usize| &wrows[j * row_bytes..(j + 1) * row_bytes];
@@ -607,7 +610,7 @@ mod avx2 {
                                         let lanes: [f32; 8] = (*a).into();
                                         for (i, v) in lanes.iter().enumerate() {
                                             let r = (g + gi) * GROUP + i;
-                                            out[(r - rows.start) * ld + j + t] = *v;
+                                            out[r - rows.start][j + t] = *v;
                                         }
                                     }
                                 }
@@ -627,7 +630,7 @@ mod avx2 {
 
         for r in (rows.start..grouped.start).chain(grouped.end..rows.end) {
             let xr = x.row(r);
-            let o = &mut out[(r - rows.start) * ld..];
+            let o = &mut *out[r - rows.start];
             let mut j = 0;
             while n - j >= 8 {
                 let wr: [&[u8]; 8] = std::array::from_fn(|t| wrow(j + t));
@@ -729,6 +732,10 @@ mod tests {
         }
     }
 
+    fn segments(v: &mut [f32], n: usize) -> Vec<&mut [f32]> {
+        v.chunks_mut(n).collect()
+    }
+
     #[test]
     fn every_kernel_gives_the_portable_value_bit_for_bit() {
         let mut seed = 5;
@@ -739,9 +746,9 @@ mod tests {
                 for m in [1usize, 2, 3, 5, 8, 11, 16, 19, 27] {
                     let x = Q16Rows::quantize(&random_x(m * k, &mut seed), k);
                     let mut got = vec![0f32; m * n];
-                    rows_times_weights(format, &w, rb, &x, 0..m, &mut got, n);
+                    rows_times_weights(format, &w, rb, &x, 0..m, &mut segments(&mut got, n));
                     let mut want = vec![0f32; m * n];
-                    portable_run(format, &w, rb, &x, 0..m, &mut want, n);
+                    portable_run(format, &w, rb, &x, 0..m, &mut segments(&mut want, n));
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "{format:?} n={n} k={k} m={m}");
                     // A range of rows writes those rows only, from the start of `out`, whether
@@ -749,13 +756,20 @@ mod tests {
                     for start in [2, 3, 8] {
                         if m > start {
                             let mut part = vec![0f32; (m - start) * n];
-                            rows_times_weights(format, &w, rb, &x, start..m, &mut part, n);
+                            rows_times_weights(
+                                format,
+                                &w,
+                                rb,
+                                &x,
+                                start..m,
+                                &mut segments(&mut part, n),
+                            );
                             assert_eq!(bits(&part), bits(&want[start * n..]), "rows {start}..{m}");
                         }
                     }
                     if m > 12 {
                         let mut mid = vec![0f32; 7 * n];
-                        rows_times_weights(format, &w, rb, &x, 5..12, &mut mid, n);
+                        rows_times_weights(format, &w, rb, &x, 5..12, &mut segments(&mut mid, n));
                         assert_eq!(bits(&mid), bits(&want[5 * n..12 * n]), "rows 5..12");
                     }
                 }
@@ -771,7 +785,14 @@ mod tests {
             let w = random_rows(format, 3, k, &mut seed);
             let x = Q16Rows::quantize(&random_x(k, &mut seed), k);
             let mut out = vec![0f32; 3];
-            rows_times_weights(format, &w, format.row_bytes(k), &x, 0..1, &mut out, 3);
+            rows_times_weights(
+                format,
+                &w,
+                format.row_bytes(k),
+                &x,
+                0..1,
+                &mut [&mut out[..]],
+            );
             let mut wf = vec![0f32; k];
             for (j, row) in w.chunks_exact(format.row_bytes(k)).enumerate() {
                 super::super::dequantize_row(format, row, &mut wf);
