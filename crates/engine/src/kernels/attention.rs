@@ -83,7 +83,29 @@ fn attend_head(
             + p % shape.block_size;
         slot * slot_w + kvh * hd
     };
-    if hd.is_multiple_of(8) {
+    if hd == 64 {
+        scores_fixed::<8>(
+            qh,
+            ctx,
+            shape.block_size,
+            slot_w,
+            kvh,
+            k_cache,
+            scale,
+            scores,
+        );
+    } else if hd == 128 {
+        scores_fixed::<16>(
+            qh,
+            ctx,
+            shape.block_size,
+            slot_w,
+            kvh,
+            k_cache,
+            scale,
+            scores,
+        );
+    } else if hd.is_multiple_of(8) {
         // Four positions at a time: four independent FMA chains instead of one, each the
         // canonical `dot` of its position (the tail is empty), so the values do not change.
         let done = scores.len() / 4 * 4;
@@ -119,9 +141,9 @@ fn attend_head(
     }
     if hd == 64 {
         // The common head size with its accumulators in registers (same operations as below).
-        weigh_values::<8>(scores, &at, v_cache, oh);
+        weigh_values::<8>(scores, ctx, shape.block_size, slot_w, kvh, v_cache, oh);
     } else if hd == 128 {
-        weigh_values::<16>(scores, &at, v_cache, oh);
+        weigh_values::<16>(scores, ctx, shape.block_size, slot_w, kvh, v_cache, oh);
     } else if hd.is_multiple_of(8) && hd <= 256 {
         let mut acc = [f32x8::ZERO; 32];
         let lanes = hd / 8;
@@ -150,20 +172,87 @@ fn attend_head(
     }
 }
 
+/// The offsets of K/V head `kvh` at positions `0..n` of a sequence, in order, walking its block
+/// table (no division per position).
+fn head_offsets<'a>(
+    ctx: &QueryCtx<'a>,
+    block_size: usize,
+    slot_w: usize,
+    kvh: usize,
+    head_dim: usize,
+) -> impl Iterator<Item = usize> + 'a {
+    ctx.block_table
+        .iter()
+        .flat_map(move |&b| {
+            let first = b as usize * block_size;
+            (first..first + block_size).map(move |slot| slot * slot_w + kvh * head_dim)
+        })
+        .take(ctx.n_ctx)
+}
+
+/// Scores of one query head of `8 · L` values over its context: the query held in registers,
+/// four positions at a time, each score the canonical `dot` of its position times `scale` (a
+/// chain of FMAs over the head's eight-lane chunks in order, then `hsum`), as the general path.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn scores_fixed<const L: usize>(
+    qh: &[f32],
+    ctx: &QueryCtx<'_>,
+    block_size: usize,
+    slot_w: usize,
+    kvh: usize,
+    k_cache: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let q: [f32x8; L] = std::array::from_fn(|l| load8(&qh[l * 8..]));
+    let chunks = |b: usize| k_cache[b..b + 8 * L].as_chunks::<8>().0;
+    let mut offsets = head_offsets(ctx, block_size, slot_w, kvh, 8 * L);
+    let mut four = scores.chunks_exact_mut(4);
+    for s4 in &mut four {
+        let k: [&[[f32; 8]]; 4] = std::array::from_fn(|_| {
+            chunks(offsets.next().expect("the block table covers the context"))
+        });
+        let mut acc = [f32x8::ZERO; 4];
+        for (l, ql) in q.iter().enumerate() {
+            for (a, ki) in acc.iter_mut().zip(k) {
+                *a = ql.mul_add(f32x8::new(ki[l]), *a);
+            }
+        }
+        for (s, a) in s4.iter_mut().zip(acc) {
+            *s = hsum(a) * scale;
+        }
+    }
+    for (s, b) in four.into_remainder().iter_mut().zip(offsets) {
+        let k = chunks(b);
+        let mut a = f32x8::ZERO;
+        for (ql, kl) in q.iter().zip(k) {
+            a = ql.mul_add(f32x8::new(*kl), a);
+        }
+        *s = hsum(a) * scale;
+    }
+}
+
 /// `out = Σ_p e[p] · v[p]` for a head of `8 · L` values, accumulated position by position.
 #[inline(always)]
 fn weigh_values<const L: usize>(
     e: &[f32],
-    at: &impl Fn(usize) -> usize,
+    ctx: &QueryCtx<'_>,
+    block_size: usize,
+    slot_w: usize,
+    kvh: usize,
     v_cache: &[f32],
     out: &mut [f32],
 ) {
     let mut acc = [f32x8::ZERO; L];
-    for (p, &w) in e.iter().enumerate() {
-        let v = &v_cache[at(p)..at(p) + 8 * L];
+    for (&w, b) in e
+        .iter()
+        .zip(head_offsets(ctx, block_size, slot_w, kvh, 8 * L))
+    {
+        let v = v_cache[b..b + 8 * L].as_chunks::<8>().0;
         let ev = f32x8::splat(w);
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a = ev.mul_add(load8(&v[l * 8..]), *a);
+        for (a, vl) in acc.iter_mut().zip(v) {
+            *a = ev.mul_add(f32x8::new(*vl), *a);
         }
     }
     for (l, a) in acc.iter().enumerate() {
@@ -217,6 +306,67 @@ mod tests {
             .contiguous()?
             .flatten_all()?
             .to_vec1::<f32>()
+    }
+
+    #[test]
+    fn fixed_head_sizes_compute_as_the_general_path_bit_for_bit() {
+        for l in [8usize, 16] {
+            let hd = 8 * l;
+            let (bs, slot_w, kvh) = (4, 3 * hd, 2);
+            let mut seed = 3u64;
+            let mut rnd = |len: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|_| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+                    })
+                    .collect()
+            };
+            let table: Vec<u32> = vec![5, 1, 8, 0, 3, 7, 2, 6, 4, 9];
+            let (kc, vc, q) = (rnd(10 * bs * slot_w), rnd(10 * bs * slot_w), rnd(hd));
+            for n in 1..=37 {
+                let ctx = QueryCtx {
+                    block_table: &table,
+                    n_ctx: n,
+                };
+                let at = |p: usize| (table[p / bs] as usize * bs + p % bs) * slot_w + kvh * hd;
+                let mut got = vec![0f32; n];
+                if l == 8 {
+                    scores_fixed::<8>(&q, &ctx, bs, slot_w, kvh, &kc, 0.125, &mut got);
+                } else {
+                    scores_fixed::<16>(&q, &ctx, bs, slot_w, kvh, &kc, 0.125, &mut got);
+                }
+                let want: Vec<f32> = (0..n)
+                    .map(|p| dot(&q, &kc[at(p)..at(p) + hd]) * 0.125)
+                    .collect();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "scores, head_dim {hd}, {n} positions"
+                );
+                let mut out = vec![0f32; hd];
+                if l == 8 {
+                    weigh_values::<8>(&want, &ctx, bs, slot_w, kvh, &vc, &mut out);
+                } else {
+                    weigh_values::<16>(&want, &ctx, bs, slot_w, kvh, &vc, &mut out);
+                }
+                let mut acc = vec![f32x8::ZERO; l];
+                for (p, &e) in want.iter().enumerate() {
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = f32x8::splat(e).mul_add(load8(&vc[at(p) + 8 * j..]), *a);
+                    }
+                }
+                let general: Vec<f32> = acc.iter().flat_map(|a| a.to_array()).collect();
+                assert_eq!(
+                    bits(&out),
+                    bits(&general),
+                    "values, head_dim {hd}, {n} positions"
+                );
+            }
+        }
     }
 
     #[test]
