@@ -15,6 +15,15 @@ pub fn compute_threads(threads: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Threads of a process's async runtime: `$TANDEM_ASYNC_THREADS`, default 2.
+pub fn async_threads() -> usize {
+    std::env::var("TANDEM_ASYNC_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(2)
+}
+
 /// Loads `model`, or the default model when none is named; returns the path it loaded too.
 pub fn load_model(model: Option<&PathBuf>) -> anyhow::Result<(PathBuf, tandem_engine::Loaded)> {
     let path = model
