@@ -28,7 +28,7 @@ use tandem_proto::v1::decode_service_server::DecodeServiceServer;
 use tandem_proto::v1::prefill_service_server::PrefillServiceServer;
 use tandem_proto::v1::worker_control_server::WorkerControlServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::batch::{Inbox, LoopStats};
 use crate::service::DecodeGrpc;
@@ -199,7 +199,9 @@ pub async fn run(
         .add_service(WorkerControlServer::new(grpc.clone()))
         .add_service(PrefillServiceServer::new(grpc.clone()))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(cfg.grpc_listener),
+            // Small messages (each streamed token, each answer) go out at once, not held by Nagle's
+            // algorithm until the previous one is acknowledged.
+            TcpIncoming::from(cfg.grpc_listener).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
     let server = tokio::spawn(server);

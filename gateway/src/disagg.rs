@@ -12,12 +12,14 @@
 //! call, which makes D cancel the sequence, and releases the reservation explicitly as well.
 use std::collections::HashMap;
 use std::fmt::Write;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tandem_proto::v1;
 use tandem_proto::v1::decode_service_client::DecodeServiceClient;
 use tandem_proto::v1::prefill_service_client::PrefillServiceClient;
@@ -202,57 +204,11 @@ impl Legs {
         // worker answers Decode between two steps of its batch, so waiting for it here would add
         // up to a decode step to every time to first token).
         let opening: DecodeOpening = Box::pin(async move { decode.decode(call_req).await });
-        let rest = futures::stream::unfold(
-            (DecodeLeg::Opening(opening), Some(release.take())),
-            move |(leg, guard)| async move {
-                let mut stream = match leg {
-                    DecodeLeg::Done => return None,
-                    DecodeLeg::Streaming(stream) => *stream,
-                    DecodeLeg::Opening(open) => match tokio::time::timeout_at(deadline, open).await
-                    {
-                        Ok(Ok(response)) => response.into_inner(),
-                        Ok(Err(s)) => {
-                            let e = Err(status_error("decode worker", s));
-                            return Some((e, (DecodeLeg::Done, guard)));
-                        }
-                        Err(_) => {
-                            let e = Err(BackendError::Timeout(
-                                "decode stream deadline passed".into(),
-                            ));
-                            return Some((e, (DecodeLeg::Done, guard)));
-                        }
-                    },
-                };
-                let next = tokio::time::timeout_at(deadline, stream.message()).await;
-                let item = match next {
-                    Err(_) => Err(BackendError::Timeout(
-                        "decode stream deadline passed".into(),
-                    )),
-                    Ok(Ok(Some(chunk))) => Ok(TokenChunk {
-                        tokens: chunk.tokens,
-                        finish: tandem_wire::finish_from_proto(chunk.finish),
-                    }),
-                    Ok(Ok(None)) => Err(BackendError::Unavailable(
-                        "decode stream ended without a finish reason".into(),
-                    )),
-                    Ok(Err(s)) => Err(status_error("decode worker", s)),
-                };
-                let finished = matches!(&item, Ok(c) if c.finish.is_some()) || item.is_err();
-                let mut guard = guard;
-                if matches!(&item, Ok(c) if c.finish.is_some()) {
-                    // D freed the sequence itself when it finished.
-                    if let Some(g) = guard.as_mut() {
-                        g.client = None;
-                    }
-                }
-                let leg = if finished {
-                    DecodeLeg::Done
-                } else {
-                    DecodeLeg::Streaming(Box::new(stream))
-                };
-                Some((item, (leg, guard)))
-            },
-        );
+        let rest = DecodeRest {
+            leg: DecodeLeg::Opening(opening),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            release: Some(release.take()),
+        };
         Ok(futures::stream::iter([Ok(first)]).chain(rest).boxed())
     }
 
@@ -493,4 +449,79 @@ enum DecodeLeg {
     Opening(DecodeOpening),
     Streaming(Box<tonic::Streaming<v1::DecodeChunk>>),
     Done,
+}
+
+/// The tokens after the first: the Decode stream's messages until the one with a finish reason,
+/// an error, or the deadline. One timer for the whole stream (a timeout per message put a timer
+/// entry in and took it out of the runtime's wheel for every token).
+struct DecodeRest {
+    leg: DecodeLeg,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Releases the reservation if the stream ends (or is dropped) before the decode worker
+    /// finished the sequence itself.
+    release: Option<ReleaseOnDrop>,
+}
+
+impl DecodeRest {
+    fn end(&mut self, e: BackendError) -> Poll<Option<Result<TokenChunk, BackendError>>> {
+        self.leg = DecodeLeg::Done;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    fn timed_out(&mut self) -> Poll<Option<Result<TokenChunk, BackendError>>> {
+        self.end(BackendError::Timeout(
+            "decode stream deadline passed".into(),
+        ))
+    }
+}
+
+impl Stream for DecodeRest {
+    type Item = Result<TokenChunk, BackendError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.leg {
+                DecodeLeg::Done => return Poll::Ready(None),
+                DecodeLeg::Opening(open) => match open.as_mut().poll(cx) {
+                    Poll::Ready(Ok(response)) => {
+                        this.leg = DecodeLeg::Streaming(Box::new(response.into_inner()));
+                    }
+                    Poll::Ready(Err(s)) => return this.end(status_error("decode worker", s)),
+                    Poll::Pending => {
+                        return match this.deadline.as_mut().poll(cx) {
+                            Poll::Ready(()) => this.timed_out(),
+                            Poll::Pending => Poll::Pending,
+                        };
+                    }
+                },
+                DecodeLeg::Streaming(stream) => {
+                    return match Pin::new(&mut **stream).poll_next(cx) {
+                        Poll::Ready(Some(Ok(chunk))) => {
+                            let finish = tandem_wire::finish_from_proto(chunk.finish);
+                            if finish.is_some() {
+                                // D freed the sequence itself when it finished.
+                                if let Some(g) = this.release.as_mut() {
+                                    g.client = None;
+                                }
+                                this.leg = DecodeLeg::Done;
+                            }
+                            Poll::Ready(Some(Ok(TokenChunk {
+                                tokens: chunk.tokens,
+                                finish,
+                            })))
+                        }
+                        Poll::Ready(Some(Err(s))) => this.end(status_error("decode worker", s)),
+                        Poll::Ready(None) => this.end(BackendError::Unavailable(
+                            "decode stream ended without a finish reason".into(),
+                        )),
+                        Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                            Poll::Ready(()) => this.timed_out(),
+                            Poll::Pending => Poll::Pending,
+                        },
+                    };
+                }
+            }
+        }
+    }
 }

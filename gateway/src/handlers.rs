@@ -2,10 +2,10 @@
 use std::time::Instant;
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::response::sse::Sse;
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use tracing::{Instrument, info_span};
 
@@ -100,7 +100,11 @@ async fn run(
         arrived,
     );
     if req.stream {
-        return Ok(Sse::new(events(meta, generation)).into_response());
+        let headers = [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ];
+        return Ok((headers, Body::from_stream(events(meta, generation))).into_response());
     }
     let mut text = String::new();
     while let Some(piece) = generation.next().await {

@@ -13,13 +13,27 @@ pub(crate) struct TextChunkTemplate {
 
 impl TextChunkTemplate {
     /// The same JSON as `meta.text_chunk(text).to_string()`.
+    #[cfg(test)]
     pub(crate) fn render(&self, text: &str) -> String {
         let mut out = Vec::with_capacity(self.before.len() + text.len() + 8 + self.after.len());
-        out.extend_from_slice(self.before.as_bytes());
-        // Serializing a str into a Vec cannot fail, and gives UTF-8.
-        let _ = serde_json::to_writer(&mut out, text);
-        out.extend_from_slice(self.after.as_bytes());
+        self.write(text, &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    fn write(&self, text: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.before.as_bytes());
+        // Serializing a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, text);
+        out.extend_from_slice(self.after.as_bytes());
+    }
+
+    /// The SSE event of that JSON (`data: <json>\n\n`), built in one buffer.
+    pub(crate) fn render_event(&self, text: &str) -> bytes::Bytes {
+        let mut out = Vec::with_capacity(self.before.len() + text.len() + 16 + self.after.len());
+        out.extend_from_slice(b"data: ");
+        self.write(text, &mut out);
+        out.extend_from_slice(b"\n\n");
+        bytes::Bytes::from(out)
     }
 }
 
@@ -212,6 +226,8 @@ mod tests {
                         meta.text_chunk(text).to_string(),
                         "{text:?}"
                     );
+                    let event = format!("data: {}\n\n", meta.text_chunk(text));
+                    assert_eq!(&t.render_event(text)[..], event.as_bytes(), "{text:?}");
                 }
             }
         }

@@ -3,9 +3,12 @@
 //! Order: (chat only) a role chunk; one chunk per piece of text; a chunk with the finish reason;
 //! with `include_usage` a chunk with empty `choices` and the usage; then `data: [DONE]`. An error
 //! after the stream started is one `data: {"error": ...}` event, and the stream ends there.
+//!
+//! Each event is `data: <json>\n\n`, written here rather than through axum's `Event` (which
+//! copies the data once more, looking for line breaks to split it at): compact JSON has none.
 use std::convert::Infallible;
 
-use axum::response::sse::Event;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::Stream;
 
 use crate::generation::Generation;
@@ -26,15 +29,24 @@ struct SseState {
     generation: Generation,
     phase: Phase,
     /// Events ready to go out before the generation is read again.
-    queued: Vec<Event>,
+    queued: Vec<Bytes>,
 }
 
-fn event(v: &serde_json::Value) -> Event {
-    Event::default().data(v.to_string())
+/// One SSE event whose data is `payload`, which holds no line break.
+pub(crate) fn data_event(payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(payload.len() + 8);
+    b.put_slice(b"data: ");
+    b.put_slice(payload);
+    b.put_slice(b"\n\n");
+    b.freeze()
+}
+
+fn event(v: &serde_json::Value) -> Bytes {
+    data_event(v.to_string().as_bytes())
 }
 
 impl SseState {
-    async fn next_event(&mut self) -> Option<Event> {
+    async fn next_event(&mut self) -> Option<Bytes> {
         loop {
             if !self.queued.is_empty() {
                 return Some(self.queued.remove(0));
@@ -49,8 +61,7 @@ impl SseState {
                 Phase::Text => match self.generation.next().await {
                     Some(Ok(piece)) => {
                         if !piece.text.is_empty() {
-                            let json = self.text.render(&piece.text);
-                            self.queued.push(Event::default().data(json));
+                            self.queued.push(self.text.render_event(&piece.text));
                         }
                         if let Some(f) = piece.finish {
                             self.queued.push(event(&self.meta.finish_chunk(f)));
@@ -80,7 +91,7 @@ impl SseState {
                 }
                 Phase::Done => {
                     self.phase = Phase::Ended;
-                    return Some(Event::default().data("[DONE]"));
+                    return Some(data_event(b"[DONE]"));
                 }
                 Phase::Ended => return None,
             }
@@ -93,7 +104,7 @@ impl SseState {
 pub(crate) fn events(
     meta: Meta,
     generation: Generation,
-) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let state = SseState {
         text: meta.text_chunk_template(),
         meta,

@@ -57,7 +57,10 @@ pub(crate) struct ClientConfig<'a> {
 struct Seen {
     send: Instant,
     chunks: Vec<Instant>,
-    chunk_tokens: Vec<u32>,
+    /// With a tokenizer: where each content chunk's text ends in `text`, counted in tokens once
+    /// the answer is complete (tokenizing each chunk as it arrives took a fifth of the load
+    /// generator's CPU at 64 streams, on the cores the servers it measures use).
+    chunk_ends: Vec<usize>,
     text: String,
     usage: Option<Usage>,
     done_at: Option<Instant>,
@@ -179,12 +182,18 @@ impl Client {
     }
 
     /// Sends `p` and times its answer. Never fails: a failure is recorded in the record.
-    pub(crate) async fn send(&self, p: &Planned, run: usize, epoch: Instant) -> RequestRecord {
+    /// The chunks' token counts are estimates to settle after the run when `Pieces` come back.
+    pub(crate) async fn send(
+        &self,
+        p: &Planned,
+        run: usize,
+        epoch: Instant,
+    ) -> (RequestRecord, Option<Pieces>) {
         let body = self.body(p);
         let mut seen = Seen {
             send: Instant::now(),
             chunks: Vec::with_capacity(p.max_tokens as usize),
-            chunk_tokens: Vec::with_capacity(p.max_tokens as usize),
+            chunk_ends: Vec::new(),
             text: String::new(),
             usage: None,
             done_at: None,
@@ -265,13 +274,9 @@ impl Client {
                 }
                 if let Some(text) = parsed.content {
                     seen.chunks.push(now);
-                    let k = self
-                        .tokenizer
-                        .as_ref()
-                        .map_or(1, |t| t.encode(&text).len().max(1));
-                    seen.chunk_tokens.push(k as u32);
                     if keep_text {
                         seen.text.push_str(&text);
+                        seen.chunk_ends.push(seen.text.len());
                     }
                 }
                 Ok(())
@@ -315,28 +320,41 @@ impl Client {
         end: Instant,
         error: Option<RequestError>,
         epoch: Instant,
-    ) -> RequestRecord {
+    ) -> (RequestRecord, Option<Pieces>) {
         let at = |t: Instant| t.saturating_duration_since(epoch).as_secs_f64();
-        // The server's count is the truth; the per-chunk estimates (one, or the tokenizer's count
-        // of a fragment) are made to add up to it. A chunk count equal to the usage means one each.
+        let n = seen.chunks.len();
+        // The per-chunk estimates: one each, or the tokenizer's count of each chunk's text, made
+        // after the run (see `settle`). Not needed when the server's count is no more than the
+        // chunks: each chunk then counts one whatever the estimates were.
+        let one_each = seen
+            .usage
+            .is_some_and(|u| u.completion_tokens as usize <= n);
+        let mut chunk_tokens = vec![1; n];
+        // The server's count is the truth; the estimates are made to add up to it.
         if let Some(u) = seen.usage {
-            apportion(&mut seen.chunk_tokens, u.completion_tokens);
+            apportion(&mut chunk_tokens, u.completion_tokens);
         }
         let (output_tokens, source) = match (seen.usage, &self.tokenizer) {
             (Some(u), _) => (u.completion_tokens, TokenSource::Usage),
             (None, Some(t)) => (t.encode(&seen.text).len() as u32, TokenSource::Tokenizer),
-            (None, None) if self.stream => (seen.chunk_tokens.iter().sum(), TokenSource::Chunks),
+            (None, None) if self.stream => (chunk_tokens.iter().sum(), TokenSource::Chunks),
             (None, None) => (
                 seen.text.split_whitespace().count() as u32,
                 TokenSource::Words,
             ),
         };
+        let pieces = (self.tokenizer.is_some() && !one_each && n > 0 && seen.chunk_ends.len() == n)
+            .then(|| Pieces {
+                text: std::mem::take(&mut seen.text),
+                ends: std::mem::take(&mut seen.chunk_ends),
+                total: seen.usage.map(|u| u.completion_tokens),
+            });
         let first = if self.stream {
             seen.chunks.first().copied()
         } else {
             seen.done_at
         };
-        RequestRecord {
+        let record = RequestRecord {
             index: p.index,
             input_len: p.input_len,
             max_tokens: p.max_tokens,
@@ -344,11 +362,40 @@ impl Client {
             first_token_s: first.map(at),
             end_s: at(end),
             chunk_s: seen.chunks.into_iter().map(at).collect(),
-            chunk_tokens: seen.chunk_tokens,
+            chunk_tokens,
             output_tokens,
             output_tokens_source: source,
             usage: seen.usage,
             error,
-        }
+        };
+        (record, pieces)
     }
+
+    /// Counts the chunks of `record` in the tokenizer's tokens, now that the run is over: one
+    /// encoding per response, which during the run would take the CPU of the servers measured.
+    pub(crate) fn settle(&self, record: &mut RequestRecord, pieces: Pieces) {
+        let Some(t) = &self.tokenizer else {
+            return;
+        };
+        let mut k: Vec<u32> = t
+            .count_pieces(&pieces.text, &pieces.ends)
+            .into_iter()
+            .map(|k| k.max(1))
+            .collect();
+        if k.len() != record.chunk_tokens.len() {
+            return;
+        }
+        if let Some(total) = pieces.total {
+            apportion(&mut k, total);
+        }
+        record.chunk_tokens = k;
+    }
+}
+
+/// A streamed answer's text and where each of its chunks ends, for [`Client::settle`].
+pub(crate) struct Pieces {
+    text: String,
+    ends: Vec<usize>,
+    /// The server's count of the answer's tokens.
+    total: Option<u32>,
 }

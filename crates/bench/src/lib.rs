@@ -28,12 +28,13 @@
 //! - **ITL**: the time between consecutive content chunks of one response, made token-level: the
 //!   gap before a chunk that carries k tokens counts as k samples of gap/k, so the samples of a
 //!   response sum to the time from its first to its last content chunk. Tokens that arrive with the
-//!   first chunk give no sample. A chunk's k is first estimated (1, or the tokenizer's count of the
-//!   chunk's text when a tokenizer is given); when the server reports usage, the estimates are then
-//!   scaled to add up to its `completion_tokens` (each chunk keeps at least one token, largest
-//!   remainder, ties to the later chunk), so tokens that never showed as text (a special token
-//!   generated under `ignore_eos`) still count. The ITL distribution pools every sample of every
-//!   successful request. (AIPerf calls the chunk-level gap "inter chunk latency".)
+//!   first chunk give no sample. A chunk's k is first estimated (1, or with a tokenizer, after the
+//!   run, the tokens of the whole text whose text ends in that chunk); when the server reports
+//!   usage, the estimates are then scaled to add up to its `completion_tokens` (each chunk keeps
+//!   at least one token, largest remainder, ties to the later chunk), so tokens that never showed
+//!   as text (a special token generated under `ignore_eos`) still count. The ITL distribution
+//!   pools every sample of every successful request. (AIPerf calls the chunk-level gap "inter
+//!   chunk latency".)
 //! - **TPOT**: per request, `(E2E - TTFT) / (output_tokens - 1)`, for two or more output tokens
 //!   (what GenAI-Perf and AIPerf report as "inter token latency").
 //! - **Output tokens**: the server's `usage.completion_tokens`; else the tokenizer on the whole

@@ -13,6 +13,20 @@ pub trait PromptTokenizer: Send + Sync {
     fn encode(&self, text: &str) -> Vec<u32>;
     /// Token ids to text.
     fn decode(&self, ids: &[u32]) -> String;
+    /// Estimated tokens of each piece of `text`, the pieces ending at the byte offsets `ends`
+    /// (ascending, the last one `text.len()`). By default each piece is encoded on its own; a
+    /// tokenizer that can tell where its tokens of the whole text end may count those instead
+    /// (one encoding per response rather than one per streamed chunk).
+    fn count_pieces(&self, text: &str, ends: &[usize]) -> Vec<u32> {
+        let mut start = 0;
+        ends.iter()
+            .map(|&end| {
+                let piece = text.get(start..end).unwrap_or("");
+                start = end;
+                self.encode(piece).len() as u32
+            })
+            .collect()
+    }
 }
 
 /// Offsets tried before settling for the closest length found.

@@ -1,5 +1,6 @@
 //! Drives the load: warmup, then one run per rate or concurrency, each open or closed loop.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +23,9 @@ const ARRIVALS: u64 = 2;
 const WARMUP: u64 = 3;
 /// Prompts built ahead of their send.
 const PLANNED_AHEAD: usize = 64;
+/// Most prompts of a counted run built before its clock starts; the rest are built ahead of their
+/// send like those of a timed run.
+const BUILT_BEFORE: usize = 100_000;
 
 /// One point of the benchmark: open loop at a rate (optionally capped), or closed loop.
 #[derive(Debug, Clone, PartialEq)]
@@ -195,6 +199,17 @@ pub(crate) async fn run_phase(
         Stop::Until(_) => None,
     };
     let mut planned = ctx.planner.start(warmup, limit);
+    // A run of a known number of requests builds their prompts before its clock starts, so that
+    // tokenizing them does not take the CPU of a server on the same machine while it is measured.
+    let mut built = VecDeque::new();
+    if let Some(n) = limit {
+        while built.len() < n.min(BUILT_BEFORE) {
+            match planned.recv().await {
+                Some(p) => built.push_back(p),
+                None => break,
+            }
+        }
+    }
     let pb = progress_bar(ctx.quiet, &phase.label, stop);
     let failed = Arc::new(AtomicUsize::new(0));
     let sem = phase.concurrency.map(|c| Arc::new(Semaphore::new(c)));
@@ -231,27 +246,45 @@ pub(crate) async fn run_phase(
         if phase.rate.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        let Some(p) = planned.recv().await else {
+        let next_planned = match built.pop_front() {
+            Some(p) => Some(p),
+            None => planned.recv().await,
+        };
+        let Some(p) = next_planned else {
             break;
         };
         let (client, pb, failed) = (ctx.client.clone(), pb.clone(), failed.clone());
         tasks.spawn(async move {
-            let record = client.send(&p, run, epoch).await;
+            let sent = client.send(&p, run, epoch).await;
             drop(permit);
-            if !record.ok() {
+            if !sent.0.ok() {
                 let n = failed.fetch_add(1, Ordering::Relaxed) + 1;
                 pb.set_message(format!("{n} failed"));
             }
             pb.inc(1);
-            record
+            sent
         });
     }
     drop(planned);
-    let mut records = Vec::with_capacity(tasks.len());
+    let mut sent = Vec::with_capacity(tasks.len());
     while let Some(done) = tasks.join_next().await {
-        records.push(done.map_err(|e| BenchError::Internal(e.to_string()))?);
+        sent.push(done.map_err(|e| BenchError::Internal(e.to_string()))?);
     }
     pb.finish();
+    // The run is over: what was left to count is counted now.
+    let client = ctx.client.clone();
+    let mut records = tokio::task::spawn_blocking(move || {
+        sent.into_iter()
+            .map(|(mut record, pieces)| {
+                if let Some(pieces) = pieces {
+                    client.settle(&mut record, pieces);
+                }
+                record
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| BenchError::Internal(e.to_string()))?;
     records.sort_by_key(|r| r.index);
     Ok((records, epoch))
 }

@@ -37,7 +37,7 @@ pub struct WorkerArgs {
     /// Memory for the KV pool, in MiB (native engine; a sim pool holds the simulated capacity).
     #[arg(long, env = "TANDEM_KV_MEMORY_MB")]
     pub kv_memory_mb: Option<usize>,
-    /// Compute threads (default: all cores).
+    /// Compute threads (default: all cores; one with `--engine sim`).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
     /// Stop when standard input closes (`tandem up` uses it so that no worker outlives it).
@@ -126,6 +126,10 @@ fn load_sim(w: &WorkerArgs) -> anyhow::Result<Loaded> {
             "--kv-memory-mb is ignored with --engine sim: the pool holds the simulated capacity"
         );
     }
+    // The simulated model computes on one thread; the engine still runs each step on a compute
+    // thread, and every other thread of the pool would only spin beside it, taking a core from
+    // the processes it shares the machine with.
+    crate::setup::compute_threads(Some(w.threads.unwrap_or(1)))?;
     let (vocab, eos) = facts.map_or((None, Vec::new()), |(v, e)| (Some(v), e));
     let sim = w.engine.build_sim(vocab)?;
     tracing::info!("{}", sim.summary);
@@ -193,7 +197,7 @@ async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(crate::setup::async_threads())
         .enable_all()
         .build()
         .context("starting the async runtime")

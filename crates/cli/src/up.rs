@@ -175,7 +175,7 @@ impl Front {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(crate::setup::async_threads())
         .enable_all()
         .build()
         .context("starting the async runtime")
