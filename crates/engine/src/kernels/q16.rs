@@ -784,7 +784,7 @@ mod tests {
             let k = 128;
             let w = random_rows(format, 3, k, &mut seed);
             let x = Q16Rows::quantize(&random_x(k, &mut seed), k);
-            let mut out = vec![0f32; 3];
+            let mut out = [0f32; 3];
             rows_times_weights(
                 format,
                 &w,
