@@ -113,7 +113,9 @@ impl<'a> Sim<'a> {
         } else {
             inst.busy = true;
             inst.started = self.now;
-            let dt = spec.model.prefill_time(&items);
+            let beside_decode = self.decode.iter().any(|d| d.busy);
+            let dt = spec.model.prefill_time(&items)
+                * spec.model.served_prefill_factor(beside_decode);
             self.schedule(self.now + dt, Kind::PrefillDone(p as u32));
         }
         self.scratch_items = items;
@@ -176,7 +178,8 @@ impl<'a> Sim<'a> {
         }
         inst.busy = true;
         let (b, ctx) = (inst.set.running, inst.set.context());
-        let dt = spec.model.decode_step_time(b, ctx);
+        let dt = spec.model.decode_step_time(b, ctx)
+            * spec.model.decode_spread(b, self.spread_rng.uniform());
         self.steps.push((self.now, dt, b));
         self.schedule(self.now + dt, Kind::DecodeDone(d as u32));
     }

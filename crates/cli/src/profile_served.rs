@@ -1,0 +1,216 @@
+//! `tandem profile --served`: prompts timed through the served path, against which the simulator
+//! sets the engine-alone prefill (`tandem_sim::profile::serving`).
+//!
+//! Starts `tandem up` (one prefill and one decode worker, as `scripts/validate-native.sh` runs it)
+//! and, with `tandem bench`, sends prompts of 64-400 tokens one at a time with one-token answers
+//! (the prefill worker still pushes the prompt's KV to the decode worker): first with nothing else
+//! running, then while a second client has the decode worker decode three 256-token answers, one
+//! after the other. Each prompt's time to first token is kept, with the prompt length the server
+//! counted, and so is every gap between the second client's tokens: the served decode step at
+//! batch 1, beside a computing prefill worker for about two thirds of it and an idle one after.
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tandem_sim::profile::ServedSample;
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+struct Stop(Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Times `requests` prompts with the decode worker idle and as many beside a decoding one; returns
+/// them and the decoding client's inter-token gaps, per answer.
+pub fn measure(
+    model: &Path,
+    threads: usize,
+    step_tokens: usize,
+    requests: usize,
+) -> anyhow::Result<(Vec<ServedSample>, Vec<Vec<f64>>)> {
+    let exe = std::env::current_exe().context("finding the tandem binary")?;
+    let dir = std::env::temp_dir().join(format!("tandem-profile-served-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut up = Command::new(&exe)
+        .args(["up", "--port", "0", "--json", "--prefill", "1", "--decode", "1"])
+        .arg("--model")
+        .arg(model)
+        .args(["--worker-threads", &threads.to_string()])
+        .args(["--step-tokens", &step_tokens.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tandem up")?;
+    let stdout = up.stdout.take();
+    let up = Stop(up);
+    let mut line = String::new();
+    if let Some(out) = stdout {
+        BufReader::new(out)
+            .read_line(&mut line)
+            .context("reading tandem up's address")?;
+    }
+    let v: Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("tandem up did not start (it printed {line:?})"))?;
+    let (Some(url), Some(name)) = (v["url"].as_str(), v["model"].as_str()) else {
+        bail!("tandem up printed no url and model: {line:?}");
+    };
+    let bench = |isl: &str, osl: &str, n: usize, seed: &str, json: Option<&Path>| {
+        let mut c = Command::new(&exe);
+        c.args(["bench", "--url", url, "--model", name, "--api", "completions"])
+            .args(["--isl", isl, "--osl", osl, "--concurrency", "1"])
+            .args(["--requests", &n.to_string(), "--seed", seed, "--quiet"])
+            .arg("--tokenizer")
+            .arg(model)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(j) = json {
+            c.arg("--json").arg(j);
+        }
+        c
+    };
+    let prompts = "uniform:64-400";
+    let idle = dir.join("idle.json");
+    let status = bench(prompts, "1", requests, "11", Some(&idle))
+        .status()
+        .context("running tandem bench")?;
+    if !status.success() {
+        bail!("tandem bench (decode worker idle) failed: {status}");
+    }
+    // A second client keeps the decode worker decoding (three answers of 256 tokens, about 13 s)
+    // while the prompts go through (about 9 s for 12); its own 16-token prompts take the prefill
+    // worker for a few tens of milliseconds between answers.
+    let decoding = dir.join("decoding.json");
+    let mut background = bench("16", "256", 3, "12", Some(&decoding))
+        .spawn()
+        .context("starting the decoding client")?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let beside = dir.join("beside.json");
+    let status = bench(prompts, "1", requests, "13", Some(&beside))
+        .status()
+        .context("running tandem bench")?;
+    let bg = background.wait().context("waiting for the decoding client")?;
+    drop(up);
+    if !status.success() || !bg.success() {
+        bail!("tandem bench beside a decoding answer failed: {status}, decoding client {bg}");
+    }
+    let mut out = samples(&idle, false)?;
+    out.extend(samples(&beside, true)?);
+    let gaps = gaps(&decoding)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((out, gaps))
+}
+
+fn records(path: &Path) -> anyhow::Result<Vec<Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut v: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    match v["runs"][0]["records"].take() {
+        Value::Array(a) => Ok(a),
+        _ => bail!("{} has no records", path.display()),
+    }
+}
+
+/// Each succeeded answer's gaps between its tokens after the first (the first gap, which
+/// includes the KV's import, left out).
+fn gaps(path: &Path) -> anyhow::Result<Vec<Vec<f64>>> {
+    Ok(records(path)?
+        .iter()
+        .filter(|r| r["error"].is_null())
+        .filter_map(|r| {
+            let t: Vec<f64> = r["chunk_s"]
+                .as_array()?
+                .iter()
+                .filter_map(Value::as_f64)
+                .collect();
+            Some(t.windows(2).skip(1).map(|w| w[1] - w[0]).collect())
+        })
+        .filter(|g: &Vec<f64>| !g.is_empty())
+        .collect())
+}
+
+/// Each succeeded request's prompt tokens and time to first token, from a bench report.
+fn samples(path: &Path, beside_decode: bool) -> anyhow::Result<Vec<ServedSample>> {
+    Ok(records(path)?
+        .iter()
+        .filter(|r| r["error"].is_null())
+        .filter_map(|r| {
+            let send = r["send_s"].as_f64()?;
+            let first = r["first_token_s"].as_f64()?;
+            let tokens = r["usage"]["prompt_tokens"]
+                .as_u64()
+                .or_else(|| r["input_len"].as_u64())?;
+            Some(ServedSample {
+                prompt_tokens: u32::try_from(tokens).ok()?,
+                seconds: first - send,
+                beside_decode,
+            })
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_come_from_succeeded_records() {
+        let dir = std::env::temp_dir().join(format!("tandem-served-{}.json", std::process::id()));
+        std::fs::write(
+            &dir,
+            r#"{"runs":[{"summary":{},"records":[
+                {"send_s":1.0,"first_token_s":1.5,"input_len":90,"usage":{"prompt_tokens":100},"error":null},
+                {"send_s":2.0,"first_token_s":null,"input_len":90,"usage":null,"error":{"class":"timeout"}},
+                {"send_s":3.0,"first_token_s":3.25,"input_len":64,"usage":null,"error":null}
+            ]}]}"#,
+        )
+        .unwrap();
+        let s = samples(&dir, true).unwrap();
+        let g = gaps(&dir).unwrap();
+        let _ = std::fs::remove_file(&dir);
+        assert!(g.is_empty(), "{g:?}");
+        let got: Vec<(u32, f64, bool)> = s
+            .iter()
+            .map(|x| (x.prompt_tokens, x.seconds, x.beside_decode))
+            .collect();
+        assert_eq!(got, vec![(100, 0.5, true), (64, 0.25, true)]);
+        assert!(samples(Path::new("/nonexistent/x.json"), false).is_err());
+    }
+
+    #[test]
+    fn gaps_skip_the_first_one() {
+        let dir = std::env::temp_dir().join(format!("tandem-gaps-{}.json", std::process::id()));
+        std::fs::write(
+            &dir,
+            r#"{"runs":[{"records":[
+                {"chunk_s":[1.0,1.5,1.75,2.0],"error":null},
+                {"chunk_s":[1.0,1.5],"error":null},
+                {"chunk_s":[1.0,1.5,1.6],"error":{"class":"timeout"}}
+            ]}]}"#,
+        )
+        .unwrap();
+        let g = gaps(&dir).unwrap();
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!(g, vec![vec![0.25, 0.25]]);
+    }
+}

@@ -1,0 +1,284 @@
+//! What the engine-alone medians leave out, both measured by `tandem profile`:
+//!
+//! * **The spread of decode step times.** Each measured step divided by a median of its like is a
+//!   relative factor, and the DES multiplies each decode step by a factor drawn (seeded) from the
+//!   pool. Without it every step of a batch size takes the same time, so when the tokens of a run
+//!   split into two modes (single-sequence steps and steps of two or more) a percentile that falls
+//!   between them snaps to one mode, where the real run's steps spread into the gap. The factors
+//!   come from the served decode worker where the profile has its steps (`--served`: the gaps
+//!   between the tokens of answers decoded alone, each over the median of the 17 gaps around it,
+//!   so that the growth of the step with the context is not counted as spread), pooled for every
+//!   batch size; otherwise from the engine alone (every timed repetition of a decode shape over
+//!   that shape's median, pooled per batch size), which spreads less than the served steps do:
+//!   those share the cores with the prefill worker, the KV transfer and the token streaming.
+//! * **Prefill served, against the engine alone.** `tandem profile --served` sends prompts one at
+//!   a time through a real `tandem up` (one prefill and one decode worker) and keeps each prompt's
+//!   time to first token (`ServedSample`), first with the decode worker idle, then with it decoding
+//!   a long answer. The ratio of each to the fitted engine-alone prefill time of its prompt is what
+//!   the serving around the step costs on that machine: the KV transfer's threads, the decode
+//!   worker's import and its decoding taking CPU from the prefill's compute thread, the gateway's
+//!   and the client's own milliseconds. The DES multiplies a prefill step by the median ratio of
+//!   the case it is in (a decode instance decoding or not when the step starts).
+
+use serde::{Deserialize, Serialize};
+
+use super::DecodeSample;
+
+/// One prompt sent through the served path during profiling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServedSample {
+    /// Prompt tokens as the server counted them.
+    pub prompt_tokens: u32,
+    /// Time to first token at the client.
+    pub seconds: f64,
+    /// Whether the decode worker was decoding another answer meanwhile.
+    pub beside_decode: bool,
+}
+
+/// Relative decode step times per profiled batch size, each pool sorted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DecodeSpread {
+    pools: Vec<(u32, Vec<f64>)>,
+    served: bool,
+}
+
+/// Gaps each side of a served gap in the median it is divided by.
+const SERVED_WINDOW: usize = 8;
+
+impl DecodeSpread {
+    /// From the served decode worker's inter-token gaps (per answer): one pool for every batch.
+    pub fn from_served(answers: &[Vec<f64>]) -> Self {
+        let mut pool = Vec::new();
+        for g in answers {
+            let g: Vec<f64> = g
+                .iter()
+                .copied()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .collect();
+            if g.len() < 2 * SERVED_WINDOW + 1 {
+                continue;
+            }
+            for i in 0..g.len() {
+                let lo = i.saturating_sub(SERVED_WINDOW).min(g.len() - 2 * SERVED_WINDOW - 1);
+                let mut w = g[lo..lo + 2 * SERVED_WINDOW + 1].to_vec();
+                w.sort_by(f64::total_cmp);
+                pool.push(g[i] / quantile(&w, 0.5));
+            }
+        }
+        if pool.is_empty() {
+            return DecodeSpread::default();
+        }
+        pool.sort_by(f64::total_cmp);
+        DecodeSpread {
+            pools: vec![(1, pool)],
+            served: true,
+        }
+    }
+
+    /// Where the factors come from, in words.
+    pub fn source(&self) -> &'static str {
+        if self.served {
+            "the served decode worker's steps at batch 1, for every batch"
+        } else {
+            "the engine's repetitions per batch size"
+        }
+    }
+
+    pub fn from_samples(samples: &[DecodeSample]) -> Self {
+        let mut pools: Vec<(u32, Vec<f64>)> = Vec::new();
+        for s in samples {
+            let mut t: Vec<f64> = s
+                .times
+                .iter()
+                .copied()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .collect();
+            if t.len() < 2 {
+                continue;
+            }
+            t.sort_by(f64::total_cmp);
+            let median = quantile(&t, 0.5);
+            let factors = t.iter().map(|x| x / median);
+            match pools.iter_mut().find(|p| p.0 == s.batch) {
+                Some(p) => p.1.extend(factors),
+                None => pools.push((s.batch, factors.collect())),
+            }
+        }
+        for p in &mut pools {
+            p.1.sort_by(f64::total_cmp);
+        }
+        pools.sort_by_key(|p| p.0);
+        DecodeSpread {
+            pools,
+            served: false,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+    }
+
+    /// Factors pooled over all batch sizes.
+    pub fn factors(&self) -> usize {
+        self.pools.iter().map(|p| p.1.len()).sum()
+    }
+
+    /// The `u` quantile (`u` in [0, 1)) of the factors of the profiled batch size nearest `batch`;
+    /// 1 when nothing was profiled.
+    pub fn factor(&self, batch: u32, u: f64) -> f64 {
+        let Some((_, pool)) = self.pools.iter().min_by_key(|p| p.0.abs_diff(batch)) else {
+            return 1.0;
+        };
+        quantile(pool, u.clamp(0.0, 1.0))
+    }
+
+    /// The `p` quantile of the factors pooled over every batch size (for reporting the spread).
+    pub fn pooled_quantile(&self, p: f64) -> f64 {
+        let mut all: Vec<f64> = self.pools.iter().flat_map(|x| x.1.iter().copied()).collect();
+        if all.is_empty() {
+            return 1.0;
+        }
+        all.sort_by(f64::total_cmp);
+        quantile(&all, p)
+    }
+}
+
+/// Linear interpolation between the two closest ranks of `sorted` (non-empty).
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    let h = (sorted.len() - 1) as f64 * p;
+    let lo = h.floor() as usize;
+    let hi = (lo + 1).min(sorted.len() - 1);
+    sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo])
+}
+
+/// Median ratios of served time to first token to the fitted engine-alone prefill time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ServedPrefill {
+    /// With the decode worker idle.
+    pub idle: f64,
+    pub idle_samples: usize,
+    /// With the decode worker decoding.
+    pub beside_decode: f64,
+    pub beside_decode_samples: usize,
+}
+
+impl Default for ServedPrefill {
+    fn default() -> Self {
+        ServedPrefill {
+            idle: 1.0,
+            idle_samples: 0,
+            beside_decode: 1.0,
+            beside_decode_samples: 0,
+        }
+    }
+}
+
+impl ServedPrefill {
+    /// From the served samples and `engine_alone`, the fitted prefill time of a prompt of that many
+    /// tokens. A case with no sample keeps the ratio 1.
+    pub fn fit(samples: &[ServedSample], engine_alone: impl Fn(u32) -> f64) -> Self {
+        let ratios = |beside: bool| {
+            let mut r: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.beside_decode == beside && s.prompt_tokens > 0)
+                .map(|s| s.seconds / engine_alone(s.prompt_tokens))
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .collect();
+            r.sort_by(f64::total_cmp);
+            let n = r.len();
+            (if n == 0 { 1.0 } else { quantile(&r, 0.5) }, n)
+        };
+        let (idle, idle_samples) = ratios(false);
+        let (beside_decode, beside_decode_samples) = ratios(true);
+        ServedPrefill {
+            idle,
+            idle_samples,
+            beside_decode,
+            beside_decode_samples,
+        }
+    }
+
+    pub fn factor(&self, beside_decode: bool) -> f64 {
+        if beside_decode {
+            self.beside_decode
+        } else {
+            self.idle
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(batch: u32, times: &[f64]) -> DecodeSample {
+        DecodeSample {
+            batch,
+            context_tokens: 100,
+            seconds: 0.0,
+            times: times.to_vec(),
+        }
+    }
+
+    #[test]
+    fn factors_are_relative_to_each_shapes_median_and_pooled_per_batch() {
+        let s = DecodeSpread::from_samples(&[
+            sample(1, &[0.010, 0.011, 0.012]),
+            sample(1, &[0.020, 0.022, 0.018]),
+            sample(4, &[0.040, 0.040]),
+            sample(8, &[0.05]),
+        ]);
+        assert_eq!(s.factors(), 8);
+        // Batch 1: 10/11, 1, 12/11, 0.9, 1, 1.1.
+        assert!((s.factor(1, 0.0) - 0.9).abs() < 1e-12);
+        assert!((s.factor(1, 0.2) - 10.0 / 11.0).abs() < 1e-12);
+        assert!((s.factor(1, 0.5) - 1.0).abs() < 1e-12);
+        assert!((s.factor(1, 1.0) - 1.1).abs() < 1e-12);
+        // Batch 8 had one repetition only, so the nearest pool with a spread answers: 4's.
+        assert_eq!(s.factor(8, 0.9), 1.0);
+        assert_eq!(s.factor(2, 0.3), s.factor(1, 0.3));
+        assert_eq!(DecodeSpread::default().factor(3, 0.7), 1.0);
+    }
+
+    #[test]
+    fn served_gaps_are_relative_to_their_neighbours_and_answer_every_batch() {
+        // A step that grows with the context (1 ms per 17 steps, much faster than a real one) and
+        // one slow step: the slow step is spread, the growth is not, but for a few percent at the
+        // ends of an answer, where the window is one-sided.
+        let mut g: Vec<f64> = (0..40).map(|i| 0.016 + 0.001 * f64::from(i) / 17.0).collect();
+        g[20] *= 1.5;
+        let s = DecodeSpread::from_served(&[g, vec![0.02; 5]]);
+        assert_eq!(s.factors(), 40);
+        assert!(s.source().contains("served"));
+        assert!((s.factor(1, 1.0) - 1.5).abs() < 0.01, "{}", s.factor(1, 1.0));
+        assert!((s.factor(7, 0.9) - 1.0).abs() < 0.03, "{}", s.factor(7, 0.9));
+        assert!((s.factor(1, 0.0) - 1.0).abs() < 0.03, "{}", s.factor(1, 0.0));
+        assert!((s.factor(1, 0.5) - 1.0).abs() < 0.005, "{}", s.factor(1, 0.5));
+        assert!(DecodeSpread::from_served(&[vec![0.02; 5]]).is_empty());
+    }
+
+    #[test]
+    fn served_ratios_are_medians_per_case() {
+        let alone = |n: u32| f64::from(n) * 1e-3;
+        let mk = |n: u32, s: f64, b: bool| ServedSample {
+            prompt_tokens: n,
+            seconds: s,
+            beside_decode: b,
+        };
+        let f = ServedPrefill::fit(
+            &[
+                mk(100, 0.102, false),
+                mk(200, 0.206, false),
+                mk(300, 0.9, false),
+                mk(100, 0.107, true),
+                mk(200, 0.212, true),
+            ],
+            alone,
+        );
+        assert!((f.idle - 1.03).abs() < 1e-9, "{f:?}");
+        assert!((f.beside_decode - 1.065).abs() < 1e-9, "{f:?}");
+        assert_eq!((f.idle_samples, f.beside_decode_samples), (3, 2));
+        let none = ServedPrefill::fit(&[], alone);
+        assert_eq!((none.factor(false), none.factor(true)), (1.0, 1.0));
+    }
+}
