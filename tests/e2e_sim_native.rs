@@ -7,7 +7,9 @@
 //! The profile is reduced to what the run needs, so that the test stays near two minutes on two
 //! cores: prompts of 64 to 400 tokens (the workload's range is 50-400) alone and in pairs, decode
 //! batches of 1 to 6 (the run's decode batch holds one to three sequences) at two contexts, three
-//! timed repetitions of each. The answers are 16 tokens instead of the workload's 64, so that 24
+//! timed repetitions of each prefill and ten of each decode shape, and `--served` with 8 prompts
+//! per case (the served prefill's ratio to the engine's and the served decode steps' spread,
+//! which the DES applies). The answers are 16 tokens instead of the workload's 64, so that 24
 //! requests at 0.5/s take under a minute.
 //!
 //! The bound holds with a margin of 5-6% on TTFT (the tightest) when nothing else runs; beside a
@@ -79,6 +81,9 @@ fn the_simulator_predicts_the_native_engine_within_ten_percent() {
             "128,320",
             "--reps",
             "3",
+            "--served",
+            "--served-requests",
+            "8",
             "--model",
         ],
         &[&model, Path::new("--out"), &profile],

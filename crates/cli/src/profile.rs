@@ -260,10 +260,11 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let s = &fitted.decode_spread;
     if !s.is_empty() {
         println!(
-            "decode step spread ({}): {} steps, p10 {:.3}, p90 {:.3} of their median",
+            "decode step factors ({}): {} steps, p10 {:.3}, median {:.3}, p90 {:.3}",
             s.source(),
             s.factors(),
             s.pooled_quantile(0.1),
+            s.pooled_quantile(0.5),
             s.pooled_quantile(0.9)
         );
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use tandem_sim::profile::ServedSample;
+use tandem_sim::profile::{ServedAnswer, ServedSample};
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 struct Stop(Child);
@@ -45,7 +45,7 @@ pub fn measure(
     threads: usize,
     step_tokens: usize,
     requests: usize,
-) -> anyhow::Result<(Vec<ServedSample>, Vec<Vec<f64>>)> {
+) -> anyhow::Result<(Vec<ServedSample>, Vec<ServedAnswer>)> {
     let exe = std::env::current_exe().context("finding the tandem binary")?;
     let dir = std::env::temp_dir().join(format!("tandem-profile-served-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -131,9 +131,9 @@ fn records(path: &Path) -> anyhow::Result<Vec<Value>> {
     }
 }
 
-/// Each succeeded answer's gaps between its tokens after the first (the first gap, which
-/// includes the KV's import, left out).
-fn gaps(path: &Path) -> anyhow::Result<Vec<Vec<f64>>> {
+/// Each succeeded answer's prompt tokens and gaps between its tokens after the second (the first
+/// gap, which includes the KV's import, left out).
+fn gaps(path: &Path) -> anyhow::Result<Vec<ServedAnswer>> {
     Ok(records(path)?
         .iter()
         .filter(|r| r["error"].is_null())
@@ -143,9 +143,15 @@ fn gaps(path: &Path) -> anyhow::Result<Vec<Vec<f64>>> {
                 .iter()
                 .filter_map(Value::as_f64)
                 .collect();
-            Some(t.windows(2).skip(1).map(|w| w[1] - w[0]).collect())
+            let prompt_tokens = r["usage"]["prompt_tokens"]
+                .as_u64()
+                .or_else(|| r["input_len"].as_u64())?;
+            Some(ServedAnswer {
+                prompt_tokens: u32::try_from(prompt_tokens).ok()?,
+                gaps: t.windows(2).skip(1).map(|w| w[1] - w[0]).collect(),
+            })
         })
-        .filter(|g: &Vec<f64>| !g.is_empty())
+        .filter(|a| !a.gaps.is_empty())
         .collect())
 }
 
@@ -203,14 +209,20 @@ mod tests {
         std::fs::write(
             &dir,
             r#"{"runs":[{"records":[
-                {"chunk_s":[1.0,1.5,1.75,2.0],"error":null},
-                {"chunk_s":[1.0,1.5],"error":null},
-                {"chunk_s":[1.0,1.5,1.6],"error":{"class":"timeout"}}
+                {"chunk_s":[1.0,1.5,1.75,2.0],"input_len":16,"usage":{"prompt_tokens":17},"error":null},
+                {"chunk_s":[1.0,1.5],"input_len":16,"error":null},
+                {"chunk_s":[1.0,1.5,1.6],"input_len":16,"error":{"class":"timeout"}}
             ]}]}"#,
         )
         .unwrap();
         let g = gaps(&dir).unwrap();
         let _ = std::fs::remove_file(&dir);
-        assert_eq!(g, vec![vec![0.25, 0.25]]);
+        assert_eq!(
+            g,
+            vec![ServedAnswer {
+                prompt_tokens: 17,
+                gaps: vec![0.25, 0.25]
+            }]
+        );
     }
 }

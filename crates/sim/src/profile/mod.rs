@@ -27,7 +27,7 @@ use crate::error::SimError;
 use crate::perf::{MemoryFit, PerfModel, StepShape};
 pub use fit::Fit;
 use fit::{features_decode, features_prefill, fit};
-pub use serving::{DecodeSpread, ServedPrefill, ServedSample};
+pub use serving::{DecodeSpread, ServedAnswer, ServedPrefill, ServedSample};
 pub use table::DecodeTable;
 
 /// The profile file's format version; bump it on an incompatible change. Optional fields added
@@ -81,11 +81,11 @@ pub struct ProfileFile {
     /// served prefill is taken to be the engine's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub served: Vec<ServedSample>,
-    /// Gaps between the tokens of answers decoded alone by the served decode worker (seconds, per
-    /// answer, in order; `tandem profile --served`). Where present, the decode step spread is
-    /// theirs rather than the engine's repetitions.
+    /// Answers decoded alone by the served decode worker, with the gaps between their tokens
+    /// (`tandem profile --served`). Where present, the decode step factors are theirs rather than
+    /// the spread of the engine's repetitions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub served_decode: Vec<Vec<f64>>,
+    pub served_decode: Vec<ServedAnswer>,
 }
 
 impl ProfileFile {
@@ -149,7 +149,8 @@ impl Profiled {
         let prefill_fit = fit(&p, "prefill")?;
         let decode_fit = fit(&d, "decode")?;
         let decode_table = DecodeTable::fit(&profile.decode, decode_fit.coef[1])?;
-        let served_spread = DecodeSpread::from_served(&profile.served_decode);
+        let served_spread =
+            DecodeSpread::from_served(&profile.served_decode, |ctx| decode_table.step_time(1, ctx));
         let decode_spread = if served_spread.is_empty() {
             DecodeSpread::from_samples(&profile.decode)
         } else {
@@ -182,11 +183,12 @@ impl Profiled {
         let s = &self.decode_spread;
         if !s.is_empty() {
             out += &format!(
-                "; decode steps drawn from the spread of {} ({} steps, p10 {:.3}, p90 {:.3} of their \
-                 median)",
+                "; decode steps x a factor drawn from {} ({} steps, p10 {:.3}, median {:.3}, p90 \
+                 {:.3})",
                 s.source(),
                 s.factors(),
                 s.pooled_quantile(0.1),
+                s.pooled_quantile(0.5),
                 s.pooled_quantile(0.9)
             );
         }

@@ -6,11 +6,14 @@
 //!   split into two modes (single-sequence steps and steps of two or more) a percentile that falls
 //!   between them snaps to one mode, where the real run's steps spread into the gap. The factors
 //!   come from the served decode worker where the profile has its steps (`--served`: the gaps
-//!   between the tokens of answers decoded alone, each over the median of the 17 gaps around it,
-//!   so that the growth of the step with the context is not counted as spread), pooled for every
-//!   batch size; otherwise from the engine alone (every timed repetition of a decode shape over
-//!   that shape's median, pooled per batch size), which spreads less than the served steps do:
-//!   those share the cores with the prefill worker, the KV transfer and the token streaming.
+//!   between the tokens of answers decoded alone, as the client sees them, each over the engine
+//!   alone's batch-1 step at its context, so that the factors carry the served step's level as
+//!   well as its spread), pooled for every batch size; otherwise from the engine alone (every
+//!   timed repetition of a decode shape over that shape's median, pooled per batch size), which
+//!   spreads less than the served steps do: those share the cores with the prefill worker, the KV
+//!   transfer and the token streaming. Taking the batch-1 factors for every batch size is an
+//!   assumption: the served run's steps of two sequences spread about as much (their quartiles
+//!   3% either side of the median, single steps' 4%).
 //! * **Prefill served, against the engine alone.** `tandem profile --served` sends prompts one at
 //!   a time through a real `tandem up` (one prefill and one decode worker) and keeps each prompt's
 //!   time to first token (`ServedSample`), first with the decode worker idle, then with it decoding
@@ -35,6 +38,16 @@ pub struct ServedSample {
     pub beside_decode: bool,
 }
 
+/// An answer decoded alone by the served decode worker during profiling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServedAnswer {
+    /// Its prompt's tokens, as the server counted them.
+    pub prompt_tokens: u32,
+    /// Gaps between its tokens at the client, from the second to the third token on (the first
+    /// decode step's gap includes the KV's import and is left out), seconds.
+    pub gaps: Vec<f64>,
+}
+
 /// Relative decode step times per profiled batch size, each pool sorted.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DecodeSpread {
@@ -42,27 +55,20 @@ pub struct DecodeSpread {
     served: bool,
 }
 
-/// Gaps each side of a served gap in the median it is divided by.
-const SERVED_WINDOW: usize = 8;
-
 impl DecodeSpread {
-    /// From the served decode worker's inter-token gaps (per answer): one pool for every batch.
-    pub fn from_served(answers: &[Vec<f64>]) -> Self {
+    /// From answers decoded alone by the served decode worker: each gap over `engine_alone`, the
+    /// profiled engine's batch-1 step at that gap's context, pooled into one pool for every batch.
+    /// The factors then carry the served step's level as well as its spread.
+    pub fn from_served(answers: &[ServedAnswer], engine_alone: impl Fn(u64) -> f64) -> Self {
         let mut pool = Vec::new();
-        for g in answers {
-            let g: Vec<f64> = g
-                .iter()
-                .copied()
-                .filter(|x| x.is_finite() && *x > 0.0)
-                .collect();
-            if g.len() < 2 * SERVED_WINDOW + 1 {
-                continue;
-            }
-            for i in 0..g.len() {
-                let lo = i.saturating_sub(SERVED_WINDOW).min(g.len() - 2 * SERVED_WINDOW - 1);
-                let mut w = g[lo..lo + 2 * SERVED_WINDOW + 1].to_vec();
-                w.sort_by(f64::total_cmp);
-                pool.push(g[i] / quantile(&w, 0.5));
+        for a in answers {
+            for (i, &g) in a.gaps.iter().enumerate() {
+                // The gap before token i + 3: its step attends to the prompt and i + 3 tokens.
+                let t = engine_alone(u64::from(a.prompt_tokens) + i as u64 + 3);
+                let f = g / t;
+                if f.is_finite() && f > 0.0 {
+                    pool.push(f);
+                }
             }
         }
         if pool.is_empty() {
@@ -78,9 +84,9 @@ impl DecodeSpread {
     /// Where the factors come from, in words.
     pub fn source(&self) -> &'static str {
         if self.served {
-            "the served decode worker's steps at batch 1, for every batch"
+            "the served decode worker's batch-1 steps over the engine's, for every batch"
         } else {
-            "the engine's repetitions per batch size"
+            "the engine's repetitions over their median, per batch size"
         }
     }
 
@@ -241,20 +247,25 @@ mod tests {
     }
 
     #[test]
-    fn served_gaps_are_relative_to_their_neighbours_and_answer_every_batch() {
-        // A step that grows with the context (1 ms per 17 steps, much faster than a real one) and
-        // one slow step: the slow step is spread, the growth is not, but for a few percent at the
-        // ends of an answer, where the window is one-sided.
-        let mut g: Vec<f64> = (0..40).map(|i| 0.016 + 0.001 * f64::from(i) / 17.0).collect();
-        g[20] *= 1.5;
-        let s = DecodeSpread::from_served(&[g, vec![0.02; 5]]);
-        assert_eq!(s.factors(), 40);
+    fn served_gaps_are_relative_to_the_engine_at_their_context_and_answer_every_batch() {
+        // The engine alone: 10 ms plus 0.1 ms per token of context; the served steps 5% slower,
+        // one of them 50%.
+        let alone = |ctx: u64| 0.010 + 1e-4 * ctx as f64;
+        let mut gaps: Vec<f64> = (0..20u64).map(|i| 1.05 * alone(10 + i + 3)).collect();
+        gaps[7] *= 1.5 / 1.05;
+        let s = DecodeSpread::from_served(
+            &[ServedAnswer {
+                prompt_tokens: 10,
+                gaps,
+            }],
+            alone,
+        );
+        assert_eq!(s.factors(), 20);
         assert!(s.source().contains("served"));
-        assert!((s.factor(1, 1.0) - 1.5).abs() < 0.01, "{}", s.factor(1, 1.0));
-        assert!((s.factor(7, 0.9) - 1.0).abs() < 0.03, "{}", s.factor(7, 0.9));
-        assert!((s.factor(1, 0.0) - 1.0).abs() < 0.03, "{}", s.factor(1, 0.0));
-        assert!((s.factor(1, 0.5) - 1.0).abs() < 0.005, "{}", s.factor(1, 0.5));
-        assert!(DecodeSpread::from_served(&[vec![0.02; 5]]).is_empty());
+        assert!((s.factor(1, 1.0) - 1.5).abs() < 1e-9, "{}", s.factor(1, 1.0));
+        assert!((s.factor(7, 0.9) - 1.05).abs() < 1e-9, "{}", s.factor(7, 0.9));
+        assert!((s.factor(1, 0.0) - 1.05).abs() < 1e-9, "{}", s.factor(1, 0.0));
+        assert!(DecodeSpread::from_served(&[], alone).is_empty());
     }
 
     #[test]
