@@ -43,10 +43,11 @@ pub struct ProfileArgs {
     /// kept in the file for the spread of step times the simulator draws from.
     #[arg(long, default_value_t = 10)]
     decode_reps: usize,
-    /// Also time prompts through the served path: start `tandem up` (one prefill and one decode
-    /// worker, `--threads` compute threads each) and send prompts of 64-400 tokens one at a time,
-    /// first with the decode worker idle, then while it decodes a long answer. The simulator slows
-    /// its prefill steps by the measured ratio to the engine alone.
+    /// Also time prompts and decode steps through the served path: start `tandem up` (one prefill
+    /// and one decode worker, `--threads` compute threads each) and send prompts of 64-400 tokens
+    /// one at a time, back to back and on a clock, first with the decode worker idle, then while it
+    /// decodes long answers. The simulator slows its prefill steps by the measured ratio to the
+    /// engine alone and draws its decode steps from the served ones.
     #[arg(long)]
     served: bool,
     /// Prompts timed per case with `--served`.
@@ -269,12 +270,8 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         );
     }
     let sp = &fitted.served_prefill;
-    if sp.idle_samples + sp.beside_decode_samples > 0 {
-        println!(
-            "served prefill against the engine alone (median): x{:.3} with the decode worker idle \
-             ({} prompts), x{:.3} beside a decoding one ({} prompts)",
-            sp.idle, sp.idle_samples, sp.beside_decode, sp.beside_decode_samples
-        );
+    if sp.samples() > 0 {
+        println!("served prefill against the engine alone: {}", sp.describe());
     }
     Ok(())
 }

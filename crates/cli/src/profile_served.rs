@@ -3,11 +3,13 @@
 //!
 //! Starts `tandem up` (one prefill and one decode worker, as `scripts/validate-native.sh` runs it)
 //! and, with `tandem bench`, sends prompts of 64-400 tokens one at a time with one-token answers
-//! (the prefill worker still pushes the prompt's KV to the decode worker): first with nothing else
-//! running, then while a second client has the decode worker decode three 256-token answers, one
-//! after the other. Each prompt's time to first token is kept, with the prompt length the server
-//! counted, and so is every gap between the second client's tokens: the served decode step at
-//! batch 1, beside a computing prefill worker for about two thirds of it and an idle one after.
+//! (the prefill worker still pushes the prompt's KV to the decode worker and waits for the
+//! transfer before it answers), each set once back to back and once on a clock (the prefill worker
+//! idle between prompts): first with nothing else running, then while a second client has the
+//! decode worker decode 256-token answers, one after the other. Each prompt's time to first token
+//! is kept, with the prompt length the server counted and its case, and so is every gap between
+//! the second client's tokens: the served decode step at batch 1, beside a prefill worker that
+//! computes half of the time or more.
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -73,48 +75,73 @@ pub fn measure(
     let (Some(url), Some(name)) = (v["url"].as_str(), v["model"].as_str()) else {
         bail!("tandem up printed no url and model: {line:?}");
     };
-    let bench = |isl: &str, osl: &str, n: usize, seed: &str, json: Option<&Path>| {
+    // `load`: concurrency 1 (each request sent as the previous ends) or a clock rate.
+    let bench = |isl: &str, osl: &str, n: usize, seed: &str, load: &[&str], json: &Path| {
         let mut c = Command::new(&exe);
         c.args(["bench", "--url", url, "--model", name, "--api", "completions"])
-            .args(["--isl", isl, "--osl", osl, "--concurrency", "1"])
+            .args(["--isl", isl, "--osl", osl])
+            .args(load)
             .args(["--requests", &n.to_string(), "--seed", seed, "--quiet"])
             .arg("--tokenizer")
             .arg(model)
+            .arg("--json")
+            .arg(json)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if let Some(j) = json {
-            c.arg("--json").arg(j);
-        }
         c
     };
     let prompts = "uniform:64-400";
-    let idle = dir.join("idle.json");
-    let status = bench(prompts, "1", requests, "11", Some(&idle))
-        .status()
-        .context("running tandem bench")?;
-    if !status.success() {
-        bail!("tandem bench (decode worker idle) failed: {status}");
-    }
-    // A second client keeps the decode worker decoding (three answers of 256 tokens, about 13 s)
-    // while the prompts go through (about 9 s for 12); its own 16-token prompts take the prefill
-    // worker for a few tens of milliseconds between answers.
+    let back_to_back: &[&str] = &["--concurrency", "1"];
+    // One prompt every 1.6 s: a 400-token prompt takes about 1.2 s, the mean one 0.7 s.
+    let on_a_clock: &[&str] = &["--rate", "0.625", "--arrival", "constant"];
+    let run = |what: &str, c: &mut Command| -> anyhow::Result<()> {
+        let status = c.status().context("running tandem bench")?;
+        if !status.success() {
+            bail!("tandem bench ({what}) failed: {status}");
+        }
+        Ok(())
+    };
+    let (idle_b2b, idle_clock) = (dir.join("idle-b2b.json"), dir.join("idle-clock.json"));
+    run(
+        "decode worker idle",
+        &mut bench(prompts, "1", requests, "11", back_to_back, &idle_b2b),
+    )?;
+    run(
+        "decode worker idle, on a clock",
+        &mut bench(prompts, "1", requests, "12", on_a_clock, &idle_clock),
+    )?;
+    // A second client keeps the decode worker decoding 256-token answers (about 4.3 s each, 256
+    // steps) while both sets of prompts go through (about 9 s back to back, 19 s on the clock, for
+    // 12); its own 16-token prompts take the prefill worker for a few tens of milliseconds between
+    // answers. It sends enough answers to outlast the prompts, and its steps are kept too.
     let decoding = dir.join("decoding.json");
-    let mut background = bench("16", "256", 3, "12", Some(&decoding))
+    let answers = (requests * 3).div_ceil(4).max(2) + 1;
+    let mut background = bench("16", "256", answers, "13", back_to_back, &decoding)
         .spawn()
         .context("starting the decoding client")?;
     std::thread::sleep(Duration::from_millis(1000));
-    let beside = dir.join("beside.json");
-    let status = bench(prompts, "1", requests, "13", Some(&beside))
-        .status()
-        .context("running tandem bench")?;
+    let (dec_b2b, dec_clock) = (dir.join("dec-b2b.json"), dir.join("dec-clock.json"));
+    let fg = run(
+        "beside a decoding answer",
+        &mut bench(prompts, "1", requests, "14", back_to_back, &dec_b2b),
+    )
+    .and_then(|()| {
+        run(
+            "beside a decoding answer, on a clock",
+            &mut bench(prompts, "1", requests, "15", on_a_clock, &dec_clock),
+        )
+    });
     let bg = background.wait().context("waiting for the decoding client")?;
     drop(up);
-    if !status.success() || !bg.success() {
-        bail!("tandem bench beside a decoding answer failed: {status}, decoding client {bg}");
+    fg?;
+    if !bg.success() {
+        bail!("the decoding client failed: {bg}");
     }
-    let mut out = samples(&idle, false)?;
-    out.extend(samples(&beside, true)?);
+    let mut out = samples(&idle_b2b, false, false)?;
+    out.extend(samples(&idle_clock, false, true)?);
+    out.extend(samples(&dec_b2b, true, false)?);
+    out.extend(samples(&dec_clock, true, true)?);
     let gaps = gaps(&decoding)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok((out, gaps))
@@ -156,7 +183,11 @@ fn gaps(path: &Path) -> anyhow::Result<Vec<ServedAnswer>> {
 }
 
 /// Each succeeded request's prompt tokens and time to first token, from a bench report.
-fn samples(path: &Path, beside_decode: bool) -> anyhow::Result<Vec<ServedSample>> {
+fn samples(
+    path: &Path,
+    beside_decode: bool,
+    after_idle: bool,
+) -> anyhow::Result<Vec<ServedSample>> {
     Ok(records(path)?
         .iter()
         .filter(|r| r["error"].is_null())
@@ -170,6 +201,7 @@ fn samples(path: &Path, beside_decode: bool) -> anyhow::Result<Vec<ServedSample>
                 prompt_tokens: u32::try_from(tokens).ok()?,
                 seconds: first - send,
                 beside_decode,
+                after_idle,
             })
         })
         .collect())
@@ -191,7 +223,7 @@ mod tests {
             ]}]}"#,
         )
         .unwrap();
-        let s = samples(&dir, true).unwrap();
+        let s = samples(&dir, true, false).unwrap();
         let g = gaps(&dir).unwrap();
         let _ = std::fs::remove_file(&dir);
         assert!(g.is_empty(), "{g:?}");
@@ -200,7 +232,8 @@ mod tests {
             .map(|x| (x.prompt_tokens, x.seconds, x.beside_decode))
             .collect();
         assert_eq!(got, vec![(100, 0.5, true), (64, 0.25, true)]);
-        assert!(samples(Path::new("/nonexistent/x.json"), false).is_err());
+        assert!(s.iter().all(|x| !x.after_idle));
+        assert!(samples(Path::new("/nonexistent/x.json"), false, true).is_err());
     }
 
     #[test]

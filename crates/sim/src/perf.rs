@@ -110,9 +110,10 @@ pub trait PerfModel: Send + Sync + fmt::Debug {
     }
 
     /// A prefill step's time in a served disaggregated pair relative to [`Self::prefill_time`],
-    /// with the decode worker beside it decoding (`beside_decode`) or idle. 1 unless the model has
-    /// measured it (`tandem profile --served`).
-    fn served_prefill_factor(&self, _beside_decode: bool) -> f64 {
+    /// with the decode worker beside it decoding (`beside_decode`) or idle, and the step started by
+    /// a prompt arriving at an idle prefill worker (`after_idle`) or straight after the previous
+    /// step. 1 unless the model has measured it (`tandem profile --served`).
+    fn served_prefill_factor(&self, _beside_decode: bool, _after_idle: bool) -> f64 {
         1.0
     }
 

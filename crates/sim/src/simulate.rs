@@ -127,8 +127,8 @@ impl PerfModel for TimeScaled {
     fn decode_spread(&self, batch: u32, u: f64) -> f64 {
         self.inner.decode_spread(batch, u)
     }
-    fn served_prefill_factor(&self, beside_decode: bool) -> f64 {
-        self.inner.served_prefill_factor(beside_decode)
+    fn served_prefill_factor(&self, beside_decode: bool, after_idle: bool) -> f64 {
+        self.inner.served_prefill_factor(beside_decode, after_idle)
     }
 }
 

@@ -80,7 +80,7 @@ impl<'a> Sim<'a> {
         inst.queue.push_back(id);
         inst.queued_tokens += u64::from(r.input);
         if !inst.busy {
-            self.start_prefill(p);
+            self.start_prefill(p, true);
         }
         true
     }
@@ -88,7 +88,10 @@ impl<'a> Sim<'a> {
     /// One prefill step, as the prefill worker's batcher makes it: prompts oldest first, each
     /// taking what is left of the step's token budget, so that the last prompt in a step may be
     /// chunked and finish in a later step (its earlier chunks then count as cached context).
-    fn start_prefill(&mut self, p: usize) {
+    ///
+    /// `after_idle`: the step is started by a prompt arriving at the idle instance (else straight
+    /// after the instance's previous step), for the model's served-prefill factor.
+    fn start_prefill(&mut self, p: usize, after_idle: bool) {
         let spec = &self.specs().0[p];
         let mut items = std::mem::take(&mut self.scratch_items);
         items.clear();
@@ -115,7 +118,7 @@ impl<'a> Sim<'a> {
             inst.started = self.now;
             let beside_decode = self.decode.iter().any(|d| d.busy);
             let dt = spec.model.prefill_time(&items)
-                * spec.model.served_prefill_factor(beside_decode);
+                * spec.model.served_prefill_factor(beside_decode, after_idle);
             self.schedule(self.now + dt, Kind::PrefillDone(p as u32));
         }
         self.scratch_items = items;
@@ -152,7 +155,7 @@ impl<'a> Sim<'a> {
             }
         }
         self.prefill[p].chunks = chunks;
-        self.start_prefill(p);
+        self.start_prefill(p, false);
         if freed {
             self.admit_pending();
         }

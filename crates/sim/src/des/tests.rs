@@ -252,8 +252,9 @@ fn requests_that_fit_nowhere_are_refused() {
     );
 }
 
-/// The toy with a served-prefill factor (1.1 idle, 1.5 beside decoding) and decode steps spread
-/// uniformly over 0.5-1.5 of the toy's.
+/// The toy with a served-prefill factor (1.1 with the decode worker idle, 1.5 beside decoding, 0.1
+/// more when the prefill worker starts from idle) and decode steps spread uniformly over 0.5-1.5
+/// of the toy's.
 #[derive(Debug)]
 struct Served(Toy);
 
@@ -276,8 +277,8 @@ impl PerfModel for Served {
     fn decode_spread(&self, _batch: u32, u: f64) -> f64 {
         0.5 + u
     }
-    fn served_prefill_factor(&self, beside_decode: bool) -> f64 {
-        if beside_decode { 1.5 } else { 1.1 }
+    fn served_prefill_factor(&self, beside_decode: bool, after_idle: bool) -> f64 {
+        (if beside_decode { 1.4 } else { 1.0 }) + if after_idle { 0.1 } else { 0.0 }
     }
 }
 
@@ -304,6 +305,22 @@ fn served_prefill_factor_follows_the_decoder_and_decode_steps_spread() {
     let r = simulate(&c).unwrap();
     close(r.ttft.p50, (0.11 + 0.15) / 2.0);
     close(r.ttft.max, 0.15);
+    // Two prompts at once, the decode worker idle: the first from idle (x1.1), the second queued
+    // behind it (x1.0).
+    let c2 = cfg(
+        Cluster::Disaggregated {
+            prefill: vec![served()],
+            decode: vec![served()],
+            link: fast_link(),
+        },
+        Arrivals::Trace(vec![0.0, 0.0]),
+        100,
+        2,
+        2,
+        Phase::Full,
+    );
+    let r2 = simulate(&c2).unwrap();
+    close(r2.ttft.p50, (0.11 + 0.21) / 2.0);
     // 20 decode steps of 5-15 ms drawn from the spread, the same ones for the same seed.
     assert!(r.itl.max > 0.0105 && r.itl.max < 0.015, "{:?}", r.itl);
     assert!(r.itl.mean > 0.0075 && r.itl.mean < 0.0125, "{:?}", r.itl);

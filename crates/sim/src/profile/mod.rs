@@ -193,12 +193,8 @@ impl Profiled {
             );
         }
         let p = &self.served_prefill;
-        if p.idle_samples + p.beside_decode_samples > 0 {
-            out += &format!(
-                "; served prefill x{:.3} with the decode worker idle ({} prompts), x{:.3} beside \
-                 a decoding one ({})",
-                p.idle, p.idle_samples, p.beside_decode, p.beside_decode_samples
-            );
+        if p.samples() > 0 {
+            out += &format!("; served prefill against the engine, {}", p.describe());
         }
         out
     }
@@ -272,8 +268,8 @@ impl PerfModel for Profiled {
         self.decode_spread.factor(batch, u)
     }
 
-    fn served_prefill_factor(&self, beside_decode: bool) -> f64 {
-        self.served_prefill.factor(beside_decode)
+    fn served_prefill_factor(&self, beside_decode: bool, after_idle: bool) -> f64 {
+        self.served_prefill.factor(beside_decode, after_idle)
     }
 
     fn memory(&self) -> MemoryFit {

@@ -16,12 +16,16 @@
 //!   3% either side of the median, single steps' 4%).
 //! * **Prefill served, against the engine alone.** `tandem profile --served` sends prompts one at
 //!   a time through a real `tandem up` (one prefill and one decode worker) and keeps each prompt's
-//!   time to first token (`ServedSample`), first with the decode worker idle, then with it decoding
-//!   a long answer. The ratio of each to the fitted engine-alone prefill time of its prompt is what
-//!   the serving around the step costs on that machine: the KV transfer's threads, the decode
-//!   worker's import and its decoding taking CPU from the prefill's compute thread, the gateway's
-//!   and the client's own milliseconds. The DES multiplies a prefill step by the median ratio of
-//!   the case it is in (a decode instance decoding or not when the step starts).
+//!   time to first token (`ServedSample`) in four cases: with the decode worker idle or decoding a
+//!   long answer, and with each prompt sent straight after the previous one (the prefill worker
+//!   busy back to back, as for queued prompts) or on a clock with the worker idle in between (as
+//!   for a prompt arriving at an idle worker). The ratio of each to the fitted engine-alone prefill
+//!   time of its prompt is what the serving around the step costs on that machine: the KV
+//!   transfer's threads, the decode worker's import and its decoding taking CPU from the prefill's
+//!   compute thread, a worker waking from idle, the gateway's and the client's own milliseconds.
+//!   The DES multiplies a prefill step by the median ratio of the case it is in (a decode instance
+//!   decoding or not when the step starts; the step started by an arrival at an idle prefill
+//!   instance or straight after the previous step).
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +40,10 @@ pub struct ServedSample {
     pub seconds: f64,
     /// Whether the decode worker was decoding another answer meanwhile.
     pub beside_decode: bool,
+    /// Whether the prompt arrived at a prefill worker that had been idle (sent on a clock, the
+    /// previous prompt done a while before) rather than straight after its previous prompt.
+    #[serde(default)]
+    pub after_idle: bool,
 }
 
 /// An answer decoded alone by the served decode worker during profiling.
@@ -157,36 +165,34 @@ fn quantile(sorted: &[f64], p: f64) -> f64 {
     sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo])
 }
 
-/// Median ratios of served time to first token to the fitted engine-alone prefill time.
+/// Median ratios of served time to first token to the fitted engine-alone prefill time, in four
+/// cases: the decode worker decoding or idle, and the prefill worker starting the prompt after
+/// idling (it arrived at an idle worker) or straight after its previous step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ServedPrefill {
-    /// With the decode worker idle.
-    pub idle: f64,
-    pub idle_samples: usize,
-    /// With the decode worker decoding.
-    pub beside_decode: f64,
-    pub beside_decode_samples: usize,
+    /// Indexed by `[beside_decode][after_idle]`: (median ratio, samples).
+    pub cases: [[(f64, usize); 2]; 2],
 }
 
 impl Default for ServedPrefill {
     fn default() -> Self {
         ServedPrefill {
-            idle: 1.0,
-            idle_samples: 0,
-            beside_decode: 1.0,
-            beside_decode_samples: 0,
+            cases: [[(1.0, 0); 2]; 2],
         }
     }
 }
 
 impl ServedPrefill {
     /// From the served samples and `engine_alone`, the fitted prefill time of a prompt of that many
-    /// tokens. A case with no sample keeps the ratio 1.
+    /// tokens. A case with no sample takes the other case with the same decode worker state, and
+    /// failing that the ratio 1.
     pub fn fit(samples: &[ServedSample], engine_alone: impl Fn(u32) -> f64) -> Self {
-        let ratios = |beside: bool| {
+        let ratio = |beside: bool, after_idle: bool| {
             let mut r: Vec<f64> = samples
                 .iter()
-                .filter(|s| s.beside_decode == beside && s.prompt_tokens > 0)
+                .filter(|s| {
+                    s.beside_decode == beside && s.after_idle == after_idle && s.prompt_tokens > 0
+                })
                 .map(|s| s.seconds / engine_alone(s.prompt_tokens))
                 .filter(|x| x.is_finite() && *x > 0.0)
                 .collect();
@@ -194,22 +200,39 @@ impl ServedPrefill {
             let n = r.len();
             (if n == 0 { 1.0 } else { quantile(&r, 0.5) }, n)
         };
-        let (idle, idle_samples) = ratios(false);
-        let (beside_decode, beside_decode_samples) = ratios(true);
-        ServedPrefill {
-            idle,
-            idle_samples,
-            beside_decode,
-            beside_decode_samples,
+        let mut cases = [[(1.0, 0); 2]; 2];
+        for (b, row) in cases.iter_mut().enumerate() {
+            for (i, c) in row.iter_mut().enumerate() {
+                *c = ratio(b == 1, i == 1);
+            }
+            for i in 0..2 {
+                if row[i].1 == 0 && row[1 - i].1 > 0 {
+                    row[i].0 = row[1 - i].0;
+                }
+            }
         }
+        ServedPrefill { cases }
     }
 
-    pub fn factor(&self, beside_decode: bool) -> f64 {
-        if beside_decode {
-            self.beside_decode
-        } else {
-            self.idle
-        }
+    pub fn samples(&self) -> usize {
+        self.cases.iter().flatten().map(|c| c.1).sum()
+    }
+
+    pub fn factor(&self, beside_decode: bool, after_idle: bool) -> f64 {
+        self.cases[usize::from(beside_decode)][usize::from(after_idle)].0
+    }
+
+    /// The four ratios, in words.
+    pub fn describe(&self) -> String {
+        let c = |b: usize, i: usize| format!("x{:.3} ({})", self.cases[b][i].0, self.cases[b][i].1);
+        format!(
+            "decode worker idle: {} after idling, {} straight after a step; decoding: {} after \
+             idling, {} straight after a step (median ratio, prompts)",
+            c(0, 1),
+            c(0, 0),
+            c(1, 1),
+            c(1, 0)
+        )
     }
 }
 
@@ -271,25 +294,31 @@ mod tests {
     #[test]
     fn served_ratios_are_medians_per_case() {
         let alone = |n: u32| f64::from(n) * 1e-3;
-        let mk = |n: u32, s: f64, b: bool| ServedSample {
+        let mk = |n: u32, s: f64, b: bool, i: bool| ServedSample {
             prompt_tokens: n,
             seconds: s,
             beside_decode: b,
+            after_idle: i,
         };
         let f = ServedPrefill::fit(
             &[
-                mk(100, 0.102, false),
-                mk(200, 0.206, false),
-                mk(300, 0.9, false),
-                mk(100, 0.107, true),
-                mk(200, 0.212, true),
+                mk(100, 0.102, false, false),
+                mk(200, 0.206, false, false),
+                mk(300, 0.9, false, false),
+                mk(100, 0.105, false, true),
+                mk(100, 0.107, true, false),
+                mk(200, 0.212, true, false),
             ],
             alone,
         );
-        assert!((f.idle - 1.03).abs() < 1e-9, "{f:?}");
-        assert!((f.beside_decode - 1.065).abs() < 1e-9, "{f:?}");
-        assert_eq!((f.idle_samples, f.beside_decode_samples), (3, 2));
+        assert!((f.factor(false, false) - 1.03).abs() < 1e-9, "{f:?}");
+        assert!((f.factor(false, true) - 1.05).abs() < 1e-9, "{f:?}");
+        assert!((f.factor(true, false) - 1.065).abs() < 1e-9, "{f:?}");
+        // No prompt after idling beside a decoding answer: the other decoding case answers.
+        assert!((f.factor(true, true) - 1.065).abs() < 1e-9, "{f:?}");
+        assert_eq!(f.samples(), 6);
+        assert!(f.describe().contains("x1.050 (1) after idling"), "{}", f.describe());
         let none = ServedPrefill::fit(&[], alone);
-        assert_eq!((none.factor(false), none.factor(true)), (1.0, 1.0));
+        assert_eq!((none.factor(false, true), none.factor(true, false)), (1.0, 1.0));
     }
 }
