@@ -304,11 +304,12 @@ mod tests {
                 vec![64; 3]
             ]
         );
-        // Each decode sample attends to its batch's contexts (plus the step's own token).
+        // Each decode sample attends to its batch's contexts (plus the step's own token), as of its
+        // last of three repetitions.
         let shape: Vec<(u32, u64)> = decode.iter().map(|s| (s.batch, s.context_tokens)).collect();
         assert_eq!(shape.len(), 6);
-        assert_eq!(shape[0], (1, 16 + 2));
-        assert_eq!(shape[3], (1, 40 + 2));
+        assert_eq!(shape[0], (1, 16 + 3));
+        assert_eq!(shape[3], (1, 40 + 3));
         assert!(prefill.iter().all(|s| s.seconds > 0.0));
         assert!(decode.iter().all(|s| s.seconds > 0.0 && s.times.len() == 3));
         let profile = ProfileFile {

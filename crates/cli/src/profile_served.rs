@@ -52,7 +52,16 @@ pub fn measure(
     let dir = std::env::temp_dir().join(format!("tandem-profile-served-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut up = Command::new(&exe)
-        .args(["up", "--port", "0", "--json", "--prefill", "1", "--decode", "1"])
+        .args([
+            "up",
+            "--port",
+            "0",
+            "--json",
+            "--prefill",
+            "1",
+            "--decode",
+            "1",
+        ])
         .arg("--model")
         .arg(model)
         .args(["--worker-threads", &threads.to_string()])
@@ -78,17 +87,25 @@ pub fn measure(
     // `load`: concurrency 1 (each request sent as the previous ends) or a clock rate.
     let bench = |isl: &str, osl: &str, n: usize, seed: &str, load: &[&str], json: &Path| {
         let mut c = Command::new(&exe);
-        c.args(["bench", "--url", url, "--model", name, "--api", "completions"])
-            .args(["--isl", isl, "--osl", osl])
-            .args(load)
-            .args(["--requests", &n.to_string(), "--seed", seed, "--quiet"])
-            .arg("--tokenizer")
-            .arg(model)
-            .arg("--json")
-            .arg(json)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        c.args([
+            "bench",
+            "--url",
+            url,
+            "--model",
+            name,
+            "--api",
+            "completions",
+        ])
+        .args(["--isl", isl, "--osl", osl])
+        .args(load)
+        .args(["--requests", &n.to_string(), "--seed", seed, "--quiet"])
+        .arg("--tokenizer")
+        .arg(model)
+        .arg("--json")
+        .arg(json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         c
     };
     let prompts = "uniform:64-400";
@@ -132,7 +149,9 @@ pub fn measure(
             &mut bench(prompts, "1", requests, "15", on_a_clock, &dec_clock),
         )
     });
-    let bg = background.wait().context("waiting for the decoding client")?;
+    let bg = background
+        .wait()
+        .context("waiting for the decoding client")?;
     drop(up);
     fg?;
     if !bg.success() {

@@ -148,7 +148,11 @@ impl DecodeSpread {
 
     /// The `p` quantile of the factors pooled over every batch size (for reporting the spread).
     pub fn pooled_quantile(&self, p: f64) -> f64 {
-        let mut all: Vec<f64> = self.pools.iter().flat_map(|x| x.1.iter().copied()).collect();
+        let mut all: Vec<f64> = self
+            .pools
+            .iter()
+            .flat_map(|x| x.1.iter().copied())
+            .collect();
         if all.is_empty() {
             return 1.0;
         }
@@ -285,9 +289,21 @@ mod tests {
         );
         assert_eq!(s.factors(), 20);
         assert!(s.source().contains("served"));
-        assert!((s.factor(1, 1.0) - 1.5).abs() < 1e-9, "{}", s.factor(1, 1.0));
-        assert!((s.factor(7, 0.9) - 1.05).abs() < 1e-9, "{}", s.factor(7, 0.9));
-        assert!((s.factor(1, 0.0) - 1.05).abs() < 1e-9, "{}", s.factor(1, 0.0));
+        assert!(
+            (s.factor(1, 1.0) - 1.5).abs() < 1e-9,
+            "{}",
+            s.factor(1, 1.0)
+        );
+        assert!(
+            (s.factor(7, 0.9) - 1.05).abs() < 1e-9,
+            "{}",
+            s.factor(7, 0.9)
+        );
+        assert!(
+            (s.factor(1, 0.0) - 1.05).abs() < 1e-9,
+            "{}",
+            s.factor(1, 0.0)
+        );
         assert!(DecodeSpread::from_served(&[], alone).is_empty());
     }
 
@@ -317,8 +333,15 @@ mod tests {
         // No prompt after idling beside a decoding answer: the other decoding case answers.
         assert!((f.factor(true, true) - 1.065).abs() < 1e-9, "{f:?}");
         assert_eq!(f.samples(), 6);
-        assert!(f.describe().contains("x1.050 (1) after idling"), "{}", f.describe());
+        assert!(
+            f.describe().contains("x1.050 (1) after idling"),
+            "{}",
+            f.describe()
+        );
         let none = ServedPrefill::fit(&[], alone);
-        assert_eq!((none.factor(false, true), none.factor(true, false)), (1.0, 1.0));
+        assert_eq!(
+            (none.factor(false, true), none.factor(true, false)),
+            (1.0, 1.0)
+        );
     }
 }
