@@ -9,9 +9,10 @@
 //!   budget, chunking the last one that does not fit (as the prefill worker does). KV moves
 //!   layer by layer while the prefill computes, so only the transfer time beyond the prefill's own
 //!   shows. A decode instance runs continuous batching up to its sequence limit. A prefill step
-//!   takes the model's served-prefill factor for whether a decode instance is decoding when it
-//!   starts, and each decode step a factor drawn (seeded) from the model's measured step spread;
-//!   both are 1 for a model that measured neither.
+//!   takes the model's served-prefill factor for its case (a decode instance decoding or not when
+//!   it starts; started by an arrival at the idle instance or straight after its previous step),
+//!   and each decode step a factor drawn (seeded) from the model's measured step factors; both are
+//!   1 for a model that measured neither.
 //! * Aggregated: one instance does both, Sarathi-style: each step carries every running sequence's
 //!   next token plus prompt chunks (FCFS) up to the step's token budget.
 //! * A request that finds no instance with room for its KV waits, FCFS, at the router.

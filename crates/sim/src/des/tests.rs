@@ -252,7 +252,7 @@ fn requests_that_fit_nowhere_are_refused() {
     );
 }
 
-/// The toy with a served-prefill factor (1.1 with the decode worker idle, 1.5 beside decoding, 0.1
+/// The toy with a served-prefill factor (1.0 with the decode worker idle, 1.4 beside decoding, 0.1
 /// more when the prefill worker starts from idle) and decode steps spread uniformly over 0.5-1.5
 /// of the toy's.
 #[derive(Debug)]

@@ -1,8 +1,7 @@
 //! What the engine-alone medians leave out, both measured by `tandem profile`:
 //!
-//! * **The spread of decode step times.** Each measured step divided by a median of its like is a
-//!   relative factor, and the DES multiplies each decode step by a factor drawn (seeded) from the
-//!   pool. Without it every step of a batch size takes the same time, so when the tokens of a run
+//! * **The spread of decode step times.** Each measured step divided by a reference (below) is a
+//!   factor, and the DES multiplies each decode step by a factor drawn (seeded) from the pool. Without it every step of a batch size takes the same time, so when the tokens of a run
 //!   split into two modes (single-sequence steps and steps of two or more) a percentile that falls
 //!   between them snaps to one mode, where the real run's steps spread into the gap. The factors
 //!   come from the served decode worker where the profile has its steps (`--served`: the gaps
