@@ -13,7 +13,8 @@
 //! requests at 0.5/s take under a minute.
 //!
 //! The bound holds with a margin of 4-11% on TTFT p50 (0.959 and 0.989 in two runs with the served
-//! terms, 0.935-0.949 before them) when nothing else runs; beside a `cargo build` the served pair's
+//! terms, 0.949 in one with the served decode steps' spread only, 0.935-0.949 before the served
+//! terms) when nothing else runs; beside a `cargo build` the served pair's
 //! two compute threads wait for the cores and TTFT p50 fell to 0.85-0.89 in 4 runs of 6 (before
 //! the served terms; BENCHMARKS.md). Run it with the machine to itself.
 //!
