@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Issue 4: the simulator against reality. Profiles the native engine (one compute thread), then runs
+# Issue 4: the simulator against reality. Profiles the native engine (one compute thread; with
+# `--served`, also prompts and decode steps through a served pair, which the simulator's prefill
+# factor and decode step spread come from), then runs
 # `tandem up` (1 prefill + 1 decode worker, the default SmolLM2, one compute thread each) under the
 # `chat` workload at each rate in RATES, and sets the measured TTFT p50/p90, ITL p50 and mean, and
 # throughput beside `tandem plan --simulate --profile` replaying the same requests. The machine's
@@ -20,8 +22,8 @@ dir=${KEEP:-$(mktemp -d)}
 mkdir -p "$dir"
 PROFILE=${PROFILE:-$dir/profile.json}
 if [ ! -s "$PROFILE" ]; then
-  echo "profiling: $B profile --threads 1 --out $PROFILE"
-  $B profile --model "$M" --threads 1 --out "$PROFILE" | tail -2
+  echo "profiling: $B profile --threads 1 --served --out $PROFILE"
+  $B profile --model "$M" --threads 1 --served --out "$PROFILE" | tail -4
 fi
 for rate in ${RATES//,/ }; do
   load_before=$(cut -d' ' -f1 /proc/loadavg)

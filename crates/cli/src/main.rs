@@ -5,6 +5,7 @@ mod bench;
 mod engine_args;
 mod generate;
 mod profile;
+mod profile_served;
 mod roles;
 mod setup;
 mod up;

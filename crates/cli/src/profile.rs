@@ -36,9 +36,26 @@ pub struct ProfileArgs {
     /// Context length of each decoding sequence.
     #[arg(long, value_delimiter = ',', default_value = "64,256,512")]
     contexts: Vec<usize>,
-    /// Timed repetitions per shape; the median is kept.
+    /// Timed repetitions per prefill shape; the median is kept.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Timed repetitions per decode shape: the median is the table's, and every repetition is
+    /// kept in the file for the spread of step times the simulator draws from.
+    #[arg(long, default_value_t = 10)]
+    decode_reps: usize,
+    /// Also time prompts and decode steps through the served path: start `tandem up` (one prefill
+    /// and one decode worker, `--threads` compute threads each) and send prompts of 64-400 tokens
+    /// one at a time, back to back and on a clock, first with the decode worker idle, then while it
+    /// decodes long answers. The simulator slows its prefill steps by the measured ratio to the
+    /// engine alone and draws its decode steps from the served ones.
+    #[arg(long)]
+    served: bool,
+    /// Prompts timed per case with `--served`.
+    #[arg(long, default_value_t = 12)]
+    served_requests: usize,
+    /// Prompt tokens per prefill step of the served prefill worker (`tandem up --step-tokens`).
+    #[arg(long, default_value_t = 512)]
+    step_tokens: usize,
     /// KV memory of the decode worker being profiled, in MiB (the profile's KV capacity).
     #[arg(long, default_value_t = 1024)]
     kv_memory_mb: usize,
@@ -55,6 +72,7 @@ pub struct Shapes {
     pub decode_batches: Vec<usize>,
     pub contexts: Vec<usize>,
     pub reps: usize,
+    pub decode_reps: usize,
 }
 
 /// Measures `model` over `shapes`. Token ids are a fixed pseudo-random sequence: step time does
@@ -109,7 +127,8 @@ pub fn measure(
     let mut decode = Vec::new();
     for &ctx in &shapes.contexts {
         // Room for the context plus every timed step of every batch.
-        let steps = reps * shapes.decode_batches.len();
+        let decode_reps = shapes.decode_reps.max(1);
+        let steps = decode_reps * shapes.decode_batches.len();
         let mut engine = Engine::new(model.clone(), max_batch * (ctx + steps).div_ceil(bs) + 1);
         let prompts: Vec<Vec<u32>> = (0..max_batch).map(|b| tokens(ctx, b + 17)).collect();
         for (id, p) in prompts.iter().enumerate() {
@@ -117,9 +136,9 @@ pub fn measure(
             engine.prefill(&[(id as u64, p)], 512)?;
         }
         for &batch in &shapes.decode_batches {
-            let mut times = Vec::with_capacity(reps);
+            let mut times = Vec::with_capacity(decode_reps);
             let mut context = 0u64;
-            for rep in 0..reps {
+            for rep in 0..decode_reps {
                 let next: Vec<[u32; 1]> =
                     (0..batch).map(|b| [((rep + b) as u32) % vocab]).collect();
                 let items: Vec<StepItem<'_>> = next
@@ -138,10 +157,12 @@ pub fn measure(
                 engine.step(&items)?;
                 times.push(t0.elapsed().as_secs_f64());
             }
+            let all = times.clone();
             decode.push(DecodeSample {
                 batch: batch as u32,
                 context_tokens: context,
                 seconds: median(&mut times),
+                times: all,
             });
         }
     }
@@ -192,9 +213,17 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         decode_batches: args.decode_batches,
         contexts: args.contexts,
         reps: args.reps,
+        decode_reps: args.decode_reps,
     };
     eprintln!("profiling {} ...", path.display());
     let (prefill, decode) = measure(&model, &shapes)?;
+    let (served, served_decode) = if args.served {
+        let threads = args.threads.unwrap_or_else(rayon::current_num_threads);
+        eprintln!("timing prompts through a served pair ({threads} compute threads each) ...");
+        crate::profile_served::measure(&path, threads, args.step_tokens, args.served_requests)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let geom = Engine::geometry_for(&model, 1);
     let profile = ProfileFile {
         format: PROFILE_FORMAT,
@@ -207,6 +236,8 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         weight_bytes: weight_bytes(&path),
         prefill,
         decode,
+        served,
+        served_decode,
     };
     let fitted = Profiled::from_profile(profile.clone())?;
     std::fs::write(&args.out, profile.to_json())
@@ -227,6 +258,21 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         100.0 * line.mean_rel_err,
         100.0 * line.max_rel_err
     );
+    let s = &fitted.decode_spread;
+    if !s.is_empty() {
+        println!(
+            "decode step factors ({}): {} steps, p10 {:.3}, median {:.3}, p90 {:.3}",
+            s.source(),
+            s.factors(),
+            s.pooled_quantile(0.1),
+            s.pooled_quantile(0.5),
+            s.pooled_quantile(0.9)
+        );
+    }
+    let sp = &fitted.served_prefill;
+    if sp.samples() > 0 {
+        println!("served prefill against the engine alone: {}", sp.describe());
+    }
     Ok(())
 }
 
@@ -243,6 +289,7 @@ mod tests {
             decode_batches: vec![1, 2, 5],
             contexts: vec![16, 40],
             reps: 2,
+            decode_reps: 3,
         };
         let (prefill, decode) = measure(&model, &shapes).unwrap();
         let lens: Vec<Vec<u32>> = prefill.iter().map(|s| s.prompt_lens.clone()).collect();
@@ -257,13 +304,14 @@ mod tests {
                 vec![64; 3]
             ]
         );
-        // Each decode sample attends to its batch's contexts (plus the step's own token).
+        // Each decode sample attends to its batch's contexts (plus the step's own token), as of its
+        // last of three repetitions.
         let shape: Vec<(u32, u64)> = decode.iter().map(|s| (s.batch, s.context_tokens)).collect();
         assert_eq!(shape.len(), 6);
-        assert_eq!(shape[0], (1, 16 + 2));
-        assert_eq!(shape[3], (1, 40 + 2));
+        assert_eq!(shape[0], (1, 16 + 3));
+        assert_eq!(shape[3], (1, 40 + 3));
         assert!(prefill.iter().all(|s| s.seconds > 0.0));
-        assert!(decode.iter().all(|s| s.seconds > 0.0));
+        assert!(decode.iter().all(|s| s.seconds > 0.0 && s.times.len() == 3));
         let profile = ProfileFile {
             format: PROFILE_FORMAT,
             model: "tiny".into(),
@@ -275,6 +323,8 @@ mod tests {
             weight_bytes: 1,
             prefill,
             decode,
+            served: Vec::new(),
+            served_decode: Vec::new(),
         };
         let dir = std::env::temp_dir().join(format!("tandem-profile-{}.json", std::process::id()));
         std::fs::write(&dir, profile.to_json()).unwrap();

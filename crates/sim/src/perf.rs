@@ -102,6 +102,21 @@ pub trait PerfModel: Send + Sync + fmt::Debug {
         })
     }
 
+    /// A decode step's time relative to [`Self::decode_step_time`], drawn from how the measured
+    /// steps of `batch` sequences spread: `u`, uniform in [0, 1), picks the quantile. 1 (no spread)
+    /// unless the model has measured one.
+    fn decode_spread(&self, _batch: u32, _u: f64) -> f64 {
+        1.0
+    }
+
+    /// A prefill step's time in a served disaggregated pair relative to [`Self::prefill_time`],
+    /// with the decode worker beside it decoding (`beside_decode`) or idle, and the step started by
+    /// a prompt arriving at an idle prefill worker (`after_idle`) or straight after the previous
+    /// step. 1 unless the model has measured it (`tandem profile --served`).
+    fn served_prefill_factor(&self, _beside_decode: bool, _after_idle: bool) -> f64 {
+        1.0
+    }
+
     /// Time to move the KV of `tokens` tokens over `link`.
     fn kv_transfer_time(&self, tokens: u64, link: &Link) -> f64 {
         link.latency_s + (tokens * self.kv_bytes_per_token()) as f64 / link.bytes_per_s

@@ -124,6 +124,12 @@ impl PerfModel for TimeScaled {
     fn kv_transfer_time(&self, tokens: u64, link: &Link) -> f64 {
         self.inner.kv_transfer_time(tokens, link) * self.scale
     }
+    fn decode_spread(&self, batch: u32, u: f64) -> f64 {
+        self.inner.decode_spread(batch, u)
+    }
+    fn served_prefill_factor(&self, beside_decode: bool, after_idle: bool) -> f64 {
+        self.inner.served_prefill_factor(beside_decode, after_idle)
+    }
 }
 
 /// The arrivals and lengths of one simulated run.

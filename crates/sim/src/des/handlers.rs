@@ -80,7 +80,7 @@ impl<'a> Sim<'a> {
         inst.queue.push_back(id);
         inst.queued_tokens += u64::from(r.input);
         if !inst.busy {
-            self.start_prefill(p);
+            self.start_prefill(p, true);
         }
         true
     }
@@ -88,7 +88,10 @@ impl<'a> Sim<'a> {
     /// One prefill step, as the prefill worker's batcher makes it: prompts oldest first, each
     /// taking what is left of the step's token budget, so that the last prompt in a step may be
     /// chunked and finish in a later step (its earlier chunks then count as cached context).
-    fn start_prefill(&mut self, p: usize) {
+    ///
+    /// `after_idle`: the step is started by a prompt arriving at the idle instance (else straight
+    /// after the instance's previous step), for the model's served-prefill factor.
+    fn start_prefill(&mut self, p: usize, after_idle: bool) {
         let spec = &self.specs().0[p];
         let mut items = std::mem::take(&mut self.scratch_items);
         items.clear();
@@ -113,7 +116,9 @@ impl<'a> Sim<'a> {
         } else {
             inst.busy = true;
             inst.started = self.now;
-            let dt = spec.model.prefill_time(&items);
+            let beside_decode = self.decode.iter().any(|d| d.busy);
+            let dt = spec.model.prefill_time(&items)
+                * spec.model.served_prefill_factor(beside_decode, after_idle);
             self.schedule(self.now + dt, Kind::PrefillDone(p as u32));
         }
         self.scratch_items = items;
@@ -150,7 +155,7 @@ impl<'a> Sim<'a> {
             }
         }
         self.prefill[p].chunks = chunks;
-        self.start_prefill(p);
+        self.start_prefill(p, false);
         if freed {
             self.admit_pending();
         }
@@ -176,7 +181,8 @@ impl<'a> Sim<'a> {
         }
         inst.busy = true;
         let (b, ctx) = (inst.set.running, inst.set.context());
-        let dt = spec.model.decode_step_time(b, ctx);
+        let dt = spec.model.decode_step_time(b, ctx)
+            * spec.model.decode_spread(b, self.spread_rng.uniform());
         self.steps.push((self.now, dt, b));
         self.schedule(self.now + dt, Kind::DecodeDone(d as u32));
     }

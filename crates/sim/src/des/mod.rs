@@ -8,7 +8,11 @@
 //!   queued tokens. A prefill instance fills each step with queued prompts FCFS up to its token
 //!   budget, chunking the last one that does not fit (as the prefill worker does). KV moves
 //!   layer by layer while the prefill computes, so only the transfer time beyond the prefill's own
-//!   shows. A decode instance runs continuous batching up to its sequence limit.
+//!   shows. A decode instance runs continuous batching up to its sequence limit. A prefill step
+//!   takes the model's served-prefill factor for its case (a decode instance decoding or not when
+//!   it starts; started by an arrival at the idle instance or straight after its previous step),
+//!   and each decode step a factor drawn (seeded) from the model's measured step factors; both are
+//!   1 for a model that measured neither.
 //! * Aggregated: one instance does both, Sarathi-style: each step carries every running sequence's
 //!   next token plus prompt chunks (FCFS) up to the step's token budget.
 //! * A request that finds no instance with room for its KV waits, FCFS, at the router.
@@ -25,9 +29,13 @@ use std::sync::Arc;
 
 use crate::error::SimError;
 use crate::perf::{Link, PerfModel, blocks_for};
+use crate::rng::Rng;
 use crate::stats::{Outcome, SimReport, Slo, summarise};
 use crate::workload::{RequestStream, Workload};
 use state::{AggInst, DecodeInst, Event, Kind, PrefillInst, Req};
+
+/// Mixed into the seed for the decode step spread's stream.
+const SPREAD_STREAM: u64 = 0x5EED_5E7D_0000_0001;
 
 /// One instance: a performance model (which fixes its tensor parallelism) and its batch limits.
 #[derive(Debug, Clone)]
@@ -103,6 +111,9 @@ struct Sim<'a> {
     processed: u64,
     scratch_items: Vec<crate::perf::PrefillItem>,
     scratch_ids: Vec<u32>,
+    /// Draws decode step times from the model's spread (its own stream, so that arrivals do not
+    /// depend on it).
+    spread_rng: Rng,
 }
 
 /// Runs the simulation to the last completion.
@@ -247,6 +258,7 @@ impl<'a> Sim<'a> {
             processed: 0,
             scratch_items: Vec::new(),
             scratch_ids: Vec::new(),
+            spread_rng: Rng::new(cfg.seed ^ SPREAD_STREAM),
         };
         match &cfg.cluster {
             Cluster::Disaggregated {

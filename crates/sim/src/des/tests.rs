@@ -251,3 +251,78 @@ fn requests_that_fit_nowhere_are_refused() {
         "{e}"
     );
 }
+
+/// The toy with a served-prefill factor (1.0 with the decode worker idle, 1.4 beside decoding, 0.1
+/// more when the prefill worker starts from idle) and decode steps spread uniformly over 0.5-1.5
+/// of the toy's.
+#[derive(Debug)]
+struct Served(Toy);
+
+impl PerfModel for Served {
+    fn describe(&self) -> String {
+        "served toy".into()
+    }
+    fn tensor_parallel(&self) -> u32 {
+        1
+    }
+    fn step_time(&self, s: &StepShape<'_>) -> f64 {
+        self.0.step_time(s)
+    }
+    fn kv_bytes_per_token(&self) -> u64 {
+        1
+    }
+    fn memory(&self) -> MemoryFit {
+        self.0.memory()
+    }
+    fn decode_spread(&self, _batch: u32, u: f64) -> f64 {
+        0.5 + u
+    }
+    fn served_prefill_factor(&self, beside_decode: bool, after_idle: bool) -> f64 {
+        (if beside_decode { 1.4 } else { 1.0 }) + if after_idle { 0.1 } else { 0.0 }
+    }
+}
+
+#[test]
+fn served_prefill_factor_follows_the_decoder_and_decode_steps_spread() {
+    let served = || InstanceSpec {
+        model: Arc::new(Served(Toy { blocks: 1000 })),
+        max_running: 64,
+        max_batch_tokens: 100,
+    };
+    let c = cfg(
+        Cluster::Disaggregated {
+            prefill: vec![served()],
+            decode: vec![served()],
+            link: fast_link(),
+        },
+        // The second prompt arrives while the first answer decodes (0.11 to about 0.21).
+        Arrivals::Trace(vec![0.0, 0.15]),
+        100,
+        11,
+        2,
+        Phase::Full,
+    );
+    let r = simulate(&c).unwrap();
+    close(r.ttft.p50, (0.11 + 0.15) / 2.0);
+    close(r.ttft.max, 0.15);
+    // Two prompts at once, the decode worker idle: the first from idle (x1.1), the second queued
+    // behind it (x1.0).
+    let c2 = cfg(
+        Cluster::Disaggregated {
+            prefill: vec![served()],
+            decode: vec![served()],
+            link: fast_link(),
+        },
+        Arrivals::Trace(vec![0.0, 0.0]),
+        100,
+        2,
+        2,
+        Phase::Full,
+    );
+    let r2 = simulate(&c2).unwrap();
+    close(r2.ttft.p50, (0.11 + 0.21) / 2.0);
+    // 20 decode steps of 5-15 ms drawn from the spread, the same ones for the same seed.
+    assert!(r.itl.max > 0.0105 && r.itl.max < 0.015, "{:?}", r.itl);
+    assert!(r.itl.mean > 0.0075 && r.itl.mean < 0.0125, "{:?}", r.itl);
+    assert_eq!(simulate(&c).unwrap(), r);
+}

@@ -9,8 +9,14 @@
 //! For a prompt with a cached prefix of `c` tokens and `n` new ones, the quadratic term counts
 //! `n^2 + 2 n c`: the attention work of the new rows against the whole context, in the units of
 //! `len^2` for a prompt with no prefix.
+//!
+//! Two optional parts of the file ([`serving`]) carry what the medians leave out: every timed
+//! repetition of a decode step (the DES draws step times from their spread) and prompts timed
+//! through the served path (the DES slows a prefill step by the measured ratio). A file without
+//! them (written before they existed) reads as before and gives the model they had.
 
 mod fit;
+pub mod serving;
 pub mod table;
 
 use std::path::Path;
@@ -21,9 +27,12 @@ use crate::error::SimError;
 use crate::perf::{MemoryFit, PerfModel, StepShape};
 pub use fit::Fit;
 use fit::{features_decode, features_prefill, fit};
+pub use serving::{DecodeSpread, ServedAnswer, ServedPrefill, ServedSample};
 pub use table::DecodeTable;
 
-/// The profile file's format version; bump it on an incompatible change.
+/// The profile file's format version; bump it on an incompatible change. Optional fields added
+/// since (`DecodeSample::times`, `ProfileFile::served`) are not one: older files lack them and
+/// read as before, and older builds ignore them.
 pub const PROFILE_FORMAT: u32 = 1;
 
 /// One measured prefill step.
@@ -43,7 +52,11 @@ pub struct DecodeSample {
     pub batch: u32,
     /// Tokens attended to, summed over the batch.
     pub context_tokens: u64,
+    /// The median of `times`.
     pub seconds: f64,
+    /// Every timed repetition, in the order measured (absent in older files: no spread).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub times: Vec<f64>,
 }
 
 /// What `tandem profile` writes.
@@ -64,6 +77,15 @@ pub struct ProfileFile {
     pub weight_bytes: u64,
     pub prefill: Vec<PrefillSample>,
     pub decode: Vec<DecodeSample>,
+    /// Prompts timed through a served pair of workers (`tandem profile --served`; absent: the
+    /// served prefill is taken to be the engine's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub served: Vec<ServedSample>,
+    /// Answers decoded alone by the served decode worker, with the gaps between their tokens
+    /// (`tandem profile --served`). Where present, the decode step factors are theirs rather than
+    /// the spread of the engine's repetitions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub served_decode: Vec<ServedAnswer>,
 }
 
 impl ProfileFile {
@@ -100,6 +122,10 @@ pub struct Profiled {
     pub decode_fit: Fit,
     /// What a decode step costs.
     pub decode_table: DecodeTable,
+    /// How decode step times spread about the table's.
+    pub decode_spread: DecodeSpread,
+    /// How much slower a served prefill is than the engine's.
+    pub served_prefill: ServedPrefill,
 }
 
 impl Profiled {
@@ -123,16 +149,54 @@ impl Profiled {
         let prefill_fit = fit(&p, "prefill")?;
         let decode_fit = fit(&d, "decode")?;
         let decode_table = DecodeTable::fit(&profile.decode, decode_fit.coef[1])?;
+        let served_spread =
+            DecodeSpread::from_served(&profile.served_decode, |ctx| decode_table.step_time(1, ctx));
+        let decode_spread = if served_spread.is_empty() {
+            DecodeSpread::from_samples(&profile.decode)
+        } else {
+            served_spread
+        };
+        let [a, b, c] = prefill_fit.coef;
+        let served_prefill = ServedPrefill::fit(&profile.served, |n| {
+            let n = f64::from(n);
+            a * n + b * n * n + c
+        });
         Ok(Profiled {
             source: profile,
             prefill_fit,
             decode_fit,
             decode_table,
+            decode_spread,
+            served_prefill,
         })
     }
 
     pub fn from_file(path: &Path) -> Result<Self, SimError> {
         Self::from_profile(ProfileFile::read(path)?)
+    }
+}
+
+impl Profiled {
+    /// The spread and served parts of [`PerfModel::describe`], empty when the profile has neither.
+    fn serving_note(&self) -> String {
+        let mut out = String::new();
+        let s = &self.decode_spread;
+        if !s.is_empty() {
+            out += &format!(
+                "; decode steps x a factor drawn from {} ({} steps, p10 {:.3}, median {:.3}, p90 \
+                 {:.3})",
+                s.source(),
+                s.factors(),
+                s.pooled_quantile(0.1),
+                s.pooled_quantile(0.5),
+                s.pooled_quantile(0.9)
+            );
+        }
+        let p = &self.served_prefill;
+        if p.samples() > 0 {
+            out += &format!("; served prefill against the engine, {}", p.describe());
+        }
+        out
     }
 }
 
@@ -160,7 +224,7 @@ impl PerfModel for Profiled {
             t.max_rel_err * 100.0,
             self.decode_fit.mean_rel_err * 100.0,
             self.decode_fit.max_rel_err * 100.0
-        )
+        ) + &self.serving_note()
     }
 
     fn tensor_parallel(&self) -> u32 {
@@ -198,6 +262,14 @@ impl PerfModel for Profiled {
 
     fn kv_bytes_per_token(&self) -> u64 {
         self.source.kv_bytes_per_token
+    }
+
+    fn decode_spread(&self, batch: u32, u: f64) -> f64 {
+        self.decode_spread.factor(batch, u)
+    }
+
+    fn served_prefill_factor(&self, beside_decode: bool, after_idle: bool) -> f64 {
+        self.served_prefill.factor(beside_decode, after_idle)
     }
 
     fn memory(&self) -> MemoryFit {
@@ -246,6 +318,7 @@ mod tests {
                 batch,
                 context_tokens: ctx,
                 seconds: secs,
+                times: Vec::new(),
             });
         }
         ProfileFile {
@@ -259,6 +332,8 @@ mod tests {
             weight_bytes: 269_000_000,
             prefill,
             decode,
+            served: Vec::new(),
+            served_decode: Vec::new(),
         }
     }
 

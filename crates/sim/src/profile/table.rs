@@ -142,6 +142,7 @@ mod tests {
             batch,
             context_tokens,
             seconds,
+            times: Vec::new(),
         }
     }
 
