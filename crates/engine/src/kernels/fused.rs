@@ -110,25 +110,24 @@ fn tile<F: Format, const R: usize, const C: usize>(
     out
 }
 
-/// `out[r * ld + j] = dot(x_r, w_j)` for the rows of `x` (each `k` wide) and quantized rows `w_j` (each
-/// `row_bytes` long) of `wrows`; `k` is a multiple of 32.
+/// `out[r][j] = dot(x_r, w_j)` for the rows of `x` (each `k` wide) and quantized rows `w_j` (each
+/// `row_bytes` long) of `wrows`, `out` holding one segment per row; `k` is a multiple of 32.
 pub(super) fn quant_block(
     format: BlockFormat,
     wrows: &[u8],
     row_bytes: usize,
     x: &[f32],
     k: usize,
-    out: &mut [f32],
-    ld: usize,
+    out: &mut [&mut [f32]],
 ) {
     match format {
-        BlockFormat::Q4_0 => run::<Q4_0>(wrows, row_bytes, x, k, out, ld),
-        BlockFormat::Q4_1 => run::<Q4_1>(wrows, row_bytes, x, k, out, ld),
-        BlockFormat::Q8_0 => run::<Q8_0>(wrows, row_bytes, x, k, out, ld),
+        BlockFormat::Q4_0 => run::<Q4_0>(wrows, row_bytes, x, k, out),
+        BlockFormat::Q4_1 => run::<Q4_1>(wrows, row_bytes, x, k, out),
+        BlockFormat::Q8_0 => run::<Q8_0>(wrows, row_bytes, x, k, out),
     }
 }
 
-fn run<F: Format>(wrows: &[u8], row_bytes: usize, x: &[f32], k: usize, out: &mut [f32], ld: usize) {
+fn run<F: Format>(wrows: &[u8], row_bytes: usize, x: &[f32], k: usize, out: &mut [&mut [f32]]) {
     let m = x.len() / k;
     let n = wrows.len() / row_bytes;
     let mut r = 0;
@@ -143,14 +142,14 @@ fn run<F: Format>(wrows: &[u8], row_bytes: usize, x: &[f32], k: usize, out: &mut
                     });
                     let v = tile::<F, $r, $c>(wr, xr);
                     for i in 0..$r {
-                        out[(r + i) * ld + j..(r + i) * ld + j + $c].copy_from_slice(&v[i]);
+                        out[r + i][j..j + $c].copy_from_slice(&v[i]);
                     }
                     j += $c;
                 }
                 while j < n {
                     let v = tile::<F, $r, 1>([&wrows[j * row_bytes..(j + 1) * row_bytes]], xr);
                     for i in 0..$r {
-                        out[(r + i) * ld + j] = v[i][0];
+                        out[r + i][j] = v[i][0];
                     }
                     j += 1;
                 }

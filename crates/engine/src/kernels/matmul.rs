@@ -152,68 +152,14 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "matmul: x is not m × k");
     assert_eq!(out.len(), m * n, "matmul: out is not m × n");
-    split(m, n, out, |rows, cols, o, ld| {
-        block(&x[rows.start * k..rows.end * k], rows.len(), w, cols, o, ld)
+    split(m, n, out, |rows, cols, o| {
+        block(&x[rows.start * k..rows.end * k], rows.len(), w, cols, o)
     });
 }
 
-/// Shares an m × n product among the threads: above `ROW_SPLIT_MIN` rows, one task per thread
-/// takes a run of rows and every column (prefill: each weight row read once per task); below, each
-/// task takes a run of columns and every row (decode: the weights are split, not re-read).
-/// `f(rows, cols, out, ld)` computes that part into `out` (row stride `ld`, first column at 0).
-fn split(
-    m: usize,
-    n: usize,
-    out: &mut [f32],
-    f: impl Fn(Range<usize>, Range<usize>, &mut [f32], usize) + Sync,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let threads = rayon::current_num_threads().max(1);
-    if m >= ROW_SPLIT_MIN {
-        let rows_per_task = m.div_ceil(threads).next_multiple_of(MR).min(192);
-        out.par_chunks_mut(rows_per_task * n)
-            .enumerate()
-            .for_each(|(t, o)| {
-                let r0 = t * rows_per_task;
-                f(r0..r0 + o.len() / n, 0..n, o, n)
-            });
-    } else if m == 1 {
-        // One row: each task's columns are a contiguous run of `out`, written in place.
-        let cols_per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR * 4);
-        out.par_chunks_mut(cols_per_task)
-            .enumerate()
-            .for_each(|(t, o)| {
-                let c0 = t * cols_per_task;
-                let width = o.len();
-                f(0..1, c0..c0 + width, o, width)
-            });
-    } else {
-        let cols_per_task = n.div_ceil(threads * 4).next_multiple_of(NR).max(NR * 4);
-        let parts: Vec<(usize, Vec<f32>)> = (0..n)
-            .step_by(cols_per_task)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|c0| {
-                let c1 = (c0 + cols_per_task).min(n);
-                let mut local = vec![0f32; m * (c1 - c0)];
-                f(0..m, c0..c1, &mut local, c1 - c0);
-                (c0, local)
-            })
-            .collect();
-        for (c0, local) in parts {
-            let width = local.len() / m;
-            for r in 0..m {
-                out[r * n + c0..r * n + c0 + width]
-                    .copy_from_slice(&local[r * width..(r + 1) * width]);
-            }
-        }
-    }
-}
-
-/// Computes columns `cols` of `x · Wᵀ` for `m` rows into `out` (row stride `ld`, column 0 = cols.start).
-fn block(x: &[f32], m: usize, w: &Weight, cols: Range<usize>, out: &mut [f32], ld: usize) {
+/// Computes columns `cols` of `x · Wᵀ` for `m` rows into `out` (one segment per row, column 0 =
+/// cols.start).
+fn block(x: &[f32], m: usize, w: &Weight, cols: Range<usize>, out: &mut [&mut [f32]]) {
     let k = w.k;
     if let WeightData::Quant { format, bytes } = &w.data
         && m < ROW_SPLIT_MIN
@@ -222,7 +168,7 @@ fn block(x: &[f32], m: usize, w: &Weight, cols: Range<usize>, out: &mut [f32], l
         // Few rows: dequantize in registers rather than into a panel that few rows would share.
         let rb = format.row_bytes(k);
         let wrows = &bytes[cols.start * rb..cols.end * rb];
-        super::fused::quant_block(*format, wrows, rb, &x[..m * k], k, out, ld);
+        super::fused::quant_block(*format, wrows, rb, &x[..m * k], k, out);
         return;
     }
     let mut scratch: Vec<Vec<f32>> = vec![Vec::new(); NR];
@@ -244,7 +190,7 @@ fn block(x: &[f32], m: usize, w: &Weight, cols: Range<usize>, out: &mut [f32], l
             let xr: [&[f32]; MR] = std::array::from_fn(|i| &x[(r + i) * k..(r + i + 1) * k]);
             let t = tile::<MR, NR>(xr, wrows);
             for i in 0..MR {
-                out[(r + i) * ld + oc..(r + i) * ld + oc + NR].copy_from_slice(&t[i]);
+                out[r + i][oc..oc + NR].copy_from_slice(&t[i]);
             }
             r += MR;
         }
@@ -252,10 +198,10 @@ fn block(x: &[f32], m: usize, w: &Weight, cols: Range<usize>, out: &mut [f32], l
             let xr = &x[r * k..(r + 1) * k];
             if nr == NR {
                 let t = tile::<1, NR>([xr], wrows);
-                out[r * ld + oc..r * ld + oc + NR].copy_from_slice(&t[0]);
+                out[r][oc..oc + NR].copy_from_slice(&t[0]);
             } else {
                 for j in 0..nr {
-                    out[r * ld + oc + j] = super::dot(xr, wrows[j]);
+                    out[r][oc + j] = super::dot(xr, wrows[j]);
                 }
             }
             r += 1;
@@ -280,16 +226,18 @@ pub fn matmul_rounded(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) {
     assert_eq!(out.len(), m * n, "matmul: out is not m × n");
     let xq = Q16Rows::quantize(x, k);
     let rb = format.row_bytes(k);
-    split_segments(m, n, out, |rows, cols, o| {
+    split(m, n, out, |rows, cols, o| {
         let wrows = &bytes[cols.start * rb..cols.end * rb];
         q16::rows_times_weights(*format, wrows, rb, &xq, rows, o)
     });
 }
 
-/// [`split`]'s division of the work, with each task given its rows' output segments (one slice
-/// per row, starting at the task's first column) to write in place: column tasks of a batch need
-/// no scratch to zero and copy back.
-fn split_segments(
+/// Shares an m × n product among the threads: above `ROW_SPLIT_MIN` rows, one task per thread
+/// takes a run of rows and every column (prefill: each weight row read once per task); below, each
+/// task takes a run of columns and every row (decode: the weights are split, not re-read).
+/// `f(rows, cols, out)` computes that part into `out`: one slice per row, cut from the output
+/// itself and starting at the part's first column, so every task writes in place.
+fn split(
     m: usize,
     n: usize,
     out: &mut [f32],
