@@ -149,21 +149,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(candle) = candle_for_batches.as_mut() {
         for batch in [1usize, 4, 16, 32] {
             let steps = 32;
+            let greedy = |logits: Tensor| -> candle_core::Result<Vec<u32>> {
+                (0..batch)
+                    .map(|b| Ok(argmax(&logits.get(b)?.to_vec1::<f32>()?)))
+                    .collect()
+            };
             let mut toks = vec![0u32; batch];
             for (i, &p) in prompt[..64].iter().enumerate() {
                 let x = Tensor::new(vec![p; batch].as_slice(), &Device::Cpu)?.unsqueeze(1)?;
-                let logits = candle.forward(&x, i)?;
-                toks = (0..batch)
-                    .map(|b| Ok(argmax(&logits.get(b)?.to_vec1::<f32>()?)))
-                    .collect::<candle_core::Result<_>>()?;
+                toks = greedy(candle.forward(&x, i)?)?;
             }
             let t = Instant::now();
             for i in 0..steps {
                 let x = Tensor::new(toks.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
-                let logits = candle.forward(&x, 64 + i)?;
-                toks = (0..batch)
-                    .map(|b| Ok(argmax(&logits.get(b)?.to_vec1::<f32>()?)))
-                    .collect::<candle_core::Result<_>>()?;
+                toks = greedy(candle.forward(&x, 64 + i)?)?;
             }
             candle_batched.push((batch, (batch * steps) as f64 / t.elapsed().as_secs_f64()));
         }

@@ -308,22 +308,25 @@ mod tests {
             .to_vec1::<f32>()
     }
 
+    /// `len` values in [-2, 2) from a linear congruential generator.
+    fn random_values(len: usize, seed: &mut u64) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
     #[test]
     fn fixed_head_sizes_compute_as_the_general_path_bit_for_bit() {
         for l in [8usize, 16] {
             let hd = 8 * l;
             let (bs, slot_w, kvh) = (4, 3 * hd, 2);
             let mut seed = 3u64;
-            let mut rnd = |len: usize| -> Vec<f32> {
-                (0..len)
-                    .map(|_| {
-                        seed = seed
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-                    })
-                    .collect()
-            };
+            let mut rnd = |len: usize| random_values(len, &mut seed);
             let table: Vec<u32> = vec![5, 1, 8, 0, 3, 7, 2, 6, 4, 9];
             let (kc, vc, q) = (rnd(10 * bs * slot_w), rnd(10 * bs * slot_w), rnd(hd));
             for n in 1..=37 {
@@ -387,16 +390,7 @@ mod tests {
         };
         let n = 23;
         let mut seed = 99u64;
-        let mut rnd = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-                })
-                .collect()
-        };
+        let mut rnd = |len: usize| random_values(len, &mut seed);
         let (q, k, v) = (
             rnd(n * s.heads * s.head_dim),
             rnd(n * s.slot_width()),
