@@ -219,8 +219,7 @@ impl SimModel {
                 c.tokens.iter().enumerate().map(move |(i, &token)| {
                     let pos = c.start + i;
                     Write {
-                        token,
-                        pos,
+                        seed: mix(mix(((pos as u64) << 8) ^ 0x5EED) ^ u64::from(token)),
                         at: slot(pos),
                         prev: pos.checked_sub(1).map(slot),
                         far: far_position(pos).map(slot),
@@ -287,18 +286,32 @@ fn far_position(pos: usize) -> Option<usize> {
 
 /// One position a step writes, with the pool slots it writes and reads (the same in every layer).
 struct Write {
-    token: u32,
-    pos: usize,
+    /// A hash of the position and its token, the same in every layer.
+    seed: u64,
     at: usize,
     prev: Option<usize>,
     far: Option<usize>,
 }
 
+/// Takes one 64-bit word into a running hash. Xor, an odd multiply and an xorshift are each
+/// invertible, so for a given state two different words always give two different states: a word
+/// read back changed (one bit or all of them) always changes the values written from it. The
+/// spreading is left to the one [`mix`] that turns the state into values.
+fn absorb(h: u64, w: u64) -> u64 {
+    let x = (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^ (x >> 32)
+}
+
 /// Writes one layer's K and V at every position of `plan`, in order. Each position's values are
 /// a hash of its token, its position, the layer below at that position (written just before, in
-/// this step), and the previous and one earlier position of this layer (written earlier in this
-/// step or in an earlier one, or imported). `below` holds the digests of the layer below on entry
-/// and this layer's on return.
+/// this step), and every bit of K and V at the previous and one earlier position of this layer
+/// (written earlier in this step or in an earlier one, or imported). `below` holds the state the
+/// layer below's values came from on entry, and this layer's on return.
+///
+/// Per position and layer that is four words read and absorbed (K and V of two slots), the state
+/// below absorbed last (so the reads' share need not wait for the layer below), and one mixing
+/// step per value word: a decode step does this for every layer of every sequence, so it is most
+/// of the `sim` engine's CPU time.
 ///
 /// The earlier positions lie anywhere in a pool of hundreds of megabytes, so their reads miss
 /// every cache. Read one after another, each behind the hashing of the last, they were most of a
@@ -317,17 +330,17 @@ fn write_layer(pool: &mut KvPool, layer: usize, plan: &[Write], below: &mut [u64
         }
     }
     std::hint::black_box(touched);
+    let layer_key = mix(((layer as u64) << 40) ^ 0x1A7E);
     for (w, below) in plan.iter().zip(below.iter_mut()) {
-        let mut h = mix(((layer as u64) << 40) ^ ((w.pos as u64) << 8) ^ 0x5EED);
-        h = mix(h ^ u64::from(w.token));
+        let mut h = w.seed ^ layer_key;
         if let Some(p) = w.prev {
-            h = mix(h ^ digest_at(k, v, p));
+            h = absorb(absorb(h, pair(&k[p * W..])), pair(&v[p * W..]));
         }
         if let Some(f) = w.far {
-            h = mix(h ^ digest_at(k, v, f).rotate_left(17));
+            h = absorb(absorb(h, pair(&k[f * W..])), pair(&v[f * W..]));
         }
         if layer > 0 {
-            h = mix(h ^ below.rotate_left(31));
+            h = absorb(h, *below);
         }
         // Two values of 24 bits from each mixing step, in [-1, 1) as real K and V would be.
         let unit = |bits: u64| (bits & 0xFF_FFFF) as f32 / (1u64 << 23) as f32 - 1.0;
@@ -336,7 +349,7 @@ fn write_layer(pool: &mut KvPool, layer: usize, plan: &[Write], below: &mut [u64
         k[w.at * W + 1] = unit(hk >> 8);
         v[w.at * W] = unit(hv >> 40);
         v[w.at * W + 1] = unit(hv >> 8);
-        *below = digest_at(k, v, w.at);
+        *below = h;
     }
 }
 
