@@ -109,6 +109,22 @@ impl KvPool {
         region.split_at_mut(half)
     }
 
+    /// One layer's K and V regions to write, and the next layer's (if any) to read: the `sim`
+    /// engine prefetches the next layer's slots while it writes this one.
+    #[allow(clippy::type_complexity)]
+    pub fn layer_mut_and_next(
+        &mut self,
+        layer: usize,
+    ) -> ((&mut [f32], &mut [f32]), Option<(&[f32], &[f32])>) {
+        let half = self.geom.half_layer_floats();
+        let (k, _) = self.offsets(layer);
+        let next = layer + 1 < self.geom.layers;
+        let end = k + if next { 4 * half } else { 2 * half };
+        let (this, rest) = self.mem.floats_mut()[k..end].split_at_mut(2 * half);
+        let rest: &[f32] = rest;
+        (this.split_at_mut(half), next.then(|| rest.split_at(half)))
+    }
+
     fn check_blocks(&self, layer: usize, blocks: &[u32]) -> Result<()> {
         if layer >= self.geom.layers {
             return Err(EngineError::KvImport(format!("layer {layer} out of range")));
@@ -193,6 +209,27 @@ mod tests {
             b.layer(0).0.iter().all(|x| *x == 0.0),
             "other layers untouched"
         );
+    }
+
+    #[test]
+    fn a_layer_and_the_next_are_the_regions_layer_gives() {
+        let g = KvGeometry::new(2, 1, 2, 3);
+        let mut p = KvPool::new(g);
+        for layer in 0..2 {
+            let (k, v) = p.layer_mut(layer);
+            k.fill(layer as f32 * 10.0 + 1.0);
+            v.fill(layer as f32 * 10.0 + 2.0);
+        }
+        let want: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
+            .map(|l| (p.layer(l).0.to_vec(), p.layer(l).1.to_vec()))
+            .collect();
+        let ((k, v), next) = p.layer_mut_and_next(0);
+        assert_eq!((k.to_vec(), v.to_vec()), want[0]);
+        let (nk, nv) = next.expect("layer 1 follows");
+        assert_eq!((nk.to_vec(), nv.to_vec()), want[1]);
+        let ((k, v), next) = p.layer_mut_and_next(1);
+        assert_eq!((k.to_vec(), v.to_vec()), want[1]);
+        assert!(next.is_none());
     }
 
     #[test]

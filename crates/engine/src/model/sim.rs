@@ -293,6 +293,18 @@ struct Write {
     far: Option<usize>,
 }
 
+/// Whether [`prefetch`] does anything on this target.
+const PREFETCH: bool = cfg!(target_arch = "x86_64");
+
+/// Asks for the cache line holding `x` without waiting for it.
+#[cfg(target_arch = "x86_64")]
+fn prefetch(x: &f32) {
+    safe_arch::prefetch_t0(x);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn prefetch(_: &f32) {}
+
 /// Takes one 64-bit word into a running hash. Xor, an odd multiply and an xorshift are each
 /// invertible, so for a given state two different words always give two different states: a word
 /// read back changed (one bit or all of them) always changes the values written from it. The
@@ -313,25 +325,40 @@ fn absorb(h: u64, w: u64) -> u64 {
 /// step per value word: a decode step does this for every layer of every sequence, so it is most
 /// of the `sim` engine's CPU time.
 ///
-/// The earlier positions lie anywhere in a pool of hundreds of megabytes, so their reads miss
-/// every cache. Read one after another, each behind the hashing of the last, they were most of a
-/// step at zero simulated time; a first pass loads them all at once (independent loads, so the
-/// misses overlap) and the hashing then finds them in cache. The values are the same either way.
+/// The slots lie anywhere in a pool of hundreds of megabytes, so their reads (and the writes'
+/// lines) miss every cache. Read one after another, each behind the hashing of the last, they were
+/// most of a step at zero simulated time. So while this layer is hashed, the same slots of the next
+/// layer are prefetched (a prefetch does not wait for its line, so the misses overlap the hashing);
+/// where there is no prefetch instruction, and for the first layer, a first pass loads the slots
+/// all at once (independent loads, so the misses overlap each other). The values are the same
+/// either way.
 fn write_layer(pool: &mut KvPool, layer: usize, plan: &[Write], below: &mut [u64]) {
     const W: usize = SIM_HEAD_DIM;
-    let (k, v) = pool.layer_mut(layer);
-    let mut touched = 0u32;
-    for w in plan {
-        if let Some(f) = w.far {
-            touched ^= k[f * W].to_bits() ^ v[f * W].to_bits();
+    let ((k, v), next) = pool.layer_mut_and_next(layer);
+    if layer == 0 || !PREFETCH {
+        let mut touched = 0u32;
+        for w in plan {
+            touched ^= k[w.at * W].to_bits() ^ v[w.at * W].to_bits();
+            if let Some(f) = w.far {
+                touched ^= k[f * W].to_bits() ^ v[f * W].to_bits();
+            }
+            if let Some(p) = w.prev {
+                touched ^= k[p * W].to_bits() ^ v[p * W].to_bits();
+            }
         }
-        if let Some(p) = w.prev {
-            touched ^= k[p * W].to_bits() ^ v[p * W].to_bits();
-        }
+        std::hint::black_box(touched);
     }
-    std::hint::black_box(touched);
     let layer_key = mix(((layer as u64) << 40) ^ 0x1A7E);
     for (w, below) in plan.iter().zip(below.iter_mut()) {
+        if let Some((nk, nv)) = next {
+            for s in [Some(w.at), w.far, w.prev.filter(|p| p / 8 != w.at / 8)]
+                .into_iter()
+                .flatten()
+            {
+                prefetch(&nk[s * W]);
+                prefetch(&nv[s * W]);
+            }
+        }
         let mut h = w.seed ^ layer_key;
         if let Some(p) = w.prev {
             h = absorb(absorb(h, pair(&k[p * W..])), pair(&v[p * W..]));
