@@ -75,6 +75,25 @@ pub struct Shapes {
     pub decode_reps: usize,
 }
 
+/// One untimed prompt and a few decode steps, so that the first timed shape does not pay for
+/// what the process does once: the weights' pages coming in, the compute pool's threads starting,
+/// the allocator growing. Without it the first prompt timed up to 1.5x its later repetitions.
+fn warm_up(model: &Arc<Model>, prompt: &[u32]) -> anyhow::Result<()> {
+    let bs = tandem_engine::kv::BLOCK_SIZE;
+    let steps = 8;
+    let mut engine = Engine::new(model.clone(), (prompt.len() + steps).div_ceil(bs) + 1);
+    engine.add_sequence(0)?;
+    engine.prefill(&[(0, prompt)], 512)?;
+    for t in 0..steps as u32 {
+        engine.step(&[StepItem {
+            seq: 0,
+            tokens: &[t],
+            logits: true,
+        }])?;
+    }
+    Ok(())
+}
+
 /// Measures `model` over `shapes`. Token ids are a fixed pseudo-random sequence: step time does
 /// not depend on which tokens they are.
 pub fn measure(
@@ -88,6 +107,7 @@ pub fn measure(
             .collect()
     };
     let bs = tandem_engine::kv::BLOCK_SIZE;
+    warm_up(model, &tokens(256.min(model.config().max_context / 2), 99))?;
     let reps = shapes.reps.max(1);
     let mut prefill = Vec::new();
     for &len in &shapes.prompt_lens {
