@@ -33,9 +33,9 @@ const QMAX: f32 = 32767.0;
 /// Activation rows per transposed group (the lanes of an AVX2 vector).
 const GROUP: usize = 8;
 /// A last group of at least this many rows is padded to eight with zero rows and goes through the
-/// batched kernel too (its products for the padding are computed and dropped). `batch_steps`,
-/// decode steps alone and padded: 5 rows 24 against 28 ms (four and one are cheaper), 6 rows 28-30
-/// against 25-28 ms, 7 rows 32 against 26-29 ms.
+/// batched kernel too (its products for the padding are computed and dropped). The
+/// `batch_decode` example's small-batch curve, decode steps alone and padded: 5 rows 24 against
+/// 28 ms (four and one are cheaper), 6 rows 28-30 against 25-28 ms, 7 rows 32 against 26-29 ms.
 const PAD_FROM: usize = 6;
 /// Pairs of values in a block.
 const PAIRS: usize = QK / 2;
@@ -50,8 +50,6 @@ pub struct Q16Rows {
     /// `m × k/32` block sums `d · Σq`, for the weight formats with an offset.
     s: Vec<f32>,
     blocks: usize,
-    /// Rows rounded.
-    rows: usize,
     /// Groups of eight rows (rows `8g..8g+8`), transposed for the batched kernel: the whole
     /// groups, and a last group of `PAD_FROM` to seven rows padded with zero rows.
     groups: usize,
@@ -88,7 +86,6 @@ impl Q16Rows {
 
     fn transpose_groups(&mut self, rows: usize) {
         let nb = self.blocks;
-        self.rows = rows;
         self.groups = rows / GROUP + usize::from(rows % GROUP >= PAD_FROM);
         let pack = |a: i16, b: i16| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
         self.xt = vec![0; self.groups * nb * PAIRS * GROUP];
@@ -106,6 +103,11 @@ impl Q16Rows {
                 self.st[gb * GROUP + i] = self.s[r * nb + b];
             }
         }
+    }
+
+    /// Rows rounded.
+    fn rows(&self) -> usize {
+        self.d.len() / self.blocks.max(1)
     }
 
     fn row(&self, r: usize) -> RowRef<'_> {
@@ -627,7 +629,7 @@ mod avx2 {
         // when `rows` runs to the last row), the rows around them in fours or one at a time.
         let g_start = rows.start.div_ceil(GROUP);
         let whole = (rows.end / GROUP).min(x.groups);
-        let padded = rows.end == x.rows && x.groups > whole;
+        let padded = rows.end == x.rows() && x.groups > whole;
         let g_end = (whole + usize::from(padded)).max(g_start);
         let grouped = if g_end > g_start {
             g_start * GROUP..(g_end * GROUP).min(rows.end)
@@ -683,15 +685,16 @@ mod avx2 {
         cols_of!(1);
 
         // The rows around the groups: in fours while there are four, then one at a time.
-        let loose: Vec<usize> = (rows.start..grouped.start)
-            .chain(grouped.end..rows.end)
-            .collect();
-        let single = if loose.len() >= 4 {
-            few_rows::<F>(wrows, row_bytes, x, &loose, rows.start, out)
-        } else {
-            &loose[..]
-        };
-        for &r in single {
+        let before = few_rows::<F>(
+            wrows,
+            row_bytes,
+            x,
+            rows.start..grouped.start,
+            rows.start,
+            out,
+        );
+        let after = few_rows::<F>(wrows, row_bytes, x, grouped.end..rows.end, rows.start, out);
+        for r in before.chain(after) {
             let xr = x.row(r);
             let o = &mut *out[r - rows.start];
             let mut j = 0;
@@ -707,42 +710,42 @@ mod avx2 {
         }
     }
 
-    /// The rows `loose` (indices into `x`; `out[r - first]` is row `r`'s output) in fours through
+    /// The rows `loose` of `x` (`out[r - first]` is row `r`'s output) in fours through
     /// [`rows_eight_columns`]; returns the rows left over (fewer than four). Fours only: pairs
-    /// measured no faster than single rows (`batch_steps`: batch 2 and 3 within noise, batch 4
+    /// measured no faster than single rows (`batch_decode`: batch 2 and 3 within noise, batch 4
     /// 1.2-1.3x). Kept out of `run_fmt`: inlined there, it cost the single-row loop a fifth to a
     /// third of its speed.
     #[inline(never)]
-    fn few_rows<'r, F: Fmt>(
+    fn few_rows<F: Fmt>(
         wrows: &[u8],
         row_bytes: usize,
         x: &Q16Rows,
-        loose: &'r [usize],
+        loose: Range<usize>,
         first: usize,
         out: &mut [&mut [f32]],
-    ) -> &'r [usize] {
+    ) -> Range<usize> {
         let n = wrows.len() / row_bytes;
         let n8 = n - n % 8;
         let wrow = |j: usize| &wrows[j * row_bytes..(j + 1) * row_bytes];
-        let mut rest = loose;
-        while let Some((head, tail)) = rest.split_first_chunk::<4>() {
-            let xs: [RowRef<'_>; 4] = head.map(|r| x.row(r));
+        let mut r0 = loose.start;
+        while loose.end - r0 >= 4 {
+            let xs: [RowRef<'_>; 4] = std::array::from_fn(|i| x.row(r0 + i));
             for j in (0..n8).step_by(8) {
                 let wr: [&[u8]; 8] = std::array::from_fn(|t| wrow(j + t));
                 let accs = rows_eight_columns::<F, 4>(wr, xs);
-                for (&r, a) in head.iter().zip(accs) {
+                for (r, a) in (r0..).zip(accs) {
                     let lanes: [f32; 8] = a.into();
                     out[r - first][j..j + 8].copy_from_slice(&lanes);
                 }
             }
-            for (&r, xr) in head.iter().zip(xs) {
+            for (r, xr) in (r0..).zip(xs) {
                 for (jj, v) in out[r - first][n8..n].iter_mut().enumerate() {
                     *v = one_column::<F>(wrow(n8 + jj), xr);
                 }
             }
-            rest = tail;
+            r0 += 4;
         }
-        rest
+        r0..loose.end
     }
 }
 
