@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use tandem_engine::{Engine, Model, StepItem};
+use tandem_sim::profile::SpeedRatio;
 use tandem_sim::profile::{DecodeSample, PROFILE_FORMAT, PrefillSample, ProfileFile, Profiled};
 
 #[derive(Args, Debug)]
@@ -15,9 +16,21 @@ pub struct ProfileArgs {
     /// Model: a GGUF file or a safetensors checkpoint directory (default: the fetched SmolLM2).
     #[arg(long, env = "TANDEM_MODEL")]
     model: Option<PathBuf>,
-    /// Where to write the profile.
-    #[arg(long, default_value = "profile.json")]
-    out: PathBuf,
+    /// Where to write the profile (default `profile.json`; with `--check`, the checked profile
+    /// rescaled to the host's speed now, written only when asked).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Check an existing profile against the host now instead of writing a new one: time the
+    /// shapes given (a few are enough, e.g. `--prompt-lens 128,256 --prefill-batches 1
+    /// --decode-batches 1,2 --contexts 256`), print how much slower (above 1) or faster the host
+    /// runs prefill and decode than the profile predicts, and with `--out` write the profile with
+    /// its times rescaled by those ratios. A host shared with neighbours changes speed by tens of
+    /// percent over minutes; this tells whether a profile still holds without taking it again.
+    #[arg(long, value_name = "PROFILE")]
+    check: Option<PathBuf>,
+    /// With `--check`: print the ratios as JSON (`{"prefill": .., "decode": ..}`).
+    #[arg(long, requires = "check")]
+    json: bool,
     /// Prompt lengths of the prefill samples.
     #[arg(long, value_delimiter = ',', default_value = "16,64,128,256,512")]
     prompt_lens: Vec<usize>,
@@ -48,7 +61,7 @@ pub struct ProfileArgs {
     /// one at a time, back to back and on a clock, first with the decode worker idle, then while it
     /// decodes long answers. The simulator slows its prefill steps by the measured ratio to the
     /// engine alone and draws its decode steps from the served ones.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "check")]
     served: bool,
     /// Prompts timed per case with `--served`.
     #[arg(long, default_value_t = 12)]
@@ -108,46 +121,63 @@ pub fn measure(
     };
     let bs = tandem_engine::kv::BLOCK_SIZE;
     warm_up(model, &tokens(256.min(model.config().max_context / 2), 99))?;
+    // Every shape's repetitions are spread over the whole measurement (each round times every
+    // shape once), so that a host whose speed drifts while it is profiled (a shared machine's
+    // neighbours) slows every shape alike instead of bending the fitted curve, and the median of
+    // each shape drops the rounds a burst hit.
     let reps = shapes.reps.max(1);
-    let mut prefill = Vec::new();
+    let mut cases = Vec::new();
     for &len in &shapes.prompt_lens {
         for &batch in &shapes.prefill_batches {
-            let mut engine = Engine::new(model.clone(), batch * len.div_ceil(bs) + 1);
             let prompts: Vec<Vec<u32>> = (0..batch).map(|b| tokens(len, b)).collect();
-            let mut times = Vec::with_capacity(reps);
-            for rep in 0..reps {
-                let ids: Vec<u64> = (0..batch as u64).map(|b| rep as u64 * 1000 + b).collect();
-                for &id in &ids {
-                    engine.add_sequence(id)?;
-                }
-                let items: Vec<StepItem<'_>> = ids
-                    .iter()
-                    .zip(&prompts)
-                    .map(|(&seq, p)| StepItem {
-                        seq,
-                        tokens: p,
-                        logits: true,
-                    })
-                    .collect();
-                let t0 = Instant::now();
-                engine.step(&items)?;
-                times.push(t0.elapsed().as_secs_f64());
-                for &id in &ids {
-                    engine.release(id)?;
-                }
-            }
-            prefill.push(PrefillSample {
-                prompt_lens: vec![len as u32; batch],
-                cached_lens: Vec::new(),
-                seconds: median(&mut times),
-            });
+            cases.push((prompts, Vec::with_capacity(reps)));
         }
     }
+    // One pool, large enough for the largest step, serves every shape in turn.
+    let blocks = cases
+        .iter()
+        .map(|(p, _)| p.iter().map(|p| p.len().div_ceil(bs)).sum::<usize>())
+        .max()
+        .unwrap_or(0);
+    let mut engine = Engine::new(model.clone(), blocks + 1);
+    for rep in 0..reps {
+        for (prompts, times) in &mut cases {
+            let ids: Vec<u64> = (0..prompts.len() as u64)
+                .map(|b| rep as u64 * 1000 + b)
+                .collect();
+            for &id in &ids {
+                engine.add_sequence(id)?;
+            }
+            let items: Vec<StepItem<'_>> = ids
+                .iter()
+                .zip(prompts.iter())
+                .map(|(&seq, p)| StepItem {
+                    seq,
+                    tokens: p,
+                    logits: true,
+                })
+                .collect();
+            let t0 = Instant::now();
+            engine.step(&items)?;
+            times.push(t0.elapsed().as_secs_f64());
+            for &id in &ids {
+                engine.release(id)?;
+            }
+        }
+    }
+    let prefill = cases
+        .into_iter()
+        .map(|(prompts, mut times)| PrefillSample {
+            prompt_lens: prompts.iter().map(|p| p.len() as u32).collect(),
+            cached_lens: Vec::new(),
+            seconds: median(&mut times),
+        })
+        .collect();
     let max_batch = shapes.decode_batches.iter().copied().max().unwrap_or(1);
+    let decode_reps = shapes.decode_reps.max(1);
     let mut decode = Vec::new();
     for &ctx in &shapes.contexts {
         // Room for the context plus every timed step of every batch.
-        let decode_reps = shapes.decode_reps.max(1);
         let steps = decode_reps * shapes.decode_batches.len();
         let mut engine = Engine::new(model.clone(), max_batch * (ctx + steps).div_ceil(bs) + 1);
         let prompts: Vec<Vec<u32>> = (0..max_batch).map(|b| tokens(ctx, b + 17)).collect();
@@ -155,10 +185,11 @@ pub fn measure(
             engine.add_sequence(id as u64)?;
             engine.prefill(&[(id as u64, p)], 512)?;
         }
-        for &batch in &shapes.decode_batches {
-            let mut times = Vec::with_capacity(decode_reps);
-            let mut context = 0u64;
-            for rep in 0..decode_reps {
+        let n = shapes.decode_batches.len();
+        let mut times = vec![Vec::with_capacity(decode_reps); n];
+        let mut context = vec![0u64; n];
+        for rep in 0..decode_reps {
+            for (i, &batch) in shapes.decode_batches.iter().enumerate() {
                 let next: Vec<[u32; 1]> =
                     (0..batch).map(|b| [((rep + b) as u32) % vocab]).collect();
                 let items: Vec<StepItem<'_>> = next
@@ -170,17 +201,21 @@ pub fn measure(
                         logits: true,
                     })
                     .collect();
-                context = (0..batch as u64)
+                context[i] = (0..batch as u64)
                     .map(|b| engine.seq_len(b).unwrap_or(0) as u64 + 1)
                     .sum();
                 let t0 = Instant::now();
                 engine.step(&items)?;
-                times.push(t0.elapsed().as_secs_f64());
+                times[i].push(t0.elapsed().as_secs_f64());
             }
+        }
+        for ((&batch, mut times), context_tokens) in
+            shapes.decode_batches.iter().zip(times).zip(context)
+        {
             let all = times.clone();
             decode.push(DecodeSample {
                 batch: batch as u32,
-                context_tokens: context,
+                context_tokens,
                 seconds: median(&mut times),
                 times: all,
             });
@@ -235,6 +270,11 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         reps: args.reps,
         decode_reps: args.decode_reps,
     };
+    if let Some(old) = &args.check {
+        let name = crate::roles::model_name(&path);
+        return check(&model, &name, &shapes, old, args.out.as_deref(), args.json);
+    }
+    let out = args.out.unwrap_or_else(|| "profile.json".into());
     eprintln!("profiling {} ...", path.display());
     let (prefill, decode) = measure(&model, &shapes)?;
     let (served, served_decode) = if args.served {
@@ -258,16 +298,17 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         decode,
         served,
         served_decode,
+        rescaled: Vec::new(),
     };
     let fitted = Profiled::from_profile(profile.clone())?;
-    std::fs::write(&args.out, profile.to_json())
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    std::fs::write(&out, profile.to_json())
+        .with_context(|| format!("writing {}", out.display()))?;
     let (p, line, t) = (fitted.prefill_fit, fitted.decode_fit, &fitted.decode_table);
     println!(
         "wrote {} ({} prefill, {} decode samples)\nprefill fit: mean error {:.1}%, max {:.1}%\n\
          decode fit (table over {} batch sizes): mean error {:.1}%, max {:.1}%; \
          a line in the batch would err {:.1}%, max {:.1}%",
-        args.out.display(),
+        out.display(),
         p.samples,
         t.samples,
         100.0 * p.mean_rel_err,
@@ -292,6 +333,46 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let sp = &fitted.served_prefill;
     if sp.samples() > 0 {
         println!("served prefill against the engine alone: {}", sp.describe());
+    }
+    Ok(())
+}
+
+/// `tandem profile --check`: times `shapes` now and compares them with the profile at `old`.
+fn check(
+    model: &Arc<Model>,
+    name: &str,
+    shapes: &Shapes,
+    old: &Path,
+    out: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let profile = ProfileFile::read(old)?;
+    anyhow::ensure!(
+        profile.model == name,
+        "{} is a profile of {}, not of {name}",
+        old.display(),
+        profile.model
+    );
+    let fitted = Profiled::from_profile(profile.clone())?;
+    eprintln!("checking {} against the host now ...", old.display());
+    let (prefill, decode) = measure(model, shapes)?;
+    let ratio: SpeedRatio = fitted.speed_ratio(&prefill, &decode)?;
+    if json {
+        println!("{}", serde_json::to_string(&ratio)?);
+    } else {
+        println!(
+            "the host now takes {:.3}x the profile's time for prefill ({} shapes), {:.3}x for \
+             decode ({} shapes)",
+            ratio.prefill,
+            prefill.len(),
+            ratio.decode,
+            decode.len()
+        );
+    }
+    if let Some(out) = out {
+        std::fs::write(out, profile.rescaled(ratio).to_json())
+            .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("wrote {}, rescaled to the host's speed now", out.display());
     }
     Ok(())
 }
@@ -325,11 +406,16 @@ mod tests {
             ]
         );
         // Each decode sample attends to its batch's contexts (plus the step's own token), as of its
-        // last of three repetitions.
+        // last of three repetitions; each round steps batches of 1, 2 and 5 in turn, so sequence 0
+        // grows by three tokens a round, sequence 1 by two and the others by one.
         let shape: Vec<(u32, u64)> = decode.iter().map(|s| (s.batch, s.context_tokens)).collect();
         assert_eq!(shape.len(), 6);
-        assert_eq!(shape[0], (1, 16 + 3));
-        assert_eq!(shape[3], (1, 40 + 3));
+        assert_eq!(shape[0], (1, 16 + 2 * 3 + 1));
+        assert_eq!(
+            shape[2],
+            (5, (16 + 8 + 1) + (16 + 5 + 1) + 3 * (16 + 2 + 1))
+        );
+        assert_eq!(shape[3], (1, 40 + 2 * 3 + 1));
         assert!(prefill.iter().all(|s| s.seconds > 0.0));
         assert!(decode.iter().all(|s| s.seconds > 0.0 && s.times.len() == 3));
         let profile = ProfileFile {
@@ -345,6 +431,7 @@ mod tests {
             decode,
             served: Vec::new(),
             served_decode: Vec::new(),
+            rescaled: Vec::new(),
         };
         let dir = std::env::temp_dir().join(format!("tandem-profile-{}.json", std::process::id()));
         std::fs::write(&dir, profile.to_json()).unwrap();

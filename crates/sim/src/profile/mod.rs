@@ -24,7 +24,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SimError;
-use crate::perf::{MemoryFit, PerfModel, StepShape};
+use crate::perf::{MemoryFit, PerfModel, PrefillItem, StepShape};
 pub use fit::Fit;
 use fit::{features_decode, features_prefill, fit};
 pub use serving::{DecodeSpread, ServedAnswer, ServedPrefill, ServedSample};
@@ -86,6 +86,37 @@ pub struct ProfileFile {
     /// the spread of the engine's repetitions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub served_decode: Vec<ServedAnswer>,
+    /// Every rescaling applied to the measured times since they were taken
+    /// ([`ProfileFile::rescaled`]), oldest first (absent: the times are as measured).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rescaled: Vec<SpeedRatio>,
+}
+
+/// How long the engine takes now for the shapes of a profile, against what the profile predicts
+/// for them: above 1, the host runs slower than when it was profiled. Prefill and decode have their
+/// own ratio, since a host's neighbours slow arithmetic and memory traffic by different amounts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SpeedRatio {
+    pub prefill: f64,
+    pub decode: f64,
+}
+
+impl SpeedRatio {
+    /// The mean of two ratios, each phase apart: the host's speed over a span bracketed by two
+    /// checks.
+    pub fn mean(self, other: SpeedRatio) -> SpeedRatio {
+        SpeedRatio {
+            prefill: (self.prefill + other.prefill) / 2.0,
+            decode: (self.decode + other.decode) / 2.0,
+        }
+    }
+
+    /// The larger relative difference between two ratios, of the two phases.
+    pub fn moved_from(self, other: SpeedRatio) -> f64 {
+        (self.prefill / other.prefill - 1.0)
+            .abs()
+            .max((self.decode / other.decode - 1.0).abs())
+    }
 }
 
 impl ProfileFile {
@@ -110,6 +141,34 @@ impl ProfileFile {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The same profile with every measured time multiplied by `by` (prefill steps and served
+    /// prompts by its prefill ratio; decode steps, their repetitions and the served answers' gaps
+    /// by its decode ratio), and `by` added to [`Self::rescaled`]. The fitted shapes stay as
+    /// measured, and so do the served path's ratios to the engine alone, which both sides scale
+    /// by the same factor: only the host's speed changes.
+    pub fn rescaled(&self, by: SpeedRatio) -> ProfileFile {
+        let mut p = self.clone();
+        for s in &mut p.prefill {
+            s.seconds *= by.prefill;
+        }
+        for s in &mut p.served {
+            s.seconds *= by.prefill;
+        }
+        for s in &mut p.decode {
+            s.seconds *= by.decode;
+            for t in &mut s.times {
+                *t *= by.decode;
+            }
+        }
+        for a in &mut p.served_decode {
+            for g in &mut a.gaps {
+                *g *= by.decode;
+            }
+        }
+        p.rescaled.push(by);
+        p
     }
 }
 
@@ -173,6 +232,60 @@ impl Profiled {
 
     pub fn from_file(path: &Path) -> Result<Self, SimError> {
         Self::from_profile(ProfileFile::read(path)?)
+    }
+
+    /// The host's speed now against this profile's: the median, over the samples given (measured
+    /// now, of any shapes), of the measured time over the time the fitted model gives for the
+    /// same shape, for prefill and decode apart (`tandem profile --check`). A decode sample counts
+    /// every timed repetition it kept, not only their median: a check is short, and a burst from a
+    /// neighbour that covers a few of its steps should not move it.
+    pub fn speed_ratio(
+        &self,
+        prefill: &[PrefillSample],
+        decode: &[DecodeSample],
+    ) -> Result<SpeedRatio, SimError> {
+        let prefill: Vec<f64> = prefill
+            .iter()
+            .map(|s| {
+                let items: Vec<PrefillItem> = s
+                    .prompt_lens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| PrefillItem {
+                        new_tokens: n,
+                        cached_tokens: s.cached_lens.get(i).copied().unwrap_or(0),
+                    })
+                    .collect();
+                s.seconds / self.prefill_time(&items)
+            })
+            .collect();
+        let decode: Vec<f64> = decode
+            .iter()
+            .flat_map(|s| {
+                let model = self.decode_step_time(s.batch, s.context_tokens);
+                let times = if s.times.is_empty() {
+                    std::slice::from_ref(&s.seconds)
+                } else {
+                    &s.times[..]
+                };
+                times.iter().map(move |t| t / model)
+            })
+            .collect();
+        let median = |mut v: Vec<f64>, what: &str| -> Result<f64, SimError> {
+            v.retain(|r| r.is_finite() && *r > 0.0);
+            if v.is_empty() {
+                return Err(SimError::Profile(format!(
+                    "no {what} sample to compare with the profile"
+                )));
+            }
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            Ok((v[(n - 1) / 2] + v[n / 2]) / 2.0)
+        };
+        Ok(SpeedRatio {
+            prefill: median(prefill, "prefill")?,
+            decode: median(decode, "decode")?,
+        })
     }
 }
 
@@ -287,7 +400,6 @@ impl PerfModel for Profiled {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::perf::PrefillItem;
 
     fn synthetic(noise: bool) -> ProfileFile {
         let (a, b, c, d, e, f) = (2e-4, 1e-8, 5e-3, 3e-4, 2e-7, 8e-3);
@@ -334,6 +446,7 @@ mod tests {
             decode,
             served: Vec::new(),
             served_decode: Vec::new(),
+            rescaled: Vec::new(),
         }
     }
 
@@ -396,5 +509,93 @@ mod tests {
         p.decode.truncate(2);
         let e = Profiled::from_profile(p).unwrap_err().to_string();
         assert!(e.contains("decode: need at least 3 samples"), "{e}");
+    }
+
+    #[test]
+    fn a_rescaled_profile_predicts_the_host_at_its_new_speed() {
+        let mut p = synthetic(false);
+        p.decode[0].times = vec![0.9 * p.decode[0].seconds, p.decode[0].seconds];
+        p.served = vec![ServedSample {
+            prompt_tokens: 128,
+            seconds: 0.05,
+            beside_decode: false,
+            after_idle: true,
+        }];
+        p.served_decode = vec![ServedAnswer {
+            prompt_tokens: 128,
+            gaps: vec![0.01, 0.012],
+        }];
+        let before = Profiled::from_profile(p.clone()).unwrap();
+        // A host 25% slower at prefill and 10% faster at decode, measured on shapes the profile
+        // never took.
+        let now_prefill = [PrefillSample {
+            prompt_lens: vec![300, 200],
+            cached_lens: vec![0, 64],
+            seconds: 1.25
+                * before.prefill_time(&[
+                    PrefillItem::fresh(300),
+                    PrefillItem {
+                        new_tokens: 200,
+                        cached_tokens: 64,
+                    },
+                ]),
+        }];
+        let now_decode: Vec<DecodeSample> = [(2u32, 300u64), (6, 2000), (12, 9000)]
+            .iter()
+            .map(|&(batch, context_tokens)| DecodeSample {
+                batch,
+                context_tokens,
+                seconds: 0.9 * before.decode_step_time(batch, context_tokens),
+                times: Vec::new(),
+            })
+            .collect();
+        let r = before.speed_ratio(&now_prefill, &now_decode).unwrap();
+        assert!(
+            (r.prefill - 1.25).abs() < 1e-9 && (r.decode - 0.9).abs() < 1e-9,
+            "{r:?}"
+        );
+        // Every repetition counts: a burst over a few steps of one shape does not move the ratio,
+        // though it moves that shape's median.
+        let mut bursty = now_decode.clone();
+        let t = bursty[1].seconds;
+        bursty[1].times = vec![t, 1.6 * t, 1.6 * t, 1.6 * t, t];
+        bursty[1].seconds = 1.6 * t;
+        let b = before.speed_ratio(&now_prefill, &bursty).unwrap();
+        assert!((b.decode - 0.9).abs() < 1e-9, "{b:?}");
+
+        let q = p.rescaled(r);
+        assert_eq!(q.rescaled, vec![r]);
+        assert!((q.served[0].seconds - 0.0625).abs() < 1e-12);
+        assert!((q.served_decode[0].gaps[1] - 0.0108).abs() < 1e-12);
+        assert!((q.decode[0].times[0] / p.decode[0].times[0] - 0.9).abs() < 1e-12);
+        let after = Profiled::from_profile(q.clone()).unwrap();
+        let item = [PrefillItem::fresh(700)];
+        assert!((after.prefill_time(&item) / before.prefill_time(&item) - 1.25).abs() < 1e-9);
+        assert!(
+            (after.decode_step_time(7, 3000) / before.decode_step_time(7, 3000) - 0.9).abs() < 1e-9
+        );
+        // The served path's ratios to the engine alone are the host's, not its speed's.
+        let (a, b) = (
+            after.served_prefill.factor(false, true),
+            before.served_prefill.factor(false, true),
+        );
+        assert!((a / b - 1.0).abs() < 1e-9, "{a} {b}");
+        // The history survives the file (to the last bit or so: serde_json's float parsing), and
+        // the ratio of a host that did not move is 1.
+        let back: ProfileFile = serde_json::from_str(&q.to_json()).unwrap();
+        assert_eq!(back.rescaled.len(), 1);
+        assert!((back.rescaled[0].prefill - 1.25).abs() < 1e-12);
+        assert!((back.rescaled[0].decode - 0.9).abs() < 1e-12);
+        let same = after.speed_ratio(&q.prefill, &q.decode).unwrap();
+        assert!((same.prefill - 1.0).abs() < 1e-6 && (same.decode - 1.0).abs() < 1e-6);
+        assert!(
+            (r.moved_from(r.mean(SpeedRatio {
+                prefill: 1.25,
+                decode: 1.08
+            })) - 0.0909)
+                .abs()
+                < 1e-3
+        );
+        assert!(before.speed_ratio(&[], &now_decode).is_err());
     }
 }
