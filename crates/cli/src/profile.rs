@@ -88,6 +88,24 @@ pub struct Shapes {
     pub decode_reps: usize,
 }
 
+impl Shapes {
+    /// A few shapes, about ten seconds with one compute thread on SmolLM2: enough to tell the
+    /// host's speed against a profile (`--check`, and around the served part of `--served`).
+    fn probe(max_context: usize) -> Shapes {
+        Shapes {
+            prompt_lens: [64, 128, 256]
+                .into_iter()
+                .filter(|&n| n <= max_context / 2)
+                .collect(),
+            prefill_batches: vec![1],
+            decode_batches: vec![1, 2],
+            contexts: vec![256.min(max_context / 4)],
+            reps: 3,
+            decode_reps: 10,
+        }
+    }
+}
+
 /// One untimed prompt and a few decode steps, so that the first timed shape does not pay for
 /// what the process does once: the weights' pages coming in, the compute pool's threads starting,
 /// the allocator growing. Without it the first prompt timed up to 1.5x its later repetitions.
@@ -277,15 +295,8 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let out = args.out.unwrap_or_else(|| "profile.json".into());
     eprintln!("profiling {} ...", path.display());
     let (prefill, decode) = measure(&model, &shapes)?;
-    let (served, served_decode) = if args.served {
-        let threads = args.threads.unwrap_or_else(rayon::current_num_threads);
-        eprintln!("timing prompts through a served pair ({threads} compute threads each) ...");
-        crate::profile_served::measure(&path, threads, args.step_tokens, args.served_requests)?
-    } else {
-        (Vec::new(), Vec::new())
-    };
     let geom = Engine::geometry_for(&model, 1);
-    let profile = ProfileFile {
+    let mut profile = ProfileFile {
         format: PROFILE_FORMAT,
         model: crate::roles::model_name(&path),
         hardware: hardware(),
@@ -296,10 +307,46 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         weight_bytes: weight_bytes(&path),
         prefill,
         decode,
-        served,
-        served_decode,
+        served: Vec::new(),
+        served_decode: Vec::new(),
         rescaled: Vec::new(),
+        served_host: None,
     };
+    if args.served {
+        let threads = args.threads.unwrap_or_else(rayon::current_num_threads);
+        // The served part comes minutes after the engine part; the host's speed just before and
+        // just after it, against the engine part's, takes a change of the host's speed out of
+        // the served path's measured ratios to the engine.
+        let engine = Profiled::from_profile(profile.clone())?;
+        let probe = Shapes::probe(model.config().max_context);
+        let speed = || -> anyhow::Result<SpeedRatio> {
+            let (p, d) = measure(&model, &probe)?;
+            Ok(engine.speed_ratio(&p, &d)?)
+        };
+        let before = speed()?;
+        eprintln!("timing prompts through a served pair ({threads} compute threads each) ...");
+        let (mut served, mut served_decode) =
+            crate::profile_served::measure(&path, threads, args.step_tokens, args.served_requests)?;
+        let after = speed()?;
+        let host = before.mean(after);
+        eprintln!(
+            "the host's speed around the served part, against the engine part's: prefill {:.3}x \
+             before, {:.3}x after; decode {:.3}x, {:.3}x (the served times are divided by the \
+             means)",
+            before.prefill, after.prefill, before.decode, after.decode
+        );
+        for s in &mut served {
+            s.seconds /= host.prefill;
+        }
+        for a in &mut served_decode {
+            for g in &mut a.gaps {
+                *g /= host.decode;
+            }
+        }
+        profile.served = served;
+        profile.served_decode = served_decode;
+        profile.served_host = Some(host);
+    }
     let fitted = Profiled::from_profile(profile.clone())?;
     std::fs::write(&out, profile.to_json())
         .with_context(|| format!("writing {}", out.display()))?;
@@ -432,6 +479,7 @@ mod tests {
             served: Vec::new(),
             served_decode: Vec::new(),
             rescaled: Vec::new(),
+            served_host: None,
         };
         let dir = std::env::temp_dir().join(format!("tandem-profile-{}.json", std::process::id()));
         std::fs::write(&dir, profile.to_json()).unwrap();

@@ -90,6 +90,12 @@ pub struct ProfileFile {
     /// ([`ProfileFile::rescaled`]), oldest first (absent: the times are as measured).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rescaled: Vec<SpeedRatio>,
+    /// The host's speed while the served part was timed, against the engine part's (the mean of
+    /// checks just before and just after it); `served` and `served_decode` hold their measured
+    /// times divided by it, so that a host that changed speed between the two parts does not pass
+    /// for a served path slower or faster than the engine (absent: taken as measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_host: Option<SpeedRatio>,
 }
 
 /// How long the engine takes now for the shapes of a profile, against what the profile predicts
@@ -447,6 +453,7 @@ mod tests {
             served: Vec::new(),
             served_decode: Vec::new(),
             rescaled: Vec::new(),
+            served_host: None,
         }
     }
 
