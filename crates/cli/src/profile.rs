@@ -26,6 +26,8 @@ pub struct ProfileArgs {
     /// runs prefill and decode than the profile predicts, and with `--out` write the profile with
     /// its times rescaled by those ratios. A host shared with neighbours changes speed by tens of
     /// percent over minutes; this tells whether a profile still holds without taking it again.
+    /// The shapes are timed in `--reps` rounds (every prefill shape once and every decode shape
+    /// its share of `--decode-reps` per round), and the ratios are medians over every step.
     #[arg(long, value_name = "PROFILE")]
     check: Option<PathBuf>,
     /// With `--check`: print the ratios as JSON (`{"prefill": .., "decode": ..}`).
@@ -99,9 +101,9 @@ impl Shapes {
                 .collect(),
             prefill_batches: vec![1],
             decode_batches: vec![1, 2],
-            contexts: vec![256.min(max_context / 4)],
+            contexts: vec![128.min(max_context / 4)],
             reps: 3,
-            decode_reps: 10,
+            decode_reps: 12,
         }
     }
 }
@@ -131,6 +133,15 @@ pub fn measure(
     model: &Arc<Model>,
     shapes: &Shapes,
 ) -> anyhow::Result<(Vec<PrefillSample>, Vec<DecodeSample>)> {
+    timed(model, shapes, true)
+}
+
+/// [`measure`], with or without its warm-up.
+fn timed(
+    model: &Arc<Model>,
+    shapes: &Shapes,
+    warm: bool,
+) -> anyhow::Result<(Vec<PrefillSample>, Vec<DecodeSample>)> {
     let vocab = model.config().vocab as u32;
     let tokens = |n: usize, salt: usize| -> Vec<u32> {
         (0..n)
@@ -138,7 +149,9 @@ pub fn measure(
             .collect()
     };
     let bs = tandem_engine::kv::BLOCK_SIZE;
-    warm_up(model, &tokens(256.min(model.config().max_context / 2), 99))?;
+    if warm {
+        warm_up(model, &tokens(256.min(model.config().max_context / 2), 99))?;
+    }
     // Every shape's repetitions are spread over the whole measurement (each round times every
     // shape once), so that a host whose speed drifts while it is profiled (a shared machine's
     // neighbours) slows every shape alike instead of bending the fitted curve, and the median of
@@ -320,7 +333,7 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
         let engine = Profiled::from_profile(profile.clone())?;
         let probe = Shapes::probe(model.config().max_context);
         let speed = || -> anyhow::Result<SpeedRatio> {
-            let (p, d) = measure(&model, &probe)?;
+            let (p, d) = measure_in_rounds(&model, &probe)?;
             Ok(engine.speed_ratio(&p, &d)?)
         };
         let before = speed()?;
@@ -384,6 +397,29 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Times `shapes` for a check of the host's speed: `shapes.reps` rounds, each timing every prefill
+/// shape once and every decode shape its share of `decode_reps`, so that a burst from a
+/// neighbour lasting a few seconds lands in one round of prefill or decode, not in all of one of
+/// them, and the pooled median of [`Profiled::speed_ratio`] passes it by.
+fn measure_in_rounds(
+    model: &Arc<Model>,
+    shapes: &Shapes,
+) -> anyhow::Result<(Vec<PrefillSample>, Vec<DecodeSample>)> {
+    let rounds = shapes.reps.max(1);
+    let round = Shapes {
+        reps: 1,
+        decode_reps: shapes.decode_reps.div_ceil(rounds).max(1),
+        ..shapes.clone()
+    };
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let (p, d) = timed(model, &round, r == 0)?;
+        prefill.extend(p);
+        decode.extend(d);
+    }
+    Ok((prefill, decode))
+}
+
 /// `tandem profile --check`: times `shapes` now and compares them with the profile at `old`.
 fn check(
     model: &Arc<Model>,
@@ -402,18 +438,18 @@ fn check(
     );
     let fitted = Profiled::from_profile(profile.clone())?;
     eprintln!("checking {} against the host now ...", old.display());
-    let (prefill, decode) = measure(model, shapes)?;
+    let (prefill, decode) = measure_in_rounds(model, shapes)?;
     let ratio: SpeedRatio = fitted.speed_ratio(&prefill, &decode)?;
     if json {
         println!("{}", serde_json::to_string(&ratio)?);
     } else {
         println!(
-            "the host now takes {:.3}x the profile's time for prefill ({} shapes), {:.3}x for \
-             decode ({} shapes)",
+            "the host now takes {:.3}x the profile's time for prefill ({} steps), {:.3}x for \
+             decode ({} steps)",
             ratio.prefill,
             prefill.len(),
             ratio.decode,
-            decode.len()
+            decode.iter().map(|d| d.times.len()).sum::<usize>()
         );
     }
     if let Some(out) = out {
