@@ -524,4 +524,75 @@ mod tests {
         assert_eq!(back, profile);
         assert!(Profiled::from_profile(back).is_ok());
     }
+
+    #[test]
+    fn a_check_times_its_rounds_rescales_the_profile_and_refuses_another_models() {
+        let model = Arc::new(tandem_engine::tiny::tiny_model(3, true).unwrap().0);
+        let shapes = Shapes {
+            prompt_lens: vec![8, 32, 64],
+            prefill_batches: vec![1],
+            decode_batches: vec![1, 2, 3],
+            contexts: vec![16],
+            reps: 2,
+            decode_reps: 4,
+        };
+        let (prefill, decode) = measure(&model, &shapes).unwrap();
+        let profile = ProfileFile {
+            format: PROFILE_FORMAT,
+            model: "tiny".into(),
+            hardware: hardware(),
+            engine: "native".into(),
+            tensor_parallel: 1,
+            kv_bytes_per_token: 1024,
+            kv_blocks: 64,
+            weight_bytes: 1,
+            prefill,
+            decode,
+            served: Vec::new(),
+            served_decode: Vec::new(),
+            rescaled: Vec::new(),
+            served_host: None,
+        };
+        let dir = std::env::temp_dir().join(format!("tandem-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (old, new) = (dir.join("old.json"), dir.join("new.json"));
+        std::fs::write(&old, profile.to_json()).unwrap();
+
+        // Three rounds: every prefill shape once a round, every decode shape two of its four
+        // steps a round (rounded up), each round from fresh sequences.
+        let probe = Shapes {
+            decode_batches: vec![1, 3],
+            reps: 3,
+            ..shapes.clone()
+        };
+        let (p, d) = measure_in_rounds(&model, &probe).unwrap();
+        assert_eq!(p.len(), 9);
+        let runs: Vec<(u32, usize)> = d.iter().map(|s| (s.batch, s.times.len())).collect();
+        assert_eq!(runs, [(1, 2), (3, 2)].repeat(3));
+        let contexts: Vec<u64> = d.iter().map(|s| s.context_tokens).collect();
+        assert_eq!(
+            contexts,
+            [16 + 2 + 1, (16 + 3 + 1) + 2 * (16 + 1 + 1)].repeat(3)
+        );
+
+        let e = check(&model, "other", &probe, &old, Some(&new), true).unwrap_err();
+        assert!(
+            e.to_string().contains("is a profile of tiny, not of other"),
+            "{e}"
+        );
+        assert!(!new.exists());
+        check(&model, "tiny", &probe, &old, Some(&new), true).unwrap();
+        let back = ProfileFile::read(&new).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let [r] = back.rescaled[..] else {
+            panic!("{:?}", back.rescaled)
+        };
+        assert!(r.prefill > 0.0 && r.decode > 0.0, "{r:?}");
+        for (x, y) in back.prefill.iter().zip(&profile.prefill) {
+            assert!((x.seconds / (y.seconds * r.prefill) - 1.0).abs() < 1e-9);
+        }
+        for (x, y) in back.decode.iter().zip(&profile.decode) {
+            assert!((x.times[3] / (y.times[3] * r.decode) - 1.0).abs() < 1e-9);
+        }
+    }
 }
