@@ -6,7 +6,12 @@
 # `chat` workload at each rate in RATES, and sets the measured TTFT p50/p90, ITL p50 and mean, and
 # throughput beside `tandem plan --simulate --profile` replaying the same requests. The machine's
 # load average (1-minute) before and after each rate's run is printed with its figures: the runs
-# share 2 cores with whatever else is running, so a load above about 2 spoils them.
+# share 2 cores with whatever else is running, so a load above about 2 spoils them. The host's
+# speed against the profile is checked right before and right after each run (`tandem profile
+# --check`, about ten seconds each, the shapes the test uses), and the DES replays the run with
+# the profile rescaled to the mean of the two checks: a shared host changes speed by tens of
+# percent over minutes, and what this compares is the simulator, given the engine's speed while the
+# run lasted. A run whose checks moved more than 10% is flagged. CHECK=0 skips the checks.
 # Needs a release build (cargo build --release -p tandem-cli). Knobs (environment): RATES
 # (requests/s, comma-separated), REQUESTS (per rate), SEED, OSL (answer length instead of the
 # workload's 64; 1 isolates the prefill path), PROFILE (reuse a profile file), KEEP.
@@ -25,7 +30,15 @@ if [ ! -s "$PROFILE" ]; then
   echo "profiling: $B profile --threads 1 --served --out $PROFILE"
   $B profile --model "$M" --threads 1 --served --out "$PROFILE" | tail -4
 fi
+check() {
+  $B profile --model "$M" --threads 1 --prompt-lens 64,128,256 --prefill-batches 1 \
+    --decode-batches 1,2 --contexts 128 --reps 4 --decode-reps 20 --json --check "$PROFILE" "$@"
+}
 for rate in ${RATES//,/ }; do
+  sim_profile=$PROFILE
+  if [ "${CHECK:-1}" != 0 ]; then
+    check >"$dir/check-before-$rate.json" 2>/dev/null
+  fi
   load_before=$(cut -d' ' -f1 /proc/loadavg)
   coproc UP { exec $B up --port 0 --json --model $M --prefill 1 --decode 1 --worker-threads 1 \
     --step-tokens 512 2>"$dir/up-$rate.log"; }
@@ -40,7 +53,20 @@ for rate in ${RATES//,/ }; do
   exec {UP[1]}>&- 2>/dev/null || true
   kill "$UP_PID" 2>/dev/null || true
   wait "$UP_PID" 2>/dev/null || true
-  $B plan --model smollm2-135m --gpu h100 --profile "$PROFILE" --json \
+  if [ "${CHECK:-1}" != 0 ]; then
+    sim_profile=$dir/profile-$rate.json
+    check --since "$dir/check-before-$rate.json" --out "$sim_profile" \
+      >"$dir/check-after-$rate.json" 2>"$dir/check-after-$rate.log"
+    grep -E "moved|rescaled" "$dir/check-after-$rate.log" | sed 's/^/  /'
+    python3 - "$dir/check-before-$rate.json" "$dir/check-after-$rate.json" <<'PY'
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:3])
+moved = max(abs(b[k] / a[k] - 1) for k in ("prefill", "decode"))
+if moved > 0.10:
+    print(f"  WARNING: the host's speed moved {100 * moved:.0f}% across this run; run it again")
+PY
+  fi
+  $B plan --model smollm2-135m --gpu h100 --profile "$sim_profile" --json \
     --simulate prefill=1,decode=1,tp=1,step-tokens=512 --replay "$out" >"$dir/des-$rate.json"
   python3 - "$out" "$dir/des-$rate.json" "$rate" "$load_before" "$load_after" <<'PY'
 import json, sys

@@ -33,6 +33,11 @@ pub struct ProfileArgs {
     /// With `--check`: print the ratios as JSON (`{"prefill": .., "decode": ..}`).
     #[arg(long, requires = "check")]
     json: bool,
+    /// With `--check`: an earlier check's JSON output (`--json`). This check and that one bracket
+    /// a span (a benchmark run between them): print how far the host's speed moved across it, and
+    /// with `--out` rescale the profile to the mean of the two, the host's speed over the span.
+    #[arg(long, value_name = "CHECK_JSON", requires = "check")]
+    since: Option<PathBuf>,
     /// Prompt lengths of the prefill samples.
     #[arg(long, value_delimiter = ',', default_value = "16,64,128,256,512")]
     prompt_lens: Vec<usize>,
@@ -303,7 +308,26 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     };
     if let Some(old) = &args.check {
         let name = crate::roles::model_name(&path);
-        return check(&model, &name, &shapes, old, args.out.as_deref(), args.json);
+        let since = match &args.since {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the earlier check {}", p.display()))?;
+                let earlier: SpeedRatio = serde_json::from_str(text.trim()).with_context(|| {
+                    format!(
+                        "{} is not a check's JSON output ({{\"prefill\": .., \"decode\": ..}})",
+                        p.display()
+                    )
+                })?;
+                Some(earlier)
+            }
+            None => None,
+        };
+        let to = CheckOutput {
+            out: args.out.as_deref(),
+            json: args.json,
+            since,
+        };
+        return check(&model, &name, &shapes, old, to);
     }
     let out = args.out.unwrap_or_else(|| "profile.json".into());
     eprintln!("profiling {} ...", path.display());
@@ -420,15 +444,25 @@ fn measure_in_rounds(
     Ok((prefill, decode))
 }
 
+/// What `tandem profile --check` does with its ratios.
+struct CheckOutput<'a> {
+    /// Where to write the rescaled profile.
+    out: Option<&'a Path>,
+    /// Print the ratios as JSON.
+    json: bool,
+    /// An earlier check: rescale to the mean of it and this one.
+    since: Option<SpeedRatio>,
+}
+
 /// `tandem profile --check`: times `shapes` now and compares them with the profile at `old`.
 fn check(
     model: &Arc<Model>,
     name: &str,
     shapes: &Shapes,
     old: &Path,
-    out: Option<&Path>,
-    json: bool,
+    to: CheckOutput<'_>,
 ) -> anyhow::Result<()> {
+    let CheckOutput { out, json, since } = to;
     let profile = ProfileFile::read(old)?;
     anyhow::ensure!(
         profile.model == name,
@@ -452,10 +486,33 @@ fn check(
             decode.iter().map(|d| d.times.len()).sum::<usize>()
         );
     }
+    let by = match since {
+        Some(earlier) => {
+            eprintln!(
+                "since the earlier check ({:.3}x prefill, {:.3}x decode) the host's speed moved \
+                 {:.1}%",
+                earlier.prefill,
+                earlier.decode,
+                100.0 * ratio.moved_from(earlier)
+            );
+            earlier.mean(ratio)
+        }
+        None => ratio,
+    };
     if let Some(out) = out {
-        std::fs::write(out, profile.rescaled(ratio).to_json())
+        std::fs::write(out, profile.rescaled(by).to_json())
             .with_context(|| format!("writing {}", out.display()))?;
-        eprintln!("wrote {}, rescaled to the host's speed now", out.display());
+        eprintln!(
+            "wrote {}, rescaled by {:.3}x prefill, {:.3}x decode ({})",
+            out.display(),
+            by.prefill,
+            by.decode,
+            if since.is_some() {
+                "the mean of the two checks"
+            } else {
+                "the host's speed now"
+            }
+        );
     }
     Ok(())
 }
@@ -575,13 +632,34 @@ mod tests {
             [16 + 2 + 1, (16 + 3 + 1) + 2 * (16 + 1 + 1)].repeat(3)
         );
 
-        let e = check(&model, "other", &probe, &old, Some(&new), true).unwrap_err();
+        let to = |since| CheckOutput {
+            out: Some(&new),
+            json: true,
+            since,
+        };
+        let e = check(&model, "other", &probe, &old, to(None)).unwrap_err();
         assert!(
             e.to_string().contains("is a profile of tiny, not of other"),
             "{e}"
         );
         assert!(!new.exists());
-        check(&model, "tiny", &probe, &old, Some(&new), true).unwrap();
+        // With an earlier check, the profile is rescaled to the mean of the two.
+        let earlier = SpeedRatio {
+            prefill: 3.0,
+            decode: 0.5,
+        };
+        check(&model, "tiny", &probe, &old, to(Some(earlier))).unwrap();
+        let [m] = ProfileFile::read(&new).unwrap().rescaled[..] else {
+            panic!("one rescaling")
+        };
+        // This check's own ratios (2m - earlier) are the host's speed seconds after the profile.
+        let now = (2.0 * m.prefill - 3.0, 2.0 * m.decode - 0.5);
+        assert!(
+            (0.2..5.0).contains(&now.0) && (0.2..5.0).contains(&now.1),
+            "{m:?}"
+        );
+
+        check(&model, "tiny", &probe, &old, to(None)).unwrap();
         let back = ProfileFile::read(&new).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         let [r] = back.rescaled[..] else {
