@@ -521,12 +521,27 @@ mod avx2 {
     }
 
     /// A weight block unpacked ahead of the batched kernel: its pairs of values packed in `i32`s
-    /// (as `xt`'s), its scale and its offset.
-    #[derive(Clone, Copy)]
-    struct Unpacked {
-        pairs: [i32; PAIRS],
-        d: f32,
-        m: f32,
+    /// (as `xt`'s), its scale and its offset (the AVX-512 tile's type, so that both read it).
+    use tandem_avx512::Unpacked;
+    const _: () = assert!(PAIRS == tandem_avx512::PAIRS && GROUP == tandem_avx512::GROUP);
+
+    /// Groups `g0` and `g0 + 1` against `C` unpacked weight rows in 512-bit registers, when this
+    /// CPU has AVX-512BW: the same values as [`groups_against`] with `NG = 2`, bit for bit (16
+    /// lanes per register instead of 8, each lane the same operations).
+    #[inline(always)]
+    fn two_groups_wide<const C: usize>(
+        w: &[Unpacked],
+        x: &Q16Rows,
+        g0: usize,
+        offset: bool,
+    ) -> Option<[[f32; 16]; C]> {
+        let nb = x.blocks;
+        let group = |g: usize| tandem_avx512::Group {
+            xt: &x.xt[g * nb * PAIRS * GROUP..(g + 1) * nb * PAIRS * GROUP],
+            dt: &x.dt[g * nb * GROUP..(g + 1) * nb * GROUP],
+            st: &x.st[g * nb * GROUP..(g + 1) * nb * GROUP],
+        };
+        tandem_avx512::tile16::<C>(w, [group(g0), group(g0 + 1)], nb, offset)
     }
 
     #[inline(always)]
@@ -673,6 +688,20 @@ mod avx2 {
                                 g += $ng;
                             }
                         };
+                    }
+                    // Pairs of groups in 512-bit registers where the CPU has them.
+                    while g_end - g >= 2 {
+                        let Some(tile) = two_groups_wide::<$c>(&buf, x, g, F::OFFSET) else {
+                            break;
+                        };
+                        let r0 = g * GROUP;
+                        for (t, lanes) in tile.iter().enumerate() {
+                            // A padded group's zero rows are dropped here.
+                            for (r, v) in (r0..rows.end.min(r0 + 2 * GROUP)).zip(lanes) {
+                                out[r - rows.start][j + t] = *v;
+                            }
+                        }
+                        g += 2;
                     }
                     groups_of!(2);
                     groups_of!(1);
@@ -847,7 +876,9 @@ mod tests {
             for &(n, k) in &[(9usize, 64usize), (7, 576), (4, 32), (19, 96)] {
                 let w = random_rows(format, n, k, &mut seed);
                 let rb = format.row_bytes(k);
-                for m in [1usize, 2, 3, 4, 5, 6, 7, 8, 11, 13, 15, 16, 19, 22, 27] {
+                for m in [
+                    1usize, 2, 3, 4, 5, 6, 7, 8, 11, 13, 15, 16, 19, 22, 27, 30, 32,
+                ] {
                     let x = Q16Rows::quantize(&random_x(m * k, &mut seed), k);
                     let mut got = vec![0f32; m * n];
                     rows_times_weights(format, &w, rb, &x, 0..m, &mut segments(&mut got, n));
