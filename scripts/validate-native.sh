@@ -8,10 +8,13 @@
 # load average (1-minute) before and after each rate's run is printed with its figures: the runs
 # share 2 cores with whatever else is running, so a load above about 2 spoils them. The host's
 # speed against the profile is checked right before and right after each run (`tandem profile
-# --check`, about ten seconds each, the shapes the test uses), and the DES replays the run with
-# the profile rescaled to the mean of the two checks: a shared host changes speed by tens of
-# percent over minutes, and what this compares is the simulator, given the engine's speed while the
-# run lasted. A run whose checks moved more than 10% is flagged. CHECK=0 skips the checks.
+# --check`, about ten seconds each), and the DES replays the run with the profile rescaled to the
+# mean of the two checks: a shared host changes speed by tens of percent over minutes, and what
+# this compares is the simulator, given the engine's speed while the run lasted. CHECK=served (the
+# default) times prompts and answers through the run's own served pair against the profile's
+# served part; CHECK=engine times the engine alone in its own process (which cannot see the two
+# workers slowed together); CHECK=0 skips the checks. A run whose checks moved more than 10% is
+# flagged.
 # Needs a release build (cargo build --release -p tandem-cli). Knobs (environment): RATES
 # (requests/s, comma-separated), REQUESTS (per rate), SEED, OSL (answer length instead of the
 # workload's 64; 1 isolates the prefill path), PROFILE (reuse a profile file), KEEP.
@@ -30,33 +33,52 @@ if [ ! -s "$PROFILE" ]; then
   echo "profiling: $B profile --threads 1 --served --out $PROFILE"
   $B profile --model "$M" --threads 1 --served --out "$PROFILE" | tail -4
 fi
+CHECK=${CHECK:-served}
+# The host's speed against the profile: `served` times prompts and answers through the run's own
+# served pair (about 10 s), `engine` the engine alone in this process (the shapes the test uses).
 check() {
-  $B profile --model "$M" --threads 1 --prompt-lens 64,128,256 --prefill-batches 1 \
-    --decode-batches 1,2 --contexts 128 --reps 4 --decode-reps 20 --json --check "$PROFILE" "$@"
+  if [ "$CHECK" = served ]; then
+    $B profile --model "$M" --json --check "$PROFILE" --served-url "$URL" "$@"
+  else
+    $B profile --model "$M" --threads 1 --prompt-lens 64,128,256 --prefill-batches 1 \
+      --decode-batches 1,2 --contexts 128 --reps 4 --decode-reps 20 --json --check "$PROFILE" "$@"
+  fi
 }
 for rate in ${RATES//,/ }; do
   sim_profile=$PROFILE
-  if [ "${CHECK:-1}" != 0 ]; then
+  if [ "$CHECK" = engine ]; then
     check >"$dir/check-before-$rate.json" 2>/dev/null
   fi
-  load_before=$(cut -d' ' -f1 /proc/loadavg)
   coproc UP { exec $B up --port 0 --json --model $M --prefill 1 --decode 1 --worker-threads 1 \
     --step-tokens 512 2>"$dir/up-$rate.log"; }
   read -r line <&"${UP[0]}"
   URL=$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['url'])" "$line")
   MODEL=$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['model'])" "$line")
+  if [ "$CHECK" = served ]; then
+    check >"$dir/check-before-$rate.json" 2>"$dir/check-before-$rate.log"
+  fi
+  load_before=$(cut -d' ' -f1 /proc/loadavg)
   out="$dir/bench-$rate.json"
   $B bench --url "$URL" --model "$MODEL" --api completions --workload chat ${OSL:+--osl "$OSL"} --rate "$rate" \
     --arrival poisson --requests "$REQUESTS" --seed "$SEED" --tokenizer "$M" --quiet --json "$out" \
     >/dev/null
   load_after=$(cut -d' ' -f1 /proc/loadavg)
-  exec {UP[1]}>&- 2>/dev/null || true
-  kill "$UP_PID" 2>/dev/null || true
-  wait "$UP_PID" 2>/dev/null || true
-  if [ "${CHECK:-1}" != 0 ]; then
+  after() {
     sim_profile=$dir/profile-$rate.json
     check --since "$dir/check-before-$rate.json" --out "$sim_profile" \
       >"$dir/check-after-$rate.json" 2>"$dir/check-after-$rate.log"
+  }
+  if [ "$CHECK" = served ]; then
+    after
+  fi
+  exec {UP[1]}>&- 2>/dev/null || true
+  kill "$UP_PID" 2>/dev/null || true
+  wait "$UP_PID" 2>/dev/null || true
+  if [ "$CHECK" = engine ]; then
+    after
+  fi
+  if [ "$CHECK" != 0 ]; then
+    echo "  $CHECK checks: $(cat "$dir/check-before-$rate.json") before, $(cat "$dir/check-after-$rate.json") after"
     grep -E "moved|rescaled" "$dir/check-after-$rate.log" | sed 's/^/  /'
     python3 - "$dir/check-before-$rate.json" "$dir/check-after-$rate.json" <<'PY'
 import json, sys

@@ -38,6 +38,14 @@ pub struct ProfileArgs {
     /// with `--out` rescale the profile to the mean of the two, the host's speed over the span.
     #[arg(long, value_name = "CHECK_JSON", requires = "check")]
     since: Option<PathBuf>,
+    /// With `--check`: check a running served pair (`tandem up`, its base URL) against the
+    /// profile's served part instead of timing the engine here: `--served-requests` prompts back
+    /// to back with one-token answers while another client has the decode worker decode long
+    /// answers, their times to first token and decode gaps set against the profile's served ones
+    /// (about 8 s). A check of one engine cannot see the two workers slowed together (by each
+    /// other or by the neighbours); this can. The profile must have been taken with `--served`.
+    #[arg(long, value_name = "URL", requires = "check")]
+    served_url: Option<String>,
     /// Prompt lengths of the prefill samples.
     #[arg(long, value_delimiter = ',', default_value = "16,64,128,256,512")]
     prompt_lens: Vec<usize>,
@@ -327,7 +335,18 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
             json: args.json,
             since,
         };
-        return check(&model, &name, &shapes, old, to);
+        let how = match &args.served_url {
+            Some(url) => Measure::Served {
+                url,
+                model: &path,
+                requests: args.served_requests,
+            },
+            None => Measure::Engine {
+                model: &model,
+                shapes: &shapes,
+            },
+        };
+        return check(how, &name, old, to);
     }
     let out = args.out.unwrap_or_else(|| "profile.json".into());
     eprintln!("profiling {} ...", path.display());
@@ -454,14 +473,24 @@ struct CheckOutput<'a> {
     since: Option<SpeedRatio>,
 }
 
-/// `tandem profile --check`: times `shapes` now and compares them with the profile at `old`.
-fn check(
-    model: &Arc<Model>,
-    name: &str,
-    shapes: &Shapes,
-    old: &Path,
-    to: CheckOutput<'_>,
-) -> anyhow::Result<()> {
+/// What a check times.
+enum Measure<'a> {
+    /// The engine here, on `shapes`.
+    Engine {
+        model: &'a Arc<Model>,
+        shapes: &'a Shapes,
+    },
+    /// A running served pair at `url` serving `model` (whose tokenizer sizes the prompts).
+    Served {
+        url: &'a str,
+        model: &'a Path,
+        requests: usize,
+    },
+}
+
+/// `tandem profile --check`: times the engine's `shapes` (or a served pair) now and compares them
+/// with the profile at `old`.
+fn check(how: Measure<'_>, name: &str, old: &Path, to: CheckOutput<'_>) -> anyhow::Result<()> {
     let CheckOutput { out, json, since } = to;
     let profile = ProfileFile::read(old)?;
     anyhow::ensure!(
@@ -472,18 +501,30 @@ fn check(
     );
     let fitted = Profiled::from_profile(profile.clone())?;
     eprintln!("checking {} against the host now ...", old.display());
-    let (prefill, decode) = measure_in_rounds(model, shapes)?;
-    let ratio: SpeedRatio = fitted.speed_ratio(&prefill, &decode)?;
+    let (ratio, prefills, steps) = match how {
+        Measure::Engine { model, shapes } => {
+            let (prefill, decode) = measure_in_rounds(model, shapes)?;
+            let steps = decode.iter().map(|d| d.times.len()).sum::<usize>();
+            (fitted.speed_ratio(&prefill, &decode)?, prefill.len(), steps)
+        }
+        Measure::Served {
+            url,
+            model,
+            requests,
+        } => {
+            let (prompts, answers) = crate::profile_served::check(url, name, model, requests)?;
+            let steps = answers.iter().map(|a| a.gaps.len()).sum::<usize>();
+            let ratio = fitted.served_speed_ratio(&prompts, &answers)?;
+            (ratio, prompts.len(), steps)
+        }
+    };
     if json {
         println!("{}", serde_json::to_string(&ratio)?);
     } else {
         println!(
-            "the host now takes {:.3}x the profile's time for prefill ({} steps), {:.3}x for \
-             decode ({} steps)",
-            ratio.prefill,
-            prefill.len(),
-            ratio.decode,
-            decode.iter().map(|d| d.times.len()).sum::<usize>()
+            "the host now takes {:.3}x the profile's time for prefill ({prefills} prompts or \
+             steps), {:.3}x for decode ({steps} steps)",
+            ratio.prefill, ratio.decode,
         );
     }
     let by = match since {
@@ -637,7 +678,11 @@ mod tests {
             json: true,
             since,
         };
-        let e = check(&model, "other", &probe, &old, to(None)).unwrap_err();
+        let here = || Measure::Engine {
+            model: &model,
+            shapes: &probe,
+        };
+        let e = check(here(), "other", &old, to(None)).unwrap_err();
         assert!(
             e.to_string().contains("is a profile of tiny, not of other"),
             "{e}"
@@ -648,7 +693,7 @@ mod tests {
             prefill: 3.0,
             decode: 0.5,
         };
-        check(&model, "tiny", &probe, &old, to(Some(earlier))).unwrap();
+        check(here(), "tiny", &old, to(Some(earlier))).unwrap();
         let [m] = ProfileFile::read(&new).unwrap().rescaled[..] else {
             panic!("one rescaling")
         };
@@ -659,7 +704,7 @@ mod tests {
             "{m:?}"
         );
 
-        check(&model, "tiny", &probe, &old, to(None)).unwrap();
+        check(here(), "tiny", &old, to(None)).unwrap();
         let back = ProfileFile::read(&new).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         let [r] = back.rescaled[..] else {

@@ -84,31 +84,16 @@ pub fn measure(
     let (Some(url), Some(name)) = (v["url"].as_str(), v["model"].as_str()) else {
         bail!("tandem up printed no url and model: {line:?}");
     };
-    // `load`: concurrency 1 (each request sent as the previous ends) or a clock rate.
-    let bench = |isl: &str, osl: &str, n: usize, seed: &str, load: &[&str], json: &Path| {
-        let mut c = Command::new(&exe);
-        c.args([
-            "bench",
-            "--url",
-            url,
-            "--model",
-            name,
-            "--api",
-            "completions",
-        ])
-        .args(["--isl", isl, "--osl", osl])
-        .args(load)
-        .args(["--requests", &n.to_string(), "--seed", seed, "--quiet"])
-        .arg("--tokenizer")
-        .arg(model)
-        .arg("--json")
-        .arg(json)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        c
+    let server = Server {
+        exe: &exe,
+        url,
+        name,
+        model,
     };
-    let prompts = "uniform:64-400";
+    let bench = |isl: &str, osl: &str, n: usize, seed: &str, load: &[&str], json: &Path| {
+        server.bench(isl, osl, n, seed, load, json)
+    };
+    let prompts = PROMPTS;
     let back_to_back: &[&str] = &["--concurrency", "1"];
     // One prompt every 1.6 s: a 400-token prompt takes about 1.2 s, the mean one 0.7 s.
     let on_a_clock: &[&str] = &["--rate", "0.625", "--arrival", "constant"];
@@ -164,6 +149,109 @@ pub fn measure(
     let gaps = gaps(&decoding)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok((out, gaps))
+}
+
+/// The prompt lengths the served part times.
+const PROMPTS: &str = "uniform:64-400";
+
+/// A running server that `tandem bench` (this binary) sends requests to.
+struct Server<'a> {
+    exe: &'a Path,
+    url: &'a str,
+    name: &'a str,
+    /// The model file, whose tokenizer sizes the prompts.
+    model: &'a Path,
+}
+
+impl Server<'_> {
+    /// `tandem bench` for `n` requests of `isl` prompt and `osl` answer tokens; `load` is
+    /// concurrency 1 (each request sent as the previous ends) or a clock rate.
+    fn bench(
+        &self,
+        isl: &str,
+        osl: &str,
+        n: usize,
+        seed: &str,
+        load: &[&str],
+        json: &Path,
+    ) -> Command {
+        let mut c = Command::new(self.exe);
+        c.args([
+            "bench",
+            "--url",
+            self.url,
+            "--model",
+            self.name,
+            "--api",
+            "completions",
+        ])
+        .args(["--isl", isl, "--osl", osl])
+        .args(load)
+        .args(["--requests", &n.to_string(), "--seed", seed, "--quiet"])
+        .arg("--tokenizer")
+        .arg(self.model)
+        .arg("--json")
+        .arg(json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        c
+    }
+}
+
+/// A check of a running served pair against a profile's served part (`tandem profile --check
+/// --served-url`), measured the way the profile's part was: a client keeps the decode worker
+/// decoding 256-token answers one after the other while `requests` prompts of the served part's
+/// lengths go through back to back with one-token answers (the case "decode worker decoding,
+/// straight after the previous prompt"); the answers' gaps are decode steps beside a working
+/// prefill worker, as the profile's are (a quiet pair decodes about a tenth faster, so answers
+/// alone would read a faster host). The same requests every time (fixed seeds), so that two checks
+/// around a run compare like with like. About 8 s on SmolLM2.
+pub fn check(
+    url: &str,
+    name: &str,
+    model: &Path,
+    requests: usize,
+) -> anyhow::Result<(Vec<ServedSample>, Vec<ServedAnswer>)> {
+    let exe = std::env::current_exe().context("finding the tandem binary")?;
+    let dir = std::env::temp_dir().join(format!(
+        "tandem-served-check-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let server = Server {
+        exe: &exe,
+        url,
+        name,
+        model,
+    };
+    let b2b: &[&str] = &["--concurrency", "1"];
+    let (prompts, answers) = (dir.join("prompts.json"), dir.join("answers.json"));
+    let n = requests.max(1);
+    // Enough answers to outlast the prompts (a prompt takes about half a second, an answer about
+    // two and a half).
+    let mut background = server
+        .bench("16", "256", n.div_ceil(4) + 1, "22", b2b, &answers)
+        .spawn()
+        .context("starting the decoding client")?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let fg = server
+        .bench(PROMPTS, "1", n, "21", b2b, &prompts)
+        .status()
+        .context("running tandem bench");
+    let bg = background
+        .wait()
+        .context("waiting for the decoding client")?;
+    let fg = fg?;
+    if !fg.success() || !bg.success() {
+        bail!("tandem bench against {url} failed: prompts {fg}, answers {bg}");
+    }
+    let out = (samples(&prompts, true, false)?, gaps(&answers)?);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(out)
 }
 
 fn records(path: &Path) -> anyhow::Result<Vec<Value>> {

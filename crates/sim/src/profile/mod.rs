@@ -178,6 +178,19 @@ impl ProfileFile {
     }
 }
 
+/// The median of the positive finite values of `v`.
+fn median(mut v: Vec<f64>, what: &str) -> Result<f64, SimError> {
+    v.retain(|r| r.is_finite() && *r > 0.0);
+    if v.is_empty() {
+        return Err(SimError::Profile(format!(
+            "no {what} sample to compare with the profile"
+        )));
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Ok((v[(n - 1) / 2] + v[n / 2]) / 2.0)
+}
+
 /// A performance model fitted to a profile.
 #[derive(Debug, Clone)]
 pub struct Profiled {
@@ -277,17 +290,6 @@ impl Profiled {
                 times.iter().map(move |t| t / model)
             })
             .collect();
-        let median = |mut v: Vec<f64>, what: &str| -> Result<f64, SimError> {
-            v.retain(|r| r.is_finite() && *r > 0.0);
-            if v.is_empty() {
-                return Err(SimError::Profile(format!(
-                    "no {what} sample to compare with the profile"
-                )));
-            }
-            v.sort_by(f64::total_cmp);
-            let n = v.len();
-            Ok((v[(n - 1) / 2] + v[n / 2]) / 2.0)
-        };
         Ok(SpeedRatio {
             prefill: median(prefill, "prefill")?,
             decode: median(decode, "decode")?,
@@ -296,6 +298,57 @@ impl Profiled {
 }
 
 impl Profiled {
+    /// The served pair's speed now against this profile's served part: prompts timed through a
+    /// running server (`samples`, each against the fitted engine-alone prefill time of its length
+    /// times the profile's served ratio for its case) and answers decoded there (`answers`, each
+    /// gap against the engine's batch-1 step at its context, over the same for the profile's own
+    /// served answers); medians, above 1 when the pair runs slower. This sees what a check of one
+    /// engine in one process cannot: the two workers slowed together, by each other or by the
+    /// neighbours (`tandem profile --check --served-url`).
+    pub fn served_speed_ratio(
+        &self,
+        samples: &[ServedSample],
+        answers: &[ServedAnswer],
+    ) -> Result<SpeedRatio, SimError> {
+        if self.source.served.is_empty() || self.source.served_decode.is_empty() {
+            return Err(SimError::Profile(
+                "the profile has no served part to compare with (take it with --served)".into(),
+            ));
+        }
+        let [a, b, c] = self.prefill_fit.coef;
+        let engine = |n: u32| {
+            let n = f64::from(n);
+            a * n + b * n * n + c
+        };
+        let prefill: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.prompt_tokens > 0)
+            .map(|s| {
+                s.seconds
+                    / (engine(s.prompt_tokens)
+                        * self.served_prefill.factor(s.beside_decode, s.after_idle))
+            })
+            .collect();
+        let gaps = |answers: &[ServedAnswer]| -> Vec<f64> {
+            answers
+                .iter()
+                .flat_map(|a| {
+                    a.gaps.iter().enumerate().map(move |(i, &g)| {
+                        // As `DecodeSpread::from_served`: the gap before token i + 3.
+                        g / self
+                            .decode_table
+                            .step_time(1, u64::from(a.prompt_tokens) + i as u64 + 3)
+                    })
+                })
+                .collect()
+        };
+        let level = median(gaps(&self.source.served_decode), "profiled served decode")?;
+        Ok(SpeedRatio {
+            prefill: median(prefill, "served prefill")?,
+            decode: median(gaps(answers), "served decode")? / level,
+        })
+    }
+
     /// The spread and served parts of [`PerfModel::describe`], empty when the profile has neither.
     fn serving_note(&self) -> String {
         let mut out = String::new();
@@ -604,5 +657,57 @@ mod tests {
                 < 1e-3
         );
         assert!(before.speed_ratio(&[], &now_decode).is_err());
+    }
+
+    #[test]
+    fn a_served_check_compares_the_pair_with_the_profiles_served_part() {
+        let mut p = synthetic(false);
+        assert!(
+            Profiled::from_profile(p.clone())
+                .unwrap()
+                .served_speed_ratio(&[], &[])
+                .unwrap_err()
+                .to_string()
+                .contains("no served part")
+        );
+        // Served prompts at 1.2x (idle, after idling) and 1.5x (beside decode) the engine alone,
+        // served decode gaps at 1.1x the engine's batch-1 step.
+        let engine = Profiled::from_profile(p.clone()).unwrap();
+        let at = |n: u32| engine.prefill_time(&[PrefillItem::fresh(n)]);
+        let step = |ctx: u64| engine.decode_step_time(1, ctx);
+        let sample = |n: u32, r: f64, beside_decode: bool| ServedSample {
+            prompt_tokens: n,
+            seconds: r * at(n),
+            beside_decode,
+            after_idle: true,
+        };
+        p.served = vec![
+            sample(64, 1.2, false),
+            sample(256, 1.2, false),
+            sample(128, 1.5, true),
+        ];
+        p.served_decode = vec![ServedAnswer {
+            prompt_tokens: 100,
+            gaps: (0..5).map(|i| 1.1 * step(103 + i)).collect(),
+        }];
+        let m = Profiled::from_profile(p).unwrap();
+        // Now the pair runs 30% slower at prefill in both cases and 20% faster at decode, on
+        // other lengths; the ratios are against each case's own served ratio.
+        let now = [
+            sample(300, 1.2 * 1.3, false),
+            sample(90, 1.5 * 1.3, true),
+            sample(200, 1.2 * 1.3, false),
+        ];
+        let answers = [ServedAnswer {
+            prompt_tokens: 40,
+            gaps: (0..9).map(|i| 0.8 * 1.1 * step(43 + i)).collect(),
+        }];
+        let r = m.served_speed_ratio(&now, &answers).unwrap();
+        assert!(
+            (r.prefill - 1.3).abs() < 1e-9 && (r.decode - 0.8).abs() < 1e-9,
+            "{r:?}"
+        );
+        assert!(m.served_speed_ratio(&[], &answers).is_err());
+        assert!(m.served_speed_ratio(&now, &[]).is_err());
     }
 }
