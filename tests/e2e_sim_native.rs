@@ -12,19 +12,18 @@
 //! prefill's ratio to the engine's and the served decode steps' spread, which the DES applies). The answers are 16 tokens instead of the workload's 64, so that 24
 //! requests at 0.5/s take under a minute.
 //!
-//! The host's speed is checked right before and right after the run (`tandem profile --check` on
-//! three prefill and two decode shapes, about ten seconds each), and the DES works from the profile
-//! rescaled to the mean of the two checks (`ProfileFile::rescaled`): what the test holds the
-//! simulator to is the queueing, batching and step spread of the run, given the engine's speed
-//! while it ran. A shared host (the Intel one since 2026-12-04) moves by tens of percent over
-//! minutes, and without the checks the profile taken a minute earlier was off by that much (5
-//! failures in 7 runs, DES/measured 0.74-1.41). A run whose two checks differ by more than
-//! [`STEADY`] is repeated, up to [`ATTEMPTS`] runs; if the host never holds still the test fails
-//! saying so.
-//!
-//! Beside a `cargo build` the served pair's two compute threads wait for the cores, which no check
-//! of one compute thread sees (TTFT p50 fell to 0.85-0.89 in 4 runs of 6 on the EPYC host,
-//! BENCHMARKS.md). Run it with the machine to itself.
+//! The served pair's speed is checked right before and right after the run, through the run's own
+//! `tandem up` (`tandem profile --check --served-url`: 8 prompts beside a decoding client, set
+//! against the profile's served part, about 8 s each), and the DES works from the profile rescaled
+//! to the mean of the two checks (`ProfileFile::rescaled`): what the test holds the simulator to is
+//! the queueing, batching and step spread of the run, given the pair's speed while it ran. A shared
+//! host (the Intel one of 2026-12-04) moves by tens of percent over minutes, and without checks
+//! the profile taken a minute earlier was off by that much (5 failures in 7 runs, DES/measured
+//! 0.74-1.41). Checks of one engine in its own process, used before, could not see the two workers
+//! slowed together (a run beside a compile failed with both checks steady); checks through the
+//! pair time the very processes the run uses. A run whose two checks differ by more than [`STEADY`] is repeated, up to
+//! [`ATTEMPTS`] runs; if the host never holds still the test fails saying so. Run it with the
+//! machine to itself all the same.
 //!
 //! TTFT p90 is printed, not asserted: of 24 requests it lies between the 21st and the 22nd, the
 //! queueing of one or two requests, which moves by more than 10% from one run to the next of the
@@ -74,8 +73,9 @@ fn number(v: &Value, path: &[&str]) -> f64 {
 }
 
 /// One run of the workload against `tandem up` (one prefill and one decode worker); its
-/// requests' timings go to `bench`.
-fn run(model: &Path, bench: &Path) {
+/// requests' timings go to `bench`. Returns the served pair's speed against `profile` checked
+/// right before and right after the run.
+fn run(model: &Path, profile: &Path, bench: &Path) -> (SpeedRatio, SpeedRatio) {
     let up = Up::start(&[
         "--prefill",
         "1",
@@ -86,6 +86,7 @@ fn run(model: &Path, bench: &Path) {
         "--step-tokens",
         "512",
     ]);
+    let before = speed(model, profile, &up.url);
     tandem(
         &[
             "bench",
@@ -112,29 +113,21 @@ fn run(model: &Path, bench: &Path) {
         ],
         &[model, Path::new("--json"), bench],
     );
+    let after = speed(model, profile, &up.url);
     drop(up);
+    (before, after)
 }
 
-/// The host's speed now against `profile`: `tandem profile --check` on a few shapes (about ten
-/// seconds).
-fn speed(model: &Path, profile: &Path) -> SpeedRatio {
+/// The served pair's speed now against `profile`'s served part: `tandem profile --check
+/// --served-url` (8 prompts beside a decoding client, about 8 s).
+fn speed(model: &Path, profile: &Path, url: &str) -> SpeedRatio {
     let out = tandem(
         &[
             "profile",
-            "--threads",
-            "1",
-            "--prompt-lens",
-            "64,128,256",
-            "--prefill-batches",
-            "1",
-            "--decode-batches",
-            "1,2",
-            "--contexts",
-            "128",
-            "--reps",
-            "4",
-            "--decode-reps",
-            "20",
+            "--served-url",
+            url,
+            "--served-requests",
+            "8",
             "--json",
             "--model",
         ],
@@ -177,11 +170,9 @@ fn the_simulator_predicts_the_native_engine_within_ten_percent() {
 
     // The host's speed, bracketing each run: a run counts when its two checks agree, and the DES
     // then works from the profile rescaled to the mean of the two.
-    let mut before = speed(&model, &profile);
     let mut attempt = 1;
     let ratio = loop {
-        run(&model, &bench);
-        let after = speed(&model, &profile);
+        let (before, after) = run(&model, &profile, &bench);
         let moved = after.moved_from(before);
         eprintln!(
             "run {attempt}: the host took {:.3}x / {:.3}x the profile's prefill / decode time \
@@ -203,7 +194,6 @@ fn the_simulator_predicts_the_native_engine_within_ten_percent() {
             100.0 * STEADY,
             100.0 * moved
         );
-        before = after;
         attempt += 1;
     };
     let rescaled = dir.join("profile-now.json");
