@@ -38,7 +38,7 @@ use std::process::Command;
 
 use serde_json::Value;
 use support::{BIN, Up, model_path};
-use tandem_sim::profile::{ProfileFile, SpeedRatio};
+use tandem_sim::profile::{ProfileFile, Profiled, QUIET_SERVED_DECODE_LEVEL, SpeedRatio};
 
 const RATE: &str = "0.5";
 const REQUESTS: &str = "24";
@@ -118,6 +118,32 @@ fn run(model: &Path, profile: &Path, bench: &Path) -> (SpeedRatio, SpeedRatio) {
     (before, after)
 }
 
+/// The profile the test simulates from, reduced to what the run needs (the module's notes).
+fn take_profile(model: &Path, profile: &Path) {
+    tandem(
+        &[
+            "profile",
+            "--threads",
+            "1",
+            "--prompt-lens",
+            "64,128,256,400",
+            "--prefill-batches",
+            "1,2",
+            "--decode-batches",
+            "1,2,3,4,5,6",
+            "--contexts",
+            "128,320",
+            "--reps",
+            "3",
+            "--served",
+            "--served-requests",
+            "8",
+            "--model",
+        ],
+        &[model, Path::new("--out"), profile],
+    );
+}
+
 /// The served pair's speed now against `profile`'s served part: `tandem profile --check
 /// --served-url` (8 prompts beside a decoding client, about 8 s).
 fn speed(model: &Path, profile: &Path, url: &str) -> SpeedRatio {
@@ -144,28 +170,27 @@ fn the_simulator_predicts_the_native_engine_within_ten_percent() {
     let (profile, bench) = (dir.join("profile.json"), dir.join("bench.json"));
     let t0 = std::time::Instant::now();
 
-    tandem(
-        &[
-            "profile",
-            "--threads",
-            "1",
-            "--prompt-lens",
-            "64,128,256,400",
-            "--prefill-batches",
-            "1,2",
-            "--decode-batches",
-            "1,2,3,4,5,6",
-            "--contexts",
-            "128,320",
-            "--reps",
-            "3",
-            "--served",
-            "--served-requests",
-            "8",
-            "--model",
-        ],
-        &[&model, Path::new("--out"), &profile],
-    );
+    // A profile whose served part ran under a load its engine part did not (a compile beside
+    // it) cannot be rescaled to the host's speed later: its served steps' ratio to the engine's
+    // is the load's, not the served path's. Such a profile is taken again, once.
+    let mut profiles = 0;
+    loop {
+        take_profile(&model, &profile);
+        profiles += 1;
+        let level = Profiled::from_file(&profile)
+            .unwrap()
+            .profiled_served_decode_level()
+            .unwrap();
+        if QUIET_SERVED_DECODE_LEVEL.contains(&level) {
+            break;
+        }
+        assert!(
+            profiles < 2,
+            "the served decode steps took x{level:.3} the engine's in each of two profiles (a \
+             quiet host gives 0.93-1.08): the machine is busy; run the test with it to itself"
+        );
+        eprintln!("profile {profiles}: served decode steps at x{level:.3} the engine's; again");
+    }
     let profiled = t0.elapsed();
 
     // The host's speed, bracketing each run: a run counts when its two checks agree, and the DES

@@ -8,8 +8,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use tandem_engine::{Engine, Model, StepItem};
-use tandem_sim::profile::SpeedRatio;
 use tandem_sim::profile::{DecodeSample, PROFILE_FORMAT, PrefillSample, ProfileFile, Profiled};
+use tandem_sim::profile::{QUIET_SERVED_DECODE_LEVEL, SpeedRatio};
 
 #[derive(Args, Debug)]
 pub struct ProfileArgs {
@@ -436,6 +436,16 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     let sp = &fitted.served_prefill;
     if sp.samples() > 0 {
         println!("served prefill against the engine alone: {}", sp.describe());
+    }
+    if let Ok(level) = fitted.profiled_served_decode_level() {
+        println!("served decode steps against the engine alone: x{level:.3} (median)");
+        if !QUIET_SERVED_DECODE_LEVEL.contains(&level) {
+            eprintln!(
+                "warning: a quiet host gives x0.93-1.08 here; the served part ran under a load \
+                 the engine part did not (or the other way round): take the profile again with \
+                 the machine to itself"
+            );
+        }
     }
     Ok(())
 }

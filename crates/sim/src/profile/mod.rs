@@ -178,6 +178,12 @@ impl ProfileFile {
     }
 }
 
+/// The served decode steps' level against the engine alone's
+/// ([`Profiled::profiled_served_decode_level`]) that a profile taken on a quiet host stays inside
+/// (0.93-1.08 seen, with a margin): outside it, the profile's served part ran under a load its
+/// engine part did not, or the other way round.
+pub const QUIET_SERVED_DECODE_LEVEL: std::ops::RangeInclusive<f64> = 0.85..=1.15;
+
 /// The median of the positive finite values of `v`.
 fn median(mut v: Vec<f64>, what: &str) -> Result<f64, SimError> {
     v.retain(|r| r.is_finite() && *r > 0.0);
@@ -329,24 +335,36 @@ impl Profiled {
                         * self.served_prefill.factor(s.beside_decode, s.after_idle))
             })
             .collect();
-        let gaps = |answers: &[ServedAnswer]| -> Vec<f64> {
-            answers
-                .iter()
-                .flat_map(|a| {
-                    a.gaps.iter().enumerate().map(move |(i, &g)| {
-                        // As `DecodeSpread::from_served`: the gap before token i + 3.
-                        g / self
-                            .decode_table
-                            .step_time(1, u64::from(a.prompt_tokens) + i as u64 + 3)
-                    })
-                })
-                .collect()
-        };
-        let level = median(gaps(&self.source.served_decode), "profiled served decode")?;
         Ok(SpeedRatio {
             prefill: median(prefill, "served prefill")?,
-            decode: median(gaps(answers), "served decode")? / level,
+            decode: self.served_decode_level(answers)? / self.profiled_served_decode_level()?,
         })
+    }
+
+    /// The median, over every gap of `answers` (decoded by a served decode worker), of the gap
+    /// over the profiled engine's batch-1 step at its context: 1 when the served steps take what
+    /// the engine alone takes.
+    pub fn served_decode_level(&self, answers: &[ServedAnswer]) -> Result<f64, SimError> {
+        let ratios = answers
+            .iter()
+            .flat_map(|a| {
+                a.gaps.iter().enumerate().map(move |(i, &g)| {
+                    // As `DecodeSpread::from_served`: the gap before token i + 3.
+                    g / self
+                        .decode_table
+                        .step_time(1, u64::from(a.prompt_tokens) + i as u64 + 3)
+                })
+            })
+            .collect();
+        median(ratios, "served decode")
+    }
+
+    /// [`Self::served_decode_level`] of the profile's own served answers. A quiet host gives
+    /// 0.93-1.08 (the served steps also carry token delivery); far from 1, the served part ran
+    /// under a load the engine part did not (or the other way round), and the profile does not
+    /// describe one host: take it again.
+    pub fn profiled_served_decode_level(&self) -> Result<f64, SimError> {
+        self.served_decode_level(&self.source.served_decode)
     }
 
     /// The spread and served parts of [`PerfModel::describe`], empty when the profile has neither.
