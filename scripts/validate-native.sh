@@ -44,6 +44,12 @@ check() {
       --decode-batches 1,2 --contexts 128 --reps 4 --decode-reps 20 --json --check "$PROFILE" "$@"
   fi
 }
+# The check after a rate's run, which rescales the profile the DES replays that run with.
+after() {
+  sim_profile=$dir/profile-$rate.json
+  check --since "$dir/check-before-$rate.json" --out "$sim_profile" \
+    >"$dir/check-after-$rate.json" 2>"$dir/check-after-$rate.log"
+}
 for rate in ${RATES//,/ }; do
   sim_profile=$PROFILE
   if [ "$CHECK" = engine ]; then
@@ -63,11 +69,6 @@ for rate in ${RATES//,/ }; do
     --arrival poisson --requests "$REQUESTS" --seed "$SEED" --tokenizer "$M" --quiet --json "$out" \
     >/dev/null
   load_after=$(cut -d' ' -f1 /proc/loadavg)
-  after() {
-    sim_profile=$dir/profile-$rate.json
-    check --since "$dir/check-before-$rate.json" --out "$sim_profile" \
-      >"$dir/check-after-$rate.json" 2>"$dir/check-after-$rate.log"
-  }
   if [ "$CHECK" = served ]; then
     after
   fi

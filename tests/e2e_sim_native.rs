@@ -21,9 +21,9 @@
 //! the profile taken a minute earlier was off by that much (5 failures in 7 runs, DES/measured
 //! 0.74-1.41). Checks of one engine in its own process, used before, could not see the two workers
 //! slowed together (a run beside a compile failed with both checks steady); checks through the
-//! pair time the very processes the run uses. A run whose two checks differ by more than [`STEADY`] is repeated, up to
-//! [`ATTEMPTS`] runs; if the host never holds still the test fails saying so. Run it with the
-//! machine to itself all the same.
+//! pair time the very processes the run uses. A run whose two checks differ by more than
+//! [`STEADY`] is repeated, up to [`ATTEMPTS`] runs; if the host never holds still the test fails
+//! saying so. Run it with the machine to itself all the same.
 //!
 //! TTFT p90 is printed, not asserted: of 24 requests it lies between the 21st and the 22nd, the
 //! queueing of one or two requests, which moves by more than 10% from one run to the next of the

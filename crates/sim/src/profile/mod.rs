@@ -184,6 +184,14 @@ impl ProfileFile {
 /// engine part did not, or the other way round.
 pub const QUIET_SERVED_DECODE_LEVEL: std::ops::RangeInclusive<f64> = 0.85..=1.15;
 
+/// The fitted engine-alone prefill time of one fresh prompt of `n` tokens, the base the served
+/// prompts' ratios are taken against.
+fn prefill_alone(fit: &Fit, n: u32) -> f64 {
+    let [a, b, c] = fit.coef;
+    let n = f64::from(n);
+    a * n + b * n * n + c
+}
+
 /// The median of the positive finite values of `v`.
 fn median(mut v: Vec<f64>, what: &str) -> Result<f64, SimError> {
     v.retain(|r| r.is_finite() && *r > 0.0);
@@ -240,11 +248,8 @@ impl Profiled {
         } else {
             served_spread
         };
-        let [a, b, c] = prefill_fit.coef;
-        let served_prefill = ServedPrefill::fit(&profile.served, |n| {
-            let n = f64::from(n);
-            a * n + b * n * n + c
-        });
+        let served_prefill =
+            ServedPrefill::fit(&profile.served, |n| prefill_alone(&prefill_fit, n));
         Ok(Profiled {
             source: profile,
             prefill_fit,
@@ -321,11 +326,7 @@ impl Profiled {
                 "the profile has no served part to compare with (take it with --served)".into(),
             ));
         }
-        let [a, b, c] = self.prefill_fit.coef;
-        let engine = |n: u32| {
-            let n = f64::from(n);
-            a * n + b * n * n + c
-        };
+        let engine = |n: u32| prefill_alone(&self.prefill_fit, n);
         let prefill: Vec<f64> = samples
             .iter()
             .filter(|s| s.prompt_tokens > 0)

@@ -19,7 +19,7 @@
 //!   context's growth along an answer is not counted as spread), and then the pool is divided by
 //!   its own median, so the factors' median is 1 and the DES's median step is the table's. The
 //!   probe's level is not trusted because it is one sequence decoding at a time with 16-token
-//!   prompts and nothing else in its batch: over four profiles it came out at 0.93-1.08 of the
+//!   prompts and nothing else in its batch: over four profiles it came out at 0.94-1.08 of the
 //!   engine alone, below the steps the chat runs saw in the runs where it was under 1, and it
 //!   moved from profile to profile by more than the engine table did. Its relative spread is a
 //!   property of the served path (the token streaming's batching of deliveries, the prefill
