@@ -10,7 +10,7 @@ use std::time::Instant;
 use tandem_engine::kv::KvPool;
 use tandem_engine::sampling::{FinishReason, sample, token_finishes};
 use tandem_engine::{Engine, EngineError, SeqId, StepItem};
-use tandem_kv_transfer::{ShmRegion, pool_checksum};
+use tandem_kv_transfer::{ShmRegion, frame_checksums, pool_checksum};
 use tonic::Status;
 
 use crate::queue::{Computed, Job, LayerMsg, Queue};
@@ -257,10 +257,16 @@ fn step(
                 None => {
                     let mut bytes = Vec::with_capacity(pool.geometry().layer_bytes(src.len()));
                     pool.export_layer(layer, src, &mut bytes)?;
+                    let checksums = job
+                        .destination
+                        .geometry
+                        .and_then(|g| frame_checksums(&g, src.len(), &bytes).ok())
+                        .unwrap_or_default();
                     LayerMsg::Bytes {
                         layer: layer as u32,
                         dst: dst.clone(),
                         bytes,
+                        checksums,
                         last,
                     }
                 }

@@ -12,11 +12,15 @@ use tonic::Status;
 
 /// One layer's KV for some of a request's blocks, on its way to the transfer task.
 pub enum LayerMsg {
-    /// tcp: the bytes, laid out as `KvPool::export_layer` makes them.
+    /// tcp: the bytes, laid out as `KvPool::export_layer` makes them, and the checksum of each
+    /// frame they go as (`frame_checksums`, summed by the batcher right after the export, while
+    /// the bytes are in its cache; empty when the destination's geometry could not cut them, and
+    /// the sender then sums them itself and reports the error).
     Bytes {
         layer: u32,
         dst: Vec<u32>,
         bytes: Vec<u8>,
+        checksums: Vec<u32>,
         last: bool,
     },
     /// shm: already written into the destination pool.

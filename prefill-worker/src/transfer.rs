@@ -53,13 +53,25 @@ pub async fn run(
                 layer,
                 dst,
                 bytes,
+                checksums,
                 last,
             } => {
                 bytes_sent += bytes.len() as u64;
+                let summed = !checksums.is_empty();
                 if last {
-                    return verdict(t.finish(layer, &dst, &bytes).await, first, bytes_sent);
+                    let ack = if summed {
+                        t.finish_summed(layer, &dst, &bytes, &checksums).await
+                    } else {
+                        t.finish(layer, &dst, &bytes).await
+                    };
+                    return verdict(ack, first, bytes_sent);
                 }
-                t.send_layer(layer, &dst, &bytes).await.map_err(refused)?;
+                let sent = if summed {
+                    t.send_layer_summed(layer, &dst, &bytes, &checksums).await
+                } else {
+                    t.send_layer(layer, &dst, &bytes).await
+                };
+                sent.map_err(refused)?;
             }
             LayerMsg::Written {
                 layer,

@@ -31,6 +31,7 @@
 //! invalid bit patterns).
 #![deny(unsafe_code)]
 
+mod checksum;
 mod error;
 mod progress;
 mod receiver;
@@ -41,9 +42,10 @@ mod wire;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use checksum::{Crc32c, crc32c};
 pub use error::{KvTransferError, Result};
 pub use receiver::{Wire, serve, serve_with};
-pub use sender::{FRAME_BYTES, KvSender, OutboundTransfer, TransferSpec};
+pub use sender::{FRAME_BYTES, KvSender, OutboundTransfer, TransferSpec, frame_checksums};
 pub use shm::{ShmRegion, pool_checksum, shm_layout};
 pub use tandem_proto::v1::{BlockGeometry, KvAck, KvDtype, KvError, ShmPoolLayout};
 pub use wire::{block_bytes, dtype_size};

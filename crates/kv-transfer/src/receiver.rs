@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 
 use crate::progress::{FrameFacts, Transfers, Verdict};
 use crate::wire::{put_message, read_message, read_preamble};
-use crate::{KvSink, KvTransferError, Result};
+use crate::{Crc32c, KvSink, KvTransferError, Result};
 
 /// Which messages a KV listener takes from its peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,10 +356,10 @@ impl Conn {
 /// it is still in cache, rather than in a second pass over the whole frame.
 async fn read_summing(rd: &mut BufReader<OwnedReadHalf>, buf: &mut [u8]) -> std::io::Result<u32> {
     const PIECE: usize = 256 * 1024;
-    let mut crc = 0;
+    let mut crc = Crc32c::default();
     for piece in buf.chunks_mut(PIECE) {
         rd.read_exact(piece).await?;
-        crc = crc32c::crc32c_append(crc, piece);
+        crc.update(piece);
     }
-    Ok(crc)
+    Ok(crc.value())
 }

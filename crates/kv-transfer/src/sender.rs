@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::wire::{block_bytes, put_message, read_message, write_parts, write_preamble};
-use crate::{KvTransferError, Result};
+use crate::{Crc32c, KvTransferError, Result};
 
 /// Largest payload of one frame. A layer of a long prompt goes as several frames, so that each is
 /// still in cache between its checksum and its copy into the socket (and, on the receiver, between
@@ -160,6 +160,73 @@ async fn read_acks(rd: OwnedReadHalf, waiters: Waiters, broken: Arc<AtomicBool>)
     lock(&waiters).clear();
 }
 
+/// How one layer's payload (K of its blocks, then V) is cut into frames: as few as [`FRAME_BYTES`]
+/// allows, of equal size (no runt frame at the end); each frame carries K then V of its blocks.
+struct Frames {
+    count: usize,
+    blocks: usize,
+    per: usize,
+    block: usize,
+}
+
+impl Frames {
+    fn new(geometry: &v1::BlockGeometry, blocks: usize, payload: &[u8]) -> Result<Self> {
+        let block = block_bytes(geometry)
+            .filter(|b| *b > 0)
+            .ok_or_else(|| KvTransferError::Invalid(format!("geometry {geometry:?}")))?;
+        if payload.len() != 2 * blocks * block {
+            let msg = format!(
+                "{} payload bytes for {blocks} blocks of {block}",
+                payload.len()
+            );
+            return Err(KvTransferError::Invalid(msg));
+        }
+        let count = blocks.div_ceil((FRAME_BYTES / (2 * block)).max(1)).max(1);
+        let per = blocks.div_ceil(count).max(1);
+        Ok(Frames {
+            count,
+            blocks,
+            per,
+            block,
+        })
+    }
+
+    /// Frame `f`'s block range (indexes into the layer's block list), its K bytes and its V bytes.
+    fn part<'p>(
+        &self,
+        f: usize,
+        payload: &'p [u8],
+    ) -> (std::ops::Range<usize>, &'p [u8], &'p [u8]) {
+        let (a, b) = (f * self.per, ((f + 1) * self.per).min(self.blocks));
+        let (k, v) = payload.split_at(self.blocks * self.block);
+        let bytes = a * self.block..b * self.block;
+        (a..b, &k[bytes.clone()], &v[bytes])
+    }
+
+    fn checksum(&self, f: usize, payload: &[u8]) -> u32 {
+        let (_, k, v) = self.part(f, payload);
+        let mut crc = Crc32c::default();
+        crc.update(k);
+        crc.update(v);
+        crc.value()
+    }
+}
+
+/// The checksum of each frame that [`OutboundTransfer::send_layer`] would cut `payload` (one
+/// layer's K and V of `blocks` blocks, as `KvPool::export_layer` lays them out) into. Computed by
+/// whoever produced the payload, right after writing it, and handed to
+/// [`OutboundTransfer::send_layer_summed`].
+pub fn frame_checksums(
+    geometry: &v1::BlockGeometry,
+    blocks: usize,
+    payload: &[u8],
+) -> Result<Vec<u32>> {
+    let frames = Frames::new(geometry, blocks, payload)?;
+    Ok((0..frames.count)
+        .map(|f| frames.checksum(f, payload))
+        .collect())
+}
+
 /// One request's transfer into one reservation: frames numbered from 0, then a final ack.
 pub struct OutboundTransfer {
     conn: Arc<Conn>,
@@ -186,7 +253,7 @@ impl OutboundTransfer {
         block_ids: &[u32],
         payload: &[u8],
     ) -> Result<()> {
-        self.frame(layer, block_ids, payload, false).await
+        self.frame(layer, block_ids, payload, None, false).await
     }
 
     /// Sends the last frame (which may carry no blocks) and waits for the receiver's verdict.
@@ -196,7 +263,34 @@ impl OutboundTransfer {
         block_ids: &[u32],
         payload: &[u8],
     ) -> Result<v1::KvAck> {
-        self.frame(layer, block_ids, payload, true).await?;
+        self.frame(layer, block_ids, payload, None, true).await?;
+        self.wait_ack().await
+    }
+
+    /// [`Self::send_layer`] with the frames' checksums already computed by [`frame_checksums`]
+    /// where the payload was produced, while its bytes were in cache: the transfer's path then
+    /// only writes. Checksums that do not match the bytes make the receiver refuse the transfer.
+    pub async fn send_layer_summed(
+        &mut self,
+        layer: u32,
+        block_ids: &[u32],
+        payload: &[u8],
+        checksums: &[u32],
+    ) -> Result<()> {
+        self.frame(layer, block_ids, payload, Some(checksums), false)
+            .await
+    }
+
+    /// [`Self::finish`] with checksums from [`frame_checksums`].
+    pub async fn finish_summed(
+        mut self,
+        layer: u32,
+        block_ids: &[u32],
+        payload: &[u8],
+        checksums: &[u32],
+    ) -> Result<v1::KvAck> {
+        self.frame(layer, block_ids, payload, Some(checksums), true)
+            .await?;
         self.wait_ack().await
     }
 
@@ -223,34 +317,27 @@ impl OutboundTransfer {
         self.wait_ack().await
     }
 
-    /// Sends a layer as frames of at most [`FRAME_BYTES`]: each frame's checksum pass leaves its
-    /// bytes in cache for the socket copy that follows, on both sides.
+    /// Sends a layer as frames of at most [`FRAME_BYTES`]: each frame's checksum pass (when the
+    /// caller brought none) leaves its bytes in cache for the socket copy that follows.
     async fn frame(
         &mut self,
         layer: u32,
         block_ids: &[u32],
         payload: &[u8],
+        checksums: Option<&[u32]>,
         last: bool,
     ) -> Result<()> {
         self.check_refused()?;
-        let block = block_bytes(&self.spec.geometry)
-            .filter(|b| *b > 0)
-            .ok_or_else(|| {
-                KvTransferError::Invalid(format!("geometry {:?}", self.spec.geometry))
-            })?;
-        let n = block_ids.len();
-        if payload.len() != 2 * n * block {
-            let msg = format!("{} payload bytes for {n} blocks of {block}", payload.len());
+        let frames = Frames::new(&self.spec.geometry, block_ids.len(), payload)?;
+        if let Some(sums) = checksums.filter(|s| s.len() != frames.count) {
+            let msg = format!("{} checksums for {} frames", sums.len(), frames.count);
             return Err(KvTransferError::Invalid(msg));
         }
-        let (k, v) = payload.split_at(n * block);
-        // As few frames as FRAME_BYTES allows, of equal size (no runt frame at the end).
-        let frames = n.div_ceil((FRAME_BYTES / (2 * block)).max(1)).max(1);
-        let per = n.div_ceil(frames).max(1);
-        for f in 0..frames {
-            let (a, b) = (f * per, ((f + 1) * per).min(n));
-            let (k, v) = (&k[a * block..b * block], &v[a * block..b * block]);
-            self.frame_part(layer, &block_ids[a..b], k, v, last && f + 1 == frames)
+        for f in 0..frames.count {
+            let (blocks, k, v) = frames.part(f, payload);
+            let crc = checksums.map_or_else(|| frames.checksum(f, payload), |s| s[f]);
+            let ids = &block_ids[blocks];
+            self.frame_part(layer, ids, k, v, crc, last && f + 1 == frames.count)
                 .await?;
         }
         Ok(())
@@ -262,6 +349,7 @@ impl OutboundTransfer {
         block_ids: &[u32],
         k: &[u8],
         v: &[u8],
+        checksum: u32,
         last: bool,
     ) -> Result<()> {
         let h = &mut self.header;
@@ -270,7 +358,7 @@ impl OutboundTransfer {
         h.block_ids.extend_from_slice(block_ids);
         h.seq = self.seq;
         h.payload_len = (k.len() + v.len()) as u64;
-        h.checksum = crc32c::crc32c_append(crc32c::crc32c(k), v);
+        h.checksum = checksum;
         h.last = last;
         let mut w = self.conn.writer.lock().await;
         let w = &mut *w;

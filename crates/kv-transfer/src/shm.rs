@@ -8,7 +8,7 @@ use memmap2::MmapMut;
 use tandem_engine::kv::{KvGeometry, KvMemory, KvPool};
 use tandem_proto::v1::{self, ShmPoolLayout};
 
-use crate::{KvTransferError, Result, block_geometry};
+use crate::{Crc32c, KvTransferError, Result, block_geometry};
 
 const _: () = assert!(
     cfg!(target_endian = "little"),
@@ -184,13 +184,13 @@ impl ShmRegion {
 
     /// CRC-32C of K of `block_ids` of `layer` in list order, then their V (as a notice carries).
     pub fn checksum(&self, layer: usize, block_ids: &[u32]) -> Result<u32> {
-        let mut crc = 0;
+        let mut crc = Crc32c::default();
         for kv in 0..2 {
             for &b in block_ids {
-                crc = crc32c::crc32c_append(crc, &self.map[self.block_range(layer, kv, b)?]);
+                crc.update(&self.map[self.block_range(layer, kv, b)?]);
             }
         }
-        Ok(crc)
+        Ok(crc.value())
     }
 
     /// The raw bytes of the whole pool.
@@ -243,7 +243,7 @@ pub fn pool_checksum(pool: &KvPool, layer: usize, block_ids: &[u32]) -> Option<u
     }
     let bf = g.block_floats();
     let (k, v) = pool.layer(layer);
-    let mut crc = 0;
+    let mut crc = Crc32c::default();
     let mut bytes = [0u8; 4096];
     for region in [k, v] {
         for &b in block_ids {
@@ -252,11 +252,11 @@ pub fn pool_checksum(pool: &KvPool, layer: usize, block_ids: &[u32]) -> Option<u
                 for (d, x) in bytes.chunks_exact_mut(4).zip(floats) {
                     d.copy_from_slice(&x.to_le_bytes());
                 }
-                crc = crc32c::crc32c_append(crc, &bytes[..floats.len() * 4]);
+                crc.update(&bytes[..floats.len() * 4]);
             }
         }
     }
-    Some(crc)
+    Some(crc.value())
 }
 
 fn invalid(msg: &str) -> KvTransferError {

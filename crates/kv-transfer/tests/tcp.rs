@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::{GEOM, RawClient, TestSink, payload, source, spec, start};
 use tandem_engine::kv::{KvGeometry, KvPool};
-use tandem_kv_transfer::{KvError, KvSender, KvTransferError};
+use tandem_kv_transfer::{KvError, KvSender, KvTransferError, frame_checksums};
 use tokio::io::AsyncWriteExt;
 
 const LIVE: Duration = Duration::from_secs(60);
@@ -254,7 +254,7 @@ async fn a_retry_with_a_newer_attempt_replaces_the_failed_one() {
 }
 
 #[tokio::test]
-async fn a_large_layer_goes_as_several_frames_and_lands_whole() {
+async fn a_large_layer_goes_as_several_frames_and_lands_whole_with_either_side_summing() {
     // 64 KiB blocks: a frame holds FRAME_BYTES / 128 KiB = 4 of them, so 10 blocks make 3 frames.
     let g = KvGeometry {
         layers: 2,
@@ -288,19 +288,63 @@ async fn a_large_layer_goes_as_several_frames_and_lands_whole() {
     let mut s = spec(3);
     s.geometry = tandem_kv_transfer::block_geometry(&g);
     let sender = KvSender::new("p");
-    let mut t = sender.open(&addr.to_string(), s).await.unwrap();
+    let mut t = sender.open(&addr.to_string(), s.clone()).await.unwrap();
     t.send_layer(0, &dst, &layer(0)).await.unwrap();
     assert_eq!(t.seq(), 3);
     assert_eq!(
         t.finish(1, &dst, &layer(1)).await.unwrap().frames_received,
         6
     );
-    let pool = sink.pool.lock().unwrap();
-    for l in 0..2 {
-        let mut got = Vec::new();
-        pool.export_layer(l, &dst, &mut got).unwrap();
-        assert_eq!(got, layer(l), "layer {l}");
+    {
+        let pool = sink.pool.lock().unwrap();
+        for l in 0..2 {
+            let mut got = Vec::new();
+            pool.export_layer(l, &dst, &mut got).unwrap();
+            assert_eq!(got, layer(l), "layer {l}");
+        }
     }
+
+    // The same layers with the checksums their producer computed: three per layer, each the
+    // CRC-32C of its frame's K bytes then V bytes (blocks 0-3, 4-7, 8-9).
+    let sums = |l: usize| frame_checksums(&s.geometry, src_ids.len(), &layer(l)).unwrap();
+    let bytes = layer(0);
+    let (k, v) = bytes.split_at(bytes.len() / 2);
+    let block = g.block_floats() * 4;
+    let frame = |a: usize, b: usize| {
+        let mut both = k[a * block..b * block].to_vec();
+        both.extend_from_slice(&v[a * block..b * block]);
+        crc32c::crc32c(&both)
+    };
+    assert_eq!(sums(0), vec![frame(0, 4), frame(4, 8), frame(8, 10)]);
+    sink.reserve(4, &dst, LIVE);
+    let mut s4 = s.clone();
+    s4.reservation_id = 4;
+    let mut t = sender.open(&addr.to_string(), s4).await.unwrap();
+    t.send_layer_summed(0, &dst, &layer(0), &sums(0))
+        .await
+        .unwrap();
+    let ack = t.finish_summed(1, &dst, &layer(1), &sums(1)).await.unwrap();
+    assert_eq!(ack.frames_received, 6);
+    assert!(sink.completed().contains(&(4, 0)));
+
+    // A checksum that does not match its frame is refused as corrupt; a count that does not
+    // match the frames is refused before anything is sent.
+    sink.reserve(5, &dst, LIVE);
+    let mut s5 = s.clone();
+    s5.reservation_id = 5;
+    let mut t = sender.open(&addr.to_string(), s5).await.unwrap();
+    let r = t.send_layer_summed(0, &dst, &layer(0), &sums(0)[..2]).await;
+    assert!(matches!(r, Err(KvTransferError::Invalid(_))), "{r:?}");
+    assert_eq!(t.seq(), 0);
+    let mut bad = sums(0);
+    bad[1] ^= 1;
+    t.send_layer_summed(0, &dst, &layer(0), &bad).await.unwrap();
+    let r = t.finish_summed(1, &dst, &layer(1), &sums(1)).await;
+    match r {
+        Err(KvTransferError::Refused { error, .. }) => assert_eq!(error, KvError::Corrupt),
+        other => panic!("expected a corrupt refusal, got {other:?}"),
+    }
+    assert!(!sink.completed().contains(&(5, 0)));
 }
 
 #[tokio::test]
