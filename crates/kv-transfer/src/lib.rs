@@ -11,6 +11,13 @@
 //!   a long prompt is cut into frames of at most [`FRAME_BYTES`], so that each frame's bytes stay
 //!   in cache between its checksum and its copy (sender), and between the socket, the checksum and
 //!   the pool (receiver).
+//!   When the sink's pool lives in shared memory ([`KvSink::direct`]; a decode worker's tcp pool
+//!   is an anonymous [`ShmRegion`]), each connection maps it again and reads a frame's payload
+//!   straight from the socket into the frame's blocks, summing it as it lands: one copy, from the
+//!   kernel into the pool. The sink keeps those blocks from changing hands while a frame is being
+//!   read into them ([`KvSink::begin_direct`], [`KvSink::end_direct`]). The sender keeps at most a
+//!   frame unsent in its socket (TCP_NOTSENT_LOWAT), so that on loopback the receiving core does
+//!   not end up transmitting the sender's queued bytes too.
 //! - **shm** ([`ShmRegion`]): the decode worker's pool lives in a file under `/dev/shm` that the
 //!   prefill worker maps and writes into directly; only a `ShmWriteNotice` per layer crosses the
 //!   control socket ([`serve_with`] with [`Wire::Shm`], [`OutboundTransfer::notify_shm`]), and the
@@ -29,6 +36,13 @@
 //! accesses). A misbehaving prefill worker can at worst put wrong numbers into blocks it was
 //! granted; it cannot make the decode worker read torn memory that Rust relies on (f32 has no
 //! invalid bit patterns).
+//!
+//! A tcp connection that reads straight into the pool is held to the same rules inside the decode
+//! worker's process: it writes only blocks of a reservation that still takes frames of its
+//! attempt; the blocks go back to the allocator only after its read ends, even if the reservation
+//! is released meanwhile; a commit is refused while such a read is in progress (the prefill is
+//! retried); and its writes reach the engine through the reservation table's lock, which the end
+//! of the read and the commit both take.
 #![deny(unsafe_code)]
 
 mod checksum;
@@ -87,6 +101,26 @@ pub trait KvSink: Send + Sync + 'static {
     }
     /// Every (layer, block) of the reservation arrived intact for `attempt`: commit it.
     fn complete(&self, reservation_id: u64, attempt: u32) -> Result<(), KvError>;
+
+    /// A mapping of the pool's memory for one tcp connection to read frames straight into (the
+    /// pool in a [`ShmRegion`], this its [`ShmRegion::remap`]), or `None` to have each frame's
+    /// bytes handed to [`KvSink::write`]. Asked once per connection.
+    fn direct(&self) -> Option<ShmRegion> {
+        None
+    }
+
+    /// Before a frame is read straight into `block_ids`: whether the reservation still takes
+    /// frames of `attempt`; if so, its blocks must not change hands (be released to another
+    /// reservation) until the matching [`KvSink::end_direct`], which the receiver always calls.
+    fn begin_direct(&self, reservation_id: u64, attempt: u32) -> Result<(), KvError> {
+        let _ = (reservation_id, attempt);
+        Ok(())
+    }
+
+    /// The frame's bytes are in place (or the read failed): the blocks may change hands again.
+    fn end_direct(&self, reservation_id: u64) {
+        let _ = reservation_id;
+    }
 }
 
 /// The wire's view of an engine pool's block shape (f32 elements).

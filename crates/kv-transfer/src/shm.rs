@@ -36,6 +36,8 @@ pub fn shm_layout(path: &Path, g: &KvGeometry) -> ShmPoolLayout {
 #[derive(Debug)]
 pub struct ShmRegion {
     map: MmapMut,
+    /// Kept open so that [`ShmRegion::remap`] can map the same memory again.
+    file: std::fs::File,
     layout: ShmPoolLayout,
     geom: KvGeometry,
     /// The creator removes the file when it drops its mapping; other mappings stay valid.
@@ -57,6 +59,7 @@ impl ShmRegion {
         let map = map(&file)?;
         Ok(ShmRegion {
             map,
+            file,
             layout,
             geom: *geom,
             owner: Some(path.to_owned()),
@@ -99,10 +102,82 @@ impl ShmRegion {
         let map = map(&file)?;
         Ok(ShmRegion {
             map,
+            file,
             layout: layout.clone(),
             geom,
             owner: None,
         })
+    }
+
+    /// A pool in anonymous shared memory (a memfd: no file name, gone with its last mapping and
+    /// descriptor), for a decode worker whose KV arrives over tcp: the engine's pool lives in one
+    /// mapping and each KV connection reads frames straight into its blocks through another
+    /// ([`ShmRegion::remap`]), with no copy out of a receive buffer. Zero pages are not
+    /// committed up front, as a heap pool's are not.
+    pub fn anonymous(geom: &KvGeometry) -> Result<Self> {
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        let layout = shm_layout(Path::new(""), geom);
+        let fd = memfd_create("tandem-kv-pool", MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| KvTransferError::Io(std::io::Error::from(e)))?;
+        let file = std::fs::File::from(fd);
+        file.set_len(layout.file_len)?;
+        let map = map(&file)?;
+        Ok(ShmRegion {
+            map,
+            file,
+            layout,
+            geom: *geom,
+            owner: None,
+        })
+    }
+
+    /// Another mapping of the same memory: what one process writes through either, the other
+    /// sees. Each KV connection of a decode worker holds its own, so that it can read a frame into
+    /// reserved blocks without a lock while the engine uses others (see the crate docs).
+    pub fn remap(&self) -> Result<Self> {
+        let file = self.file.try_clone()?;
+        let map = map(&file)?;
+        Ok(ShmRegion {
+            map,
+            file,
+            layout: self.layout.clone(),
+            geom: self.geom,
+            owner: None,
+        })
+    }
+
+    /// The bytes of K of `block_ids` of `layer` in list order, then of their V, as one mutable
+    /// slice each: where a frame's payload (laid out as `KvPool::export_layer` makes it) goes.
+    /// An error for a layer or block outside the pool, or a block listed twice.
+    pub fn block_slices_mut(&mut self, layer: usize, block_ids: &[u32]) -> Result<Vec<&mut [u8]>> {
+        let mut ranges = Vec::with_capacity(2 * block_ids.len());
+        for kv in 0..2 {
+            for &b in block_ids {
+                ranges.push(self.block_range(layer, kv, b)?);
+            }
+        }
+        // Split the mapping at each range, in address order, then put the pieces back in
+        // payload order.
+        let mut order: Vec<usize> = (0..ranges.len()).collect();
+        order.sort_by_key(|&i| ranges[i].start);
+        let mut pieces: Vec<Option<&mut [u8]>> = (0..ranges.len()).map(|_| None).collect();
+        let mut rest: &mut [u8] = &mut self.map;
+        let mut at = 0;
+        for i in order {
+            let r = &ranges[i];
+            if r.start < at {
+                return Err(invalid(&format!(
+                    "a block of layer {layer} is listed twice"
+                )));
+            }
+            let tail = std::mem::take(&mut rest);
+            let (_, tail) = tail.split_at_mut(r.start - at);
+            let (piece, tail) = tail.split_at_mut(r.len());
+            pieces[i] = Some(piece);
+            rest = tail;
+            at = r.end;
+        }
+        Ok(pieces.into_iter().flatten().collect())
     }
 
     /// The layout to publish to prefill workers (KvDestination.shm_layout).

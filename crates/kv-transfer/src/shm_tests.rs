@@ -103,3 +103,47 @@ fn open_refuses_a_layout_that_does_not_match_its_file() {
     );
     assert!(prefill.write_blocks(0, &[1], &[0u8; 3]).is_err());
 }
+
+#[test]
+fn an_anonymous_pool_takes_a_payload_through_its_block_slices_in_another_mapping() {
+    let g = KvGeometry {
+        layers: 2,
+        kv_heads: 1,
+        head_dim: 2,
+        block_size: 2,
+        num_blocks: 5,
+    };
+    let engine_side = ShmRegion::anonymous(&g).expect("memfd pool");
+    let mut conn = engine_side.remap().expect("second mapping");
+    let pool = KvPool::with_memory(g, Box::new(engine_side)).expect("pool on it");
+    // K of blocks 3 then 0, then V of blocks 3 then 0: four slices of 16 bytes, in that order,
+    // whatever their order in memory.
+    let blocks = [3, 0];
+    let payload: Vec<u8> = (0..64).collect();
+    {
+        let mut slices = conn.block_slices_mut(1, &blocks).expect("slices");
+        assert_eq!(slices.iter().map(|s| s.len()).collect::<Vec<_>>(), [16; 4]);
+        for (s, chunk) in slices.iter_mut().zip(payload.chunks(16)) {
+            s.copy_from_slice(chunk);
+        }
+    }
+    let mut got = Vec::new();
+    pool.export_layer(1, &blocks, &mut got).expect("export");
+    assert_eq!(got, payload, "the engine's mapping sees the bytes in place");
+    let mut other = Vec::new();
+    pool.export_layer(0, &blocks, &mut other).expect("export");
+    assert!(other.iter().all(|b| *b == 0), "layer 0 untouched");
+
+    assert!(
+        conn.block_slices_mut(1, &[2, 4, 2]).is_err(),
+        "a repeated block"
+    );
+    assert!(
+        conn.block_slices_mut(1, &[5]).is_err(),
+        "a block past the pool"
+    );
+    assert!(
+        conn.block_slices_mut(2, &[0]).is_err(),
+        "a layer past the pool"
+    );
+}

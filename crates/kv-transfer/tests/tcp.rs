@@ -1,5 +1,7 @@
 //! The tcp transport end to end on loopback: a full transfer, and every kind of bad frame refused
-//! with its own error while a transfer beside it completes.
+//! with its own error while a transfer beside it completes. Every case runs twice: against a sink
+//! that takes each frame's bytes into a heap pool (`heap::`), and against one whose connections
+//! read frames straight into a mapped pool, as a decode worker's do (`direct::`).
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -35,6 +37,12 @@ async fn transfer(
 }
 
 fn assert_landed(sink: &TestSink, src: &KvPool, dst: &[u32]) {
+    // Which way the bytes came: straight into the mapped pool, or handed to `write`.
+    let writes = sink.writes.load(std::sync::atomic::Ordering::SeqCst);
+    match sink.direct {
+        Some(_) => assert_eq!(writes, 0, "a direct sink's frames went through write"),
+        None => assert!(writes > 0, "a heap sink's frames never reached write"),
+    }
     let pool = sink.pool.lock().unwrap();
     for layer in 0..GEOM.layers {
         let mut got = Vec::new();
@@ -43,7 +51,6 @@ fn assert_landed(sink: &TestSink, src: &KvPool, dst: &[u32]) {
     }
 }
 
-#[tokio::test]
 async fn a_three_layer_five_block_transfer_lands_byte_identical() {
     let sink = TestSink::new();
     let (addr, _stop) = start(sink.clone()).await;
@@ -99,7 +106,6 @@ fn refused(r: Result<u64, KvTransferError>) -> KvError {
     }
 }
 
-#[tokio::test]
 async fn a_truncated_payload_is_corrupt() {
     let e = beside_a_good_one(|addr, _| async move {
         let mut raw = RawClient::connect(addr).await;
@@ -113,7 +119,6 @@ async fn a_truncated_payload_is_corrupt() {
     assert_eq!(e, KvError::Corrupt);
 }
 
-#[tokio::test]
 async fn a_corrupted_checksum_is_corrupt_and_the_connection_serves_on() {
     let e = beside_a_good_one(|addr, sink| async move {
         let mut raw = RawClient::connect(addr).await;
@@ -138,7 +143,6 @@ async fn a_corrupted_checksum_is_corrupt_and_the_connection_serves_on() {
     assert_eq!(e, KvError::Corrupt);
 }
 
-#[tokio::test]
 async fn an_unknown_reservation_is_refused() {
     let e = beside_a_good_one(|addr, _| async move {
         refused(transfer(&KvSender::new("bad"), addr, 77, &[1, 2, 3, 4, 5], &source()).await)
@@ -147,7 +151,6 @@ async fn an_unknown_reservation_is_refused() {
     assert_eq!(e, KvError::UnknownReservation);
 }
 
-#[tokio::test]
 async fn an_expired_reservation_is_refused() {
     let e = beside_a_good_one(|addr, sink| async move {
         sink.reserve(1, &[1, 2, 3, 4, 5], Duration::ZERO);
@@ -157,7 +160,6 @@ async fn an_expired_reservation_is_refused() {
     assert_eq!(e, KvError::UnknownReservation);
 }
 
-#[tokio::test]
 async fn a_frame_out_of_order_is_refused() {
     let e = beside_a_good_one(|addr, _| async move {
         let mut raw = RawClient::connect(addr).await;
@@ -172,7 +174,6 @@ async fn a_frame_out_of_order_is_refused() {
     assert_eq!(e, KvError::OutOfOrder);
 }
 
-#[tokio::test]
 async fn a_duplicate_layer_and_block_is_refused() {
     let e = beside_a_good_one(|addr, _| async move {
         let sender = KvSender::new("bad");
@@ -190,7 +191,6 @@ async fn a_duplicate_layer_and_block_is_refused() {
     assert_eq!(e, KvError::BadBlock);
 }
 
-#[tokio::test]
 async fn a_block_outside_the_reservation_is_refused() {
     let e = beside_a_good_one(|addr, _| async move {
         refused(transfer(&KvSender::new("bad"), addr, 1, &[1, 2, 3, 4, 36], &source()).await)
@@ -199,7 +199,6 @@ async fn a_block_outside_the_reservation_is_refused() {
     assert_eq!(e, KvError::BadBlock);
 }
 
-#[tokio::test]
 async fn a_geometry_mismatch_is_refused() {
     let e = beside_a_good_one(|addr, _| async move {
         let mut s = spec(1);
@@ -214,7 +213,6 @@ async fn a_geometry_mismatch_is_refused() {
     assert_eq!(e, KvError::GeometryMismatch);
 }
 
-#[tokio::test]
 async fn a_retry_with_a_newer_attempt_replaces_the_failed_one() {
     let sink = TestSink::new();
     let (addr, _stop) = start(sink.clone()).await;
@@ -253,7 +251,6 @@ async fn a_retry_with_a_newer_attempt_replaces_the_failed_one() {
     assert_landed(&sink, &src, &dst);
 }
 
-#[tokio::test]
 async fn a_large_layer_goes_as_several_frames_and_lands_whole_with_either_side_summing() {
     // 64 KiB blocks: a frame holds FRAME_BYTES / 128 KiB = 4 of them, so 10 blocks make 3 frames.
     let g = KvGeometry {
@@ -347,7 +344,6 @@ async fn a_large_layer_goes_as_several_frames_and_lands_whole_with_either_side_s
     assert!(!sink.completed().contains(&(5, 0)));
 }
 
-#[tokio::test]
 async fn a_payload_that_does_not_fit_its_blocks_is_refused_before_sending() {
     let sink = TestSink::new();
     let (addr, _stop) = start(sink.clone()).await;
@@ -358,7 +354,6 @@ async fn a_payload_that_does_not_fit_its_blocks_is_refused_before_sending() {
     assert_eq!(t.seq(), 0);
 }
 
-#[tokio::test]
 async fn an_oversized_header_or_a_bad_magic_closes_only_that_connection() {
     use tokio::io::AsyncReadExt;
     let sink = TestSink::new();
@@ -386,3 +381,38 @@ async fn an_oversized_header_or_a_bad_magic_closes_only_that_connection() {
         3
     );
 }
+
+macro_rules! on_both_sinks {
+    ($($case:ident),* $(,)?) => {
+        mod heap {
+            $(#[tokio::test]
+            async fn $case() {
+                super::support::set_direct(false);
+                super::$case().await
+            })*
+        }
+        mod direct {
+            $(#[tokio::test]
+            async fn $case() {
+                super::support::set_direct(true);
+                super::$case().await
+            })*
+        }
+    };
+}
+
+on_both_sinks!(
+    a_three_layer_five_block_transfer_lands_byte_identical,
+    a_truncated_payload_is_corrupt,
+    a_corrupted_checksum_is_corrupt_and_the_connection_serves_on,
+    an_unknown_reservation_is_refused,
+    an_expired_reservation_is_refused,
+    a_frame_out_of_order_is_refused,
+    a_duplicate_layer_and_block_is_refused,
+    a_block_outside_the_reservation_is_refused,
+    a_geometry_mismatch_is_refused,
+    a_retry_with_a_newer_attempt_replaces_the_failed_one,
+    a_large_layer_goes_as_several_frames_and_lands_whole_with_either_side_summing,
+    a_payload_that_does_not_fit_its_blocks_is_refused_before_sending,
+    an_oversized_header_or_a_bad_magic_closes_only_that_connection,
+);

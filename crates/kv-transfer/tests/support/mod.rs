@@ -1,12 +1,16 @@
 //! A decode worker's side for tests: reservations over a heap pool, and a receiver on port 0.
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message;
 use tandem_engine::kv::{KvGeometry, KvPool};
-use tandem_kv_transfer::{KvError, KvSink, ReservationInfo, TransferSpec, block_geometry, serve};
+use tandem_kv_transfer::{
+    KvError, KvSink, ReservationInfo, ShmRegion, TransferSpec, block_geometry, serve,
+};
 use tandem_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +29,23 @@ pub struct TestSink {
     pub pool: Mutex<KvPool>,
     pub reservations: Mutex<HashMap<u64, ReservationInfo>>,
     pub completed: Mutex<Vec<(u64, u32)>>,
+    /// A mapping of the pool's memory that each connection remaps, when frames are read straight
+    /// into the pool; `None`: frames go through `write`.
+    pub direct: Option<ShmRegion>,
+    /// Frames being read straight into blocks now (begin_direct minus end_direct).
+    pub direct_in_flight: AtomicI64,
+    /// Frames that went through `write`.
+    pub writes: AtomicI64,
+}
+
+thread_local! {
+    static DIRECT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the sinks this thread makes next read frames straight into their pool. A
+/// `#[tokio::test]` runs its whole body, spawned tasks included, on its own thread.
+pub fn set_direct(direct: bool) {
+    DIRECT.with(|d| d.set(direct));
 }
 
 impl TestSink {
@@ -33,11 +54,24 @@ impl TestSink {
     }
 
     pub fn with_geometry(geom: KvGeometry) -> Arc<Self> {
+        let (pool, direct) = if DIRECT.with(Cell::get) {
+            let region = ShmRegion::anonymous(&geom).unwrap();
+            let template = region.remap().unwrap();
+            (
+                KvPool::with_memory(geom, Box::new(region)).unwrap(),
+                Some(template),
+            )
+        } else {
+            (KvPool::new(geom), None)
+        };
         Arc::new(TestSink {
             geom,
-            pool: Mutex::new(KvPool::new(geom)),
+            pool: Mutex::new(pool),
             reservations: Mutex::default(),
             completed: Mutex::default(),
+            direct,
+            direct_in_flight: AtomicI64::new(0),
+            writes: AtomicI64::new(0),
         })
     }
 
@@ -62,13 +96,37 @@ impl KvSink for TestSink {
         self.reservations.lock().unwrap().get(&id).cloned()
     }
     fn write(&self, _id: u64, layer: u32, blocks: &[u32], payload: &[u8]) -> Result<(), KvError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
         let mut pool = self.pool.lock().unwrap();
         pool.import_layer(layer as usize, blocks, payload)
             .map_err(|_| KvError::BadBlock)
     }
     fn complete(&self, id: u64, attempt: u32) -> Result<(), KvError> {
+        assert_eq!(
+            self.direct_in_flight.load(Ordering::SeqCst),
+            0,
+            "a commit while a frame is being read into blocks"
+        );
         self.completed.lock().unwrap().push((id, attempt));
         Ok(())
+    }
+    fn direct(&self) -> Option<ShmRegion> {
+        self.direct.as_ref().map(|r| r.remap().unwrap())
+    }
+    fn begin_direct(&self, id: u64, _attempt: u32) -> Result<(), KvError> {
+        assert!(
+            self.direct.is_some(),
+            "a direct frame on a sink without a mapping"
+        );
+        if !self.reservations.lock().unwrap().contains_key(&id) {
+            return Err(KvError::UnknownReservation);
+        }
+        self.direct_in_flight.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn end_direct(&self, _id: u64) {
+        let was = self.direct_in_flight.fetch_sub(1, Ordering::SeqCst);
+        assert!(was > 0, "end_direct without begin_direct");
     }
 }
 
