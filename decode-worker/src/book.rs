@@ -40,6 +40,8 @@ pub struct Reservation {
     pub in_engine: bool,
     /// KV that was acknowledged could not be written into the pool: it must not decode.
     pub damaged: bool,
+    /// KV connections reading a frame straight into these blocks right now.
+    pub writers: u32,
 }
 
 /// Why the table refused.
@@ -102,6 +104,10 @@ pub struct Ask {
 #[derive(Debug)]
 pub struct Book {
     reservations: HashMap<u64, Reservation>,
+    /// Blocks of reservations that left the table while a KV connection was still reading a
+    /// frame into them, and how many such readers remain: they go back to the allocator when the
+    /// last one ends, not before, so that no other sequence can be handed blocks being written.
+    orphans: HashMap<u64, (Arc<[u32]>, u32)>,
     block_size: usize,
     max_context: usize,
 }
@@ -110,6 +116,7 @@ impl Book {
     pub fn new(block_size: usize, max_context: usize) -> Self {
         Book {
             reservations: HashMap::new(),
+            orphans: HashMap::new(),
             block_size: block_size.max(1),
             max_context,
         }
@@ -162,6 +169,7 @@ impl Book {
                 min_attempt: 0,
                 in_engine: false,
                 damaged: false,
+                writers: 0,
             },
         );
         Ok(blocks)
@@ -210,10 +218,47 @@ impl Book {
         }
     }
 
-    /// Takes a reservation out of the table. Blocks the table owned go back to `alloc`.
+    /// A KV connection is about to read a frame of `attempt` straight into the reservation's
+    /// blocks: `false` if it no longer takes frames (or not of that attempt). Otherwise the
+    /// blocks stay out of the allocator until the matching [`Book::end_write`].
+    pub fn begin_write(&mut self, id: u64, attempt: u32) -> bool {
+        let takes = self.accepts_frames(id);
+        match self.reservations.get_mut(&id) {
+            Some(r) if takes && attempt >= r.min_attempt => {
+                r.writers += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The frame's read ended. If the reservation left the table meanwhile and this was its last
+    /// reader, its blocks go back to `alloc` now.
+    pub fn end_write(&mut self, alloc: &mut BlockAllocator, id: u64) {
+        if let Some(r) = self.reservations.get_mut(&id) {
+            r.writers = r.writers.saturating_sub(1);
+            return;
+        }
+        let Some((_, readers)) = self.orphans.get_mut(&id) else {
+            tracing::error!(reservation = id, "end of a KV write nobody began");
+            return;
+        };
+        *readers -= 1;
+        if *readers == 0
+            && let Some((blocks, _)) = self.orphans.remove(&id)
+            && let Err(e) = alloc.release(&blocks)
+        {
+            tracing::error!(reservation = id, error = %e, "blocks of a reservation were not allocated");
+        }
+    }
+
+    /// Takes a reservation out of the table. Blocks the table owned go back to `alloc`, or, while
+    /// a KV connection still reads a frame into them, when it ends ([`Book::end_write`]).
     pub fn remove(&mut self, alloc: &mut BlockAllocator, id: u64) -> Option<Removed> {
         let r = self.reservations.remove(&id)?;
-        if !r.in_engine
+        if !r.in_engine && r.writers > 0 {
+            self.orphans.insert(id, (r.block_ids.clone(), r.writers));
+        } else if !r.in_engine
             && let Err(e) = alloc.release(&r.block_ids)
         {
             tracing::error!(reservation = id, error = %e, "blocks of a reservation were not allocated");
@@ -291,6 +336,33 @@ mod tests {
         assert_eq!(Status::from(e).code(), tonic::Code::InvalidArgument);
         assert_eq!(alloc.free_count(), 2, "refusals take nothing");
         assert!(book.get(2).is_none());
+    }
+
+    #[test]
+    fn blocks_being_written_go_back_only_when_the_last_write_ends() {
+        let mut alloc = BlockAllocator::new(4);
+        let mut book = Book::new(16, 128);
+        book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
+        book.get_mut(1).unwrap().min_attempt = 1;
+        assert!(!book.begin_write(1, 0), "a stale attempt writes nothing");
+        assert!(!book.begin_write(9, 1), "an unknown reservation");
+        assert!(book.begin_write(1, 1));
+        assert!(book.begin_write(1, 2));
+        assert_eq!(book.get(1).unwrap().writers, 2);
+        book.end_write(&mut alloc, 1);
+        assert_eq!(book.get(1).unwrap().writers, 1);
+        // Released (a cancel, a lapsed lease) while one frame is still being read in.
+        assert_eq!(book.remove(&mut alloc, 1).unwrap().blocks, 2);
+        assert_eq!(alloc.free_count(), 2, "not handed out while written");
+        assert!(!book.begin_write(1, 1), "gone for new frames");
+        book.end_write(&mut alloc, 1);
+        assert_eq!(alloc.free_count(), 4, "back with the last write's end");
+        // A reservation that completed no longer takes frames.
+        book.reserve(&mut alloc, 2, ask(20, later())).unwrap();
+        assert!(book.complete(2, 0));
+        assert!(!book.begin_write(2, 0));
+        book.remove(&mut alloc, 2);
+        assert_eq!(alloc.free_count(), 4);
     }
 
     #[test]

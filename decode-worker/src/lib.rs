@@ -99,20 +99,52 @@ impl DecodeWorker {
     }
 }
 
-/// Builds the engine over a heap pool (tcp) or a shared-memory pool file (shm).
+/// The engine and what the KV receiver needs beside it.
+struct Built {
+    engine: Engine,
+    /// shm: the pool file's layout, for prefill workers to map.
+    shm_layout: Option<v1::ShmPoolLayout>,
+    /// tcp: a mapping of the engine's pool (in anonymous shared memory) for KV connections to
+    /// read frames straight into; `None` keeps the pool on the heap and copies each frame in.
+    direct: Option<ShmRegion>,
+}
+
+/// Builds the engine over a pool in anonymous shared memory (tcp; the heap where that cannot be
+/// had) or in a shared-memory pool file (shm).
 fn build_engine(
     model: Arc<Model>,
     blocks: usize,
     transport: &KvTransport,
-) -> Result<(Engine, Option<v1::ShmPoolLayout>), DecodeWorkerError> {
+) -> Result<Built, DecodeWorkerError> {
     let geom = Engine::geometry_for(&model, blocks);
     match transport {
-        KvTransport::Tcp => Ok((Engine::with_pool(model, KvPool::new(geom)), None)),
+        KvTransport::Tcp => {
+            let mapped = ShmRegion::anonymous(&geom).and_then(|r| Ok((r.remap()?, r)));
+            match mapped {
+                Ok((view, region)) => Ok(Built {
+                    engine: Engine::with_pool(model, KvPool::with_memory(geom, Box::new(region))?),
+                    shm_layout: None,
+                    direct: Some(view),
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "KV pool on the heap: tcp frames will be copied in");
+                    Ok(Built {
+                        engine: Engine::with_pool(model, KvPool::new(geom)),
+                        shm_layout: None,
+                        direct: None,
+                    })
+                }
+            }
+        }
         KvTransport::Shm(path) => {
             let region = ShmRegion::create(path, &geom)?;
             let layout = region.layout().clone();
             let pool = KvPool::with_memory(geom, Box::new(region))?;
-            Ok((Engine::with_pool(model, pool), Some(layout)))
+            Ok(Built {
+                engine: Engine::with_pool(model, pool),
+                shm_layout: Some(layout),
+                direct: None,
+            })
         }
     }
 }
@@ -123,10 +155,18 @@ pub async fn run(
     cfg: DecodeWorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DecodeWorkerError> {
-    let (engine, shm_layout) = build_engine(cfg.model.clone(), cfg.kv_blocks, &cfg.transport)?;
+    let Built {
+        engine,
+        shm_layout,
+        direct,
+    } = build_engine(cfg.model.clone(), cfg.kv_blocks, &cfg.transport)?;
     let shared = Shared::new(engine, shm_layout.is_some());
-    let shared = Arc::new(match &shm_layout {
+    let shared = match &shm_layout {
         Some(layout) => shared.with_shm_view(ShmRegion::open(layout)?),
+        None => shared,
+    };
+    let shared = Arc::new(match direct {
+        Some(view) => shared.with_direct(view),
         None => shared,
     });
     let grpc_addr = cfg.grpc_listener.local_addr()?;

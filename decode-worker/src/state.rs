@@ -45,6 +45,9 @@ pub struct Shared {
     /// A second mapping of the shm pool file, to check what prefill workers wrote into reserved
     /// blocks without the engine (which a step holds) while the engine uses other blocks.
     shm_view: Option<ShmRegion>,
+    /// tcp with the pool in anonymous shared memory: a mapping of it that each KV connection
+    /// remaps to read frames straight into reserved blocks.
+    direct: Option<ShmRegion>,
 }
 
 impl Shared {
@@ -65,7 +68,15 @@ impl Shared {
             shm,
             staging: Staging::default(),
             shm_view: None,
+            direct: None,
         }
+    }
+
+    /// Lets KV connections read tcp frames straight into the pool, through remaps of `view`, a
+    /// mapping of the engine's own pool memory.
+    pub fn with_direct(mut self, view: ShmRegion) -> Self {
+        self.direct = Some(view);
+        self
     }
 
     /// Checks shm notices against `view`, a mapping of the engine's own pool file.
@@ -355,11 +366,40 @@ impl KvSink for Sink {
         if !fills {
             return Err(KvError::UnknownReservation);
         }
+        if book.get(reservation_id).is_some_and(|r| r.writers > 0) {
+            // An older attempt's frame is still being read into these blocks on another
+            // connection: committing now could decode its bytes. The prefill is retried.
+            return Err(KvError::Incomplete);
+        }
         if let Some(mut engine) = engine {
             self.write_now(&mut engine, reservation_id, None)?;
         }
         book.complete(reservation_id, attempt);
         Ok(())
+    }
+
+    fn direct(&self) -> Option<ShmRegion> {
+        let view = self.0.direct.as_ref()?;
+        match view.remap() {
+            Ok(region) => Some(region),
+            Err(e) => {
+                tracing::warn!(error = %e, "KV pool not mapped for a connection; frames are copied");
+                None
+            }
+        }
+    }
+
+    fn begin_direct(&self, reservation_id: u64, attempt: u32) -> Result<(), KvError> {
+        if self.0.book().begin_write(reservation_id, attempt) {
+            Ok(())
+        } else {
+            Err(KvError::UnknownReservation)
+        }
+    }
+
+    fn end_direct(&self, reservation_id: u64) {
+        let mut book = self.0.book();
+        book.end_write(&mut lock_allocator(&self.0.alloc), reservation_id);
     }
 }
 
@@ -384,6 +424,71 @@ mod tests {
         let mut out = Vec::new();
         engine.pool().export_layer(layer, blocks, &mut out).unwrap();
         out
+    }
+
+    #[tokio::test]
+    async fn tcp_frames_read_straight_into_a_mapped_pool_land_during_a_step_unstaged() {
+        let model = Arc::new(tandem_engine::tiny::tiny_model(7, false).unwrap().0);
+        let geom = Engine::geometry_for(&model, 64);
+        let region = ShmRegion::anonymous(&geom).unwrap();
+        let view = region.remap().unwrap();
+        let pool = tandem_engine::kv::KvPool::with_memory(geom, Box::new(region)).unwrap();
+        let s = Arc::new(Shared::new(Engine::with_pool(model, pool), false).with_direct(view));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(tandem_kv_transfer::serve(
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            Arc::new(Sink(s.clone())),
+        ));
+        let (id, blocks) = s.reserve("r".into(), 20, 4, lease(), 0).unwrap();
+        let layers = s.geometry.num_layers;
+        let payload = |layer: u32| {
+            let n = s.geometry.block_tokens as usize
+                * s.geometry.kv_heads as usize
+                * s.geometry.head_dim as usize;
+            // Distinct floats per layer, K and V, block and position.
+            (0..2 * blocks.len() * n)
+                .flat_map(|i| (layer as f32 * 1000.0 + i as f32).to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        let busy = s.lock(); // a decode step holds the engine throughout the transfer
+        let sender = tandem_kv_transfer::KvSender::new("p");
+        let spec = tandem_kv_transfer::TransferSpec {
+            request_id: "r".into(),
+            reservation_id: id,
+            attempt: 0,
+            geometry: s.geometry,
+        };
+        let mut t = sender.open(&addr, spec).await.unwrap();
+        for layer in 0..layers - 1 {
+            t.send_layer(layer, &blocks, &payload(layer)).await.unwrap();
+        }
+        let ack = t
+            .finish(layers - 1, &blocks, &payload(layers - 1))
+            .await
+            .unwrap();
+        assert_eq!(ack.frames_received, u64::from(layers));
+        assert_eq!(s.staging.bytes(), 0, "nothing copied aside: read into the pool");
+        assert_eq!(
+            s.book().get(id).map(|r| (r.phase, r.writers)),
+            Some((Phase::Complete { attempt: 0 }, 0))
+        );
+        drop(busy);
+        let engine = s.lock();
+        for layer in 0..layers {
+            assert_eq!(
+                pool_layer(&engine, layer as usize, &blocks),
+                payload(layer),
+                "layer {layer}"
+            );
+        }
+        drop(engine);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 
     #[test]
