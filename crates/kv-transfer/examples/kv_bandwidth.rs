@@ -37,6 +37,9 @@ const PROMPTS: [usize; 3] = [256, 1024, 4096];
 struct BenchSink {
     pool: Mutex<KvPool>,
     reservations: Mutex<HashMap<u64, ReservationInfo>>,
+    /// For the tcp-d rows: a mapping of the pool (which then lives in anonymous shared memory)
+    /// that each connection remaps to read frames straight into it.
+    direct: Option<ShmRegion>,
 }
 
 impl KvSink for BenchSink {
@@ -55,22 +58,30 @@ impl KvSink for BenchSink {
         self.reservations.lock().unwrap().remove(&id);
         Ok(())
     }
+    fn direct(&self) -> Option<ShmRegion> {
+        self.direct.as_ref().map(|r| r.remap().unwrap())
+    }
 }
 
-/// User plus system CPU time of this process, in clock ticks (1/100 s on Linux); 0 elsewhere.
-/// Wall-clock bandwidth on a shared machine depends on who else runs; CPU per byte does not.
-fn cpu_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after_name = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name.
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
+/// User plus system CPU time of the threads named `name` (clock ticks).
+fn thread_ticks(name: &str) -> u64 {
+    let mut total = 0;
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let after = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let g = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        total += g(11) + g(12);
+    }
+    total
 }
 
 fn gbps(bytes: usize, d: Duration) -> f64 {
@@ -117,14 +128,21 @@ fn main() {
         "{:<5} {:>6} {:>8} {:>8} {:>6} {:>6} {:>6}  goal (on the median ratio)",
         "kind", "tokens", "med base", "med ours", "ratio", "p25", "p75"
     );
-    for tokens in PROMPTS {
-        rt.block_on(tcp_case(&src, tokens, Sums::OnThePath));
+    for (sums, direct) in [
+        (Sums::OnThePath, false),
+        (Sums::FromTheProducer, false),
+        (Sums::FromTheProducer, true),
+    ] {
+        for tokens in PROMPTS {
+            if wanted(kind(sums, direct), tokens) {
+                rt.block_on(tcp_case(&src, tokens, sums, direct));
+            }
+        }
     }
     for tokens in PROMPTS {
-        rt.block_on(tcp_case(&src, tokens, Sums::FromTheProducer));
-    }
-    for tokens in PROMPTS {
-        shm_case(&src, tokens);
+        if wanted("shm", tokens) {
+            shm_case(&src, tokens);
+        }
     }
     crc_cost(&src);
     export_sum_cost(&src);
@@ -187,7 +205,30 @@ enum Sums {
     FromTheProducer,
 }
 
-async fn tcp_case(src: &KvPool, tokens: usize, sums: Sums) {
+fn kind(sums: Sums, direct: bool) -> &'static str {
+    match (sums, direct) {
+        (Sums::OnThePath, _) => "tcp",
+        (Sums::FromTheProducer, false) => "tcp-p",
+        (Sums::FromTheProducer, true) => "tcp-d",
+    }
+}
+
+/// `KV_BENCH_ONLY=tcp-d:4096` (kind, or kind:tokens, comma-separated) runs only those rows: for
+/// a profile of one case.
+fn wanted(kind: &str, tokens: usize) -> bool {
+    let Ok(only) = std::env::var("KV_BENCH_ONLY") else {
+        return true;
+    };
+    only.split(',').any(|w| match w.split_once(':') {
+        Some((k, t)) => k == kind && t.parse() == Ok(tokens),
+        None => w == kind,
+    })
+}
+
+/// `direct`: the receiving pool lives in anonymous shared memory and the connection reads each
+/// frame straight into its blocks, as a decode worker's does (row "tcp-d"); otherwise the sink
+/// copies each frame's bytes into a heap pool.
+async fn tcp_case(src: &KvPool, tokens: usize, sums: Sums, direct: bool) {
     let blocks = tokens / 16;
     let g = geometry(blocks);
     let ids: Vec<u32> = (0..blocks as u32).collect();
@@ -204,9 +245,20 @@ async fn tcp_case(src: &KvPool, tokens: usize, sums: Sums) {
         .map(|p| frame_checksums(&block_geometry(&g), ids.len(), p).unwrap())
         .collect();
 
+    let (pool, template) = if direct {
+        let region = ShmRegion::anonymous(&g).unwrap();
+        let template = region.remap().unwrap();
+        (
+            KvPool::with_memory(g, Box::new(region)).unwrap(),
+            Some(template),
+        )
+    } else {
+        (KvPool::new(g), None)
+    };
     let sink = Arc::new(BenchSink {
-        pool: Mutex::new(KvPool::new(g)),
+        pool: Mutex::new(pool),
         reservations: Mutex::default(),
+        direct: template,
     });
     // The receiver has its own thread and runtime on the other core, as a decode worker's would.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -240,13 +292,16 @@ async fn tcp_case(src: &KvPool, tokens: usize, sums: Sums) {
     let sender = KvSender::new("bench");
     let (mut base_tx, reader) = plain_pair(total);
     let (mut ours, mut base) = (Vec::new(), Vec::new());
-    let (mut cpu_base, mut cpu_ours) = (0u64, 0u64);
+    // CPU time of each end (sending thread, receiving thread), in clock ticks: a busy machine
+    // disturbs it far less than the wall-clock bandwidth, and it says which end limits.
+    let (mut cpu_base, mut cpu_ours) = ((0u64, 0u64), (0u64, 0u64));
     for rep in 0..=reps(tokens) {
         // Every other repetition runs ours first, so that a drift in the machine's speed
         // (loopback bandwidth changes 2x over seconds here) falls on both sides alike.
-        let mut pair = [(Duration::ZERO, 0u64); 2];
+        let mut pair = [(Duration::ZERO, 0u64, 0u64); 2];
         for side in [rep % 2, 1 - rep % 2] {
-            let c0 = cpu_ticks();
+            let receiver = ["plain-recv", "ours-recv"][side];
+            let (s0, r0) = (thread_ticks("kv_bandwidth"), thread_ticks(receiver));
             let t0 = Instant::now();
             if side == 0 {
                 base_tx.write_all(&(total as u64).to_le_bytes()).unwrap();
@@ -290,25 +345,29 @@ async fn tcp_case(src: &KvPool, tokens: usize, sums: Sums) {
                 }
                 .unwrap();
             }
-            pair[side] = (t0.elapsed(), cpu_ticks() - c0);
+            pair[side] = (
+                t0.elapsed(),
+                thread_ticks("kv_bandwidth") - s0,
+                thread_ticks(receiver) - r0,
+            );
         }
         if rep > 0 {
             base.push(gbps(total, pair[0].0));
             ours.push(gbps(total, pair[1].0));
-            cpu_base += pair[0].1;
-            cpu_ours += pair[1].1;
+            for (cpu, p) in [(&mut cpu_base, pair[0]), (&mut cpu_ours, pair[1])] {
+                cpu.0 += p.1;
+                cpu.1 += p.2;
+            }
         }
     }
-    let kind = match sums {
-        Sums::OnThePath => "tcp",
-        Sums::FromTheProducer => "tcp-p",
-    };
-    report(kind, tokens, &base, &ours, 0.9);
+    report(kind(sums, direct), tokens, &base, &ours, 0.9);
+    let s = |t: u64| t as f64 / 100.0;
     println!(
-        "      cpu time (both ends, whole process): base {:.2} s, ours {:.2} s, ours/base {:.2}",
-        cpu_base as f64 / 100.0,
-        cpu_ours as f64 / 100.0,
-        cpu_ours as f64 / cpu_base.max(1) as f64
+        "      cpu s, sender / receiver: base {:.2} / {:.2}, ours {:.2} / {:.2}",
+        s(cpu_base.0),
+        s(cpu_base.1),
+        s(cpu_ours.0),
+        s(cpu_ours.1)
     );
     drop(base_tx);
     let _ = reader.join();
