@@ -472,7 +472,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(ack.frames_received, u64::from(layers));
-        assert_eq!(s.staging.bytes(), 0, "nothing copied aside: read into the pool");
+        assert_eq!(
+            s.staging.bytes(),
+            0,
+            "nothing copied aside: read into the pool"
+        );
         assert_eq!(
             s.book().get(id).map(|r| (r.phase, r.writers)),
             Some((Phase::Complete { attempt: 0 }, 0))

@@ -15,8 +15,8 @@
 //!   is an anonymous [`ShmRegion`]), each connection maps it again and reads a frame's payload
 //!   straight from the socket into the frame's blocks, summing it as it lands: one copy, from the
 //!   kernel into the pool. The sink keeps those blocks from changing hands while a frame is being
-//!   read into them ([`KvSink::begin_direct`], [`KvSink::end_direct`]). The sender keeps at most a
-//!   frame unsent in its socket (TCP_NOTSENT_LOWAT), so that on loopback the receiving core does
+//!   read into them ([`KvSink::begin_direct`], [`KvSink::end_direct`]). The sender keeps at most
+//!   128 KiB unsent in its socket (TCP_NOTSENT_LOWAT), so that on loopback the receiving core does
 //!   not end up transmitting the sender's queued bytes too.
 //! - **shm** ([`ShmRegion`]): the decode worker's pool lives in a file under `/dev/shm` that the
 //!   prefill worker maps and writes into directly; only a `ShmWriteNotice` per layer crosses the

@@ -129,7 +129,7 @@ impl KvSender {
             .await
             .map_err(|_| KvTransferError::Timeout(self.connect_timeout))??;
         stream.set_nodelay(true)?;
-        if let Err(e) = limit_unsent(&stream, FRAME_BYTES) {
+        if let Err(e) = limit_unsent(&stream, UNSENT_LIMIT) {
             tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
         }
         let (rd, mut wr) = stream.into_split();
@@ -150,12 +150,16 @@ impl KvSender {
     }
 }
 
-/// Keeps at most `bytes` written but not yet sent in the socket (TCP_NOTSENT_LOWAT): the sender
-/// waits in its own write for the window to open, instead of queueing a whole layer in the
-/// kernel. Without it, on loopback, each window update the receiver sent made the receiver's core
-/// transmit the sender's queued bytes and then take them in again: the receiving core did both
-/// ends' TCP work (a fifth of its time in a profile), and a 4,096-token prompt's transfer ran at
-/// 0.8-0.9x a plain socket copy; with it, 0.9-1.6x (`kv_bandwidth`, BENCHMARKS.md).
+/// Most bytes a KV connection keeps written but not yet sent in its socket (TCP_NOTSENT_LOWAT):
+/// the sender waits in its own write for the window to open, instead of queueing a whole layer in
+/// the kernel. Without a limit, on loopback, each window update the receiver sent made the
+/// receiver's core transmit the sender's queued bytes and then take them in again: the receiving
+/// core did both ends' TCP work (a fifth of its time in a profile), and a 4,096-token prompt's
+/// transfer ran at 0.8-0.9x a plain socket copy. At one 512 KiB frame it still did in two runs of
+/// four; at 64 or 128 KiB in none, 1.15-1.56x (`kv_bandwidth`, BENCHMARKS.md).
+const UNSENT_LIMIT: usize = 128 * 1024;
+
+/// Sets TCP_NOTSENT_LOWAT: at most `bytes` written but not yet sent stay in the socket.
 #[cfg(target_os = "linux")]
 fn limit_unsent(stream: &TcpStream, bytes: usize) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
