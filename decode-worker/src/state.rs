@@ -427,6 +427,9 @@ mod tests {
     }
 
     #[tokio::test]
+    // The engine's lock is held across the transfer on purpose, as a decode step would hold it:
+    // frames that needed the engine would stage, or wait forever on this one thread.
+    #[allow(clippy::await_holding_lock)]
     async fn tcp_frames_read_straight_into_a_mapped_pool_land_during_a_step_unstaged() {
         let model = Arc::new(tandem_engine::tiny::tiny_model(7, false).unwrap().0);
         let geom = Engine::geometry_for(&model, 64);
@@ -482,15 +485,16 @@ mod tests {
             Some((Phase::Complete { attempt: 0 }, 0))
         );
         drop(busy);
-        let engine = s.lock();
-        for layer in 0..layers {
-            assert_eq!(
-                pool_layer(&engine, layer as usize, &blocks),
-                payload(layer),
-                "layer {layer}"
-            );
+        {
+            let engine = s.lock();
+            for layer in 0..layers {
+                assert_eq!(
+                    pool_layer(&engine, layer as usize, &blocks),
+                    payload(layer),
+                    "layer {layer}"
+                );
+            }
         }
-        drop(engine);
         let _ = stop.send(());
         server.await.unwrap().unwrap();
     }

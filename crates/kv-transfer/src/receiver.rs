@@ -220,6 +220,12 @@ impl Conn {
             self.skip(h.payload_len).await?;
             return Ok(true);
         }
+        // Ends the write however this future ends: done, failed, or dropped mid-read when the
+        // server shuts down (a write left open would keep the blocks from ever changing hands).
+        let writing = Writing {
+            sink,
+            reservation_id: h.reservation_id,
+        };
         let region = self.direct.as_mut().ok_or_else(|| {
             KvTransferError::Protocol("no pool mapping for a direct frame".into())
         })?;
@@ -227,7 +233,7 @@ impl Conn {
             Ok(mut slices) => read_into(&mut self.rd, &mut slices).await.map(Ok),
             Err(e) => Ok(Err(e)),
         };
-        sink.end_direct(h.reservation_id);
+        drop(writing);
         match read {
             Ok(Ok(crc)) if crc == h.checksum => {}
             Ok(Ok(crc)) => {
@@ -405,6 +411,18 @@ impl Conn {
             ));
         }
         Ok(())
+    }
+}
+
+/// A frame being read straight into a reservation's blocks; dropping it tells the sink.
+struct Writing {
+    sink: Arc<dyn KvSink>,
+    reservation_id: u64,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.sink.end_direct(self.reservation_id);
     }
 }
 
