@@ -118,24 +118,21 @@ fn build_engine(
 ) -> Result<Built, DecodeWorkerError> {
     let geom = Engine::geometry_for(&model, blocks);
     match transport {
-        KvTransport::Tcp => {
-            let mapped = ShmRegion::anonymous(&geom).and_then(|r| Ok((r.remap()?, r)));
-            match mapped {
-                Ok((view, region)) => Ok(Built {
-                    engine: Engine::with_pool(model, KvPool::with_memory(geom, Box::new(region))?),
+        KvTransport::Tcp => match ShmRegion::anonymous_pool(&geom) {
+            Ok((pool, view)) => Ok(Built {
+                engine: Engine::with_pool(model, pool),
+                shm_layout: None,
+                direct: Some(view),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "KV pool on the heap: tcp frames will be copied in");
+                Ok(Built {
+                    engine: Engine::with_pool(model, KvPool::new(geom)),
                     shm_layout: None,
-                    direct: Some(view),
-                }),
-                Err(e) => {
-                    tracing::warn!(error = %e, "KV pool on the heap: tcp frames will be copied in");
-                    Ok(Built {
-                        engine: Engine::with_pool(model, KvPool::new(geom)),
-                        shm_layout: None,
-                        direct: None,
-                    })
-                }
+                    direct: None,
+                })
             }
-        }
+        },
         KvTransport::Shm(path) => {
             let region = ShmRegion::create(path, &geom)?;
             let layout = region.layout().clone();

@@ -433,9 +433,7 @@ mod tests {
     async fn tcp_frames_read_straight_into_a_mapped_pool_land_during_a_step_unstaged() {
         let model = Arc::new(tandem_engine::tiny::tiny_model(7, false).unwrap().0);
         let geom = Engine::geometry_for(&model, 64);
-        let region = ShmRegion::anonymous(&geom).unwrap();
-        let view = region.remap().unwrap();
-        let pool = tandem_engine::kv::KvPool::with_memory(geom, Box::new(region)).unwrap();
+        let (pool, view) = ShmRegion::anonymous_pool(&geom).unwrap();
         let s = Arc::new(Shared::new(Engine::with_pool(model, pool), false).with_direct(view));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();

@@ -246,12 +246,8 @@ async fn tcp_case(src: &KvPool, tokens: usize, sums: Sums, direct: bool) {
         .collect();
 
     let (pool, template) = if direct {
-        let region = ShmRegion::anonymous(&g).unwrap();
-        let template = region.remap().unwrap();
-        (
-            KvPool::with_memory(g, Box::new(region)).unwrap(),
-            Some(template),
-        )
+        let (pool, view) = ShmRegion::anonymous_pool(&g).unwrap();
+        (pool, Some(view))
     } else {
         (KvPool::new(g), None)
     };

@@ -56,13 +56,23 @@ impl ShmRegion {
             .truncate(true)
             .open(path)?;
         commit_zeros(&file, layout.file_len)?;
+        ShmRegion::mapped(file, layout, *geom, Some(path.to_owned()))
+    }
+
+    /// Maps `file`, which holds a pool of `layout`.
+    fn mapped(
+        file: std::fs::File,
+        layout: ShmPoolLayout,
+        geom: KvGeometry,
+        owner: Option<PathBuf>,
+    ) -> Result<Self> {
         let map = map(&file)?;
         Ok(ShmRegion {
             map,
             file,
             layout,
-            geom: *geom,
-            owner: Some(path.to_owned()),
+            geom,
+            owner,
         })
     }
 
@@ -99,14 +109,7 @@ impl ShmRegion {
                 layout.file_len
             )));
         }
-        let map = map(&file)?;
-        Ok(ShmRegion {
-            map,
-            file,
-            layout: layout.clone(),
-            geom,
-            owner: None,
-        })
+        ShmRegion::mapped(file, layout.clone(), geom, None)
     }
 
     /// A pool in anonymous shared memory (a memfd: no file name, gone with its last mapping and
@@ -121,14 +124,17 @@ impl ShmRegion {
             .map_err(|e| KvTransferError::Io(std::io::Error::from(e)))?;
         let file = std::fs::File::from(fd);
         file.set_len(layout.file_len)?;
-        let map = map(&file)?;
-        Ok(ShmRegion {
-            map,
-            file,
-            layout,
-            geom: *geom,
-            owner: None,
-        })
+        ShmRegion::mapped(file, layout, *geom, None)
+    }
+
+    /// An engine pool of geometry `geom` in anonymous shared memory, and a second mapping of it to
+    /// hand a KV receiver ([`crate::KvSink::direct`] returns its remaps).
+    pub fn anonymous_pool(geom: &KvGeometry) -> Result<(KvPool, ShmRegion)> {
+        let region = ShmRegion::anonymous(geom)?;
+        let view = region.remap()?;
+        let pool = KvPool::with_memory(*geom, Box::new(region))
+            .map_err(|e| invalid(&format!("pool on its mapping: {e}")))?;
+        Ok((pool, view))
     }
 
     /// Another mapping of the same memory: what one process writes through either, the other
@@ -136,14 +142,7 @@ impl ShmRegion {
     /// reserved blocks without a lock while the engine uses others (see the crate docs).
     pub fn remap(&self) -> Result<Self> {
         let file = self.file.try_clone()?;
-        let map = map(&file)?;
-        Ok(ShmRegion {
-            map,
-            file,
-            layout: self.layout.clone(),
-            geom: self.geom,
-            owner: None,
-        })
+        ShmRegion::mapped(file, self.layout.clone(), self.geom, None)
     }
 
     /// The bytes of K of `block_ids` of `layer` in list order, then of their V, as one mutable

@@ -55,12 +55,8 @@ impl TestSink {
 
     pub fn with_geometry(geom: KvGeometry) -> Arc<Self> {
         let (pool, direct) = if DIRECT.with(Cell::get) {
-            let region = ShmRegion::anonymous(&geom).unwrap();
-            let template = region.remap().unwrap();
-            (
-                KvPool::with_memory(geom, Box::new(region)).unwrap(),
-                Some(template),
-            )
+            let (pool, view) = ShmRegion::anonymous_pool(&geom).unwrap();
+            (pool, Some(view))
         } else {
             (KvPool::new(geom), None)
         };
