@@ -233,23 +233,22 @@ impl Book {
     }
 
     /// The frame's read ended. If the reservation left the table meanwhile and this was its last
-    /// reader, its blocks go back to `alloc` now.
-    pub fn end_write(&mut self, alloc: &mut BlockAllocator, id: u64) {
+    /// reader, returns its blocks, for the caller to give back to the allocator.
+    #[must_use]
+    pub fn end_write(&mut self, id: u64) -> Option<Arc<[u32]>> {
         if let Some(r) = self.reservations.get_mut(&id) {
             r.writers = r.writers.saturating_sub(1);
-            return;
+            return None;
         }
         let Some((_, readers)) = self.orphans.get_mut(&id) else {
             tracing::error!(reservation = id, "end of a KV write nobody began");
-            return;
+            return None;
         };
         *readers -= 1;
-        if *readers == 0
-            && let Some((blocks, _)) = self.orphans.remove(&id)
-            && let Err(e) = alloc.release(&blocks)
-        {
-            tracing::error!(reservation = id, error = %e, "blocks of a reservation were not allocated");
+        if *readers > 0 {
+            return None;
         }
+        self.orphans.remove(&id).map(|(blocks, _)| blocks)
     }
 
     /// Takes a reservation out of the table. Blocks the table owned go back to `alloc`, or, while
@@ -349,14 +348,18 @@ mod tests {
         assert!(book.begin_write(1, 1));
         assert!(book.begin_write(1, 2));
         assert_eq!(book.get(1).unwrap().writers, 2);
-        book.end_write(&mut alloc, 1);
+        assert_eq!(book.end_write(1), None);
         assert_eq!(book.get(1).unwrap().writers, 1);
         // Released (a cancel, a lapsed lease) while one frame is still being read in.
         assert_eq!(book.remove(&mut alloc, 1).unwrap().blocks, 2);
         assert_eq!(alloc.free_count(), 2, "not handed out while written");
         assert!(!book.begin_write(1, 1), "gone for new frames");
-        book.end_write(&mut alloc, 1);
-        assert_eq!(alloc.free_count(), 4, "back with the last write's end");
+        let blocks = book
+            .end_write(1)
+            .expect("the last write's end hands the blocks back");
+        alloc.release(&blocks).unwrap();
+        assert_eq!(alloc.free_count(), 4);
+        assert_eq!(book.end_write(1), None, "nothing left to hand back");
         // A reservation that completed no longer takes frames.
         book.reserve(&mut alloc, 2, ask(20, later())).unwrap();
         assert!(book.complete(2, 0));

@@ -399,7 +399,11 @@ impl KvSink for Sink {
 
     fn end_direct(&self, reservation_id: u64) {
         let mut book = self.0.book();
-        book.end_write(&mut lock_allocator(&self.0.alloc), reservation_id);
+        if let Some(blocks) = book.end_write(reservation_id)
+            && let Err(e) = lock_allocator(&self.0.alloc).release(&blocks)
+        {
+            tracing::error!(reservation = reservation_id, error = %e, "blocks of a reservation were not allocated");
+        }
     }
 }
 

@@ -209,7 +209,7 @@ impl Conn {
     }
 
     /// The rest of an admitted tcp frame when the pool is mapped here: its payload is read
-    /// straight into its blocks, then summed there while still in cache. Bytes that fail the
+    /// straight into its blocks and summed as it lands ([`read_into`]). Bytes that fail the
     /// checksum stay in blocks of a reservation that is not committed (its attempt is refused),
     /// which a retry overwrites, as with the shm transport.
     async fn frame_direct(&mut self, h: &v1::KvFrameHeader, req: &Req<'_>) -> Result<bool> {
