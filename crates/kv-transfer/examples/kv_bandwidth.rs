@@ -1,13 +1,17 @@
 //! KV transfer bandwidth against its physical baselines, in one process (issue 5, item 2):
-//! tcp (KvSender to the receiver, into a heap pool) against a plain loopback socket copy of the same
-//! bytes, and shm (write_blocks_from into a mapped pool) against a plain memcpy of the same bytes.
+//! tcp (KvSender to the KV receiver) against a plain loopback socket copy of the same bytes into a
+//! destination of the pool's size, and shm (write_blocks_from into a mapped pool) against a plain
+//! memcpy of the same bytes. The sending end runs on the first core and the receiving end on the
+//! last; each repetition runs ours and the baseline back to back, and the verdict is on the median
+//! of those paired ratios (this host's loopback bandwidth drifts 2x over seconds).
 //!
-//! Run: `cargo run --release -p tandem-kv-transfer --example kv_bandwidth`
+//! tcp rows: `tcp` (the sender sums each frame, the sink copies it into a heap pool), `tcp-p` (the
+//! producer's sums, `send_layer_summed`), `tcp-d` (producer sums, frames read straight into a pool
+//! in anonymous shared memory: what a decode worker does). Each prints the CPU time of each end.
 //!
-//! Set `KV_BENCH_DISCARD=1` to make the bench sink drop the bytes instead of importing them into
-//! its pool, which isolates the transport's own cost (framing, checksums) from the copy into the
-//! pool. Each tcp row also prints the process's CPU time for both ends, which a busy machine
-//! disturbs far less than the wall-clock bandwidth.
+//! Run: `cargo run --release -p tandem-kv-transfer --example kv_bandwidth`; `KV_BENCH_ONLY=tcp-d:4096`
+//! (kinds, or kind:tokens, comma-separated) runs only those rows. `KV_BENCH_DISCARD=1` makes the
+//! copying sink drop the bytes, to isolate the transport's own cost from the copy into the pool.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
