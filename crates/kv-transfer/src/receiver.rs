@@ -172,35 +172,41 @@ impl Conn {
             self.skip(h.payload_len).await?;
             return Ok(true);
         }
-        if self.direct.is_some() {
-            return self.frame_direct(&h, &req).await;
-        }
-        let len = h.payload_len as usize;
-        if self.payload.len() < len {
-            self.payload.resize(len, 0);
-        }
-        let crc = match read_summing(&mut self.rd, &mut self.payload[..len]).await {
-            Ok(crc) => crc,
-            Err(e) => {
+        let read = if self.direct.is_some() {
+            self.read_direct(&h).await
+        } else {
+            self.read_copied(&h).await
+        };
+        match read {
+            Ok(crc) if crc == h.checksum => {}
+            Ok(crc) => {
+                let msg = format!("checksum {crc:#010x}, frame says {:#010x}", h.checksum);
+                self.refuse(&req, KvError::Corrupt, &msg).await?;
+                return Ok(true);
+            }
+            Err(Unread::Refused(error, msg)) => {
+                self.refuse(&req, error, &msg).await?;
+                self.skip(h.payload_len).await?;
+                return Ok(true);
+            }
+            Err(Unread::Truncated(e)) => {
                 self.shared.transfers().fail(h.reservation_id, h.attempt);
                 let msg = format!("payload truncated: {e}");
                 self.ack(&req, KvError::Corrupt, &msg).await?;
                 return Err(KvTransferError::Protocol(msg));
             }
-        };
-        let payload = &self.payload[..len];
-        if crc != h.checksum {
-            let msg = format!("checksum {crc:#010x}, frame says {:#010x}", h.checksum);
-            self.refuse(&req, KvError::Corrupt, &msg).await?;
-            return Ok(true);
         }
-        if let Err(e) = self
-            .shared
-            .sink
-            .write(h.reservation_id, h.layer, &h.block_ids, payload)
-        {
-            self.refuse(&req, e, "the pool refused the write").await?;
-            return Ok(true);
+        // A copied frame reaches the sink only now, its checksum checked.
+        if self.direct.is_none() {
+            let payload = &self.payload[..h.payload_len as usize];
+            if let Err(e) = self
+                .shared
+                .sink
+                .write(h.reservation_id, h.layer, &h.block_ids, payload)
+            {
+                self.refuse(&req, e, "the pool refused the write").await?;
+                return Ok(true);
+            }
         }
         if h.last {
             self.complete(&req).await?;
@@ -208,55 +214,43 @@ impl Conn {
         Ok(true)
     }
 
-    /// The rest of an admitted tcp frame when the pool is mapped here: its payload is read
-    /// straight into its blocks and summed as it lands ([`read_into`]). Bytes that fail the
-    /// checksum stay in blocks of a reservation that is not committed (its attempt is refused),
-    /// which a retry overwrites, as with the shm transport.
-    async fn frame_direct(&mut self, h: &v1::KvFrameHeader, req: &Req<'_>) -> Result<bool> {
+    /// An admitted frame's payload into this connection's buffer; returns its CRC-32C.
+    async fn read_copied(&mut self, h: &v1::KvFrameHeader) -> std::result::Result<u32, Unread> {
+        let len = h.payload_len as usize;
+        if self.payload.len() < len {
+            self.payload.resize(len, 0);
+        }
+        read_summing(&mut self.rd, &mut self.payload[..len])
+            .await
+            .map_err(Unread::Truncated)
+    }
+
+    /// An admitted frame's payload when the pool is mapped here: read straight into its blocks
+    /// and summed as it lands ([`read_into`]); returns its CRC-32C. Bytes that fail the checksum
+    /// stay in blocks of a reservation that is not committed (its attempt is refused), which a
+    /// retry overwrites, as with the shm transport.
+    async fn read_direct(&mut self, h: &v1::KvFrameHeader) -> std::result::Result<u32, Unread> {
         let sink = self.shared.sink.clone();
         if let Err(e) = sink.begin_direct(h.reservation_id, h.attempt) {
-            self.refuse(req, e, "the reservation no longer takes frames")
-                .await?;
-            self.skip(h.payload_len).await?;
-            return Ok(true);
+            let msg = "the reservation no longer takes frames".to_owned();
+            return Err(Unread::Refused(e, msg));
         }
         // Ends the write however this future ends: done, failed, or dropped mid-read when the
         // server shuts down (a write left open would keep the blocks from ever changing hands).
-        let writing = Writing {
+        let _writing = Writing {
             sink,
             reservation_id: h.reservation_id,
         };
-        let region = self.direct.as_mut().ok_or_else(|| {
-            KvTransferError::Protocol("no pool mapping for a direct frame".into())
-        })?;
-        let read = match region.block_slices_mut(h.layer as usize, &h.block_ids) {
-            Ok(mut slices) => read_into(&mut self.rd, &mut slices).await.map(Ok),
-            Err(e) => Ok(Err(e)),
+        let Some(region) = self.direct.as_mut() else {
+            let msg = "no pool mapping for a direct frame".to_owned();
+            return Err(Unread::Refused(KvError::BadBlock, msg));
         };
-        drop(writing);
-        match read {
-            Ok(Ok(crc)) if crc == h.checksum => {}
-            Ok(Ok(crc)) => {
-                let msg = format!("checksum {crc:#010x}, frame says {:#010x}", h.checksum);
-                self.refuse(req, KvError::Corrupt, &msg).await?;
-                return Ok(true);
-            }
-            Ok(Err(e)) => {
-                self.refuse(req, KvError::BadBlock, &e.to_string()).await?;
-                self.skip(h.payload_len).await?;
-                return Ok(true);
-            }
-            Err(e) => {
-                self.shared.transfers().fail(h.reservation_id, h.attempt);
-                let msg = format!("payload truncated: {e}");
-                self.ack(req, KvError::Corrupt, &msg).await?;
-                return Err(KvTransferError::Protocol(msg));
-            }
-        }
-        if h.last {
-            self.complete(req).await?;
-        }
-        Ok(true)
+        let mut slices = region
+            .block_slices_mut(h.layer as usize, &h.block_ids)
+            .map_err(|e| Unread::Refused(KvError::BadBlock, e.to_string()))?;
+        read_into(&mut self.rd, &mut slices)
+            .await
+            .map_err(Unread::Truncated)
     }
 
     /// Handles one shm notice; `false` at a clean end of stream.
@@ -412,6 +406,14 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Why a frame's payload was not read whole.
+enum Unread {
+    /// Refused before its bytes were read: they are still on the wire, to be skipped.
+    Refused(KvError, String),
+    /// The stream failed or ended inside the payload.
+    Truncated(std::io::Error),
 }
 
 /// A frame being read straight into a reservation's blocks; dropping it tells the sink.
