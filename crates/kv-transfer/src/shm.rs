@@ -149,12 +149,9 @@ impl ShmRegion {
     /// slice each: where a frame's payload (laid out as `KvPool::export_layer` makes it) goes.
     /// An error for a layer or block outside the pool, or a block listed twice.
     pub fn block_slices_mut(&mut self, layer: usize, block_ids: &[u32]) -> Result<Vec<&mut [u8]>> {
-        let mut ranges = Vec::with_capacity(2 * block_ids.len());
-        for kv in 0..2 {
-            for &b in block_ids {
-                ranges.push(self.block_range(layer, kv, b)?);
-            }
-        }
+        let ranges = self
+            .payload_ranges(layer, block_ids)
+            .collect::<Result<Vec<_>>>()?;
         // Split the mapping at each range, in address order, then put the pieces back in
         // payload order.
         let mut order: Vec<usize> = (0..ranges.len()).collect();
@@ -189,6 +186,20 @@ impl ShmRegion {
         &self.geom
     }
 
+    /// The byte ranges of K of `block_ids` of `layer` in list order, then of their V: a payload's
+    /// order (`KvPool::export_layer`'s).
+    fn payload_ranges<'a>(
+        &'a self,
+        layer: usize,
+        block_ids: &'a [u32],
+    ) -> impl Iterator<Item = Result<std::ops::Range<usize>>> + 'a {
+        (0..2).flat_map(move |kv| {
+            block_ids
+                .iter()
+                .map(move |&b| self.block_range(layer, kv, b))
+        })
+    }
+
     fn block_range(&self, layer: usize, kv: usize, block: u32) -> Result<std::ops::Range<usize>> {
         if layer >= self.geom.layers || block as usize >= self.geom.num_blocks {
             return Err(invalid(&format!(
@@ -219,9 +230,10 @@ impl ShmRegion {
                 block_ids.len()
             )));
         }
-        for (i, chunk) in payload.chunks_exact(block).enumerate() {
-            let (kv, b) = (i / block_ids.len(), block_ids[i % block_ids.len()]);
-            let r = self.block_range(layer, kv, b)?;
+        let ranges = self
+            .payload_ranges(layer, block_ids)
+            .collect::<Result<Vec<_>>>()?;
+        for (r, chunk) in ranges.into_iter().zip(payload.chunks_exact(block)) {
             self.map[r].copy_from_slice(chunk);
         }
         Ok(payload.len())
@@ -259,10 +271,8 @@ impl ShmRegion {
     /// CRC-32C of K of `block_ids` of `layer` in list order, then their V (as a notice carries).
     pub fn checksum(&self, layer: usize, block_ids: &[u32]) -> Result<u32> {
         let mut crc = Crc32c::default();
-        for kv in 0..2 {
-            for &b in block_ids {
-                crc.update(&self.map[self.block_range(layer, kv, b)?]);
-            }
+        for r in self.payload_ranges(layer, block_ids) {
+            crc.update(&self.map[r?]);
         }
         Ok(crc.value())
     }
