@@ -737,6 +737,12 @@ mod avx2 {
             let o = &mut *out[r - rows.start];
             let mut j = 0;
             while n - j >= 8 {
+                // The next eight weight rows come from memory while these compute: a lone row is
+                // bound by streaming the weights, and the hardware's prefetchers alone left a third
+                // of its time waiting (`batch_decode`, batch 1: 3.4-3.5 ms a step against 5.2-5.5).
+                if n - j >= 16 {
+                    tandem_avx512::prefetch(&wrows[(j + 8) * row_bytes..(j + 16) * row_bytes]);
+                }
                 let wr: [&[u8]; 8] = std::array::from_fn(|t| wrow(j + t));
                 let lanes: [f32; 8] = eight_columns::<F>(wr, xr).into();
                 o[j..j + 8].copy_from_slice(&lanes);
@@ -769,6 +775,10 @@ mod avx2 {
         while loose.end - r0 >= 4 {
             let xs: [RowRef<'_>; 4] = std::array::from_fn(|i| x.row(r0 + i));
             for j in (0..n8).step_by(8) {
+                // As for a lone row (batch 4: 7.4-7.6 ms a step against 9.7-10.0 without).
+                if n8 - j >= 16 {
+                    tandem_avx512::prefetch(&wrows[(j + 8) * row_bytes..(j + 16) * row_bytes]);
+                }
                 let wr: [&[u8]; 8] = std::array::from_fn(|t| wrow(j + t));
                 let accs = rows_eight_columns::<F, 4>(wr, xs);
                 for (r, a) in (r0..).zip(accs) {
