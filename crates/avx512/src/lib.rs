@@ -1,5 +1,7 @@
 //! The batched 16-bit decode kernel's inner tile in 512-bit registers, for CPUs with AVX-512BW,
-//! picked at run time (the workspace builds for `x86-64-v3`, which has no AVX-512).
+//! picked at run time (the workspace builds for `x86-64-v3`, which has no AVX-512): [`tile16`]
+//! on unpacked weights, and [`tile16_bytes`], where the CPU also has AVX-512 VNNI, on the weights
+//! as stored. And [`prefetch`], a cache hint.
 //!
 //! This crate exists to hold the `unsafe` that runtime dispatch needs: a function compiled for a
 //! feature the build target lacks can only be called through `unsafe`, after checking the CPU has
@@ -117,6 +119,140 @@ fn tile16_here<const C: usize>(
     }
 }
 
+/// How a weight block holds its 32 values (at `values_at` in the block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    /// 16 bytes, unsigned 4-bit values: byte `i`'s low nibble is value `i`, its high nibble value
+    /// `16 + i` (Q4_0, Q4_1).
+    Nibbles,
+    /// 32 signed bytes, value `i` in byte `i` (Q8_0).
+    Bytes,
+}
+
+/// Where a weight block's offset `m` (`w = q·d + m`) comes from; its scale `d` is always the
+/// little-endian f16 in its first two bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offset {
+    /// No offset (Q8_0).
+    None,
+    /// The f16 in bytes 2..4 (Q4_1).
+    Stored,
+    /// `-8·d` (Q4_0).
+    MinusEightScales,
+}
+
+/// `C` quantized weight rows as stored: `nb` blocks of `block_bytes` each.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightRows<'a, const C: usize> {
+    pub rows: [&'a [u8]; C],
+    pub block_bytes: usize,
+    pub values_at: usize,
+    pub values: Values,
+    pub offset: Offset,
+    /// Bytes to [`prefetch`] while the tile computes (the next tile's rows; may be empty), a
+    /// share of them at each block so that the requests do not queue all at once.
+    pub ahead: &'a [u8],
+}
+
+/// Values in one group of [`Quads`]: four consecutive values of a block (`4t..4t + 4`).
+pub const QUADS: usize = 8;
+
+/// One group of eight activation rows with each 16-bit value `x` split into bytes, `x = 256·h + l`
+/// (`l` unsigned, `h` signed), four values to an `i32`: `lo[(b * QUADS + t) * GROUP + i]` holds
+/// the low bytes of values `4t..4t + 4` of block `b` of the group's row `i`, `hi` the high bytes,
+/// `hsum[b * GROUP + i]` is `128 · Σh` over the block, and `dt`, `st` are as [`Group`]'s.
+#[derive(Debug, Clone, Copy)]
+pub struct Quads<'a> {
+    pub lo: &'a [i32],
+    pub hi: &'a [i32],
+    pub hsum: &'a [i32],
+    pub dt: &'a [f32],
+    pub st: &'a [f32],
+}
+
+/// Whether [`tile16_bytes`] runs here: [`available`], the CPU has AVX-512 VNNI, and the
+/// environment does not say `TANDEM_VNNI=0` (which keeps [`tile16`], to compare the two). Read once.
+pub fn bytes_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let wanted = std::env::var("TANDEM_VNNI").map_or(true, |v| v != "0");
+        wanted && available() && cpu_has_vnni()
+    })
+}
+
+fn cpu_has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        cpu_has_it() && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`tile16`]'s outputs, bit for bit, from the weights as stored and the activations split into
+/// bytes: each block's exact integer product comes from `vpdpbusd` (four byte products summed per
+/// lane) on the low and the high bytes, `P = 256·P_h + P_l`, then the same float chain. With no
+/// unpacking pass (the tile takes the weight values straight from the rows) and one instruction
+/// per four products and byte half, where [`tile16`] needs two per pair. `None` when the CPU lacks
+/// AVX-512 VNNI or the environment says `TANDEM_AVX512=0`.
+///
+/// Exactness: per block `|P_l| <= 32·255·128` and `|P_h| <= 32·128·128` (Q8_0's signed values go
+/// through `vpdpbusd` as `q + 128`, less `128·Σh`), so every sum fits an `i32`.
+///
+/// # Panics
+/// When a slice is shorter than `nb` blocks need.
+pub fn tile16_bytes<const C: usize>(
+    w: &WeightRows<'_, C>,
+    groups: [Quads<'_>; 2],
+    nb: usize,
+) -> Option<[[f32; 16]; C]> {
+    if !bytes_available() {
+        return None;
+    }
+    tile16_bytes_here(w, groups, nb)
+}
+
+/// [`tile16_bytes`] whatever the environment says (the CPU is still checked).
+fn tile16_bytes_here<const C: usize>(
+    w: &WeightRows<'_, C>,
+    groups: [Quads<'_>; 2],
+    nb: usize,
+) -> Option<[[f32; 16]; C]> {
+    if !cpu_has_vnni() {
+        return None;
+    }
+    let width = match w.values {
+        Values::Nibbles => 16,
+        Values::Bytes => 32,
+    };
+    assert!(
+        w.values_at + width <= w.block_bytes,
+        "values outside the block"
+    );
+    assert!(w.block_bytes >= 4, "a block holds its scale and offset");
+    for r in &w.rows {
+        assert!(r.len() >= nb * w.block_bytes, "a weight row is short");
+    }
+    for g in &groups {
+        assert!(g.lo.len() >= nb * QUADS * GROUP && g.hi.len() >= nb * QUADS * GROUP);
+        assert!(g.hsum.len() >= nb * GROUP && g.dt.len() >= nb * GROUP && g.st.len() >= nb * GROUP);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has AVX-512F, BW and VNNI (checked above), and every slice holds what
+        // `nb` blocks read (asserted above); the kernel reads nothing else.
+        #[allow(unsafe_code)]
+        let out = unsafe { x86::tile16_bytes::<C>(w, groups, nb) };
+        Some(out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
 /// Asks the CPU to bring `bytes` into its caches ahead of use, one prefetch per 64-byte line,
 /// and returns at once (nothing waits for the lines). A hint only: it changes no value, and it
 /// does nothing on other architectures.
@@ -142,7 +278,7 @@ pub fn prefetch(bytes: &[u8]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, Group, PAIRS, Unpacked};
+    use super::{GROUP, Group, Offset, PAIRS, QUADS, Quads, Unpacked, Values, WeightRows};
 
     /// Eight values at `lo` (lanes 0-7) and eight at `hi` (lanes 8-15) in one register.
     #[inline]
@@ -202,6 +338,112 @@ mod x86 {
                 if offset {
                     acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(wb[j].m), sx, acc[j]);
                 }
+            }
+        }
+        let mut out = [[0f32; 16]; C];
+        for (o, a) in out.iter_mut().zip(acc) {
+            // SAFETY: `o` has 16 writable f32s.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+        }
+        out
+    }
+
+    /// One weight block's four values `4t..4t + 4` (as bytes) of each row, broadcast.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn word_at(row: &[u8], at: usize) -> __m512i {
+        let bytes: [u8; 4] = row[at..at + 4].try_into().expect("four bytes");
+        _mm512_set1_epi32(i32::from_le_bytes(bytes))
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512BW and AVX-512 VNNI; the slices hold `nb` blocks (the
+    /// caller's assertions).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub(super) unsafe fn tile16_bytes<const C: usize>(
+        w: &WeightRows<'_, C>,
+        g: [Quads<'_>; 2],
+        nb: usize,
+    ) -> [[f32; 16]; C] {
+        let low4 = _mm512_set1_epi8(0x0f);
+        let flip = _mm512_set1_epi8(-128);
+        let mut acc = [_mm512_setzero_ps(); C];
+        for b in 0..nb {
+            let q = |t: usize| b * QUADS * GROUP + t * GROUP;
+            // SAFETY (all loads below): each group's `lo` and `hi` hold `QUADS * GROUP` i32s
+            // from `q(0)` (the caller's lengths).
+            let lo = |t: usize| unsafe {
+                two_halves_i32(g[0].lo[q(t)..].as_ptr(), g[1].lo[q(t)..].as_ptr())
+            };
+            let hi = |t: usize| unsafe {
+                two_halves_i32(g[0].hi[q(t)..].as_ptr(), g[1].hi[q(t)..].as_ptr())
+            };
+            let share = w.ahead.len().div_ceil(nb);
+            super::prefetch(
+                &w.ahead[(b * share).min(w.ahead.len())..((b + 1) * share).min(w.ahead.len())],
+            );
+            let at = b * w.block_bytes + w.values_at;
+            let mut pl = [_mm512_setzero_si512(); C];
+            let mut ph = [_mm512_setzero_si512(); C];
+            match w.values {
+                Values::Nibbles => {
+                    for t in 0..4 {
+                        let (l0, h0, l1, h1) = (lo(t), hi(t), lo(t + 4), hi(t + 4));
+                        for j in 0..C {
+                            // SAFETY: the row holds the block (asserted by the caller).
+                            let r = unsafe { word_at(w.rows[j], at + 4 * t) };
+                            let v0 = _mm512_and_si512(r, low4);
+                            let v1 = _mm512_and_si512(_mm512_srli_epi16::<4>(r), low4);
+                            // Values 0..16 are valid as either operand's bytes.
+                            pl[j] = _mm512_dpbusd_epi32(pl[j], l0, v0);
+                            ph[j] = _mm512_dpbusd_epi32(ph[j], v0, h0);
+                            pl[j] = _mm512_dpbusd_epi32(pl[j], l1, v1);
+                            ph[j] = _mm512_dpbusd_epi32(ph[j], v1, h1);
+                        }
+                    }
+                }
+                Values::Bytes => {
+                    for t in 0..QUADS {
+                        let (l, h) = (lo(t), hi(t));
+                        for j in 0..C {
+                            // SAFETY: as above.
+                            let v = unsafe { word_at(w.rows[j], at + 4 * t) };
+                            pl[j] = _mm512_dpbusd_epi32(pl[j], l, v);
+                            // Signed values as unsigned bytes `v + 128`; `128·Σh` comes off below.
+                            ph[j] = _mm512_dpbusd_epi32(ph[j], _mm512_xor_si512(v, flip), h);
+                        }
+                    }
+                    let at = b * GROUP;
+                    // SAFETY: eight sums per group from `at` (the caller's lengths).
+                    let hs = unsafe {
+                        two_halves_i32(g[0].hsum[at..].as_ptr(), g[1].hsum[at..].as_ptr())
+                    };
+                    for p in &mut ph {
+                        *p = _mm512_sub_epi32(*p, hs);
+                    }
+                }
+            }
+            let at = b * GROUP;
+            let (d0, d1) = (g[0].dt[at..].as_ptr(), g[1].dt[at..].as_ptr());
+            let (s0, s1) = (g[0].st[at..].as_ptr(), g[1].st[at..].as_ptr());
+            // SAFETY: eight scales and sums per group from `at` (the caller's lengths).
+            let (dx, sx) = unsafe { (two_halves_f32(d0, d1), two_halves_f32(s0, s1)) };
+            for j in 0..C {
+                let p = _mm512_add_epi32(_mm512_slli_epi32::<8>(ph[j]), pl[j]);
+                // The block's scale and offset, f16 to f32 (exact).
+                let header: [u8; 4] = w.rows[j][b * w.block_bytes..][..4]
+                    .try_into()
+                    .expect("four bytes");
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes(header)));
+                let d = _mm512_broadcastss_ps(dm);
+                let scale = _mm512_mul_ps(d, dx);
+                acc[j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc[j]);
+                let m = match w.offset {
+                    Offset::None => continue,
+                    Offset::Stored => _mm512_broadcastss_ps(_mm_movehdup_ps(dm)),
+                    Offset::MinusEightScales => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+                };
+                acc[j] = _mm512_fmadd_ps(m, sx, acc[j]);
             }
         }
         let mut out = [[0f32; 16]; C];
@@ -326,6 +568,166 @@ mod tests {
                 got.map(|r| r.map(f32::to_bits)),
                 want.map(|r| r.map(f32::to_bits))
             );
+        }
+    }
+
+    /// Splits a group's 16-bit values (`x[(b * 32 + e) * GROUP + i]`, value `e` of block `b` of
+    /// row `i`) into [`Quads`]' arrays.
+    fn split_bytes(x: &[i16], nb: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+        let mut lo = vec![0i32; nb * QUADS * GROUP];
+        let mut hi = vec![0i32; nb * QUADS * GROUP];
+        let mut hsum = vec![0i32; nb * GROUP];
+        for b in 0..nb {
+            for i in 0..GROUP {
+                for t in 0..QUADS {
+                    let v = |e: usize| x[(b * 32 + 4 * t + e) * GROUP + i];
+                    let l: [u8; 4] = std::array::from_fn(|e| v(e) as u16 as u8);
+                    let h: [u8; 4] = std::array::from_fn(|e| (v(e) >> 8) as u8);
+                    lo[(b * QUADS + t) * GROUP + i] = i32::from_le_bytes(l);
+                    hi[(b * QUADS + t) * GROUP + i] = i32::from_le_bytes(h);
+                    hsum[b * GROUP + i] += 128 * h.iter().map(|&y| y as i8 as i32).sum::<i32>();
+                }
+            }
+        }
+        (lo, hi, hsum)
+    }
+
+    #[test]
+    fn the_byte_tile_equals_the_definition_bit_for_bit() {
+        if !cpu_has_vnni() {
+            eprintln!("no AVX-512 VNNI on this CPU: the byte tile is never called here");
+            return;
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        let nb = 5;
+        // Activations with the extremes in every group: ±32767, 0, -1, -256, 255.
+        let edges = [32767i16, -32767, 0, -1, -256, 255, 256, -32768 + 1];
+        let mut group = |scale: f32| {
+            let x: Vec<i16> = (0..nb * 32 * GROUP)
+                .map(|i| {
+                    if i % 7 == 0 {
+                        edges[(i / 7) % edges.len()]
+                    } else {
+                        ((next() % 65535) as i32 - 32767) as i16
+                    }
+                })
+                .collect();
+            let dt: Vec<f32> = (0..nb * GROUP)
+                .map(|_| (next() % 997) as f32 / 1e6 * scale)
+                .collect();
+            let st: Vec<f32> = (0..nb * GROUP)
+                .map(|_| (next() % 991) as f32 / 1e3 - 0.5)
+                .collect();
+            (x, dt, st)
+        };
+        let (ga, gb) = (group(1.0), group(3.0));
+        let (la, ha, sa) = split_bytes(&ga.0, nb);
+        let (lb, hb, sb) = split_bytes(&gb.0, nb);
+        let quads = [
+            Quads {
+                lo: &la,
+                hi: &ha,
+                hsum: &sa,
+                dt: &ga.1,
+                st: &ga.2,
+            },
+            Quads {
+                lo: &lb,
+                hi: &hb,
+                hsum: &sb,
+                dt: &gb.1,
+                st: &gb.2,
+            },
+        ];
+        const C: usize = 4;
+        // A normal f16 (exponent field 5..21) and its exact f32.
+        let half = |bits: u16| -> f32 {
+            let (sign, exp, mant) = (bits >> 15, (bits >> 10) & 0x1f, bits & 0x3ff);
+            f32::from_bits(
+                (sign as u32) << 31 | (exp as u32 + 127 - 15) << 23 | (mant as u32) << 13,
+            )
+        };
+        let cases = [
+            (Values::Nibbles, 20, 4, Offset::Stored),
+            (Values::Nibbles, 18, 2, Offset::MinusEightScales),
+            (Values::Bytes, 34, 2, Offset::None),
+        ];
+        for (values, block_bytes, values_at, offset) in cases {
+            let rows: Vec<Vec<u8>> = (0..C)
+                .map(|j| {
+                    let mut row: Vec<u8> = (0..nb * block_bytes)
+                        .map(|i| match (j, values) {
+                            // Q8_0's extremes in one row, the nibbles' in another.
+                            (0, Values::Bytes) => [0x80u8, 0x7f][i % 2],
+                            (1, Values::Nibbles) => 0xff,
+                            _ => next() as u8,
+                        })
+                        .collect();
+                    for b in 0..nb {
+                        let d = (((5 + next() % 16) << 10) | (next() % 1024)) as u16;
+                        let m = 0x8000 | (((5 + next() % 16) << 10) | (next() % 1024)) as u16;
+                        row[b * block_bytes..b * block_bytes + 2].copy_from_slice(&d.to_le_bytes());
+                        if offset == Offset::Stored {
+                            row[b * block_bytes + 2..b * block_bytes + 4]
+                                .copy_from_slice(&m.to_le_bytes());
+                        }
+                    }
+                    row
+                })
+                .collect();
+            let header = |j: usize, b: usize, at: usize| {
+                half(u16::from_le_bytes([
+                    rows[j][b * block_bytes + at],
+                    rows[j][b * block_bytes + at + 1],
+                ]))
+            };
+            let value = |j: usize, b: usize, e: usize| -> i32 {
+                let blk = &rows[j][b * block_bytes + values_at..];
+                match values {
+                    Values::Nibbles if e < 16 => (blk[e] & 0x0f) as i32,
+                    Values::Nibbles => (blk[e - 16] >> 4) as i32,
+                    Values::Bytes => blk[e] as i8 as i32,
+                }
+            };
+            let w = WeightRows {
+                rows: std::array::from_fn(|j| &rows[j][..]),
+                block_bytes,
+                values_at,
+                values,
+                offset,
+                ahead: &rows[0],
+            };
+            let got = tile16_bytes_here::<C>(&w, quads, nb).expect("VNNI present");
+            for (j, got) in got.iter().enumerate() {
+                for lane in 0..16 {
+                    let (g, i) = ([&ga, &gb][lane / GROUP], lane % GROUP);
+                    let mut acc = 0f32;
+                    for b in 0..nb {
+                        let p: i32 = (0..32)
+                            .map(|e| value(j, b, e) * g.0[(b * 32 + e) * GROUP + i] as i32)
+                            .sum();
+                        let d = header(j, b, 0);
+                        acc = (d * g.1[b * GROUP + i]).mul_add(p as f32, acc);
+                        let m = match offset {
+                            Offset::None => continue,
+                            Offset::Stored => header(j, b, 2),
+                            Offset::MinusEightScales => -8.0 * d,
+                        };
+                        acc = m.mul_add(g.2[b * GROUP + i], acc);
+                    }
+                    assert_eq!(
+                        got[lane].to_bits(),
+                        acc.to_bits(),
+                        "{values:?} {offset:?} row {j} lane {lane}"
+                    );
+                }
+            }
         }
     }
 }

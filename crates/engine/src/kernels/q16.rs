@@ -56,6 +56,13 @@ pub struct Q16Rows {
     /// Per group, block and pair `t` the eight rows' values `2t` (low half) and `2t+1` (high half)
     /// packed in an `i32`: `[group][block][pair][row]`.
     xt: Vec<i32>,
+    /// The same values split into bytes for the AVX-512 VNNI tile, where the CPU has it
+    /// ([`tandem_avx512::Quads`]): per group, block and quad `t` the eight rows' low bytes of values
+    /// `4t..4t + 4` (`ql`) and high bytes (`qh`), `[group][block][quad][row]`, and per group and
+    /// block `128 · Σ` of each row's high bytes (`qhs`). Empty elsewhere.
+    ql: Vec<i32>,
+    qh: Vec<i32>,
+    qhs: Vec<i32>,
     /// Per group and block the eight rows' `d` and `s`: `[group][block][row]`.
     dt: Vec<f32>,
     st: Vec<f32>,
@@ -101,6 +108,34 @@ impl Q16Rows {
                 }
                 self.dt[gb * GROUP + i] = self.d[r * nb + b];
                 self.st[gb * GROUP + i] = self.s[r * nb + b];
+            }
+        }
+        if self.groups >= 2 && tandem_avx512::bytes_available() {
+            self.split_bytes(rows);
+        }
+    }
+
+    /// Fills `ql`, `qh` and `qhs` (padding rows stay zero: all their bytes are 0).
+    fn split_bytes(&mut self, rows: usize) {
+        const QUADS: usize = tandem_avx512::QUADS;
+        let nb = self.blocks;
+        self.ql = vec![0; self.groups * nb * QUADS * GROUP];
+        self.qh = vec![0; self.groups * nb * QUADS * GROUP];
+        self.qhs = vec![0; self.groups * nb * GROUP];
+        for r in 0..rows.min(self.groups * GROUP) {
+            let (g, i) = (r / GROUP, r % GROUP);
+            for b in 0..nb {
+                let gb = g * nb + b;
+                let q = &self.q[(r * nb + b) * QK..(r * nb + b + 1) * QK];
+                let mut hsum = 0i32;
+                for (t, quad) in q.chunks_exact(4).enumerate() {
+                    let lo: [u8; 4] = std::array::from_fn(|e| quad[e] as u16 as u8);
+                    let hi: [u8; 4] = std::array::from_fn(|e| (quad[e] >> 8) as u8);
+                    self.ql[(gb * QUADS + t) * GROUP + i] = i32::from_le_bytes(lo);
+                    self.qh[(gb * QUADS + t) * GROUP + i] = i32::from_le_bytes(hi);
+                    hsum += hi.iter().map(|&h| h as i8 as i32).sum::<i32>();
+                }
+                self.qhs[gb * GROUP + i] = 128 * hsum;
             }
         }
     }
@@ -331,6 +366,11 @@ mod avx2 {
             offset(Self::FORMAT, block).unwrap_or(0.0)
         }
         const OFFSET: bool;
+        /// How [`tandem_avx512::tile16_bytes`] reads the block's values, and where they start.
+        const VALUES: tandem_avx512::Values;
+        const VALUES_AT: usize;
+        /// Where the tile finds the block's offset (its scale is always the first two bytes).
+        const OFFSET_FROM: tandem_avx512::Offset;
     }
 
     #[inline(always)]
@@ -353,6 +393,9 @@ mod avx2 {
     struct Q4_0;
     impl Fmt for Q4_0 {
         const FORMAT: BlockFormat = BlockFormat::Q4_0;
+        const OFFSET_FROM: tandem_avx512::Offset = tandem_avx512::Offset::MinusEightScales;
+        const VALUES: tandem_avx512::Values = tandem_avx512::Values::Nibbles;
+        const VALUES_AT: usize = 2;
         const BYTES: usize = 18;
         const OFFSET: bool = true;
         #[inline(always)]
@@ -364,6 +407,9 @@ mod avx2 {
     struct Q4_1;
     impl Fmt for Q4_1 {
         const FORMAT: BlockFormat = BlockFormat::Q4_1;
+        const OFFSET_FROM: tandem_avx512::Offset = tandem_avx512::Offset::Stored;
+        const VALUES: tandem_avx512::Values = tandem_avx512::Values::Nibbles;
+        const VALUES_AT: usize = 4;
         const BYTES: usize = 20;
         const OFFSET: bool = true;
         #[inline(always)]
@@ -375,6 +421,9 @@ mod avx2 {
     struct Q8_0;
     impl Fmt for Q8_0 {
         const FORMAT: BlockFormat = BlockFormat::Q8_0;
+        const OFFSET_FROM: tandem_avx512::Offset = tandem_avx512::Offset::None;
+        const VALUES: tandem_avx512::Values = tandem_avx512::Values::Bytes;
+        const VALUES_AT: usize = 2;
         const BYTES: usize = 34;
         const OFFSET: bool = false;
         #[inline(always)]
@@ -616,6 +665,97 @@ mod avx2 {
         acc
     }
 
+    /// Groups `g0` and `g0 + 1` against the `C` weight rows from `j` with the AVX-512 VNNI tile,
+    /// which reads the rows as stored (no unpacking pass): the same values as [`two_groups_wide`],
+    /// bit for bit. `ahead`: bytes to prefetch meanwhile. `None` where the CPU lacks the tile.
+    #[inline(always)]
+    fn two_groups_bytes<F: Fmt, const C: usize>(
+        wrows: &[u8],
+        row_bytes: usize,
+        j: usize,
+        x: &Q16Rows,
+        g0: usize,
+        ahead: &[u8],
+    ) -> Option<[[f32; 16]; C]> {
+        const QUADS: usize = tandem_avx512::QUADS;
+        let nb = x.blocks;
+        let group = |g: usize| tandem_avx512::Quads {
+            lo: &x.ql[g * nb * QUADS * GROUP..(g + 1) * nb * QUADS * GROUP],
+            hi: &x.qh[g * nb * QUADS * GROUP..(g + 1) * nb * QUADS * GROUP],
+            hsum: &x.qhs[g * nb * GROUP..(g + 1) * nb * GROUP],
+            dt: &x.dt[g * nb * GROUP..(g + 1) * nb * GROUP],
+            st: &x.st[g * nb * GROUP..(g + 1) * nb * GROUP],
+        };
+        let w = tandem_avx512::WeightRows {
+            rows: std::array::from_fn(|t| &wrows[(j + t) * row_bytes..(j + t + 1) * row_bytes]),
+            block_bytes: F::BYTES,
+            values_at: F::VALUES_AT,
+            values: F::VALUES,
+            offset: F::OFFSET_FROM,
+            ahead,
+        };
+        tandem_avx512::tile16_bytes::<C>(&w, [group(g0), group(g0 + 1)], nb)
+    }
+
+    /// The pairs of groups from `g_start` (up to `g_end`) against every weight row with the
+    /// AVX-512 VNNI tile, eight weight rows at a time, then four, then one; returns the first
+    /// group it left for the other kernels (all of them where the CPU lacks the tile; those
+    /// recompute every column of the groups they get).
+    #[allow(clippy::too_many_arguments)]
+    fn pairs_bytes<F: Fmt>(
+        wrows: &[u8],
+        row_bytes: usize,
+        x: &Q16Rows,
+        g_start: usize,
+        g_end: usize,
+        rows: &Range<usize>,
+        out: &mut [&mut [f32]],
+    ) -> usize {
+        if x.ql.is_empty() || !tandem_avx512::bytes_available() {
+            return g_start;
+        }
+        let n = wrows.len() / row_bytes;
+        let mut g = g_start;
+        while g_end - g >= 2 {
+            let r0 = g * GROUP;
+            let mut put = |j: usize, tile: &[[f32; 16]]| {
+                for (t, lanes) in tile.iter().enumerate() {
+                    // A padded group's zero rows are dropped here.
+                    for (r, v) in (r0..rows.end.min(r0 + 2 * GROUP)).zip(lanes) {
+                        out[r - rows.start][j + t] = *v;
+                    }
+                }
+            };
+            let mut j = 0;
+            while n - j >= 8 {
+                // The next tile's weight rows come from memory while this one computes.
+                let ahead = &wrows[((j + 8) * row_bytes).min(wrows.len())
+                    ..((j + 16) * row_bytes).min(wrows.len())];
+                let Some(tile) = two_groups_bytes::<F, 8>(wrows, row_bytes, j, x, g, ahead) else {
+                    return g;
+                };
+                put(j, &tile);
+                j += 8;
+            }
+            if n - j >= 4 {
+                let Some(tile) = two_groups_bytes::<F, 4>(wrows, row_bytes, j, x, g, &[]) else {
+                    return g;
+                };
+                put(j, &tile);
+                j += 4;
+            }
+            while j < n {
+                let Some(tile) = two_groups_bytes::<F, 1>(wrows, row_bytes, j, x, g, &[]) else {
+                    return g;
+                };
+                put(j, &tile);
+                j += 1;
+            }
+            g += 2;
+        }
+        g
+    }
+
     pub(super) fn run(
         format: BlockFormat,
         wrows: &[u8],
@@ -651,6 +791,9 @@ mod avx2 {
         } else {
             rows.end..rows.end
         };
+
+        // Pairs of groups through the VNNI tile where the CPU has it, the rest below.
+        let g_start = pairs_bytes::<F>(wrows, row_bytes, x, g_start, g_end, &rows, out);
 
         // Columns outside, groups inside: a tile of weight rows is unpacked once for all groups.
         let blank = Unpacked {
