@@ -1,6 +1,6 @@
 //! The batched 16-bit decode kernel's inner tile in 512-bit registers, for CPUs with AVX-512BW,
 //! picked at run time (the workspace builds for `x86-64-v3`, which has no AVX-512): [`tile16`]
-//! on unpacked weights, and [`tile16_bytes`], where the CPU also has AVX-512 VNNI, on the weights
+//! on unpacked weights, and [`rows16_bytes`], where the CPU also has AVX-512 VNNI, on the weights
 //! as stored. And [`prefetch`], a cache hint.
 //!
 //! This crate exists to hold the `unsafe` that runtime dispatch needs: a function compiled for a
@@ -141,17 +141,16 @@ pub enum Offset {
     MinusEightScales,
 }
 
-/// `C` quantized weight rows as stored: `nb` blocks of `block_bytes` each.
+/// A run of quantized weight rows as stored, one after another: row `j` is
+/// `bytes[j * row_bytes..]`, `nb` blocks of `block_bytes` each.
 #[derive(Debug, Clone, Copy)]
-pub struct WeightRows<'a, const C: usize> {
-    pub rows: [&'a [u8]; C],
+pub struct WeightBytes<'a> {
+    pub bytes: &'a [u8],
+    pub row_bytes: usize,
     pub block_bytes: usize,
     pub values_at: usize,
     pub values: Values,
     pub offset: Offset,
-    /// Bytes to [`prefetch`] while the tile computes (the next tile's rows; may be empty), a
-    /// share of them at each block so that the requests do not queue all at once.
-    pub ahead: &'a [u8],
 }
 
 /// Values in one group of [`Quads`]: four consecutive values of a block (`4t..4t + 4`).
@@ -170,7 +169,7 @@ pub struct Quads<'a> {
     pub st: &'a [f32],
 }
 
-/// Whether [`tile16_bytes`] runs here: [`available`], the CPU has AVX-512 VNNI, and the
+/// Whether [`rows16_bytes`] runs here: [`available`], the CPU has AVX-512 VNNI, and the
 /// environment does not say `TANDEM_VNNI=0` (which keeps [`tile16`], to compare the two). Read once.
 pub fn bytes_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -191,50 +190,57 @@ fn cpu_has_vnni() -> bool {
     }
 }
 
-/// [`tile16`]'s outputs, bit for bit, from the weights as stored and the activations split into
-/// bytes: each block's exact integer product comes from `vpdpbusd` (four byte products summed per
-/// lane) on the low and the high bytes, `P = 256·P_h + P_l`, then the same float chain. With no
-/// unpacking pass (the tile takes the weight values straight from the rows) and one instruction
-/// per four products and byte half, where [`tile16`] needs two per pair. `None` when the CPU lacks
-/// AVX-512 VNNI or the environment says `TANDEM_AVX512=0`.
+/// [`tile16`]'s outputs, bit for bit, for the weight rows `0..out.len()` of `w` against two
+/// groups of activation rows split into bytes: `out[j][lane]`. Each block's exact integer product
+/// comes from `vpdpbusd` (four byte products summed per lane) on the low and the high bytes,
+/// `P = 256·P_h + P_l`, then the same float chain. No unpacking pass: the tile takes four weight
+/// values per broadcast straight from the rows, and converts each block's scale and offset
+/// itself; one instruction per four products and byte half, where [`tile16`] needs two per
+/// pair. Eight weight rows at a time (then four, then one), the next eight prefetched meanwhile.
+/// Returns `false`, having written nothing, when the CPU lacks AVX-512 VNNI or the environment
+/// says `TANDEM_AVX512=0` or `TANDEM_VNNI=0`.
 ///
 /// Exactness: per block `|P_l| <= 32·255·128` and `|P_h| <= 32·128·128` (Q8_0's signed values go
 /// through `vpdpbusd` as `q + 128`, less `128·Σh`), so every sum fits an `i32`.
 ///
 /// # Panics
-/// When a slice is shorter than `nb` blocks need.
-pub fn tile16_bytes<const C: usize>(
-    w: &WeightRows<'_, C>,
+/// When a slice is shorter than `nb` blocks of `out.len()` rows need, or the layout does not fit
+/// in a block.
+pub fn rows16_bytes(
+    w: &WeightBytes<'_>,
     groups: [Quads<'_>; 2],
     nb: usize,
-) -> Option<[[f32; 16]; C]> {
-    if !bytes_available() {
-        return None;
-    }
-    tile16_bytes_here(w, groups, nb)
+    out: &mut [[f32; 16]],
+) -> bool {
+    bytes_available() && rows16_bytes_here(w, groups, nb, out)
 }
 
-/// [`tile16_bytes`] whatever the environment says (the CPU is still checked).
-fn tile16_bytes_here<const C: usize>(
-    w: &WeightRows<'_, C>,
+/// [`rows16_bytes`] whatever the environment says (the CPU is still checked).
+fn rows16_bytes_here(
+    w: &WeightBytes<'_>,
     groups: [Quads<'_>; 2],
     nb: usize,
-) -> Option<[[f32; 16]; C]> {
+    out: &mut [[f32; 16]],
+) -> bool {
     if !cpu_has_vnni() {
-        return None;
+        return false;
     }
     let width = match w.values {
         Values::Nibbles => 16,
         Values::Bytes => 32,
     };
     assert!(
-        w.values_at + width <= w.block_bytes,
-        "values outside the block"
+        w.values_at + width <= w.block_bytes && w.block_bytes >= 4,
+        "a block's layout does not fit in it"
     );
-    assert!(w.block_bytes >= 4, "a block holds its scale and offset");
-    for r in &w.rows {
-        assert!(r.len() >= nb * w.block_bytes, "a weight row is short");
-    }
+    assert!(
+        w.row_bytes >= nb * w.block_bytes,
+        "a row holds fewer than nb blocks"
+    );
+    assert!(
+        w.bytes.len() >= out.len() * w.row_bytes,
+        "fewer weight rows than outputs"
+    );
     for g in &groups {
         assert!(g.lo.len() >= nb * QUADS * GROUP && g.hi.len() >= nb * QUADS * GROUP);
         assert!(g.hsum.len() >= nb * GROUP && g.dt.len() >= nb * GROUP && g.st.len() >= nb * GROUP);
@@ -242,35 +248,41 @@ fn tile16_bytes_here<const C: usize>(
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: the CPU has AVX-512F, BW and VNNI (checked above), and every slice holds what
-        // `nb` blocks read (asserted above); the kernel reads nothing else.
+        // `nb` blocks of `out.len()` rows read (asserted above); the kernel reads nothing else.
         #[allow(unsafe_code)]
-        let out = unsafe { x86::tile16_bytes::<C>(w, groups, nb) };
-        Some(out)
+        unsafe {
+            x86::rows16_bytes(w, groups, nb, out)
+        };
+        true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        None
+        false
     }
 }
 
-/// Asks the CPU to bring `bytes` into its caches ahead of use, one prefetch per 64-byte line,
+/// Asks the CPU to bring `items` into its caches ahead of use, one prefetch per 64-byte line,
 /// and returns at once (nothing waits for the lines). A hint only: it changes no value, and it
 /// does nothing on other architectures.
 #[inline]
-pub fn prefetch(bytes: &[u8]) {
+pub fn prefetch<T>(items: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
-        // SAFETY: `prefetcht0` reads nothing architecturally and cannot fault, whatever the
-        // address; here it is inside a live slice anyway. SSE is part of x86-64's baseline.
-        #[allow(unsafe_code)]
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            );
+    {
+        let start = items.as_ptr().cast::<i8>();
+        for at in (0..std::mem::size_of_val(items)).step_by(64) {
+            // SAFETY: `prefetcht0` reads nothing architecturally and cannot fault, whatever the
+            // address; here every address is inside the live slice anyway. SSE is part of
+            // x86-64's baseline.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    start.wrapping_add(at),
+                );
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    let _ = items;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -278,7 +290,7 @@ pub fn prefetch(bytes: &[u8]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, Group, Offset, PAIRS, QUADS, Quads, Unpacked, Values, WeightRows};
+    use super::{GROUP, Group, Offset, PAIRS, QUADS, Quads, Unpacked, Values, WeightBytes};
 
     /// Eight values at `lo` (lanes 0-7) and eight at `hi` (lanes 8-15) in one register.
     #[inline]
@@ -348,40 +360,85 @@ mod x86 {
         out
     }
 
-    /// One weight block's four values `4t..4t + 4` (as bytes) of each row, broadcast.
+    /// The four bytes at `p`, broadcast.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn word_at(row: &[u8], at: usize) -> __m512i {
-        let bytes: [u8; 4] = row[at..at + 4].try_into().expect("four bytes");
-        _mm512_set1_epi32(i32::from_le_bytes(bytes))
+    #[target_feature(enable = "avx512f")]
+    unsafe fn word_at(p: *const u8) -> __m512i {
+        // SAFETY (caller): four readable bytes at `p`.
+        _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
     }
 
     /// # Safety
-    /// The CPU has AVX-512F, AVX-512BW and AVX-512 VNNI; the slices hold `nb` blocks (the
-    /// caller's assertions).
+    /// The CPU has AVX-512F, AVX-512BW, AVX-512 VNNI and F16C; `w.bytes` holds `out.len()` rows
+    /// of `nb` blocks and each group `nb` blocks (the caller's assertions).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-    pub(super) unsafe fn tile16_bytes<const C: usize>(
-        w: &WeightRows<'_, C>,
+    pub(super) unsafe fn rows16_bytes(
+        w: &WeightBytes<'_>,
         g: [Quads<'_>; 2],
         nb: usize,
-    ) -> [[f32; 16]; C] {
+        out: &mut [[f32; 16]],
+    ) {
+        let n = out.len();
+        let row = |j: usize| w.bytes[j * w.row_bytes..].as_ptr();
+        let mut store = |j: usize, acc: &[__m512]| {
+            for (o, a) in out[j..j + acc.len()].iter_mut().zip(acc) {
+                // SAFETY: `o` has 16 writable f32s.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
+            }
+        };
+        let mut j = 0;
+        while n - j >= 8 {
+            // The next eight rows come from memory while these compute.
+            let ahead = &w.bytes[((j + 8) * w.row_bytes).min(w.bytes.len())
+                ..((j + 16) * w.row_bytes).min(n * w.row_bytes)];
+            // SAFETY: rows `j..j + 8` exist (`j + 8 <= n`), the caller's assertions for the rest.
+            store(j, &unsafe { tile::<8>(w, row(j), g, nb, ahead) });
+            j += 8;
+        }
+        if n - j >= 4 {
+            // SAFETY: as above, four rows.
+            store(j, &unsafe { tile::<4>(w, row(j), g, nb, &[]) });
+            j += 4;
+        }
+        while j < n {
+            // SAFETY: as above, one row.
+            store(j, &unsafe { tile::<1>(w, row(j), g, nb, &[]) });
+            j += 1;
+        }
+    }
+
+    /// `C` weight rows from `first` (each `w.row_bytes` apart) against the two groups.
+    ///
+    /// # Safety
+    /// As [`rows16_bytes`], and `C` rows of `nb` blocks from `first`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    unsafe fn tile<const C: usize>(
+        w: &WeightBytes<'_>,
+        first: *const u8,
+        g: [Quads<'_>; 2],
+        nb: usize,
+        ahead: &[u8],
+    ) -> [__m512; C] {
         let low4 = _mm512_set1_epi8(0x0f);
         let flip = _mm512_set1_epi8(-128);
+        let rows: [*const u8; C] = std::array::from_fn(|j| first.wrapping_add(j * w.row_bytes));
+        let (lo0, lo1, hi0, hi1) = (
+            g[0].lo.as_ptr(),
+            g[1].lo.as_ptr(),
+            g[0].hi.as_ptr(),
+            g[1].hi.as_ptr(),
+        );
         let mut acc = [_mm512_setzero_ps(); C];
+        let share = ahead.len().div_ceil(nb.max(1));
         for b in 0..nb {
-            let q = |t: usize| b * QUADS * GROUP + t * GROUP;
-            // SAFETY (all loads below): each group's `lo` and `hi` hold `QUADS * GROUP` i32s
-            // from `q(0)` (the caller's lengths).
-            let lo = |t: usize| unsafe {
-                two_halves_i32(g[0].lo[q(t)..].as_ptr(), g[1].lo[q(t)..].as_ptr())
-            };
-            let hi = |t: usize| unsafe {
-                two_halves_i32(g[0].hi[q(t)..].as_ptr(), g[1].hi[q(t)..].as_ptr())
-            };
-            let share = w.ahead.len().div_ceil(nb);
             super::prefetch(
-                &w.ahead[(b * share).min(w.ahead.len())..((b + 1) * share).min(w.ahead.len())],
+                &ahead[(b * share).min(ahead.len())..((b + 1) * share).min(ahead.len())],
             );
+            let q = |t: usize| b * QUADS * GROUP + t * GROUP;
+            // SAFETY (these loads): each group's `lo` and `hi` hold `nb * QUADS * GROUP` i32s.
+            let lo = |t: usize| unsafe { two_halves_i32(lo0.add(q(t)), lo1.add(q(t))) };
+            let hi = |t: usize| unsafe { two_halves_i32(hi0.add(q(t)), hi1.add(q(t))) };
             let at = b * w.block_bytes + w.values_at;
             let mut pl = [_mm512_setzero_si512(); C];
             let mut ph = [_mm512_setzero_si512(); C];
@@ -390,8 +447,8 @@ mod x86 {
                     for t in 0..4 {
                         let (l0, h0, l1, h1) = (lo(t), hi(t), lo(t + 4), hi(t + 4));
                         for j in 0..C {
-                            // SAFETY: the row holds the block (asserted by the caller).
-                            let r = unsafe { word_at(w.rows[j], at + 4 * t) };
+                            // SAFETY: the block's 16 value bytes are in the row.
+                            let r = unsafe { word_at(rows[j].add(at + 4 * t)) };
                             let v0 = _mm512_and_si512(r, low4);
                             let v1 = _mm512_and_si512(_mm512_srli_epi16::<4>(r), low4);
                             // Values 0..16 are valid as either operand's bytes.
@@ -406,15 +463,15 @@ mod x86 {
                     for t in 0..QUADS {
                         let (l, h) = (lo(t), hi(t));
                         for j in 0..C {
-                            // SAFETY: as above.
-                            let v = unsafe { word_at(w.rows[j], at + 4 * t) };
+                            // SAFETY: the block's 32 value bytes are in the row.
+                            let v = unsafe { word_at(rows[j].add(at + 4 * t)) };
                             pl[j] = _mm512_dpbusd_epi32(pl[j], l, v);
                             // Signed values as unsigned bytes `v + 128`; `128·Σh` comes off below.
                             ph[j] = _mm512_dpbusd_epi32(ph[j], _mm512_xor_si512(v, flip), h);
                         }
                     }
                     let at = b * GROUP;
-                    // SAFETY: eight sums per group from `at` (the caller's lengths).
+                    // SAFETY: eight sums per group from `at`.
                     let hs = unsafe {
                         two_halves_i32(g[0].hsum[at..].as_ptr(), g[1].hsum[at..].as_ptr())
                     };
@@ -426,15 +483,19 @@ mod x86 {
             let at = b * GROUP;
             let (d0, d1) = (g[0].dt[at..].as_ptr(), g[1].dt[at..].as_ptr());
             let (s0, s1) = (g[0].st[at..].as_ptr(), g[1].st[at..].as_ptr());
-            // SAFETY: eight scales and sums per group from `at` (the caller's lengths).
+            // SAFETY: eight scales and sums per group from `at`.
             let (dx, sx) = unsafe { (two_halves_f32(d0, d1), two_halves_f32(s0, s1)) };
             for j in 0..C {
                 let p = _mm512_add_epi32(_mm512_slli_epi32::<8>(ph[j]), pl[j]);
                 // The block's scale and offset, f16 to f32 (exact).
-                let header: [u8; 4] = w.rows[j][b * w.block_bytes..][..4]
-                    .try_into()
-                    .expect("four bytes");
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes(header)));
+                // SAFETY: a block's first four bytes are in the row.
+                let header = unsafe {
+                    rows[j]
+                        .add(b * w.block_bytes)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(header));
                 let d = _mm512_broadcastss_ps(dm);
                 let scale = _mm512_mul_ps(d, dx);
                 acc[j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(p), acc[j]);
@@ -446,12 +507,7 @@ mod x86 {
                 acc[j] = _mm512_fmadd_ps(m, sx, acc[j]);
             }
         }
-        let mut out = [[0f32; 16]; C];
-        for (o, a) in out.iter_mut().zip(acc) {
-            // SAFETY: `o` has 16 writable f32s.
-            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
-        }
-        out
+        acc
     }
 }
 
@@ -645,7 +701,8 @@ mod tests {
                 st: &gb.2,
             },
         ];
-        const C: usize = 4;
+        // Eight rows, four, then one go through the three tile widths.
+        const ROWS: usize = 13;
         // A normal f16 (exponent field 5..21) and its exact f32.
         let half = |bits: u16| -> f32 {
             let (sign, exp, mant) = (bits >> 15, (bits >> 10) & 0x1f, bits & 0x3ff);
@@ -659,7 +716,7 @@ mod tests {
             (Values::Bytes, 34, 2, Offset::None),
         ];
         for (values, block_bytes, values_at, offset) in cases {
-            let rows: Vec<Vec<u8>> = (0..C)
+            let rows: Vec<Vec<u8>> = (0..ROWS)
                 .map(|j| {
                     let mut row: Vec<u8> = (0..nb * block_bytes)
                         .map(|i| match (j, values) {
@@ -695,15 +752,17 @@ mod tests {
                     Values::Bytes => blk[e] as i8 as i32,
                 }
             };
-            let w = WeightRows {
-                rows: std::array::from_fn(|j| &rows[j][..]),
+            let bytes = rows.concat();
+            let w = WeightBytes {
+                bytes: &bytes,
+                row_bytes: nb * block_bytes,
                 block_bytes,
                 values_at,
                 values,
                 offset,
-                ahead: &rows[0],
             };
-            let got = tile16_bytes_here::<C>(&w, quads, nb).expect("VNNI present");
+            let mut got = vec![[0f32; 16]; ROWS];
+            assert!(rows16_bytes_here(&w, quads, nb, &mut got), "VNNI present");
             for (j, got) in got.iter().enumerate() {
                 for lane in 0..16 {
                     let (g, i) = ([&ga, &gb][lane / GROUP], lane % GROUP);

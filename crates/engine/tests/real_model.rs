@@ -61,6 +61,55 @@ fn greedy_generation_equals_the_independent_reference() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// The same fixtures decoded together: each prompt twice (16 sequences of different lengths),
+/// so that the batched kernels' grouped paths (two groups of eight rows in one 512-bit tile where
+/// the CPU has it) produce every step. Each sequence must give its fixture's tokens exactly.
+#[test]
+fn batched_greedy_generation_equals_the_independent_reference() {
+    let loaded = load(&require_model_path()).expect("load the default model");
+    let model = Arc::new(loaded.model);
+    let fx = fixtures();
+    let cases = fx["generation"].as_array().expect("generation cases");
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+    let wants: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["greedy_ids"])).collect();
+    let steps = wants.iter().map(Vec::len).min().expect("cases");
+    let seqs: Vec<usize> = (0..2 * cases.len()).map(|i| i % cases.len()).collect();
+    let blocks: usize = seqs
+        .iter()
+        .map(|&c| (prompts[c].len() + steps).div_ceil(16) + 1)
+        .sum();
+    let mut engine = Engine::new(model, blocks);
+    let ids_: Vec<u64> = (1..=seqs.len() as u64).collect();
+    for id in &ids_ {
+        engine.add_sequence(*id).expect("add a sequence");
+    }
+    let batch: Vec<(u64, &[u32])> = ids_
+        .iter()
+        .zip(&seqs)
+        .map(|(id, &c)| (*id, &prompts[c][..]))
+        .collect();
+    let first = engine.prefill(&batch, 4096).expect("prefill");
+    let mut last: Vec<u32> = first.iter().map(|l| l.argmax()).collect();
+    let mut got: Vec<Vec<u32>> = last.iter().map(|t| vec![*t]).collect();
+    for _ in 1..steps {
+        engine
+            .greedy_step(&ids_, &mut last)
+            .expect("a batched step");
+        for (g, t) in got.iter_mut().zip(&last) {
+            g.push(*t);
+        }
+    }
+    for (i, (g, &c)) in got.iter().zip(&seqs).enumerate() {
+        assert_eq!(
+            g[..],
+            wants[c][..steps],
+            "sequence {i} (case {c}, {}) in a batch of {}",
+            cases[c]["name"],
+            seqs.len()
+        );
+    }
+}
+
 #[test]
 fn missing_truncated_and_foreign_files_are_clear_errors() {
     let dir = std::env::temp_dir().join(format!("tandem-bad-models-{}", std::process::id()));

@@ -92,50 +92,49 @@ impl Q16Rows {
     }
 
     fn transpose_groups(&mut self, rows: usize) {
+        const QUADS: usize = tandem_avx512::QUADS;
         let nb = self.blocks;
         self.groups = rows / GROUP + usize::from(rows % GROUP >= PAD_FROM);
-        let pack = |a: i16, b: i16| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
+        let bytes = self.groups >= 2 && tandem_avx512::bytes_available();
         self.xt = vec![0; self.groups * nb * PAIRS * GROUP];
         self.dt = vec![0.0; self.groups * nb * GROUP];
         self.st = vec![0.0; self.groups * nb * GROUP];
+        if bytes {
+            self.ql = vec![0; self.groups * nb * QUADS * GROUP];
+            self.qh = vec![0; self.groups * nb * QUADS * GROUP];
+            self.qhs = vec![0; self.groups * nb * GROUP];
+        }
+        // Padding rows stay zero in every layout (all their values and bytes are 0).
         for r in 0..rows.min(self.groups * GROUP) {
             let (g, i) = (r / GROUP, r % GROUP);
-            for b in 0..nb {
+            let blocks = self.q[r * nb * QK..(r + 1) * nb * QK].as_chunks::<QK>().0;
+            for (b, q) in blocks.iter().enumerate() {
                 let gb = g * nb + b;
-                let q = &self.q[(r * nb + b) * QK..(r * nb + b + 1) * QK];
-                for (t, pair) in q.chunks_exact(2).enumerate() {
-                    self.xt[(gb * PAIRS + t) * GROUP + i] = pack(pair[0], pair[1]);
+                let xt: &mut [i32; PAIRS * GROUP] = (&mut self.xt
+                    [gb * PAIRS * GROUP..(gb + 1) * PAIRS * GROUP])
+                    .try_into()
+                    .expect("a block's pairs");
+                for (t, pair) in q.as_chunks::<2>().0.iter().enumerate() {
+                    xt[t * GROUP + i] =
+                        (pair[0] as u16 as u32 | (pair[1] as u16 as u32) << 16) as i32;
                 }
                 self.dt[gb * GROUP + i] = self.d[r * nb + b];
                 self.st[gb * GROUP + i] = self.s[r * nb + b];
-            }
-        }
-        if self.groups >= 2 && tandem_avx512::bytes_available() {
-            self.split_bytes(rows);
-        }
-    }
-
-    /// Fills `ql`, `qh` and `qhs` (padding rows stay zero: all their bytes are 0).
-    fn split_bytes(&mut self, rows: usize) {
-        const QUADS: usize = tandem_avx512::QUADS;
-        let nb = self.blocks;
-        self.ql = vec![0; self.groups * nb * QUADS * GROUP];
-        self.qh = vec![0; self.groups * nb * QUADS * GROUP];
-        self.qhs = vec![0; self.groups * nb * GROUP];
-        for r in 0..rows.min(self.groups * GROUP) {
-            let (g, i) = (r / GROUP, r % GROUP);
-            for b in 0..nb {
-                let gb = g * nb + b;
-                let q = &self.q[(r * nb + b) * QK..(r * nb + b + 1) * QK];
-                let mut hsum = 0i32;
-                for (t, quad) in q.chunks_exact(4).enumerate() {
-                    let lo: [u8; 4] = std::array::from_fn(|e| quad[e] as u16 as u8);
-                    let hi: [u8; 4] = std::array::from_fn(|e| (quad[e] >> 8) as u8);
-                    self.ql[(gb * QUADS + t) * GROUP + i] = i32::from_le_bytes(lo);
-                    self.qh[(gb * QUADS + t) * GROUP + i] = i32::from_le_bytes(hi);
-                    hsum += hi.iter().map(|&h| h as i8 as i32).sum::<i32>();
+                if bytes {
+                    let (lo, hi, hsum) = split_block(q);
+                    let at = gb * QUADS * GROUP;
+                    let ql: &mut [i32; QUADS * GROUP] = (&mut self.ql[at..at + QUADS * GROUP])
+                        .try_into()
+                        .expect("a block's quads");
+                    let qh: &mut [i32; QUADS * GROUP] = (&mut self.qh[at..at + QUADS * GROUP])
+                        .try_into()
+                        .expect("a block's quads");
+                    for t in 0..QUADS {
+                        ql[t * GROUP + i] = lo[t];
+                        qh[t * GROUP + i] = hi[t];
+                    }
+                    self.qhs[gb * GROUP + i] = 128 * hsum;
                 }
-                self.qhs[gb * GROUP + i] = 128 * hsum;
             }
         }
     }
@@ -226,6 +225,56 @@ fn round_block(x: &[f32; QK], q: &mut [i16; QK]) -> (f32, i32) {
     }
     let s: [i32; 8] = sum.into();
     (d, s.iter().sum())
+}
+
+/// A block's 32 rounded values split into bytes, `x = 256·h + l`: the low bytes four to an `i32`
+/// (values `4t..4t + 4` in quad `t`, little-endian), the high bytes likewise, and `Σh` (the high
+/// bytes as signed). The definition, one value at a time.
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
+fn split_block_portable(q: &[i16; QK]) -> ([i32; 8], [i32; 8], i32) {
+    let quad = |f: &dyn Fn(i16) -> u8, t: usize| {
+        i32::from_le_bytes(std::array::from_fn(|e| f(q[4 * t + e])))
+    };
+    let lo = std::array::from_fn(|t| quad(&|v| v as u16 as u8, t));
+    let hi = std::array::from_fn(|t| quad(&|v| (v >> 8) as u8, t));
+    (lo, hi, q.iter().map(|&v| (v >> 8) as i32).sum())
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+fn split_block(q: &[i16; QK]) -> ([i32; 8], [i32; 8], i32) {
+    split_block_portable(q)
+}
+
+/// [`split_block_portable`] with AVX2: a mask or an arithmetic shift per half, packed to bytes
+/// (exact: low bytes 0..=255, high bytes -128..=127), the quadword shuffle putting the values
+/// back in order, and the high bytes summed by `vpmaddwd` against ones.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+fn split_block(q: &[i16; QK]) -> ([i32; 8], [i32; 8], i32) {
+    use safe_arch::{
+        add_i32_m256i, bitand_m256i, m256i, mul_i16_horizontal_add_m256i, pack_i16_to_i8_m256i,
+        pack_i16_to_u8_m256i, set_splat_i16_m256i, shr_imm_i16_m256i, shuffle_ai_i64_all_m256i,
+    };
+    let half = |h: usize| {
+        let mut a = [0i16; 16];
+        a.copy_from_slice(&q[h * 16..h * 16 + 16]);
+        m256i::from(a)
+    };
+    let (v0, v1) = (half(0), half(1));
+    let low = set_splat_i16_m256i(0xff);
+    let lo = pack_i16_to_u8_m256i(bitand_m256i(v0, low), bitand_m256i(v1, low));
+    let (h0, h1) = (shr_imm_i16_m256i::<8>(v0), shr_imm_i16_m256i::<8>(v1));
+    let hi = pack_i16_to_i8_m256i(h0, h1);
+    let ones = set_splat_i16_m256i(1);
+    let sums: [i32; 8] = add_i32_m256i(
+        mul_i16_horizontal_add_m256i(h0, ones),
+        mul_i16_horizontal_add_m256i(h1, ones),
+    )
+    .into();
+    (
+        shuffle_ai_i64_all_m256i::<0b11_01_10_00>(lo).into(),
+        shuffle_ai_i64_all_m256i::<0b11_01_10_00>(hi).into(),
+        sums.iter().sum(),
+    )
 }
 
 #[derive(Clone, Copy)]
@@ -665,20 +714,32 @@ mod avx2 {
         acc
     }
 
-    /// Groups `g0` and `g0 + 1` against the `C` weight rows from `j` with the AVX-512 VNNI tile,
-    /// which reads the rows as stored (no unpacking pass): the same values as [`two_groups_wide`],
-    /// bit for bit. `ahead`: bytes to prefetch meanwhile. `None` where the CPU lacks the tile.
-    #[inline(always)]
-    fn two_groups_bytes<F: Fmt, const C: usize>(
+    /// The pairs of groups from `g_start` (up to `g_end`) against every weight row with the
+    /// AVX-512 VNNI tile ([`tandem_avx512::rows16_bytes`], which reads the rows as stored: no
+    /// unpacking pass), the same values as [`two_groups_wide`] bit for bit; returns the first group
+    /// it left for the other kernels (all of them where the CPU lacks the tile).
+    fn pairs_bytes<F: Fmt>(
         wrows: &[u8],
         row_bytes: usize,
-        j: usize,
         x: &Q16Rows,
-        g0: usize,
-        ahead: &[u8],
-    ) -> Option<[[f32; 16]; C]> {
+        (g_start, g_end): (usize, usize),
+        rows: &Range<usize>,
+        out: &mut [&mut [f32]],
+    ) -> usize {
         const QUADS: usize = tandem_avx512::QUADS;
+        if x.ql.is_empty() || g_end < g_start + 2 {
+            return g_start;
+        }
         let nb = x.blocks;
+        let n = wrows.len() / row_bytes;
+        let w = tandem_avx512::WeightBytes {
+            bytes: wrows,
+            row_bytes,
+            block_bytes: F::BYTES,
+            values_at: F::VALUES_AT,
+            values: F::VALUES,
+            offset: F::OFFSET_FROM,
+        };
         let group = |g: usize| tandem_avx512::Quads {
             lo: &x.ql[g * nb * QUADS * GROUP..(g + 1) * nb * QUADS * GROUP],
             hi: &x.qh[g * nb * QUADS * GROUP..(g + 1) * nb * QUADS * GROUP],
@@ -686,70 +747,18 @@ mod avx2 {
             dt: &x.dt[g * nb * GROUP..(g + 1) * nb * GROUP],
             st: &x.st[g * nb * GROUP..(g + 1) * nb * GROUP],
         };
-        let w = tandem_avx512::WeightRows {
-            rows: std::array::from_fn(|t| &wrows[(j + t) * row_bytes..(j + t + 1) * row_bytes]),
-            block_bytes: F::BYTES,
-            values_at: F::VALUES_AT,
-            values: F::VALUES,
-            offset: F::OFFSET_FROM,
-            ahead,
-        };
-        tandem_avx512::tile16_bytes::<C>(&w, [group(g0), group(g0 + 1)], nb)
-    }
-
-    /// The pairs of groups from `g_start` (up to `g_end`) against every weight row with the
-    /// AVX-512 VNNI tile, eight weight rows at a time, then four, then one; returns the first
-    /// group it left for the other kernels (all of them where the CPU lacks the tile; those
-    /// recompute every column of the groups they get).
-    #[allow(clippy::too_many_arguments)]
-    fn pairs_bytes<F: Fmt>(
-        wrows: &[u8],
-        row_bytes: usize,
-        x: &Q16Rows,
-        g_start: usize,
-        g_end: usize,
-        rows: &Range<usize>,
-        out: &mut [&mut [f32]],
-    ) -> usize {
-        if x.ql.is_empty() || !tandem_avx512::bytes_available() {
-            return g_start;
-        }
-        let n = wrows.len() / row_bytes;
+        let mut lanes = vec![[0f32; 16]; n];
         let mut g = g_start;
         while g_end - g >= 2 {
+            if !tandem_avx512::rows16_bytes(&w, [group(g), group(g + 1)], nb, &mut lanes) {
+                return g;
+            }
             let r0 = g * GROUP;
-            let mut put = |j: usize, tile: &[[f32; 16]]| {
-                for (t, lanes) in tile.iter().enumerate() {
-                    // A padded group's zero rows are dropped here.
-                    for (r, v) in (r0..rows.end.min(r0 + 2 * GROUP)).zip(lanes) {
-                        out[r - rows.start][j + t] = *v;
-                    }
+            // A padded group's zero rows are dropped here.
+            for (i, r) in (r0..rows.end.min(r0 + 2 * GROUP)).enumerate() {
+                for (o, l) in out[r - rows.start][..n].iter_mut().zip(&lanes) {
+                    *o = l[i];
                 }
-            };
-            let mut j = 0;
-            while n - j >= 8 {
-                // The next tile's weight rows come from memory while this one computes.
-                let ahead = &wrows[((j + 8) * row_bytes).min(wrows.len())
-                    ..((j + 16) * row_bytes).min(wrows.len())];
-                let Some(tile) = two_groups_bytes::<F, 8>(wrows, row_bytes, j, x, g, ahead) else {
-                    return g;
-                };
-                put(j, &tile);
-                j += 8;
-            }
-            if n - j >= 4 {
-                let Some(tile) = two_groups_bytes::<F, 4>(wrows, row_bytes, j, x, g, &[]) else {
-                    return g;
-                };
-                put(j, &tile);
-                j += 4;
-            }
-            while j < n {
-                let Some(tile) = two_groups_bytes::<F, 1>(wrows, row_bytes, j, x, g, &[]) else {
-                    return g;
-                };
-                put(j, &tile);
-                j += 1;
             }
             g += 2;
         }
@@ -793,7 +802,7 @@ mod avx2 {
         };
 
         // Pairs of groups through the VNNI tile where the CPU has it, the rest below.
-        let g_start = pairs_bytes::<F>(wrows, row_bytes, x, g_start, g_end, &rows, out);
+        let g_start = pairs_bytes::<F>(wrows, row_bytes, x, (g_start, g_end), &rows, out);
 
         // Columns outside, groups inside: a tile of weight rows is unpacked once for all groups.
         let blank = Unpacked {
@@ -1024,6 +1033,29 @@ mod tests {
                 (db.to_bits(), sb, b),
                 "case {case}: {x:?}"
             );
+        }
+    }
+
+    #[test]
+    fn splitting_a_block_into_bytes_gives_the_portable_values() {
+        let mut seed = 23;
+        for case in 0..200 {
+            let q: [i16; QK] = std::array::from_fn(|e| match (case + e) % 9 {
+                0 => 32767,
+                1 => -32767,
+                2 => -1,
+                3 => 255,
+                4 => -256,
+                _ => (lcg(&mut seed) % 65535) as i32 as i16,
+            });
+            let (lo, hi, hs) = split_block(&q);
+            assert_eq!((lo, hi, hs), split_block_portable(&q), "case {case}");
+            // And the bytes recombine to the values.
+            for (e, v) in q.iter().enumerate() {
+                let l = lo[e / 4].to_le_bytes()[e % 4] as i32;
+                let h = hi[e / 4].to_le_bytes()[e % 4] as i8 as i32;
+                assert_eq!(256 * h + l, *v as i32);
+            }
         }
     }
 
