@@ -24,7 +24,9 @@
 //! activations (f32 against f64) moves SmolLM2's logits by up to 1 through 30 layers, and greedy
 //! outputs part ways wherever the top two logits are closer than that. With 16 bits the step is
 //! 258 times finer and the engine keeps the exact arithmetic's greedy tokens (the fixtures test).
-//! `vpmaddwd` multiplies 16 pairs and adds them in twos, so a block costs two of them.
+//! `vpmaddwd` multiplies 16 pairs and adds them in twos, so a block costs two of them; where the
+//! CPU has AVX-512 VNNI, batches of 16 rows split each value into bytes instead and multiply four
+//! at a time with `vpdpbusd` ([`tandem_avx512::rows16_bytes`]), the same exact integer products.
 use std::ops::Range;
 
 use super::quant::{BlockFormat, QK, half_at};
@@ -415,7 +417,7 @@ mod avx2 {
             offset(Self::FORMAT, block).unwrap_or(0.0)
         }
         const OFFSET: bool;
-        /// How [`tandem_avx512::tile16_bytes`] reads the block's values, and where they start.
+        /// How [`tandem_avx512::rows16_bytes`] reads the block's values, and where they start.
         const VALUES: tandem_avx512::Values;
         const VALUES_AT: usize;
         /// Where the tile finds the block's offset (its scale is always the first two bytes).
