@@ -46,10 +46,12 @@ pub struct Group<'a> {
 /// say `TANDEM_AVX512=0` (which keeps the AVX2 kernel, to compare the two in one binary). Read once.
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        let wanted = std::env::var("TANDEM_AVX512").map_or(true, |v| v != "0");
-        wanted && cpu_has_it()
-    })
+    *AVAILABLE.get_or_init(|| switched_on("TANDEM_AVX512") && cpu_has_it())
+}
+
+/// Whether the environment leaves `var` unset or set to anything but `0`.
+fn switched_on(var: &str) -> bool {
+    std::env::var(var).map_or(true, |v| v != "0")
 }
 
 fn cpu_has_it() -> bool {
@@ -173,10 +175,7 @@ pub struct Quads<'a> {
 /// environment does not say `TANDEM_VNNI=0` (which keeps [`tile16`], to compare the two). Read once.
 pub fn bytes_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        let wanted = std::env::var("TANDEM_VNNI").map_or(true, |v| v != "0");
-        wanted && available() && cpu_has_vnni()
-    })
+    *AVAILABLE.get_or_init(|| switched_on("TANDEM_VNNI") && available() && cpu_has_vnni())
 }
 
 fn cpu_has_vnni() -> bool {

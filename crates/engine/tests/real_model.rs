@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use tandem_engine::testing::require_model_path;
-use tandem_engine::{Engine, EngineError, Flow, SamplingParams, generate, load};
+use tandem_engine::{Engine, EngineError, Flow, Model, SamplingParams, generate, load};
 
 fn fixtures() -> Value {
     let path = concat!(
@@ -25,13 +25,21 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// The default model and the fixtures' generation cases (at least eight prompts).
+fn model_and_cases() -> (Arc<Model>, Vec<Value>) {
+    let loaded = load(&require_model_path()).expect("load the default model");
+    let fx = fixtures();
+    let cases = fx["generation"]
+        .as_array()
+        .expect("generation cases")
+        .clone();
+    assert!(cases.len() >= 8, "at least 8 prompts");
+    (Arc::new(loaded.model), cases)
+}
+
 #[test]
 fn greedy_generation_equals_the_independent_reference() {
-    let loaded = load(&require_model_path()).expect("load the default model");
-    let model = Arc::new(loaded.model);
-    let fx = fixtures();
-    let cases = fx["generation"].as_array().expect("generation cases");
-    assert!(cases.len() >= 8, "at least 8 prompts");
+    let (model, cases) = model_and_cases();
     let mut failures = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
@@ -66,10 +74,7 @@ fn greedy_generation_equals_the_independent_reference() {
 /// the CPU has it) produce every step. Each sequence must give its fixture's tokens exactly.
 #[test]
 fn batched_greedy_generation_equals_the_independent_reference() {
-    let loaded = load(&require_model_path()).expect("load the default model");
-    let model = Arc::new(loaded.model);
-    let fx = fixtures();
-    let cases = fx["generation"].as_array().expect("generation cases");
+    let (model, cases) = model_and_cases();
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
     let wants: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["greedy_ids"])).collect();
     let steps = wants.iter().map(Vec::len).min().expect("cases");
