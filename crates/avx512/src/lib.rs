@@ -5,10 +5,10 @@
 //!
 //! This crate exists to hold the `unsafe` that runtime dispatch needs: a function compiled for a
 //! feature the build target lacks can only be called through `unsafe`, after checking the CPU has
-//! it, and 512-bit loads take pointers. Everything here is checked before that: [`tile16`] asserts
-//! every slice length it reads and calls the kernel only when the CPU reports the features. The
-//! engine (which forbids `unsafe`) calls the safe wrapper and falls back to its AVX2 kernel when it
-//! returns `None`.
+//! it, and 512-bit loads take pointers. Everything here is checked before that: [`tile16`] and
+//! [`rows16_bytes`] assert every slice length they read and call their kernels only when the CPU
+//! reports the features. The engine (which forbids `unsafe`) calls the safe wrappers and falls
+//! back to its AVX2 kernel when they return `None` or `false`.
 //!
 //! What the tile computes is the engine's grouped tile (`kernels/q16.rs`, `groups_against`) for
 //! two groups of eight activation rows at once, one row per 32-bit lane of a 512-bit register: per
@@ -200,7 +200,8 @@ fn cpu_has_vnni() -> bool {
 /// says `TANDEM_AVX512=0` or `TANDEM_VNNI=0`.
 ///
 /// Exactness: per block `|P_l| <= 32·255·128` and `|P_h| <= 32·128·128` (Q8_0's signed values go
-/// through `vpdpbusd` as `q + 128`, less `128·Σh`), so every sum fits an `i32`.
+/// through `vpdpbusd` as `q + 128`, a sum of at most `32·255·128` before `128·Σh` comes off), so
+/// every sum, and `256·P_h + P_l`, fits an `i32`.
 ///
 /// # Panics
 /// When a slice is shorter than `nb` blocks of `out.len()` rows need, or the layout does not fit
