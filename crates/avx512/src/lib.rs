@@ -515,6 +515,16 @@ mod x86 {
 mod tests {
     use super::*;
 
+    /// A fixed pseudo-random sequence (a 64-bit LCG's high bits).
+    fn lcg(mut seed: u64) -> impl FnMut() -> u32 {
+        move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        }
+    }
+
     /// The tile's definition, lane by lane, in plain Rust: the exact integer product of each block,
     /// then the float chain.
     fn reference<const C: usize>(
@@ -568,13 +578,7 @@ mod tests {
             );
             return;
         }
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as u32
-        };
+        let mut next = lcg(0x9e37_79b9_7f4a_7c15);
         let nb = 18;
         let pack = |a: i16, b: i16| (a as u16 as u32 | (b as u16 as u32) << 16) as i32;
         let w: Vec<Unpacked> = (0..nb * 4)
@@ -654,13 +658,7 @@ mod tests {
             eprintln!("no AVX-512 VNNI on this CPU: the byte tile is never called here");
             return;
         }
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as u32
-        };
+        let mut next = lcg(0x2545_f491_4f6c_dd1d);
         let nb = 5;
         // Activations with the extremes in every group: ±32767, 0, -1, -256, 255.
         let edges = [32767i16, -32767, 0, -1, -256, 255, 256, -32768 + 1];
