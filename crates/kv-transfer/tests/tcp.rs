@@ -382,22 +382,24 @@ async fn an_oversized_header_or_a_bad_magic_closes_only_that_connection() {
     );
 }
 
+/// Each case as a test in module `$sink`, run against a sink that copies frames in
+/// (`direct = false`) or one that has them read straight into its pool (`true`).
+macro_rules! on_sink {
+    ($sink:ident, $direct:literal, $($case:ident),*) => {
+        mod $sink {
+            $(#[tokio::test]
+            async fn $case() {
+                super::support::set_direct($direct);
+                super::$case().await
+            })*
+        }
+    };
+}
+
 macro_rules! on_both_sinks {
     ($($case:ident),* $(,)?) => {
-        mod heap {
-            $(#[tokio::test]
-            async fn $case() {
-                super::support::set_direct(false);
-                super::$case().await
-            })*
-        }
-        mod direct {
-            $(#[tokio::test]
-            async fn $case() {
-                super::support::set_direct(true);
-                super::$case().await
-            })*
-        }
+        on_sink!(heap, false, $($case),*);
+        on_sink!(direct, true, $($case),*);
     };
 }
 
