@@ -91,6 +91,8 @@ pub struct SimEngine {
     pub kv_blocks: usize,
     /// One line for the log: the model, its time source, capacity and the KV scale factor.
     pub summary: String,
+    /// The step times the model simulates, before the time scale.
+    pub perf: Arc<dyn PerfModel>,
 }
 
 /// Builds the simulated model for `spec`: its clock, its KV geometry and its pool size.
@@ -141,6 +143,7 @@ pub fn build(spec: &SimSpec<'_>) -> Result<SimEngine, SimError> {
         model,
         kv_blocks,
         summary,
+        perf,
     })
 }
 

@@ -86,6 +86,7 @@
 // Tests may unwrap: a failure there is the test failing.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admission;
 pub mod catalog;
 pub mod cli;
 pub mod des;
@@ -93,6 +94,7 @@ pub mod des;
 pub mod engine;
 pub mod error;
 pub mod evaluate;
+pub mod nnls;
 pub mod peak;
 pub mod perf;
 pub mod planner;

@@ -6,7 +6,7 @@ use std::fmt;
 
 /// One prompt's share of a prefill step: tokens computed now, after `cached` tokens whose KV is
 /// already present (a prefix-cache hit, or the earlier chunks of a chunked prefill).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PrefillItem {
     pub new_tokens: u32,
     pub cached_tokens: u32,

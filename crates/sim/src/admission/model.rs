@@ -1,0 +1,354 @@
+//! The step-time model admission predicts with: a worker role's forward step, fitted online to the
+//! steps its workers measure and report in their heartbeats.
+//!
+//! With a base [`PerfModel`] (a profile file, or the roofline of the simulated model and GPU), a
+//! step is the base's time times a scale: the median of measured/base over the recent samples, so
+//! that a host slower or faster than profiled is followed at once. Without one, a step is linear in
+//! five features (prompt tokens, their attention work `n^2 + 2nc`, decode batch, decode context, and
+//! a constant), fitted by non-negative least squares on relative error ([`crate::nnls`]), the same
+//! fit the profile's prefill line uses.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::nnls::{dot, fit_relative};
+use crate::perf::{PerfModel, PrefillItem, StepShape};
+
+/// Samples kept per model; older ones age out, so the fit follows the host.
+pub const WINDOW: usize = 512;
+/// Samples a linear fit needs before it predicts (a base model predicts from the start).
+pub const MIN_SAMPLES: usize = 8;
+/// New samples between two refits.
+const REFIT_EVERY: usize = 16;
+/// Most prompt chunks a sample or a predicted step carries.
+pub const MAX_CHUNKS: usize = 8;
+
+/// One measured forward step.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepSample {
+    /// Prompt chunks computed in the step (first `chunk_count` entries).
+    pub chunks: [PrefillItem; MAX_CHUNKS],
+    pub chunk_count: u8,
+    /// Sequences that produced a token in the step.
+    pub decode_batch: u32,
+    /// Tokens those sequences attended to, summed.
+    pub decode_context: u64,
+    pub seconds: f64,
+}
+
+const NO_CHUNK: PrefillItem = PrefillItem {
+    new_tokens: 0,
+    cached_tokens: 0,
+};
+
+impl StepSample {
+    /// A step over these chunks and decode batch. Chunks beyond [`MAX_CHUNKS`] are merged into the
+    /// last one (their tokens add up; their attention is then slightly overstated).
+    pub fn new(
+        chunks: &[PrefillItem],
+        decode_batch: u32,
+        decode_context: u64,
+        seconds: f64,
+    ) -> Self {
+        let mut s = StepSample {
+            chunks: [NO_CHUNK; MAX_CHUNKS],
+            chunk_count: 0,
+            decode_batch,
+            decode_context,
+            seconds,
+        };
+        for c in chunks {
+            if usize::from(s.chunk_count) < MAX_CHUNKS {
+                s.chunks[usize::from(s.chunk_count)] = *c;
+                s.chunk_count += 1;
+            } else {
+                let last = &mut s.chunks[MAX_CHUNKS - 1];
+                last.new_tokens = last.new_tokens.saturating_add(c.new_tokens);
+                last.cached_tokens = last.cached_tokens.max(c.cached_tokens);
+            }
+        }
+        s
+    }
+
+    pub fn chunks(&self) -> &[PrefillItem] {
+        &self.chunks[..usize::from(self.chunk_count)]
+    }
+
+    pub fn shape(&self) -> StepShape<'_> {
+        StepShape {
+            prefill: self.chunks(),
+            decode_batch: self.decode_batch,
+            decode_context: self.decode_context,
+        }
+    }
+}
+
+/// The five features of the linear form.
+pub fn features(step: &StepShape<'_>) -> [f64; 5] {
+    let mut tokens = 0.0;
+    let mut attention = 0.0;
+    for c in step.prefill {
+        let (n, cached) = (f64::from(c.new_tokens), f64::from(c.cached_tokens));
+        tokens += n;
+        attention += n * n + 2.0 * n * cached;
+    }
+    [
+        tokens,
+        attention,
+        f64::from(step.decode_batch),
+        step.decode_context as f64,
+        1.0,
+    ]
+}
+
+/// What the model currently predicts with, for operators (metrics) and tests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Coefficients {
+    /// Too few samples and no base model: no prediction yet.
+    Unfitted,
+    /// Base model times `scale`.
+    Scaled { scale: f64 },
+    /// Seconds per prompt token, per unit of attention work, per decoding sequence, per token of
+    /// decode context, and per step.
+    Linear { coef: [f64; 5] },
+}
+
+/// A role's step-time model. A plain struct: the router's task owns one per (model, role).
+#[derive(Debug, Clone)]
+pub struct StepModel {
+    base: Option<Arc<dyn PerfModel>>,
+    samples: VecDeque<StepSample>,
+    unfitted: usize,
+    coefficients: Coefficients,
+    /// |predicted/measured - 1| of each sample against the model in force when it arrived.
+    errors: VecDeque<f64>,
+}
+
+impl StepModel {
+    /// A model that starts from `base` (then predicts at once), or from nothing (then it predicts
+    /// once [`MIN_SAMPLES`] steps have been measured).
+    pub fn new(base: Option<Arc<dyn PerfModel>>) -> Self {
+        let coefficients = if base.is_some() {
+            Coefficients::Scaled { scale: 1.0 }
+        } else {
+            Coefficients::Unfitted
+        };
+        StepModel {
+            base,
+            samples: VecDeque::with_capacity(WINDOW),
+            unfitted: 0,
+            coefficients,
+            errors: VecDeque::with_capacity(WINDOW),
+        }
+    }
+
+    pub fn base(&self) -> Option<&Arc<dyn PerfModel>> {
+        self.base.as_ref()
+    }
+
+    pub fn coefficients(&self) -> Coefficients {
+        self.coefficients
+    }
+
+    pub fn samples(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Median and 90th percentile of the relative error of recent samples against the model that
+    /// was in force when each arrived; `None` before any prediction could be checked.
+    pub fn step_error(&self) -> Option<(f64, f64)> {
+        let mut e: Vec<f64> = self.errors.iter().copied().collect();
+        if e.is_empty() {
+            return None;
+        }
+        e.sort_by(f64::total_cmp);
+        let at = |p: f64| e[((e.len() - 1) as f64 * p).round() as usize];
+        Some((at(0.5), at(0.9)))
+    }
+
+    /// Adds a measured step (samples with no work or no positive time are ignored) and refits
+    /// every few samples.
+    pub fn observe(&mut self, s: StepSample) {
+        let f = features(&s.shape());
+        let has_work = f[0] > 0.0 || f[2] > 0.0;
+        if !(has_work && s.seconds > 0.0 && s.seconds.is_finite()) {
+            return;
+        }
+        if let Some(p) = self.step_time(&s.shape()) {
+            push_bounded(&mut self.errors, (p / s.seconds - 1.0).abs());
+        }
+        push_bounded(&mut self.samples, s);
+        self.unfitted += 1;
+        let young = self.samples.len() < 4 * MIN_SAMPLES;
+        if self.unfitted >= REFIT_EVERY || (young && self.samples.len() >= MIN_SAMPLES) {
+            self.refit();
+        }
+    }
+
+    /// Fits again to the samples held.
+    pub fn refit(&mut self) {
+        self.unfitted = 0;
+        match &self.base {
+            Some(base) => {
+                let mut ratios: Vec<f64> = self
+                    .samples
+                    .iter()
+                    .filter_map(|s| {
+                        let b = base.step_time(&s.shape());
+                        (b > 0.0).then(|| s.seconds / b)
+                    })
+                    .filter(|r| r.is_finite())
+                    .collect();
+                if ratios.is_empty() {
+                    return;
+                }
+                ratios.sort_by(f64::total_cmp);
+                let scale = ratios[ratios.len() / 2];
+                self.coefficients = Coefficients::Scaled { scale };
+            }
+            None => {
+                if self.samples.len() < MIN_SAMPLES {
+                    return;
+                }
+                let rows: Vec<([f64; 5], f64)> = self
+                    .samples
+                    .iter()
+                    .map(|s| (features(&s.shape()), s.seconds))
+                    .collect();
+                if let Some((coef, _)) = fit_relative(&rows) {
+                    self.coefficients = Coefficients::Linear { coef };
+                }
+            }
+        }
+    }
+
+    /// Predicted duration of one step, seconds; `None` while unfitted.
+    pub fn step_time(&self, step: &StepShape<'_>) -> Option<f64> {
+        let t = match (&self.coefficients, &self.base) {
+            (Coefficients::Scaled { scale }, Some(base)) => base.step_time(step) * scale,
+            (Coefficients::Linear { coef }, _) => dot(coef, &features(step)),
+            _ => return None,
+        };
+        (t.is_finite() && t >= 0.0).then_some(t)
+    }
+}
+
+fn push_bounded<T>(q: &mut VecDeque<T>, v: T) {
+    if q.len() >= WINDOW {
+        q.pop_front();
+    }
+    q.push_back(v);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::perf::MemoryFit;
+
+    /// A base whose steps cost 1 ms per prompt token and 2 ms per decoding sequence.
+    #[derive(Debug)]
+    struct Toy;
+
+    impl PerfModel for Toy {
+        fn describe(&self) -> String {
+            "toy".into()
+        }
+        fn tensor_parallel(&self) -> u32 {
+            1
+        }
+        fn step_time(&self, step: &StepShape<'_>) -> f64 {
+            let tokens: u32 = step.prefill.iter().map(|c| c.new_tokens).sum();
+            1e-3 * f64::from(tokens) + 2e-3 * f64::from(step.decode_batch)
+        }
+        fn kv_bytes_per_token(&self) -> u64 {
+            1
+        }
+        fn memory(&self) -> MemoryFit {
+            MemoryFit {
+                gpus: 1,
+                weight_bytes_per_gpu: 0.0,
+                kv_bytes_per_gpu: 0.0,
+                kv_blocks: 1,
+            }
+        }
+    }
+
+    fn prefill(n: u32, seconds: f64) -> StepSample {
+        StepSample::new(&[PrefillItem::fresh(n)], 0, 0, seconds)
+    }
+
+    fn decode(batch: u32, context: u64, seconds: f64) -> StepSample {
+        StepSample::new(&[], batch, context, seconds)
+    }
+
+    #[test]
+    fn a_base_model_predicts_at_once_and_its_scale_follows_the_host() {
+        let mut m = StepModel::new(Some(Arc::new(Toy)));
+        let one = [PrefillItem::fresh(100)];
+        let shape = StepShape {
+            prefill: &one,
+            ..StepShape::default()
+        };
+        assert_eq!(m.step_time(&shape), Some(0.1));
+        // The host runs 1.5x slower than the base says.
+        for i in 0..MIN_SAMPLES {
+            m.observe(prefill(50 + i as u32, 1.5e-3 * f64::from(50 + i as u32)));
+        }
+        let t = m.step_time(&shape).unwrap();
+        assert!((t - 0.15).abs() < 1e-12, "{t}");
+        assert_eq!(m.coefficients(), Coefficients::Scaled { scale: 1.5 });
+    }
+
+    #[test]
+    fn without_a_base_the_linear_form_is_learned() {
+        let mut m = StepModel::new(None);
+        let truth = |s: &StepSample| {
+            let f = features(&s.shape());
+            2e-4 * f[0] + 1e-7 * f[1] + 3e-4 * f[2] + 1e-6 * f[3] + 4e-3
+        };
+        assert_eq!(m.coefficients(), Coefficients::Unfitted);
+        let mut shapes = Vec::new();
+        for n in [16, 64, 128, 256, 512] {
+            shapes.push(prefill(n, 0.0));
+        }
+        for (b, c) in [(1, 100), (4, 900), (8, 3000), (16, 5000), (2, 5000)] {
+            shapes.push(decode(b, c, 0.0));
+        }
+        assert_eq!(m.step_time(&shapes[0].shape()), None);
+        for mut s in shapes.iter().copied() {
+            s.seconds = truth(&s);
+            m.observe(s);
+        }
+        for s in &shapes {
+            let t = m.step_time(&s.shape()).unwrap();
+            assert!((t / truth(s) - 1.0).abs() < 1e-6, "{t} vs {}", truth(s));
+        }
+        let (p50, p90) = m.step_error().unwrap();
+        assert!(
+            p50 < 1e-6 && p90 < 1e-6,
+            "the samples after the first fit were predicted exactly"
+        );
+    }
+
+    #[test]
+    fn empty_and_nonsense_samples_are_ignored_and_the_window_is_bounded() {
+        let mut m = StepModel::new(None);
+        m.observe(prefill(0, 0.1));
+        m.observe(decode(1, 10, 0.0));
+        m.observe(decode(1, 10, f64::NAN));
+        assert_eq!(m.samples(), 0);
+        for i in 0..(WINDOW + 40) {
+            m.observe(decode(1 + (i % 7) as u32, 100, 1e-3));
+        }
+        assert_eq!(m.samples(), WINDOW);
+    }
+
+    #[test]
+    fn chunks_past_the_limit_fold_into_the_last() {
+        let many: Vec<PrefillItem> = (0..12).map(|_| PrefillItem::fresh(10)).collect();
+        let s = StepSample::new(&many, 0, 0, 1.0);
+        assert_eq!(s.chunks().len(), MAX_CHUNKS);
+        let tokens: u32 = s.chunks().iter().map(|c| c.new_tokens).sum();
+        assert_eq!(tokens, 120);
+    }
+}
