@@ -9,10 +9,10 @@ use tandem_proto::v1;
 use tandem_proto::v1::router_service_client::RouterServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::convert::millis;
-use crate::error::RouterError;
+use crate::convert::{millis, priority_to_proto};
+use crate::error::{RejectReason, RouterError};
 use crate::registry::Lease;
-use crate::types::{Leg, Load, Placement, RequestShape};
+use crate::types::{Feedback, Leg, Load, Placement, Predicted, RequestShape};
 
 /// A connection to a router's `RouterService`, with one deadline for every unary call.
 #[derive(Clone, Debug)]
@@ -67,15 +67,16 @@ impl RouterClient {
         })
     }
 
-    /// Reports load and renews the lease; `UnknownWorker` means register again.
+    /// Reports load (and the steps measured since the last report) and renews the lease;
+    /// `UnknownWorker` means register again.
     pub async fn heartbeat(
         &mut self,
         worker_id: &str,
-        load: &Load,
+        load: v1::LoadReport,
     ) -> Result<Duration, RouterError> {
         let message = v1::HeartbeatRequest {
             worker_id: worker_id.to_owned(),
-            load: Some(load.into()),
+            load: Some(load),
         };
         match self.inner.heartbeat(self.request(message)).await {
             Ok(answer) => Ok(Duration::from_millis(u64::from(
@@ -110,20 +111,30 @@ impl RouterClient {
             prompt_tokens: shape.prompt_tokens,
             max_new_tokens: shape.max_new_tokens,
             prefix_block_hashes: shape.prefix_block_hashes.clone(),
-            ttft_budget_ms: shape.ttft_budget.map_or(0, millis),
-            itl_budget_ms: shape.itl_budget.map_or(0, millis),
-            priority: shape.priority,
+            ttft_budget_ms: shape.ttft_budget.map_or(0, |d| millis(d).max(1)),
+            itl_budget_ms: shape.itl_budget.map_or(0, |d| millis(d).max(1)),
+            priority: priority_to_proto(shape.priority),
         };
         let answer = self.inner.place(self.request(message)).await?.into_inner();
         match answer.outcome {
             Some(v1::place_response::Outcome::Placed(p)) => match (p.prefill, p.decode) {
-                (Some(prefill), Some(decode)) => Ok(Placement {
-                    prefill: Arc::new(prefill),
-                    decode: Arc::new(decode),
-                    predicted_ttft: p
-                        .predicted_ttft_ms
-                        .map(|ms| Duration::from_millis(u64::from(ms))),
-                }),
+                (Some(prefill), Some(decode)) => {
+                    let us = |v: u32| Duration::from_micros(u64::from(v));
+                    let predicted = match (p.predicted_ttft_ms, p.predicted_itl_us) {
+                        (Some(ttft), Some(itl)) => Some(Predicted {
+                            ttft: Duration::from_millis(u64::from(ttft)),
+                            itl: us(itl),
+                            raw_ttft: us(p.raw_ttft_us),
+                            raw_itl: us(p.raw_itl_us),
+                        }),
+                        _ => None,
+                    };
+                    Ok(Placement {
+                        prefill: Arc::new(prefill),
+                        decode: Arc::new(decode),
+                        predicted,
+                    })
+                }
                 _ => Err(RouterError::InvalidArgument(
                     "placement without both workers".into(),
                 )),
@@ -131,6 +142,15 @@ impl RouterClient {
             Some(v1::place_response::Outcome::Rejected(r)) => Err(rejected(&r)),
             None => Err(RouterError::InvalidArgument("empty PlaceResponse".into())),
         }
+    }
+}
+
+impl RouterClient {
+    /// Sends what an admitted request measured (best effort: the caller may ignore the error).
+    pub async fn feedback(&mut self, feedback: &Feedback) -> Result<(), RouterError> {
+        let message = v1::FeedbackRequest::from(feedback);
+        self.inner.feedback(self.request(message)).await?;
+        Ok(())
     }
 }
 
@@ -142,11 +162,22 @@ fn rejected(r: &v1::Rejection) -> RouterError {
         detail: r.message.clone(),
         retry_after,
     };
+    let budget = |reason| RouterError::Rejected {
+        reason,
+        detail: r.message.clone(),
+        retry_after: (r.retry_after_ms > 0).then_some(retry_after),
+        predicted_ttft: r
+            .predicted_ttft_ms
+            .map(|ms| Duration::from_millis(u64::from(ms))),
+    };
     match r.reason() {
         v1::RejectReason::NoPrefillWorker => RouterError::NoWorkers(Leg::Prefill),
         v1::RejectReason::NoDecodeWorker => RouterError::NoWorkers(Leg::Decode),
         v1::RejectReason::PrefillOverloaded => overloaded(Leg::Prefill),
         v1::RejectReason::KvExhausted | v1::RejectReason::Unspecified => overloaded(Leg::Decode),
+        v1::RejectReason::TtftBudgetUnreachable => budget(RejectReason::TtftBudgetUnreachable),
+        v1::RejectReason::ItlBudgetUnreachable => budget(RejectReason::ItlBudgetUnreachable),
+        v1::RejectReason::QueueFull => budget(RejectReason::QueueFull),
     }
 }
 
@@ -157,10 +188,11 @@ fn rejected(r: &v1::Rejection) -> RouterError {
 pub async fn keep_registered(
     mut client: RouterClient,
     identity: v1::WorkerIdentity,
-    mut report: impl FnMut() -> Load + Send,
+    mut report: impl FnMut() -> v1::LoadReport + Send,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RouterError> {
-    let lease = client.register(identity.clone(), &report()).await?;
+    let first = Load::try_from(&report())?;
+    let lease = client.register(identity.clone(), &first).await?;
     let worker_id = lease.worker_id.to_string();
     let mut identity = identity;
     identity.worker_id.clone_from(&worker_id);
@@ -172,8 +204,9 @@ pub async fn keep_registered(
         tokio::select! {
             () = &mut shutdown => break,
             _ = beat.tick() => {
-                let load = report();
-                match client.heartbeat(&worker_id, &load).await {
+                let wire = report();
+                let load = Load::try_from(&wire).unwrap_or_default();
+                match client.heartbeat(&worker_id, wire).await {
                     Ok(_) => {}
                     Err(RouterError::UnknownWorker(_)) => {
                         if let Err(e) = client.register(identity.clone(), &load).await {

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use tandem_proto::v1::{RejectReason, Rejection};
+use tandem_proto::v1::{self, Rejection};
+pub use tandem_sim::admission::RejectReason;
 
 use crate::types::Leg;
 
@@ -21,6 +22,18 @@ pub enum RouterError {
         detail: String,
         /// When a retry might succeed.
         retry_after: Duration,
+    },
+    /// Admission refused the request: it cannot meet its budget, or the queue is full.
+    #[error("{detail}")]
+    Rejected {
+        /// Why, as the client's error code names it.
+        reason: RejectReason,
+        /// What admission found, for logs and the client.
+        detail: String,
+        /// When a retry is predicted to succeed; `None` when no wait would help.
+        retry_after: Option<Duration>,
+        /// The TTFT admission predicted on the best candidate, if it could predict.
+        predicted_ttft: Option<Duration>,
     },
     /// A malformed request or registration.
     #[error("invalid argument: {0}")]
@@ -52,25 +65,42 @@ impl RouterError {
     /// The in-band answer for refusals that a client handles by waiting or going elsewhere;
     /// `None` for errors that are failures of the call itself.
     pub fn rejection(&self) -> Option<Rejection> {
+        use v1::RejectReason as Wire;
+        let mut predicted = None;
         let (reason, retry_after) = match self {
-            RouterError::NoWorkers(Leg::Prefill) => (RejectReason::NoPrefillWorker, None),
-            RouterError::NoWorkers(Leg::Decode) => (RejectReason::NoDecodeWorker, None),
+            RouterError::NoWorkers(Leg::Prefill) => (Wire::NoPrefillWorker, None),
+            RouterError::NoWorkers(Leg::Decode) => (Wire::NoDecodeWorker, None),
             RouterError::Overloaded {
                 leg, retry_after, ..
             } => (
                 match leg {
-                    Leg::Prefill => RejectReason::PrefillOverloaded,
-                    Leg::Decode => RejectReason::KvExhausted,
+                    Leg::Prefill => Wire::PrefillOverloaded,
+                    Leg::Decode => Wire::KvExhausted,
                 },
                 Some(*retry_after),
             ),
+            RouterError::Rejected {
+                reason,
+                retry_after,
+                predicted_ttft,
+                ..
+            } => {
+                predicted = *predicted_ttft;
+                let wire = match reason {
+                    RejectReason::TtftBudgetUnreachable => Wire::TtftBudgetUnreachable,
+                    RejectReason::ItlBudgetUnreachable => Wire::ItlBudgetUnreachable,
+                    RejectReason::QueueFull => Wire::QueueFull,
+                };
+                (wire, *retry_after)
+            }
             _ => return None,
         };
-        let retry_after_ms = retry_after.map_or(0, crate::convert::millis);
+        let retry_after_ms = retry_after.map_or(0, |d| crate::convert::millis(d).max(1));
         Some(Rejection {
             reason: reason.into(),
             message: self.to_string(),
             retry_after_ms,
+            predicted_ttft_ms: predicted.map(crate::convert::millis),
         })
     }
 }
@@ -80,9 +110,10 @@ impl From<RouterError> for tonic::Status {
         use tonic::Code;
         let code = match &e {
             RouterError::NoWorkers(_) | RouterError::Stopped => Code::Unavailable,
-            RouterError::Overloaded { .. } | RouterError::TooManyWorkers(_) | RouterError::Busy => {
-                Code::ResourceExhausted
-            }
+            RouterError::Overloaded { .. }
+            | RouterError::Rejected { .. }
+            | RouterError::TooManyWorkers(_)
+            | RouterError::Busy => Code::ResourceExhausted,
             RouterError::InvalidArgument(_) => Code::InvalidArgument,
             RouterError::UnknownModel(_) | RouterError::UnknownWorker(_) => Code::NotFound,
             RouterError::Transport(_) => Code::Unavailable,
@@ -130,13 +161,31 @@ mod tests {
         }
         .rejection();
         let r = r.as_ref();
-        assert_eq!(r.map(|r| r.reason()), Some(RejectReason::KvExhausted));
+        assert_eq!(r.map(|r| r.reason()), Some(v1::RejectReason::KvExhausted));
         assert_eq!(r.map(|r| r.retry_after_ms), Some(1500));
         let none = RouterError::NoWorkers(Leg::Prefill).rejection();
         assert_eq!(
             none.map(|r| r.reason()),
-            Some(RejectReason::NoPrefillWorker)
+            Some(v1::RejectReason::NoPrefillWorker)
         );
         assert!(RouterError::Busy.rejection().is_none());
+        let budget = RouterError::Rejected {
+            reason: RejectReason::QueueFull,
+            detail: "full".into(),
+            retry_after: Some(Duration::from_micros(300)),
+            predicted_ttft: Some(Duration::from_millis(2500)),
+        }
+        .rejection();
+        let budget = budget.as_ref();
+        assert_eq!(
+            budget.map(|r| r.reason()),
+            Some(v1::RejectReason::QueueFull)
+        );
+        assert_eq!(
+            budget.map(|r| r.retry_after_ms),
+            Some(1),
+            "rounded up, never 0"
+        );
+        assert_eq!(budget.and_then(|r| r.predicted_ttft_ms), Some(2500));
     }
 }

@@ -12,6 +12,7 @@ mod candidates;
 mod client;
 mod convert;
 mod error;
+mod metrics;
 mod pending;
 mod policy;
 mod registry;
@@ -21,10 +22,16 @@ mod types;
 
 pub use candidates::Candidates;
 pub use client::{RouterClient, keep_registered};
-pub use convert::{role_from_proto, state_from_proto};
-pub use error::RouterError;
+pub use convert::{
+    priority_from_proto, priority_to_proto, role_from_proto, state_from_proto, steps_from_proto,
+};
+pub use error::{RejectReason, RouterError};
+pub use metrics::AdmissionMetrics;
 pub use policy::{LeastLoaded, Policy};
-pub use registry::{Lease, Registry, RegistryConfig};
+pub use registry::{AdmissionConfig, Decision, Lease, ModelAdmission, Registry, RegistryConfig};
 pub use service::{RouterGrpc, serve};
 pub use task::{RouterConfig, RouterHandle, spawn};
-pub use types::{Leg, Load, Placement, RequestShape, Role, WorkerSet, WorkerState, WorkerView};
+pub use types::{
+    Feedback, Leg, Load, Placement, Predicted, Priority, RequestShape, Role, WorkerSet,
+    WorkerState, WorkerView,
+};

@@ -21,6 +21,10 @@ pub(crate) struct Delta {
     pub kv_blocks: u64,
     /// Sequences that will run on a decode leg.
     pub decode_seqs: u32,
+    /// Their prompt tokens: context the decode batch will attend to.
+    pub decode_tokens: u64,
+    /// The tightest ITL budget among them, milliseconds; 0 for none.
+    pub itl_budget_ms: u32,
 }
 
 impl Delta {
@@ -29,6 +33,16 @@ impl Delta {
         self.prefill_seqs = self.prefill_seqs.saturating_add(other.prefill_seqs);
         self.kv_blocks = self.kv_blocks.saturating_add(other.kv_blocks);
         self.decode_seqs = self.decode_seqs.saturating_add(other.decode_seqs);
+        self.decode_tokens = self.decode_tokens.saturating_add(other.decode_tokens);
+        self.itl_budget_ms = tighter(self.itl_budget_ms, other.itl_budget_ms);
+    }
+}
+
+/// The tighter of two budgets in milliseconds, 0 meaning none.
+pub(crate) fn tighter(a: u32, b: u32) -> u32 {
+    match (a, b) {
+        (0, x) | (x, 0) => x,
+        (a, b) => a.min(b),
     }
 }
 
@@ -72,6 +86,11 @@ impl Pending {
         }
     }
 
+    /// The work placed and not yet reported, summed.
+    pub fn sum(&self) -> Delta {
+        self.sum
+    }
+
     /// The reported load with the pending work added.
     pub fn apply(&self, reported: &Load) -> Load {
         let d = self.sum;
@@ -83,6 +102,10 @@ impl Pending {
             free_kv_blocks: reported.free_kv_blocks.saturating_sub(d.kv_blocks),
             running_seqs: reported.running_seqs.saturating_add(d.decode_seqs),
             reservations: reported.reservations.saturating_add(d.decode_seqs),
+            reserved_prompt_tokens: reported
+                .reserved_prompt_tokens
+                .saturating_add(d.decode_tokens),
+            tightest_itl_budget_ms: tighter(reported.tightest_itl_budget_ms, d.itl_budget_ms),
             ..*reported
         }
     }
@@ -112,6 +135,17 @@ mod tests {
             Delta {
                 kv_blocks: 7,
                 decode_seqs: 1,
+                decode_tokens: 100,
+                itl_budget_ms: 80,
+                ..Delta::default()
+            },
+        );
+        p.add(
+            t0,
+            Delta {
+                decode_seqs: 1,
+                decode_tokens: 5,
+                itl_budget_ms: 0,
                 ..Delta::default()
             },
         );
@@ -125,8 +159,19 @@ mod tests {
         assert_eq!(eff.queued_prefill_tokens, 150);
         assert_eq!(eff.waiting_seqs, 1);
         assert_eq!(eff.free_kv_blocks, 0, "saturates rather than wrapping");
-        assert_eq!(eff.running_seqs, 3);
-        assert_eq!(eff.reservations, 1);
+        assert_eq!(eff.running_seqs, 4);
+        assert_eq!(eff.reservations, 2);
+        // Placed sequences count as running (above); their prompts as reserved context.
+        assert_eq!((eff.reserved_seqs, eff.reserved_prompt_tokens), (0, 105));
+        assert_eq!(
+            eff.tightest_itl_budget_ms, 80,
+            "a budget-less placement changes nothing"
+        );
+        let tighter_reported = Load {
+            tightest_itl_budget_ms: 50,
+            ..reported
+        };
+        assert_eq!(p.apply(&tighter_reported).tightest_itl_budget_ms, 50);
     }
 
     #[test]

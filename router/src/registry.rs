@@ -7,12 +7,18 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::v1::WorkerIdentity;
 
+use tandem_sim::admission::{
+    Coefficients, Feedback as AdmissionFeedback, Predictor, PredictorConfig, Rules, StepModel,
+    StepSample,
+};
+use tandem_sim::perf::PerfModel;
+
 use crate::candidates::Candidates;
 use crate::convert::role_from_proto;
 use crate::error::RouterError;
 use crate::pending::Pending;
 use crate::policy::Policy;
-use crate::types::{Leg, Load, Role, WorkerSet, WorkerState, WorkerView};
+use crate::types::{Feedback, Leg, Load, RequestShape, Role, WorkerSet, WorkerState, WorkerView};
 
 /// Registry settings.
 #[derive(Clone, Debug)]
@@ -32,6 +38,33 @@ pub struct RegistryConfig {
     pub block_tokens: u32,
     /// Retry-after to suggest when there is no measured speed to estimate one from.
     pub default_retry_after: Duration,
+    /// Latency-budget admission.
+    pub admission: AdmissionConfig,
+}
+
+/// Settings of admission ([`tandem_sim::admission`]).
+#[derive(Clone, Debug)]
+pub struct AdmissionConfig {
+    /// The rule: headroom left by sheddable work, the horizon of work without a budget.
+    pub rules: Rules,
+    /// The quantile predictions are bounded by, and the margin before measurements.
+    pub predictor: PredictorConfig,
+    /// The step-time model workers start from (a profile, or the simulated model's roofline);
+    /// `None`: a linear form fitted to the steps the workers report.
+    pub base: Option<Arc<dyn PerfModel>>,
+    /// Prompt tokens per prefill step assumed for a worker whose identity states none.
+    pub step_tokens: u32,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            rules: Rules::default(),
+            predictor: PredictorConfig::default(),
+            base: None,
+            step_tokens: 512,
+        }
+    }
 }
 
 impl Default for RegistryConfig {
@@ -44,6 +77,7 @@ impl Default for RegistryConfig {
             max_queued_prefill_tokens: 1 << 20,
             block_tokens: 16,
             default_retry_after: Duration::from_secs(1),
+            admission: AdmissionConfig::default(),
         }
     }
 }
@@ -64,6 +98,8 @@ struct Worker {
     identity: Arc<WorkerIdentity>,
     role: Role,
     reported: Load,
+    /// When `reported` arrived: the queue it reports has drained since.
+    reported_at: Instant,
     pending: Pending,
     lease_deadline: Instant,
 }
@@ -81,21 +117,64 @@ impl Worker {
             .map_or(0, |g| g.block_tokens);
         u64::from(if bt == 0 { fallback } else { bt })
     }
+
+    fn step_tokens(&self, fallback: u32) -> u32 {
+        match self.identity.step_tokens {
+            0 => fallback,
+            n => n,
+        }
+    }
 }
 
-#[derive(Debug, Default)]
+/// One served model's ready workers, by role, and what admission predicts them with.
+#[derive(Debug)]
 struct ModelTables {
     prefill: Candidates,
     decode: Candidates,
+    aggregated: Candidates,
+    predictor: Predictor,
 }
 
 impl ModelTables {
-    fn leg(&mut self, leg: Leg) -> &mut Candidates {
-        match leg {
-            Leg::Prefill => &mut self.prefill,
-            Leg::Decode => &mut self.decode,
+    fn new(cfg: &AdmissionConfig) -> Self {
+        let model = || StepModel::new(cfg.base.clone());
+        ModelTables {
+            prefill: Candidates::default(),
+            decode: Candidates::default(),
+            aggregated: Candidates::default(),
+            predictor: Predictor::new(model(), model(), model(), cfg.predictor),
         }
     }
+
+    fn table(&mut self, role: Role) -> &mut Candidates {
+        match role {
+            Role::Prefill => &mut self.prefill,
+            Role::Decode => &mut self.decode,
+            Role::Aggregated => &mut self.aggregated,
+        }
+    }
+
+    fn step_model(&mut self, role: Role) -> &mut StepModel {
+        match role {
+            Role::Prefill => &mut self.predictor.prefill,
+            Role::Decode => &mut self.predictor.decode,
+            Role::Aggregated => &mut self.predictor.aggregated,
+        }
+    }
+}
+
+/// What admission predicts one served model with, for operators.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelAdmission {
+    pub model: String,
+    /// Step-time models of prefill, decode and aggregated workers, and their recent step error
+    /// (median and 90th percentile of |predicted/measured - 1|).
+    pub roles: [(Role, Coefficients, usize, Option<(f64, f64)>); 3],
+    /// Measured/predicted TTFT and ITL of recent admitted requests: (count, median, bound factor).
+    pub ttft: (usize, f64, f64),
+    pub itl: (usize, f64, f64),
+    /// Seconds of exposed KV transfer per prompt token.
+    pub exposed_per_token: f64,
 }
 
 /// Registered workers, their leases and loads, and the candidate tables placement reads.
@@ -197,6 +276,7 @@ impl Registry {
             identity: Arc::new(identity),
             role,
             reported: load,
+            reported_at: now,
             pending: Pending::default(),
             lease_deadline: now + self.config.lease,
         };
@@ -241,6 +321,7 @@ impl Registry {
         let w = self.worker_mut(slot);
         let state_changed = w.reported.state != load.state;
         w.reported = load;
+        w.reported_at = now;
         w.pending.settle(now, lag);
         w.lease_deadline = now + lease;
         self.list(slot);
@@ -248,6 +329,80 @@ impl Registry {
             self.mark_changed();
         }
         Ok(self.config.lease)
+    }
+
+    /// Feeds steps a worker measured to its role's step-time model.
+    pub fn observe_steps(&mut self, id: &str, steps: &[StepSample]) {
+        let Some(&slot) = self.by_id.get(id) else {
+            return;
+        };
+        let w = self.worker(slot);
+        let role = w.role;
+        let model = w.identity.model.clone();
+        if let Some(t) = self.models.get_mut(&model) {
+            let m = t.step_model(role);
+            for s in steps {
+                m.observe(*s);
+            }
+        }
+    }
+
+    /// Records what an admitted request measured against its placement's predictions.
+    pub fn feedback(&mut self, fb: &Feedback) -> Result<(), RouterError> {
+        if fb.raw_ttft.is_zero() {
+            return Err(RouterError::InvalidArgument(
+                "feedback without a predicted TTFT".into(),
+            ));
+        }
+        let key = self.model_key(&fb.model)?;
+        let Some(t) = self.models.get_mut(&key) else {
+            return Ok(());
+        };
+        t.predictor.observe(&AdmissionFeedback {
+            prompt_tokens: fb.prompt_tokens,
+            predicted_ttft_raw: fb.raw_ttft.as_secs_f64(),
+            measured_ttft: fb.ttft.as_secs_f64(),
+            predicted_itl_raw: fb.raw_itl.as_secs_f64(),
+            measured_itl: fb.itl.map(|d| d.as_secs_f64()),
+            exposed_transfer: fb.exposed_transfer.map(|d| d.as_secs_f64()),
+        });
+        Ok(())
+    }
+
+    /// What admission predicts each served model with, ordered by model name.
+    pub fn admission(&self) -> Vec<ModelAdmission> {
+        let mut out: Vec<ModelAdmission> = self
+            .models
+            .iter()
+            .map(|(name, t)| {
+                let p = &t.predictor;
+                let role =
+                    |r: Role, m: &StepModel| (r, m.coefficients(), m.samples(), m.step_error());
+                ModelAdmission {
+                    model: name.clone(),
+                    roles: [
+                        role(Role::Prefill, &p.prefill),
+                        role(Role::Decode, &p.decode),
+                        role(Role::Aggregated, &p.aggregated),
+                    ],
+                    ttft: (p.ttft.len(), p.ttft.median_factor(), p.ttft.bound_factor()),
+                    itl: (p.itl.len(), p.itl.median_factor(), p.itl.bound_factor()),
+                    exposed_per_token: p.exposed_per_token(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.model.cmp(&b.model));
+        out
+    }
+
+    /// Notes a request's shape in its model's predictor (the queue's prompt sizes).
+    pub fn note_ask(&mut self, shape: &RequestShape) {
+        if let Ok(key) = self.model_key(&shape.model)
+            && let Some(t) = self.models.get_mut(&key)
+        {
+            t.predictor
+                .note_ask(shape.prompt_tokens, shape.max_new_tokens);
+        }
     }
 
     /// Removes a worker at once; false when it was not in the set.
@@ -305,21 +460,25 @@ impl Registry {
             .as_ref()
             .expect("listed slots are occupied");
         if !self.models.contains_key(&w.identity.model) {
-            self.models
-                .insert(w.identity.model.clone(), ModelTables::default());
+            self.models.insert(
+                w.identity.model.clone(),
+                ModelTables::new(&self.config.admission),
+            );
         }
         let Some(tables) = self.models.get_mut(&w.identity.model) else {
             return;
         };
         let eff = w.effective();
-        let ready = w.reported.state == WorkerState::Ready;
-        for leg in [Leg::Prefill, Leg::Decode] {
-            let t = tables.leg(leg);
-            if ready && w.role.serves(leg) {
-                t.upsert(w.id.clone(), slot, eff, self.policy.score(leg, &eff));
-            } else {
-                t.remove(&w.id);
-            }
+        let t = tables.table(w.role);
+        if w.reported.state == WorkerState::Ready {
+            // An aggregated worker is chosen for its prompt's wait, as a prefill worker is.
+            let leg = match w.role {
+                Role::Decode => Leg::Decode,
+                Role::Prefill | Role::Aggregated => Leg::Prefill,
+            };
+            t.upsert(w.id.clone(), slot, eff, self.policy.score(leg, &eff));
+        } else {
+            t.remove(&w.id);
         }
     }
 
@@ -328,8 +487,7 @@ impl Registry {
             .as_ref()
             .expect("listed slots are occupied");
         if let Some(tables) = self.models.get_mut(&w.identity.model) {
-            tables.prefill.remove(&w.id);
-            tables.decode.remove(&w.id);
+            tables.table(w.role).remove(&w.id);
         }
     }
 
@@ -385,5 +543,11 @@ impl Registry {
 
 mod place;
 
+pub use place::Decision;
+pub(crate) use place::ask_budget;
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+pub(crate) mod admission_tests;

@@ -11,10 +11,10 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use crate::convert::millis;
+use crate::convert::{millis, steps_from_proto};
 use crate::error::RouterError;
 use crate::task::RouterHandle;
-use crate::types::{Load, RequestShape};
+use crate::types::{Feedback, Load, RequestShape};
 
 /// The gRPC service over a [`RouterHandle`].
 #[derive(Clone, Debug)]
@@ -95,9 +95,10 @@ impl RouterService for RouterGrpc {
             .load
             .as_ref()
             .ok_or_else(|| RouterError::InvalidArgument("load is missing".into()))?;
+        let steps = steps_from_proto(load)?;
         let lease = self
             .handle
-            .heartbeat(r.worker_id, Load::try_from(load)?)
+            .heartbeat_with_steps(r.worker_id, Load::try_from(load)?, steps)
             .await?;
         Ok(Response::new(v1::HeartbeatResponse {
             lease_ms: millis(lease),
@@ -152,5 +153,19 @@ impl RouterService for RouterGrpc {
         Ok(Response::new(v1::PlaceResponse {
             outcome: Some(outcome),
         }))
+    }
+
+    async fn feedback(
+        &self,
+        request: Request<v1::FeedbackRequest>,
+    ) -> Result<Response<v1::FeedbackResponse>, Status> {
+        let r = request.into_inner();
+        if r.raw_ttft_us == 0 {
+            return Err(Status::invalid_argument(
+                "feedback without a predicted TTFT (raw_ttft_us)",
+            ));
+        }
+        self.handle.feedback(Feedback::from(&r));
+        Ok(Response::new(v1::FeedbackResponse {}))
     }
 }

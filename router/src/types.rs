@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_proto::v1::WorkerIdentity;
+pub use tandem_sim::admission::Priority;
 
 /// What a worker does; `Aggregated` workers are candidates for both legs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -87,6 +88,13 @@ pub struct Load {
     pub decode_tokens_per_s: f32,
     /// Reservations held.
     pub reservations: u32,
+    /// Decode: tokens the running sequences attend to, summed.
+    pub decode_context_tokens: u64,
+    /// Decode: reservations not yet running, and their prompt tokens.
+    pub reserved_seqs: u32,
+    pub reserved_prompt_tokens: u64,
+    /// Decode: the tightest ITL budget among its sequences, in milliseconds; 0 for none.
+    pub tightest_itl_budget_ms: u32,
 }
 
 /// What placement needs to know about one request.
@@ -104,8 +112,9 @@ pub struct RequestShape {
     pub ttft_budget: Option<Duration>,
     /// Inter-token latency budget, if any.
     pub itl_budget: Option<Duration>,
-    /// Higher is more important; 0 is normal.
-    pub priority: i32,
+    /// Critical work is ordered first when it must wait; sheddable work leaves headroom and is
+    /// shed first.
+    pub priority: Priority,
 }
 
 /// The pair chosen for a request.
@@ -115,9 +124,45 @@ pub struct Placement {
     pub prefill: Arc<WorkerIdentity>,
     /// Where to reserve and decode.
     pub decode: Arc<WorkerIdentity>,
-    /// Queued plus this prompt's tokens over the prefill worker's measured speed; `None` until the
-    /// worker has measured its speed.
-    pub predicted_ttft: Option<Duration>,
+    /// What admission predicted for the request on this pair; `None` while the router has no
+    /// step-time model for the workers yet.
+    pub predicted: Option<Predicted>,
+}
+
+impl Placement {
+    /// The predicted time to first token (the median), if any.
+    pub fn predicted_ttft(&self) -> Option<Duration> {
+        self.predicted.map(|p| p.ttft)
+    }
+}
+
+/// Latencies admission predicted for a placed request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Predicted {
+    /// Time to first token from the router's arrival of the request: the median expected.
+    pub ttft: Duration,
+    /// Inter-token latency after the first token: the median expected.
+    pub itl: Duration,
+    /// The two before calibration, which the gateway's [`Feedback`] compares measurements with.
+    pub raw_ttft: Duration,
+    pub raw_itl: Duration,
+}
+
+/// What an admitted request measured, sent back so that predictions stay calibrated.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Feedback {
+    /// The model it was placed for (empty: the only one).
+    pub model: String,
+    pub prompt_tokens: u32,
+    /// `Predicted::raw_ttft` and `raw_itl` of its placement.
+    pub raw_ttft: Duration,
+    pub raw_itl: Duration,
+    /// Time to first token, from the router's arrival of the request.
+    pub ttft: Duration,
+    /// Mean time per output token after the first; `None` for fewer than two tokens.
+    pub itl: Option<Duration>,
+    /// KV transfer left exposed after the prefill's compute; `None` when there was none.
+    pub exposed_transfer: Option<Duration>,
 }
 
 /// One registered worker as of a snapshot.

@@ -250,7 +250,7 @@ async fn keep_registered_joins_reports_and_leaves_on_shutdown() {
     let worker = tokio::spawn(tandem_router::keep_registered(
         client.clone(),
         identity("d0", v1::WorkerRole::Decode),
-        move || ready(100),
+        move || v1::LoadReport::from(&ready(100)),
         async move {
             let _ = left.await;
         },

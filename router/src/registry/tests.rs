@@ -349,20 +349,6 @@ fn aggregated_workers_serve_both_legs_and_carry_both_charges() {
 }
 
 #[test]
-fn predicted_ttft_needs_a_measured_speed() {
-    let t0 = Instant::now();
-    let mut r = cluster(t0, &[900], &[100]);
-    assert_eq!(r.place(&shape(100), t0).unwrap().predicted_ttft, None);
-    let measured = Load {
-        prefill_tokens_per_s: 1000.0,
-        ..ready(900, 0, 0)
-    };
-    r.heartbeat("p0", measured, t0 + SEC).unwrap();
-    let p = r.place(&shape(100), t0 + SEC).unwrap();
-    assert_eq!(p.predicted_ttft, Some(SEC));
-}
-
-#[test]
 fn worker_limit_and_deregister() {
     let t0 = Instant::now();
     let config = RegistryConfig {

@@ -1,0 +1,198 @@
+//! Admission's counters and gauges, written by the router's task and rendered (Prometheus text) by
+//! whoever serves `/metrics`: lock-free, so that a scrape never waits for the task.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tandem_sim::admission::{Coefficients, Priority, RejectReason};
+
+use crate::registry::ModelAdmission;
+
+/// Decisions by outcome, reason and priority, and the queue's depth.
+#[derive(Debug, Default)]
+pub struct AdmissionMetrics {
+    admitted: [AtomicU64; 3],
+    queued: [AtomicU64; 3],
+    rejected: [[AtomicU64; 3]; 3],
+    queue_depth: AtomicU64,
+}
+
+fn p(priority: Priority) -> usize {
+    priority as usize
+}
+
+fn r(reason: RejectReason) -> usize {
+    reason as usize
+}
+
+impl AdmissionMetrics {
+    pub(crate) fn admit(&self, priority: Priority) {
+        self.admitted[p(priority)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn queue(&self, priority: Priority) {
+        self.queued[p(priority)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn reject(&self, reason: RejectReason, priority: Priority) {
+        self.rejected[r(reason)][p(priority)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_queue_depth(&self, n: usize) {
+        self.queue_depth.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Requests admitted so far with this priority.
+    pub fn admitted(&self, priority: Priority) -> u64 {
+        self.admitted[p(priority)].load(Ordering::Relaxed)
+    }
+
+    /// Requests refused so far for this reason with this priority.
+    pub fn rejected(&self, reason: RejectReason, priority: Priority) -> u64 {
+        self.rejected[r(reason)][p(priority)].load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting in the queue now.
+    pub fn queue_depth(&self) -> u64 {
+        self.queue_depth.load(Ordering::Relaxed)
+    }
+
+    /// Appends the metrics as Prometheus text.
+    pub fn render(&self, out: &mut String, models: &[ModelAdmission]) {
+        let name = "tandem_router_admission_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Admission decisions: admitted, queued (then admitted or rejected), rejected.\n# TYPE {name} counter"
+        );
+        for pr in Priority::ALL {
+            let pl = pr.as_str();
+            let admitted = self.admitted(pr);
+            let queued = self.queued[p(pr)].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}{{decision=\"admitted\",reason=\"\",priority=\"{pl}\"}} {admitted}\n{name}{{decision=\"queued\",reason=\"\",priority=\"{pl}\"}} {queued}"
+            );
+            for reason in RejectReason::ALL {
+                let n = self.rejected(reason, pr);
+                let code = reason.code();
+                let _ = writeln!(
+                    out,
+                    "{name}{{decision=\"rejected\",reason=\"{code}\",priority=\"{pl}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tandem_router_queue_depth Requests waiting in the admission queue.\n# TYPE tandem_router_queue_depth gauge\ntandem_router_queue_depth {}",
+            self.queue_depth()
+        );
+        render_models(out, models);
+    }
+}
+
+/// The predictor's coefficients and errors, per served model and role.
+fn render_models(out: &mut String, models: &[ModelAdmission]) {
+    let _ = writeln!(
+        out,
+        "# HELP tandem_router_step_model_coefficient The step-time model admission predicts with: a scale on the base model, or a linear form's seconds per unit of each term.\n# TYPE tandem_router_step_model_coefficient gauge"
+    );
+    for m in models {
+        for (role, coef, _, _) in &m.roles {
+            let labels = format!("model=\"{}\",role=\"{}\"", m.model, role.as_str());
+            match coef {
+                Coefficients::Unfitted => {}
+                Coefficients::Scaled { scale } => {
+                    let _ = writeln!(
+                        out,
+                        "tandem_router_step_model_coefficient{{{labels},term=\"base_scale\"}} {scale}"
+                    );
+                }
+                Coefficients::Linear { coef } => {
+                    let terms = [
+                        "prompt_token",
+                        "attention",
+                        "decode_seq",
+                        "context_token",
+                        "step",
+                    ];
+                    for (t, c) in terms.iter().zip(coef) {
+                        let _ = writeln!(
+                            out,
+                            "tandem_router_step_model_coefficient{{{labels},term=\"{t}\"}} {c:e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tandem_router_step_model_error Relative error of the step model on recent measured steps.\n# TYPE tandem_router_step_model_error gauge"
+    );
+    for m in models {
+        for (role, _, _, err) in &m.roles {
+            if let Some((p50, p90)) = err {
+                let labels = format!("model=\"{}\",role=\"{}\"", m.model, role.as_str());
+                let _ = writeln!(
+                    out,
+                    "tandem_router_step_model_error{{{labels},quantile=\"0.5\"}} {p50}\ntandem_router_step_model_error{{{labels},quantile=\"0.9\"}} {p90}"
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tandem_router_prediction_factor Measured over predicted latency of recent admitted requests: the median (applied to what clients are told) and the bound admission tests budgets with.\n# TYPE tandem_router_prediction_factor gauge"
+    );
+    for m in models {
+        for (what, (_, median, bound)) in [("ttft", m.ttft), ("itl", m.itl)] {
+            let labels = format!("model=\"{}\",latency=\"{what}\"", m.model);
+            let _ = writeln!(
+                out,
+                "tandem_router_prediction_factor{{{labels},factor=\"median\"}} {median}\ntandem_router_prediction_factor{{{labels},factor=\"bound\"}} {bound}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tandem_router_prediction_samples Admitted requests whose measured latency the factors are taken from.\n# TYPE tandem_router_prediction_samples gauge"
+    );
+    for m in models {
+        for (what, (n, _, _)) in [("ttft", m.ttft), ("itl", m.itl)] {
+            let _ = writeln!(
+                out,
+                "tandem_router_prediction_samples{{model=\"{}\",latency=\"{what}\"}} {n}",
+                m.model
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_decision_is_rendered_with_bounded_labels() {
+        let m = AdmissionMetrics::default();
+        m.admit(Priority::Critical);
+        m.reject(RejectReason::QueueFull, Priority::Sheddable);
+        m.reject(RejectReason::QueueFull, Priority::Sheddable);
+        m.set_queue_depth(3);
+        let mut out = String::new();
+        m.render(&mut out, &[]);
+        assert!(out.contains(
+            "tandem_router_admission_total{decision=\"admitted\",reason=\"\",priority=\"critical\"} 1"
+        ));
+        assert!(out.contains(
+            "tandem_router_admission_total{decision=\"rejected\",reason=\"queue_full\",priority=\"sheddable\"} 2"
+        ));
+        assert!(out.contains("tandem_router_queue_depth 3"));
+        // 3 priorities x (admitted, queued, 3 reasons).
+        let lines = out
+            .lines()
+            .filter(|l| l.starts_with("tandem_router_admission_total{"))
+            .count();
+        assert_eq!(lines, 15);
+    }
+}
