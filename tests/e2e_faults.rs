@@ -288,6 +288,7 @@ async fn bad_kv_frames_are_refused_and_a_request_beside_them_finishes() {
         prompt_tokens: 20,
         max_new_tokens: 4,
         lease_ms,
+        itl_budget_ms: 0,
     };
     let g = d.geometry.unwrap();
     let block_bytes = (g.block_tokens * g.kv_heads * g.head_dim * 4) as usize;

@@ -75,6 +75,10 @@ pub struct LoopStats {
     pub queued_prefill_tokens: AtomicU64,
     /// Aggregated mode: prompt tokens per second (f32 bits, moving average).
     pub prefill_tokens_per_s: AtomicU32,
+    /// Tokens the running sequences attended to in the last step, summed.
+    pub context_tokens: AtomicU64,
+    /// Steps measured since the last heartbeat.
+    pub step_log: tandem_wire::StepLog,
 }
 
 /// The loop's inbox.
@@ -237,10 +241,12 @@ fn step(
     // Oldest first: admit sequences while their next position gets a block. The block is taken
     // now, not inside the step: Reserve draws from the same allocator at any time.
     let mut take = Vec::with_capacity(running.len());
+    let mut context = 0usize;
     for (i, r) in running.iter().enumerate() {
         let len = engine.seq_len(r.id).unwrap_or(0);
         if engine.reserve(r.id, len + 1).is_ok() {
             take.push(i);
+            context += len + 1;
         }
     }
     if take.is_empty() && !running.is_empty() && prefilling.is_empty() {
@@ -335,7 +341,17 @@ fn step(
     }
     // Whoever waits for the engine (a KV write when staging is full) goes before the next step.
     parking_lot::MutexGuard::unlock_fair(engine);
-    let dt = t0.elapsed().as_secs_f32().max(1e-6);
+    let took = t0.elapsed();
+    stats.step_log.record(
+        chunks.iter().map(|(_, r)| (r.start, r.len())),
+        take.len(),
+        context,
+        took,
+    );
+    stats
+        .context_tokens
+        .store(context as u64, Ordering::Relaxed);
+    let dt = took.as_secs_f32().max(1e-6);
     let rate = take.len() as f32 / dt;
     let old = f32::from_bits(stats.tokens_per_s.load(Ordering::Relaxed));
     let avg = if old == 0.0 {

@@ -42,6 +42,17 @@ pub struct Reservation {
     pub damaged: bool,
     /// KV connections reading a frame straight into these blocks right now.
     pub writers: u32,
+    /// The sequence's inter-token latency budget in milliseconds; 0 for none.
+    pub itl_budget_ms: u32,
+}
+
+/// What the reservations promise the batch: those still to join, their prompts, and the tightest
+/// ITL budget among all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outlook {
+    pub waiting: u32,
+    pub waiting_prompt_tokens: u64,
+    pub tightest_itl_budget_ms: u32,
 }
 
 /// Why the table refused.
@@ -170,6 +181,7 @@ impl Book {
                 in_engine: false,
                 damaged: false,
                 writers: 0,
+                itl_budget_ms: 0,
             },
         );
         Ok(blocks)
@@ -289,10 +301,24 @@ impl Book {
 
     /// Reservations that have not started decoding.
     pub fn pending(&self) -> u32 {
-        self.reservations
-            .values()
-            .filter(|r| r.phase != Phase::Running)
-            .count() as u32
+        self.outlook().waiting
+    }
+
+    /// What the reservations promise the batch.
+    pub fn outlook(&self) -> Outlook {
+        let mut o = Outlook::default();
+        for r in self.reservations.values() {
+            if r.phase != Phase::Running {
+                o.waiting += 1;
+                o.waiting_prompt_tokens += u64::from(r.prompt_tokens);
+            }
+            if r.itl_budget_ms > 0
+                && (o.tightest_itl_budget_ms == 0 || r.itl_budget_ms < o.tightest_itl_budget_ms)
+            {
+                o.tightest_itl_budget_ms = r.itl_budget_ms;
+            }
+        }
+        o
     }
 }
 
@@ -313,6 +339,24 @@ mod tests {
 
     fn later() -> Instant {
         Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn the_outlook_counts_what_waits_to_join_and_the_tightest_budget() {
+        let mut alloc = BlockAllocator::new(16);
+        let mut book = Book::new(16, 128);
+        assert_eq!(book.outlook(), Outlook::default());
+        book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
+        book.reserve(&mut alloc, 2, ask(40, later())).unwrap();
+        book.reserve(&mut alloc, 3, ask(5, later())).unwrap();
+        book.get_mut(1).unwrap().itl_budget_ms = 80;
+        book.get_mut(2).unwrap().itl_budget_ms = 50;
+        // Reservation 2 runs: it no longer waits, but its budget still binds the batch.
+        book.get_mut(2).unwrap().phase = Phase::Running;
+        let o = book.outlook();
+        assert_eq!((o.waiting, o.waiting_prompt_tokens), (2, 25));
+        assert_eq!(o.tightest_itl_budget_ms, 50);
+        assert_eq!(book.pending(), 2);
     }
 
     #[test]

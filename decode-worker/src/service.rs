@@ -35,7 +35,8 @@ pub struct DecodeGrpc {
 impl DecodeGrpc {
     /// The worker's load as heartbeats and Info report it.
     pub fn load(&self) -> v1::LoadReport {
-        let reservations = self.shared.book().pending();
+        let outlook = self.shared.book().outlook();
+        let reservations = outlook.waiting;
         v1::LoadReport {
             state: self.state().into(),
             queued_prefill_tokens: self.stats.queued_prefill_tokens.load(Ordering::Relaxed),
@@ -48,6 +49,19 @@ impl DecodeGrpc {
             ),
             decode_tokens_per_s: f32::from_bits(self.stats.tokens_per_s.load(Ordering::Relaxed)),
             reservations,
+            steps: Vec::new(),
+            decode_context_tokens: self.stats.context_tokens.load(Ordering::Relaxed),
+            reserved_seqs: outlook.waiting,
+            reserved_prompt_tokens: outlook.waiting_prompt_tokens,
+            tightest_itl_budget_ms: outlook.tightest_itl_budget_ms,
+        }
+    }
+
+    /// What a heartbeat carries: the load and the steps measured since the last heartbeat.
+    pub fn report(&self) -> v1::LoadReport {
+        v1::LoadReport {
+            steps: self.stats.step_log.take(),
+            ..self.load()
         }
     }
 
@@ -92,6 +106,11 @@ impl DecodeService for DecodeGrpc {
             lease,
             headroom,
         )?;
+        if req.itl_budget_ms > 0
+            && let Some(r) = self.shared.book().get_mut(id)
+        {
+            r.itl_budget_ms = req.itl_budget_ms;
+        }
         let identity = self.identity();
         Ok(Response::new(v1::ReserveResponse {
             reservation_id: id,

@@ -289,6 +289,12 @@ fn step(
         }
     };
     let finished = Instant::now();
+    queue.counters.steps.record(
+        parts.iter().map(|p| (p.tokens.start, p.tokens.len())),
+        0,
+        0,
+        finished - t0,
+    );
     let computed: usize = parts.iter().map(|p| p.tokens.len()).sum();
     let rate = computed as f32 / t0.elapsed().as_secs_f32().max(1e-6);
     let old = f32::from_bits(queue.counters.tokens_per_s.load(Ordering::Relaxed));

@@ -82,6 +82,7 @@ pub async fn run(
         geometry: Some(geometry),
         max_context_tokens: cfg.model.config().max_context as u32,
         pid: std::process::id(),
+        step_tokens: u32::try_from(cfg.step_tokens).unwrap_or(u32::MAX),
     };
     let queue = Arc::new(Queue::default());
     let batcher = {
@@ -129,7 +130,7 @@ pub async fn run(
             Some(tokio::spawn(tandem_router::keep_registered(
                 client,
                 identity,
-                move || tandem_router::Load::try_from(&g.load()).unwrap_or_default(),
+                move || g.report(),
                 stopped(stop_rx.clone()),
             )))
         }

@@ -65,6 +65,8 @@ pub struct Counters {
     pub waiting: AtomicU32,
     /// Prompt tokens per second (f32 bits, moving average).
     pub tokens_per_s: AtomicU32,
+    /// Steps measured since the last heartbeat.
+    pub steps: tandem_wire::StepLog,
 }
 
 /// The queue between handlers and the batcher.

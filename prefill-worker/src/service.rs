@@ -71,6 +71,15 @@ impl PrefillGrpc {
             prefill_tokens_per_s: f32::from_bits(c.tokens_per_s.load(Ordering::Relaxed)),
             decode_tokens_per_s: 0.0,
             reservations: 0,
+            ..v1::LoadReport::default()
+        }
+    }
+
+    /// What a heartbeat carries: the load and the steps measured since the last heartbeat.
+    pub fn report(&self) -> v1::LoadReport {
+        v1::LoadReport {
+            steps: self.queue.counters.steps.take(),
+            ..self.load()
         }
     }
 

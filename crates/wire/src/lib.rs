@@ -2,6 +2,10 @@
 //! worker and the gateway, so that a request means the same thing on each side of a call.
 #![forbid(unsafe_code)]
 
+pub mod steps;
+
+pub use steps::StepLog;
+
 use tandem_engine::sampling::{FinishReason, SamplingParams};
 use tandem_engine::{EngineError, ErrorClass};
 use tandem_proto::v1;
