@@ -11,6 +11,8 @@ use futures::Stream;
 use futures::future::BoxFuture;
 use tandem_engine::sampling::{FinishReason, SamplingParams};
 
+pub use crate::budget::Budget;
+
 /// One generation, already tokenized.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -24,6 +26,15 @@ pub struct GenerateRequest {
     /// layer while it detokenizes (it drops the stream when one matches); the backend may ignore
     /// `stop`.
     pub sampling: SamplingParams,
+    /// Latency budgets and priority, for admission.
+    pub budget: Budget,
+}
+
+/// A generation that admission let in: its tokens and what was predicted for it.
+pub struct Admitted {
+    pub tokens: TokenStream,
+    /// The time to first token predicted at admission, from the backend's receipt of the request.
+    pub predicted_ttft: Option<Duration>,
 }
 
 /// Tokens generated since the previous chunk.
@@ -56,6 +67,15 @@ pub enum BackendError {
         message: String,
         retry_after: Option<Duration>,
     },
+    /// Admission refused the request: it cannot meet its budget, or the queue is full (429 with
+    /// `code` naming why, and Retry-After when a wait would help).
+    #[error("{message}")]
+    Rejected {
+        code: &'static str,
+        message: String,
+        retry_after: Option<Duration>,
+        predicted_ttft: Option<Duration>,
+    },
     /// No ready worker of a role the request needs, or a worker failed beyond retry (503).
     #[error("{0}")]
     Unavailable(String),
@@ -83,6 +103,20 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         req: GenerateRequest,
     ) -> BoxFuture<'static, Result<TokenStream, BackendError>>;
+    /// [`Backend::generate`], with what admission predicted (backends without admission predict
+    /// nothing).
+    fn generate_admitted(
+        &self,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<Admitted, BackendError>> {
+        let started = self.generate(req);
+        Box::pin(async move {
+            Ok(Admitted {
+                tokens: started.await?,
+                predicted_ttft: None,
+            })
+        })
+    }
     /// Whether requests can be served now.
     fn readiness(&self) -> Readiness;
     /// Appends the backend's own metrics (Prometheus text) to `/metrics`.

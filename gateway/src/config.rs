@@ -7,7 +7,7 @@ use tandem_engine::EngineError;
 use tandem_engine::model::{GgufFile, HfConfig};
 use tandem_engine::tokenizer::Tokenizer;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Budget};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 
@@ -28,6 +28,9 @@ pub struct GatewayConfig {
     pub default_max_tokens: Option<u32>,
     /// Largest request body accepted (larger ones get a 413).
     pub max_body_bytes: usize,
+    /// Budgets and priority of a request that sends no `x-tandem-*` header (`--ttft-budget`,
+    /// `--itl-budget`).
+    pub default_budget: Budget,
     /// Where tokenized requests go.
     pub backend: Arc<dyn Backend>,
 }
@@ -57,6 +60,7 @@ impl GatewayConfig {
             max_context,
             default_max_tokens: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            default_budget: Budget::default(),
             backend,
         }
     }

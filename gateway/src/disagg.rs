@@ -16,18 +16,20 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
 use tandem_proto::v1;
 use tandem_proto::v1::decode_service_client::DecodeServiceClient;
 use tandem_proto::v1::prefill_service_client::PrefillServiceClient;
-use tandem_router::{Leg, RequestShape, RouterError, RouterHandle, WorkerState};
+use tandem_router::{Feedback, Leg, RequestShape, RouterError, RouterHandle, WorkerState};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::backend::{Backend, BackendError, GenerateRequest, Readiness, TokenChunk, TokenStream};
+use crate::backend::{
+    Admitted, Backend, BackendError, GenerateRequest, Readiness, TokenChunk, TokenStream,
+};
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
 
 /// Deadlines and retries of the two legs.
@@ -77,7 +79,12 @@ struct LegMetrics {
     overlap: Histogram,
     kv_bytes: AtomicU64,
     retries: AtomicU64,
+    /// Measured over predicted TTFT of admitted requests.
+    ttft_ratio: Histogram,
 }
+
+/// Buckets of measured/predicted ratios.
+const RATIO_BUCKETS: &[f64] = &[0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0];
 
 impl LegMetrics {
     fn record(&self, t: &v1::Timings, bytes: u64) {
@@ -104,6 +111,7 @@ impl DisaggBackend {
                     overlap: Histogram::new(LATENCY_BUCKETS),
                     kv_bytes: AtomicU64::new(0),
                     retries: AtomicU64::new(0),
+                    ttft_ratio: Histogram::new(RATIO_BUCKETS),
                 },
             }),
         }
@@ -146,14 +154,21 @@ impl Legs {
             .map(|w| w.identity.clone())
     }
 
-    async fn start(self: Arc<Self>, req: GenerateRequest) -> Result<TokenStream, BackendError> {
+    async fn start(self: Arc<Self>, req: GenerateRequest) -> Result<Admitted, BackendError> {
         let shape = RequestShape {
             model: req.model.clone(),
             prompt_tokens: req.prompt_tokens.len() as u32,
             max_new_tokens: req.sampling.max_tokens,
+            ttft_budget: req.budget.ttft,
+            itl_budget: req.budget.itl,
+            priority: req.budget.priority,
             ..Default::default()
         };
+        let asked = Instant::now();
         let placement = self.router.place(shape).await.map_err(router_error)?;
+        let placed = Instant::now();
+        // What admission predicted counts from its decision; the client also waited in its queue.
+        let predicted_ttft = placement.predicted_ttft().map(|p| p + (placed - asked));
         let d_addr = placement.decode.grpc_addr.clone();
         let mut decode = DecodeServiceClient::new(self.channel(&d_addr)?);
         let reserve = v1::ReserveRequest {
@@ -161,6 +176,9 @@ impl Legs {
             prompt_tokens: req.prompt_tokens.len() as u32,
             max_new_tokens: req.sampling.max_tokens,
             lease_ms: self.config.lease.as_millis() as u32,
+            itl_budget_ms: req.budget.itl.map_or(0, |d| {
+                u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+            }),
         };
         let reservation = call(
             self.config.control_timeout,
@@ -183,12 +201,45 @@ impl Legs {
         let answer = self
             .prefill(&req, &placement.decode, &reservation, prefill_worker)
             .await?;
+        let first_at = Instant::now();
+        let measured = placement.predicted.map(|p| {
+            let ttft = first_at - placed;
+            if !p.ttft.is_zero() {
+                self.metrics.ttft_ratio.observe(Duration::from_secs_f64(
+                    ttft.as_secs_f64() / p.ttft.as_secs_f64(),
+                ));
+            }
+            let exposed = answer.timings.as_ref().and_then(|t| {
+                let left = t.transfer_us.saturating_sub(t.transfer_overlap_us);
+                (placement.decode.role != v1::WorkerRole::Aggregated as i32)
+                    .then(|| Duration::from_micros(left))
+            });
+            Measure {
+                router: self.router.clone(),
+                feedback: Some(Feedback {
+                    model: req.model.clone(),
+                    prompt_tokens: req.prompt_tokens.len() as u32,
+                    raw_ttft: p.raw_ttft,
+                    raw_itl: p.raw_itl,
+                    ttft,
+                    itl: None,
+                    exposed_transfer: exposed,
+                }),
+                first_at,
+                tokens: 0,
+            }
+        });
         let first = TokenChunk {
             tokens: vec![answer.first_token],
             finish: tandem_wire::finish_from_proto(answer.finish),
         };
         if first.finish.is_some() {
-            return Ok(futures::stream::iter([Ok(first)]).boxed());
+            // Dropping the measure reports the TTFT alone.
+            drop(measured);
+            return Ok(Admitted {
+                tokens: futures::stream::iter([Ok(first)]).boxed(),
+                predicted_ttft,
+            });
         }
         let decode_req = v1::DecodeRequest {
             request_id: req.request_id.clone(),
@@ -209,7 +260,15 @@ impl Legs {
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             release: Some(release.take()),
         };
-        Ok(futures::stream::iter([Ok(first)]).chain(rest).boxed())
+        let tokens = futures::stream::iter([Ok(first)]).chain(rest);
+        let tokens = match measured {
+            Some(mut m) => tokens.inspect(move |chunk| m.saw(chunk)).boxed(),
+            None => tokens.boxed(),
+        };
+        Ok(Admitted {
+            tokens,
+            predicted_ttft,
+        })
     }
 
     /// Runs the prefill, on another worker each time a worker fails before answering.
@@ -274,6 +333,14 @@ impl Backend for DisaggBackend {
         &self,
         req: GenerateRequest,
     ) -> BoxFuture<'static, Result<TokenStream, BackendError>> {
+        let started = self.inner.clone().start(req);
+        async move { started.await.map(|a| a.tokens) }.boxed()
+    }
+
+    fn generate_admitted(
+        &self,
+        req: GenerateRequest,
+    ) -> BoxFuture<'static, Result<Admitted, BackendError>> {
         self.inner.clone().start(req).boxed()
     }
 
@@ -308,6 +375,12 @@ impl Backend for DisaggBackend {
             "tandem_kv_transfer_overlap_seconds",
             "The part of the KV transfer that ran while the prefill was still computing.",
         );
+        m.ttft_ratio.render(
+            out,
+            "tandem_router_ttft_measured_over_predicted",
+            "Measured time to first token over the one admission predicted, from its decision (a ratio, not seconds).",
+        );
+        self.inner.router.render_metrics(out);
         let bytes = m.kv_bytes.load(Ordering::Relaxed);
         let retries = m.retries.load(Ordering::Relaxed);
         let _ = writeln!(
@@ -318,6 +391,39 @@ impl Backend for DisaggBackend {
             out,
             "# HELP tandem_prefill_retries_total Prefills run again on another worker after a failure.\n# TYPE tandem_prefill_retries_total counter\ntandem_prefill_retries_total {retries}"
         );
+    }
+}
+
+/// What an admitted request measures for admission's calibration: its TTFT, then its mean time
+/// per token once it finishes; reported when it finishes or, TTFT alone, when it goes away.
+struct Measure {
+    router: RouterHandle,
+    feedback: Option<Feedback>,
+    first_at: Instant,
+    /// Tokens seen so far, the prefill's first included.
+    tokens: u32,
+}
+
+impl Measure {
+    fn saw(&mut self, chunk: &Result<TokenChunk, BackendError>) {
+        let Ok(chunk) = chunk else { return };
+        self.tokens = self.tokens.saturating_add(chunk.tokens.len() as u32);
+        if chunk.finish.is_some()
+            && let Some(mut fb) = self.feedback.take()
+        {
+            if self.tokens > 1 {
+                fb.itl = Some(self.first_at.elapsed() / (self.tokens - 1));
+            }
+            self.router.feedback(fb);
+        }
+    }
+}
+
+impl Drop for Measure {
+    fn drop(&mut self) {
+        if let Some(fb) = self.feedback.take() {
+            self.router.feedback(fb);
+        }
     }
 }
 
@@ -420,6 +526,17 @@ fn router_error(e: RouterError) -> BackendError {
         RouterError::Overloaded { retry_after, .. } => BackendError::Overloaded {
             message: e.to_string(),
             retry_after: Some(retry_after),
+        },
+        RouterError::Rejected {
+            reason,
+            retry_after,
+            predicted_ttft,
+            ..
+        } => BackendError::Rejected {
+            code: reason.code(),
+            message: e.to_string(),
+            retry_after,
+            predicted_ttft,
         },
         RouterError::Busy => BackendError::Overloaded {
             message: e.to_string(),

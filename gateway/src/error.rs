@@ -10,6 +10,7 @@ use serde_json::json;
 use tandem_engine::EngineError;
 
 use crate::backend::BackendError;
+use crate::budget::PREDICTED_TTFT_HEADER;
 
 /// Why the gateway could not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Sent as `Retry-After` (whole seconds, at least 1) with a 429.
     pub retry_after: Option<Duration>,
+    /// Sent as `x-tandem-predicted-ttft-ms` with an admission refusal.
+    pub predicted_ttft: Option<Duration>,
 }
 
 impl ApiError {
@@ -52,6 +55,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            predicted_ttft: None,
         }
     }
 
@@ -134,6 +138,19 @@ impl From<BackendError> for ApiError {
                 a.retry_after = retry_after;
                 a
             }
+            BackendError::Rejected {
+                code,
+                message,
+                retry_after,
+                predicted_ttft,
+            } => {
+                let mut a =
+                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message);
+                a.code = Some(code);
+                a.retry_after = retry_after;
+                a.predicted_ttft = predicted_ttft;
+                a
+            }
             BackendError::Unavailable(m) => {
                 let mut a = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", m);
                 a.code = Some("service_unavailable");
@@ -158,8 +175,18 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
+        if let Some(p) = self.predicted_ttft {
+            resp.headers_mut()
+                .insert(PREDICTED_TTFT_HEADER, predicted_ms(p));
+        }
         resp
     }
+}
+
+/// The `x-tandem-predicted-ttft-ms` value: whole milliseconds, rounded.
+pub(crate) fn predicted_ms(d: Duration) -> HeaderValue {
+    let ms = (d.as_secs_f64() * 1000.0).round();
+    HeaderValue::from(if ms.is_finite() { ms as u64 } else { u64::MAX })
 }
 
 #[cfg(test)]
@@ -180,6 +207,32 @@ mod tests {
             e.body(),
             json!({"error": {"message": "busy", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}})
         );
+    }
+
+    #[test]
+    fn an_admission_refusal_names_its_reason_and_prediction() {
+        let e: ApiError = BackendError::Rejected {
+            code: "ttft_budget_unreachable",
+            message: "too slow".into(),
+            retry_after: Some(Duration::from_millis(2100)),
+            predicted_ttft: Some(Duration::from_micros(2_345_600)),
+        }
+        .into();
+        let resp = e.clone().into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(resp.headers()[PREDICTED_TTFT_HEADER], "2346");
+        assert_eq!(e.body()["error"]["code"], "ttft_budget_unreachable");
+        let no_wait: ApiError = BackendError::Rejected {
+            code: "itl_budget_unreachable",
+            message: "never".into(),
+            retry_after: None,
+            predicted_ttft: None,
+        }
+        .into();
+        let resp = no_wait.into_response();
+        assert!(resp.headers().get(header::RETRY_AFTER).is_none());
+        assert!(resp.headers().get(PREDICTED_TTFT_HEADER).is_none());
     }
 
     #[test]

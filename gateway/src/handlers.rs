@@ -1,17 +1,18 @@
 //! `POST /v1/chat/completions` and `POST /v1/completions`.
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use tracing::{Instrument, info_span};
 
 use crate::backend::GenerateRequest;
+use crate::budget::{self, PREDICTED_TTFT_HEADER};
 use crate::config::{AppState, unix_now};
-use crate::error::ApiError;
+use crate::error::{ApiError, predicted_ms};
 use crate::generation::Generation;
 use crate::ids::request_id;
 use crate::prepare::prepare;
@@ -21,26 +22,36 @@ use crate::sse::events;
 
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(state, Kind::Chat, body).await
+    handle(state, Kind::Chat, &headers, body).await
 }
 
 pub(crate) async fn completions(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(state, Kind::Completion, body).await
+    handle(state, Kind::Completion, &headers, body).await
 }
 
-async fn handle(state: AppState, kind: Kind, body: Result<Bytes, BytesRejection>) -> Response {
+async fn handle(
+    state: AppState,
+    kind: Kind,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let arrived = Instant::now();
     let id = request_id(match kind {
         Kind::Chat => "chatcmpl",
         Kind::Completion => "cmpl",
     });
     let span = info_span!("generate", request_id = %id);
-    match run(state, kind, body, id, arrived).instrument(span).await {
+    match run(state, kind, headers, body, id, arrived)
+        .instrument(span)
+        .await
+    {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(status = e.status.as_u16(), message = %e.message, "request refused");
@@ -52,6 +63,7 @@ async fn handle(state: AppState, kind: Kind, body: Result<Bytes, BytesRejection>
 async fn run(
     state: AppState,
     kind: Kind,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     id: String,
     arrived: Instant,
@@ -59,6 +71,7 @@ async fn run(
     let body = body.map_err(|r| ApiError::from_status(r.status(), r.body_text()))?;
     let req = parse(kind, &body)?;
     let cfg = state.config();
+    let budget = budget::from_headers(headers, cfg.default_budget)?;
     if req.model != cfg.model_name {
         return Err(ApiError::model_not_found(&req.model));
     }
@@ -74,15 +87,27 @@ async fn run(
     };
     let prompt_len = prepared.prompt_tokens.len();
     let prompt_ids = req.return_token_ids.then(|| prepared.prompt_tokens.clone());
-    let tokens = cfg
+    // The prediction counts from the backend's receipt; the client's wait began at arrival.
+    let before_backend = arrived.elapsed();
+    let with_wait = |p: Option<Duration>| p.map(|p| p + before_backend);
+    let admitted = cfg
         .backend
-        .generate(GenerateRequest {
+        .generate_admitted(GenerateRequest {
             request_id: id.clone(),
             model: req.model.clone(),
             prompt_tokens: prepared.prompt_tokens,
             sampling: prepared.sampling,
+            budget,
         })
-        .await?;
+        .await
+        .map_err(|e| {
+            let mut e = ApiError::from(e);
+            e.predicted_ttft = with_wait(e.predicted_ttft);
+            e
+        })?;
+    let predicted =
+        with_wait(admitted.predicted_ttft).map(|p| (PREDICTED_TTFT_HEADER, predicted_ms(p)));
+    let tokens = admitted.tokens;
     state.metrics().add_prompt_tokens(prompt_len);
     let meta = Meta {
         kind,
@@ -104,7 +129,11 @@ async fn run(
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
         ];
-        return Ok((headers, Body::from_stream(events(meta, generation))).into_response());
+        let mut resp = (headers, Body::from_stream(events(meta, generation))).into_response();
+        if let Some((name, value)) = predicted {
+            resp.headers_mut().insert(name, value);
+        }
+        return Ok(resp);
     }
     let mut text = String::new();
     while let Some(piece) = generation.next().await {
@@ -121,7 +150,11 @@ async fn run(
                 body["prompt_token_ids"] = ids.into();
                 body["choices"][0]["token_ids"] = generation.token_ids.clone().into();
             }
-            return Ok(Json(body).into_response());
+            let mut resp = Json(body).into_response();
+            if let Some((name, value)) = predicted {
+                resp.headers_mut().insert(name, value);
+            }
+            return Ok(resp);
         }
     }
     Err(ApiError::internal(

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod budget;
 pub mod config;
 pub mod disagg;
 pub mod error;
@@ -27,7 +28,9 @@ mod sse;
 #[cfg(test)]
 mod tests;
 
-pub use backend::{Backend, BackendError, GenerateRequest, Readiness, TokenChunk, TokenStream};
+pub use backend::{
+    Admitted, Backend, BackendError, Budget, GenerateRequest, Readiness, TokenChunk, TokenStream,
+};
 pub use config::{AppState, GatewayConfig, model_max_context};
 pub use disagg::{DisaggBackend, DisaggConfig};
 pub use error::{ApiError, GatewayError};

@@ -152,6 +152,7 @@ async fn run(backend: &DisaggBackend, id: &str, prompt: &[u32], p: &SamplingPara
         model: "tiny".into(),
         prompt_tokens: prompt.to_vec(),
         sampling: p.clone(),
+        budget: Default::default(),
     };
     let mut stream = backend.generate(req).await.unwrap();
     let mut out = Vec::new();
@@ -297,6 +298,7 @@ async fn a_dropped_stream_frees_every_block_of_its_sequence() {
             ignore_eos: true,
             ..SamplingParams::greedy(400)
         },
+        budget: Default::default(),
     };
     let mut stream = c.backend.generate(req).await.unwrap();
     stream.next().await.unwrap().unwrap();
@@ -365,6 +367,7 @@ async fn without_workers_a_request_is_unavailable_and_the_backend_not_ready() {
         model: "tiny".into(),
         prompt_tokens: vec![1, 2, 3],
         sampling: SamplingParams::greedy(4),
+        budget: Default::default(),
     };
     match backend.generate(req).await {
         Err(tandem_gateway::BackendError::Unavailable(m)) => assert!(m.contains("no ready"), "{m}"),

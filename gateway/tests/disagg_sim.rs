@@ -141,6 +141,7 @@ async fn run(backend: &DisaggBackend, id: &str, prompt: &[u32], p: &SamplingPara
         model: "sim-test".into(),
         prompt_tokens: prompt.to_vec(),
         sampling: p.clone(),
+        budget: Default::default(),
     };
     let mut stream = backend.generate(req).await.unwrap();
     let mut out = Vec::new();

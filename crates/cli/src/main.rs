@@ -1,6 +1,7 @@
 //! The one `tandem` binary: parse, build, hand over to a library.
 use clap::{Parser, Subcommand};
 
+mod admission_args;
 mod bench;
 mod engine_args;
 mod generate;

@@ -11,6 +11,7 @@ use tandem_router::{Leg, RouterHandle};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
+use crate::admission_args::AdmissionArgs;
 use crate::engine_args::{EngineArgs, tokenizer_facts};
 use crate::roles::{Transport, model_name};
 
@@ -33,6 +34,8 @@ pub struct GatewayArgs {
     /// Address of the embedded router's gRPC service, where workers register (port 0: any).
     #[arg(long, env = "TANDEM_ROUTER_LISTEN", default_value = "127.0.0.1:0")]
     pub router_listen: String,
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
 }
 
 /// `tandem up`.
@@ -74,10 +77,11 @@ pub struct UpArgs {
 }
 
 /// What the gateway serves when the workers run a simulated model: its name and context length
-/// (the tokenizer is still the model file's).
+/// (the tokenizer is still the model file's), and the step times the workers simulate.
 struct SimFront {
     name: String,
     max_context: usize,
+    perf: Option<Arc<dyn tandem_sim::perf::PerfModel>>,
 }
 
 /// The gateway and its embedded router, started.
@@ -106,10 +110,10 @@ async fn start_front(args: &GatewayArgs, sim: Option<SimFront>) -> anyhow::Resul
         Some(s) => s.name.clone(),
         None => model_name(&model_path),
     });
-    let router = tandem_router::spawn(
-        tandem_router::RouterConfig::default(),
-        Box::new(tandem_router::LeastLoaded),
-    );
+    let router_config = args
+        .admission
+        .router_config(sim.as_ref().and_then(|s| s.perf.clone()))?;
+    let router = tandem_router::spawn(router_config, Box::new(tandem_router::LeastLoaded));
     let router_listener = TcpListener::bind(&args.router_listen)
         .await
         .with_context(|| format!("router listening on {}", args.router_listen))?;
@@ -124,7 +128,7 @@ async fn start_front(args: &GatewayArgs, sim: Option<SimFront>) -> anyhow::Resul
         router.clone(),
         tandem_gateway::DisaggConfig::default(),
     ));
-    let config = match &sim {
+    let mut config = match &sim {
         Some(s) => tandem_gateway::GatewayConfig::new(
             &name,
             tandem_engine::load_tokenizer(&model_path)?,
@@ -133,6 +137,7 @@ async fn start_front(args: &GatewayArgs, sim: Option<SimFront>) -> anyhow::Resul
         ),
         None => tandem_gateway::GatewayConfig::from_model_path(&name, &model_path, backend)?,
     };
+    config.default_budget = args.admission.default_budget();
     let state = tandem_gateway::AppState::new(config)?;
     let front = Front {
         router: router.clone(),
@@ -255,9 +260,16 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         let e = args.engine.build_sim(vocab)?;
         eprintln!("{}", e.summary);
         let c = e.model.config();
+        // Admission predicts with the step times the workers simulate (none at time scale 0).
+        let scale = args.engine.sim_time_scale;
+        let perf = (scale > 0.0)
+            .then(|| tandem_sim::simulate::TimeScaled::new(e.perf.clone(), scale))
+            .transpose()?
+            .map(|t| Arc::new(t) as Arc<dyn tandem_sim::perf::PerfModel>);
         Some(SimFront {
             name: c.name.clone(),
             max_context: c.max_context,
+            perf,
         })
     } else {
         None
