@@ -159,6 +159,9 @@ fn main() -> anyhow::Result<()> {
             "bench".to_string(),
             "--url".into(),
             format!("http://{addr}"),
+            // The trivial server has no model list to default from.
+            "--model".into(),
+            "tandem".into(),
             "--quiet".into(),
             "--requests".into(),
             streams.to_string(),

@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::{Args, Parser, ValueEnum};
 use serde::Serialize;
 
+use crate::admission::{Priority, parse_budget};
 use crate::dist::{Arrival, LengthDist, parse_duration};
+use crate::objectives::GoodputObjective;
 
 /// Which OpenAI endpoint to call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ValueEnum)]
@@ -62,7 +64,9 @@ impl Workload {
 }
 
 /// `tandem bench`: load an OpenAI-compatible endpoint and report TTFT, ITL, TPOT, end-to-end
-/// latency, throughput and goodput.
+/// latency, throughput and goodput; with a server that sheds load (HTTP 429), the requests it
+/// admitted and rejected, attainment among the admitted, and its TTFT predictions against the
+/// measured TTFT.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Base URL of the endpoint (http only). The API path is appended unless the URL has a path.
@@ -73,9 +77,10 @@ pub struct BenchArgs {
     )]
     pub url: String,
 
-    /// Model name sent in every request.
-    #[arg(long, env = "TANDEM_BENCH_MODEL", default_value = "default")]
-    pub model: String,
+    /// Model name sent in every request (default: the first entry of the endpoint's
+    /// `GET /v1/models`, asked once before the run; the benchmark stops if that fails).
+    #[arg(long, env = "TANDEM_BENCH_MODEL")]
+    pub model: Option<String>,
 
     /// API flavour: chat (messages) or completions (raw prompt).
     #[arg(long, env = "TANDEM_BENCH_API", value_enum, default_value_t = ApiKind::Chat)]
@@ -162,11 +167,43 @@ pub struct BenchArgs {
     #[arg(long, env = "TANDEM_BENCH_SLO_ITL", value_parser = parse_duration)]
     pub slo_itl: Option<Duration>,
 
-    /// Write the summary and every request's timings here as JSON.
+    /// Objectives for goodput as vLLM's benchmark spells them, in milliseconds:
+    /// `--goodput ttft:2000 tpot:100 e2el:10000` (comma-separated in the environment variable).
+    /// `ttft` is `--slo-ttft` and `tpot` is `--slo-itl` under another name: an objective given both
+    /// ways must agree, or the benchmark does not start. `e2el` bounds the end-to-end latency.
+    #[arg(
+        long,
+        env = "TANDEM_BENCH_GOODPUT",
+        num_args = 1..,
+        value_delimiter = ',',
+        value_name = "KEY:MS"
+    )]
+    pub goodput: Vec<GoodputObjective>,
+
+    /// TTFT budget (e.g. 2s, 450ms) sent with every request as `x-tandem-ttft-budget-ms` (whole
+    /// milliseconds, rounded up, at least 1): a server with admission control answers 429 at once
+    /// when it cannot meet it. Rejections are counted apart from errors, by their error code.
+    #[arg(long, env = "TANDEM_BENCH_TTFT_BUDGET", value_parser = parse_budget)]
+    pub ttft_budget: Option<Duration>,
+
+    /// Inter-token budget (e.g. 50ms) sent with every request as `x-tandem-itl-budget-ms` (whole
+    /// milliseconds, rounded up, at least 1).
+    #[arg(long, env = "TANDEM_BENCH_ITL_BUDGET", value_parser = parse_budget)]
+    pub itl_budget: Option<Duration>,
+
+    /// Priority sent with every request as `x-tandem-priority`: which requests a loaded server
+    /// sheds first (sheddable, then standard; critical last).
+    #[arg(long, env = "TANDEM_BENCH_PRIORITY", value_enum)]
+    pub priority: Option<Priority>,
+
+    /// Write the summary and every request's timings here as JSON (with, per request, whether it
+    /// was rejected, its error code and `Retry-After`, and the server's predicted TTFT).
     #[arg(long, env = "TANDEM_BENCH_JSON")]
     pub json: Option<PathBuf>,
 
-    /// Write an SVG plot here: latency CDFs, or throughput against latency for a sweep.
+    /// Write an SVG plot here: latency CDFs, or throughput against latency for a sweep (plus, when
+    /// requests were rejected or objectives given, admitted, good and rejected requests per second
+    /// against the offered load).
     #[arg(long, env = "TANDEM_BENCH_PLOT")]
     pub plot: Option<PathBuf>,
 
@@ -244,6 +281,81 @@ mod tests {
             &["bench", "--isl", "uniform:9-1"],
         ] {
             assert!(BenchArgs::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn admission_flags() {
+        let a = BenchArgs::try_parse_from([
+            "bench",
+            "--goodput",
+            "ttft:2000",
+            "tpot:100",
+            "--ttft-budget",
+            "1.5s",
+            "--itl-budget",
+            "40ms",
+            "--priority",
+            "sheddable",
+            "--requests",
+            "5",
+        ])
+        .expect("valid flags");
+        let goodput: Vec<String> = a.goodput.iter().map(ToString::to_string).collect();
+        assert_eq!(goodput, vec!["ttft:2000", "tpot:100"]);
+        assert_eq!(a.requests, Some(5));
+        assert_eq!(a.ttft_budget, Some(Duration::from_millis(1500)));
+        assert_eq!(a.itl_budget, Some(Duration::from_millis(40)));
+        assert_eq!(a.priority, Some(Priority::Sheddable));
+        assert_eq!(a.model, None);
+        let a = BenchArgs::try_parse_from(["bench", "--goodput", "e2el:5000,ttft:1"])
+            .expect("comma-separated");
+        assert_eq!(a.goodput.len(), 2);
+        let a = BenchArgs::try_parse_from(["bench"]).expect("no flags");
+        assert!(a.goodput.is_empty() && a.ttft_budget.is_none() && a.priority.is_none());
+    }
+
+    #[test]
+    fn malformed_admission_flags_are_clap_errors() {
+        for (bad, says) in [
+            (
+                &["bench", "--goodput", "ttft"][..],
+                "expected KEY:MILLISECONDS",
+            ),
+            (
+                &["bench", "--goodput", "ttft:2000", "itl:5"],
+                "unknown objective `itl`",
+            ),
+            (&["bench", "--goodput", "tpot:-1"], "positive"),
+            (&["bench", "--goodput"], "--goodput"),
+            (
+                &["bench", "--ttft-budget", "0ms"],
+                "a budget must be positive",
+            ),
+            (&["bench", "--itl-budget", "soon"], "is not a duration"),
+            (&["bench", "--priority", "urgent"], "urgent"),
+        ] {
+            let e = BenchArgs::try_parse_from(bad)
+                .expect_err("malformed")
+                .to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn help_documents_the_admission_flags() {
+        use clap::CommandFactory;
+        let help = Standalone::command().render_long_help().to_string();
+        eprintln!("{help}");
+        for needle in [
+            "--goodput <KEY:MS>...",
+            "--ttft-budget <TTFT_BUDGET>",
+            "x-tandem-itl-budget-ms",
+            "- sheddable: Shed first",
+            "first entry of the endpoint's `GET /v1/models`",
+            "[env: TANDEM_BENCH_MODEL=]",
+        ] {
+            assert!(help.contains(needle), "{needle} missing from\n{help}");
         }
     }
 

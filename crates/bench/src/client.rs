@@ -5,15 +5,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use hyper::{Request, Uri};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::{Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::admission::{self, Admission, Rejection};
 use crate::args::ApiKind;
 use crate::chunk::{parse_body, parse_event};
 use crate::error::BenchError;
+use crate::http_error::{ERROR_HEAD, chain, err, hyper_class, read_head, request_error};
 use crate::prompt::PromptTokenizer;
 use crate::record::{ErrorClass, RequestError, RequestRecord, TokenSource, Usage, apportion};
 use crate::sse::SseParser;
@@ -22,6 +24,8 @@ use crate::sse::SseParser;
 const MAX_BODY: usize = 64 << 20;
 /// How long to keep reading after `[DONE]` for the body's end, so the connection can be reused.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// The most of a 429's body read for its error code.
+const REJECT_HEAD: usize = 8 << 10;
 
 /// A request ready to send.
 #[derive(Debug, Clone)]
@@ -40,6 +44,8 @@ pub(crate) struct Client {
     model: String,
     stream: bool,
     auth: Option<HeaderValue>,
+    /// The admission headers every request carries.
+    admission: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
     tokenizer: Option<Arc<dyn PromptTokenizer>>,
 }
@@ -51,6 +57,7 @@ pub(crate) struct ClientConfig<'a> {
     pub stream: bool,
     pub api_key: Option<&'a str>,
     pub timeout: Duration,
+    pub admission: Admission,
 }
 
 /// What has been seen of one answer so far; kept outside the timed future so a timeout keeps it.
@@ -64,52 +71,21 @@ struct Seen {
     text: String,
     usage: Option<Usage>,
     done_at: Option<Instant>,
+    predicted_ttft_ms: Option<f64>,
+    rejection: Option<Rejection>,
 }
 
-fn err(class: ErrorClass, message: impl Into<String>) -> RequestError {
-    RequestError {
-        class,
-        message: message.into(),
+/// `url` checked and parsed: http, with a host.
+pub(crate) fn base_uri(url: &str) -> Result<Uri, BenchError> {
+    let base: Uri = url
+        .parse()
+        .map_err(|e| BenchError::InvalidArgs(format!("--url {url}: {e}")))?;
+    if base.scheme_str() != Some("http") || base.host().is_none() {
+        return Err(BenchError::InvalidArgs(format!(
+            "--url {url}: only http://host[:port][/path] is supported"
+        )));
     }
-}
-
-/// The message of an error and all its sources, for the JSON report.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
-
-fn hyper_class(e: &hyper::Error) -> ErrorClass {
-    if e.is_parse() || e.is_parse_status() || e.is_user() {
-        ErrorClass::Protocol
-    } else {
-        ErrorClass::Disconnected
-    }
-}
-
-fn request_error(e: &hyper_util::client::legacy::Error) -> RequestError {
-    let mut class = if e.is_connect() {
-        ErrorClass::Connect
-    } else {
-        ErrorClass::Disconnected
-    };
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if !e.is_connect() {
-                class = hyper_class(h);
-            }
-            break;
-        }
-        src = s.source();
-    }
-    err(class, chain(e))
+    Ok(base)
 }
 
 impl Client {
@@ -117,16 +93,7 @@ impl Client {
         cfg: &ClientConfig<'_>,
         tokenizer: Option<Arc<dyn PromptTokenizer>>,
     ) -> Result<Self, BenchError> {
-        let base: Uri = cfg
-            .url
-            .parse()
-            .map_err(|e| BenchError::InvalidArgs(format!("--url {}: {e}", cfg.url)))?;
-        if base.scheme_str() != Some("http") || base.host().is_none() {
-            return Err(BenchError::InvalidArgs(format!(
-                "--url {}: only http://host[:port][/path] is supported",
-                cfg.url
-            )));
-        }
+        let base = base_uri(cfg.url)?;
         let uri = if matches!(base.path(), "" | "/") {
             let path = match cfg.api {
                 ApiKind::Chat => "/v1/chat/completions",
@@ -153,6 +120,7 @@ impl Client {
             model: cfg.model.to_string(),
             stream: cfg.stream,
             auth,
+            admission: cfg.admission.headers()?,
             timeout: cfg.timeout,
             tokenizer,
         })
@@ -197,6 +165,8 @@ impl Client {
             text: String::new(),
             usage: None,
             done_at: None,
+            predicted_ttft_ms: None,
+            rejection: None,
         };
         let id = format!("bench-{run}-{}", p.index);
         let outcome = tokio::time::timeout(self.timeout, self.exchange(body, &id, &mut seen)).await;
@@ -219,6 +189,9 @@ impl Client {
         if let Some(auth) = &self.auth {
             req = req.header(AUTHORIZATION, auth.clone());
         }
+        for (name, value) in &self.admission {
+            req = req.header(name, value.clone());
+        }
         let req = req
             .body(Full::new(body))
             .map_err(|e| err(ErrorClass::Protocol, e.to_string()))?;
@@ -229,21 +202,27 @@ impl Client {
             .await
             .map_err(|e| request_error(&e))?;
         let status = resp.status();
+        seen.predicted_ttft_ms = admission::predicted_ttft_ms(resp.headers());
+        let retry_after_s = admission::retry_after_s(resp.headers());
         let mut body = resp.into_body();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // Rejected from here on, whether or not its body (the code) comes in time.
+            seen.done_at = Some(Instant::now());
+            let rejection = seen.rejection.insert(Rejection {
+                code: None,
+                retry_after_s,
+            });
+            rejection.code = admission::reject_code(&read_head(&mut body, REJECT_HEAD).await);
+            return Ok(());
+        }
         if !status.is_success() {
-            let mut head = Vec::new();
-            while head.len() < 1024 {
-                match body.frame().await {
-                    Some(Ok(f)) => head.extend_from_slice(f.data_ref().map_or(&[][..], |d| &d[..])),
-                    _ => break,
-                }
-            }
+            let head = read_head(&mut body, ERROR_HEAD).await;
             let class = match status.as_u16() {
                 400..=499 => ErrorClass::Http4xx,
                 500..=599 => ErrorClass::Http5xx,
                 _ => ErrorClass::Protocol,
             };
-            let text = String::from_utf8_lossy(&head[..head.len().min(1024)]).into_owned();
+            let text = String::from_utf8_lossy(&head).into_owned();
             return Err(err(class, format!("HTTP {status}: {text}")));
         }
         if !self.stream {
@@ -349,11 +328,14 @@ impl Client {
                 ends: std::mem::take(&mut seen.chunk_ends),
                 total: seen.usage.map(|u| u.completion_tokens),
             });
-        let first = if self.stream {
+        let first = if seen.rejection.is_some() {
+            None
+        } else if self.stream {
             seen.chunks.first().copied()
         } else {
             seen.done_at
         };
+        let rejection = seen.rejection.take();
         let record = RequestRecord {
             index: p.index,
             input_len: p.input_len,
@@ -366,7 +348,12 @@ impl Client {
             output_tokens,
             output_tokens_source: source,
             usage: seen.usage,
-            error,
+            // A rejection that then timed out reading its body is still a rejection.
+            error: error.filter(|_| rejection.is_none()),
+            rejected: rejection.is_some(),
+            reject_code: rejection.as_ref().and_then(|r| r.code.clone()),
+            retry_after_s: rejection.as_ref().and_then(|r| r.retry_after_s),
+            predicted_ttft_ms: seen.predicted_ttft_ms,
         };
         (record, pieces)
     }

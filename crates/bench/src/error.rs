@@ -9,6 +9,9 @@ pub enum BenchError {
     /// The flags do not describe a runnable benchmark.
     #[error("invalid arguments: {0}")]
     InvalidArgs(String),
+    /// No `--model` was given and the endpoint's model list gave none.
+    #[error("cannot find a model to ask for (pass --model): {0}")]
+    NoModel(String),
     /// An output file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {

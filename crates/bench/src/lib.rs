@@ -46,22 +46,46 @@
 //! - **Errors** by a bounded [`ErrorClass`]: connect, http_4xx, http_5xx, timeout, protocol
 //!   (malformed chunk or body, error event), disconnected (closed before `[DONE]`).
 //! - **SLO attainment**: the share of all measured requests that succeeded with TTFT within
-//!   `--slo-ttft`, with TPOT within `--slo-itl` (a one-token answer has no TPOT and meets it), and
-//!   both. **Goodput**: requests meeting both, per second of the run.
+//!   `--slo-ttft`, with TPOT within `--slo-itl` (a one-token answer has no TPOT and meets it), with
+//!   E2E within `--goodput e2el:MS`, and all of them; also that last share among the admitted
+//!   requests only. `--goodput ttft:MS tpot:MS e2el:MS` is vLLM's spelling of the same objectives
+//!   (`tpot` is `--slo-itl`); an objective given both ways must agree. **Goodput**: requests
+//!   meeting every objective, per second of the run; a rejected or failed request never does.
+//!
+//! # Admission control
+//! `--ttft-budget`, `--itl-budget` and `--priority` send `x-tandem-ttft-budget-ms`,
+//! `x-tandem-itl-budget-ms` (whole milliseconds, rounded up, at least 1) and `x-tandem-priority`
+//! with every request. Every measured request is then exactly one of: **admitted** (answered in
+//! full: `succeeded`), **rejected** (HTTP 429, counted by its OpenAI error body's `error.code`,
+//! e.g. `ttft_budget_unreachable`, `itl_budget_unreachable`, `queue_full`, `rate_limit_exceeded`,
+//! with its `Retry-After`), or **failed** (any other error, including an answer broken off after
+//! it was admitted). Rejections are not errors and are not measured as answers (no TTFT, no E2E),
+//! but count in the run's duration and in the denominators of the shares over all requests. When
+//! answers carry `x-tandem-predicted-ttft-ms`, the report gives the distribution of measured TTFT
+//! (the client's, defined above) over predicted TTFT among the admitted requests.
+//!
+//! # Model
+//! Without `--model`, the first entry of the endpoint's `GET /v1/models` is asked for (once,
+//! before the run); the benchmark does not start if that fails.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod args;
 mod chunk;
 mod client;
 mod corpus;
 mod dist;
 mod error;
+mod http_error;
+mod models;
+mod objectives;
 mod plot;
 mod prompt;
 mod record;
 mod report;
 mod rng;
 mod runner;
+mod shedding;
 mod sse;
 pub mod stats;
 mod summary;
@@ -69,13 +93,16 @@ mod summary;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+pub use admission::{Admission, Priority};
 pub use args::{ApiKind, BenchArgs, Workload};
 pub use dist::{Arrival, LengthDist, parse_duration};
 pub use error::BenchError;
+pub use objectives::{GoodputKey, GoodputObjective};
 pub use plot::render as render_svg;
 pub use prompt::PromptTokenizer;
 pub use record::{ErrorClass, RequestError, RequestRecord, TokenSource, Usage};
 pub use report::{BenchConfig, BenchReport, RunReport};
+pub use shedding::AdmissionSummary;
 pub use sse::SseParser;
 pub use summary::{RunSummary, Slo, SloSummary};
 
@@ -97,18 +124,32 @@ pub async fn run_bench(
     let stop = runner::stop(&args)?;
     let (w_isl, w_osl) = args.workload.lengths();
     let (isl, osl) = (args.isl.unwrap_or(w_isl), args.osl.unwrap_or(w_osl));
-    let slo = Slo {
-        ttft_s: args.slo_ttft.map(|d| d.as_secs_f64()),
-        itl_s: args.slo_itl.map(|d| d.as_secs_f64()),
+    let slo = objectives::objectives(args.slo_ttft, args.slo_itl, &args.goodput)?;
+    let admission = Admission {
+        ttft_budget_ms: args.ttft_budget.map(admission::budget_ms),
+        itl_budget_ms: args.itl_budget.map(admission::budget_ms),
+        priority: args.priority,
+    };
+    client::base_uri(&args.url)?;
+    let (model, model_from_endpoint) = match &args.model {
+        Some(m) => (m.clone(), false),
+        None => {
+            let key = args.api_key.as_deref();
+            (
+                models::first_model(&args.url, key, args.timeout).await?,
+                true,
+            )
+        }
     };
     let client = Arc::new(Client::new(
         &ClientConfig {
             url: &args.url,
             api: args.api,
-            model: &args.model,
+            model: &model,
             stream: !args.no_stream,
             api_key: args.api_key.as_deref(),
             timeout: args.timeout,
+            admission,
         },
         tokenizer.clone(),
     )?);
@@ -159,7 +200,8 @@ pub async fn run_bench(
     let report = BenchReport {
         config: BenchConfig {
             url: client.uri().to_string(),
-            model: args.model.clone(),
+            model,
+            model_from_endpoint,
             api: args.api,
             stream: !args.no_stream,
             workload: args.workload,
@@ -179,6 +221,7 @@ pub async fn run_bench(
             prompt_unit: planner.source.unit().to_string(),
             prompts_inexact: planner.inexact.load(Ordering::Relaxed),
             slo,
+            admission,
         },
         runs,
     };

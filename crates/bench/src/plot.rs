@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use crate::report::BenchReport;
 use crate::stats::Distribution;
+use crate::summary::RunSummary;
 
 const W: f64 = 380.0;
 const H: f64 = 280.0;
@@ -194,7 +195,7 @@ fn panels(report: &BenchReport) -> Vec<Panel> {
             one("E2E", ok().map(|r| r.e2e()).collect()),
         ];
     }
-    let metric = |title: &str, get: fn(&crate::summary::RunSummary) -> Option<&Distribution>| {
+    let metric = |title: &str, get: fn(&RunSummary) -> Option<&Distribution>| {
         let series = |name: &str, p99: bool| Series {
             name: name.into(),
             points: report
@@ -217,11 +218,53 @@ fn panels(report: &BenchReport) -> Vec<Panel> {
             series: vec![series("p50", false), series("p99", true)],
         }
     };
-    vec![
+    let mut out = vec![
         metric("TTFT", |s| s.ttft_ms.as_ref()),
         metric("ITL", |s| s.itl_ms.as_ref()),
         metric("E2E", |s| s.e2e_ms.as_ref()),
-    ]
+    ];
+    out.extend(admission_panel(report));
+    out
+}
+
+/// For a sweep against a server that sheds load or with objectives: admitted, good and rejected
+/// requests per second against the load offered (the rate asked for, else requests sent per
+/// second).
+fn admission_panel(report: &BenchReport) -> Option<Panel> {
+    let runs = || report.runs.iter().map(|r| &r.summary);
+    let rejections = runs().any(|s| s.admission.rejected > 0);
+    let goodput = runs().any(|s| s.slo.is_some());
+    if !rejections && !goodput {
+        return None;
+    }
+    let offered = |s: &RunSummary| {
+        s.rate.unwrap_or(if s.duration_s > 0.0 {
+            s.requests as f64 / s.duration_s
+        } else {
+            0.0
+        })
+    };
+    let series = |name: &str, get: &dyn Fn(&RunSummary) -> Option<f64>| Series {
+        name: name.into(),
+        points: runs().filter_map(|s| Some((offered(s), get(s)?))).collect(),
+        markers: true,
+    };
+    let per_s = |n: usize, s: &RunSummary| (s.duration_s > 0.0).then(|| n as f64 / s.duration_s);
+    let mut series_list = vec![series("admitted", &|s| Some(s.request_throughput))];
+    if goodput {
+        series_list.push(series("goodput", &|s| {
+            s.slo.as_ref().map(|g| g.goodput_rps)
+        }));
+    }
+    if rejections {
+        series_list.push(series("rejected", &|s| per_s(s.admission.rejected, s)));
+    }
+    Some(Panel {
+        title: "Requests against offered load".into(),
+        x_label: "offered requests/s".into(),
+        y_label: "requests/s".into(),
+        series: series_list,
+    })
 }
 
 /// The SVG document for `report`.

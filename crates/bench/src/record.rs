@@ -97,12 +97,41 @@ pub struct RequestRecord {
     pub output_tokens: u32,
     pub output_tokens_source: TokenSource,
     pub usage: Option<Usage>,
+    /// Why the request failed; `None` for a success and for a rejection.
     pub error: Option<RequestError>,
+    /// The server turned the request away with HTTP 429 (admission control, rate limiting): not
+    /// a success, not an error.
+    pub rejected: bool,
+    /// The rejection's `error.code` (`ttft_budget_unreachable`, `itl_budget_unreachable`,
+    /// `queue_full`, `rate_limit_exceeded`, ...), when its body had one.
+    pub reject_code: Option<String>,
+    /// The rejection's `Retry-After`, seconds.
+    pub retry_after_s: Option<f64>,
+    /// The server's predicted TTFT (`x-tandem-predicted-ttft-ms`), on admitted and rejected
+    /// answers alike, milliseconds.
+    pub predicted_ttft_ms: Option<f64>,
 }
 
 impl RequestRecord {
+    /// Admitted and answered in full.
     pub fn ok(&self) -> bool {
-        self.error.is_none()
+        self.error.is_none() && !self.rejected
+    }
+
+    /// Failed for another reason than a rejection.
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// Measured TTFT over the server's prediction, for a success with a positive prediction. The
+    /// measured TTFT is the client's (from the send to the first content chunk; the whole answer
+    /// when not streaming), so it includes the network and the HTTP stack the prediction may not.
+    pub fn ttft_over_predicted(&self) -> Option<f64> {
+        let predicted = self.predicted_ttft_ms.filter(|p| *p > 0.0)?;
+        if !self.ok() {
+            return None;
+        }
+        Some(self.ttft()? * 1000.0 / predicted)
     }
 
     /// Time to first token, seconds.
@@ -190,6 +219,42 @@ mod tests {
             output_tokens_source: TokenSource::Usage,
             usage: None,
             error: None,
+            rejected: false,
+            reject_code: None,
+            retry_after_s: None,
+            predicted_ttft_ms: None,
+        }
+    }
+
+    #[test]
+    fn measured_over_predicted_ttft() {
+        // TTFT 0.5 s against a prediction of 250 ms.
+        let mut r = record(vec![1.5, 1.6], vec![1, 1], 2, 1.6);
+        assert_eq!(r.ttft_over_predicted(), None);
+        r.predicted_ttft_ms = Some(250.0);
+        assert_eq!(r.ttft_over_predicted(), Some(2.0));
+        r.predicted_ttft_ms = Some(0.0);
+        assert_eq!(r.ttft_over_predicted(), None);
+        r.predicted_ttft_ms = Some(1000.0);
+        assert_eq!(r.ttft_over_predicted(), Some(0.5));
+        r.rejected = true;
+        assert!(!r.ok() && !r.failed());
+        assert_eq!(r.ttft_over_predicted(), None);
+        r.rejected = false;
+        r.error = Some(RequestError {
+            class: ErrorClass::Timeout,
+            message: "late".into(),
+        });
+        assert!(!r.ok() && r.failed());
+        assert_eq!(r.ttft_over_predicted(), None);
+    }
+
+    #[test]
+    fn rejection_fields_serialise_as_null_when_absent() {
+        let v = serde_json::to_value(record(vec![1.5], vec![1], 1, 1.5)).expect("serialises");
+        assert_eq!(v["rejected"], serde_json::Value::Bool(false));
+        for key in ["reject_code", "retry_after_s", "predicted_ttft_ms", "error"] {
+            assert_eq!(v.get(key), Some(&serde_json::Value::Null), "{key}: {v}");
         }
     }
 

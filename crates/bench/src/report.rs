@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::admission::Admission;
 use crate::args::{ApiKind, Workload};
 use crate::dist::{Arrival, LengthDist};
 use crate::error::BenchError;
@@ -21,6 +22,8 @@ pub struct BenchConfig {
     /// The full request URL.
     pub url: String,
     pub model: String,
+    /// The model was the first of the endpoint's `/v1/models` (no `--model` given).
+    pub model_from_endpoint: bool,
     pub api: ApiKind,
     pub stream: bool,
     pub workload: Workload,
@@ -32,6 +35,7 @@ pub struct BenchConfig {
     pub requests: Option<usize>,
     pub duration_s: Option<f64>,
     pub warmup: usize,
+    /// Warmup requests not answered in full (failed or rejected).
     pub warmup_failed: usize,
     pub timeout_s: f64,
     /// `tokens`, or whitespace words when no tokenizer was given.
@@ -39,6 +43,10 @@ pub struct BenchConfig {
     /// Prompts whose length could not be made exact (the closest was sent).
     pub prompts_inexact: usize,
     pub slo: Slo,
+    /// The budgets and priority every request carried (`ttft_budget_ms`, `itl_budget_ms`,
+    /// `priority`; null when not sent).
+    #[serde(flatten)]
+    pub admission: Admission,
 }
 
 /// One run: its summary and every measured request.
@@ -84,6 +92,24 @@ fn row(f: &mut fmt::Formatter<'_>, name: &str, d: Option<&Distribution>) -> fmt:
     }
 }
 
+fn rejections_line(s: &RunSummary) -> String {
+    let a = &s.admission;
+    if a.rejected == 0 {
+        return String::new();
+    }
+    let codes: Vec<String> = a
+        .rejections
+        .iter()
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect();
+    format!(
+        "  rejected {} ({:.1}%: {})",
+        a.rejected,
+        a.rejected_share * 100.0,
+        codes.join(", ")
+    )
+}
+
 fn errors_line(s: &RunSummary) -> String {
     let parts: Vec<String> = ErrorClass::ALL
         .iter()
@@ -102,11 +128,12 @@ impl fmt::Display for RunSummary {
         writeln!(f, "== {} ==", self.label)?;
         writeln!(
             f,
-            "  requests {}  ok {}  failed {}{}  duration {:.2} s",
+            "  requests {}  ok {}  failed {}{}{}  duration {:.2} s",
             self.requests,
             self.succeeded,
             self.failed,
             errors_line(self),
+            rejections_line(self),
             self.duration_s
         )?;
         writeln!(
@@ -128,11 +155,23 @@ impl fmt::Display for RunSummary {
         if self.server_prompt_tokens.is_some() {
             row(f, "server prompt", self.server_prompt_tokens.as_ref())?;
         }
+        if let Some(d) = &self.admission.ttft_over_predicted {
+            row(f, "TTFT/predicted", Some(d))?;
+        }
         if let Some(slo) = &self.slo {
             let lim = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+            let e2e = slo.e2e_ms.map_or(String::new(), |v| {
+                format!(
+                    "  E2E <= {v:.0} ms met by {:.1}%",
+                    slo.e2e_attainment * 100.0
+                )
+            });
+            let admitted = slo
+                .admitted_attainment
+                .map_or("-".to_string(), |a| format!("{:.1}%", a * 100.0));
             writeln!(
                 f,
-                "  SLO  TTFT <= {} met by {:.1}%  TPOT <= {} met by {:.1}%  both {:.1}%  goodput {:.2} req/s",
+                "  SLO  TTFT <= {} met by {:.1}%  TPOT <= {} met by {:.1}%{e2e}  all {:.1}% (of admitted {admitted})  goodput {:.2} req/s",
                 lim(slo.ttft_ms),
                 slo.ttft_attainment * 100.0,
                 lim(slo.itl_ms),
@@ -150,15 +189,31 @@ impl fmt::Display for BenchReport {
         let c = &self.config;
         writeln!(
             f,
-            "tandem bench  {}  model {}  {}",
+            "tandem bench  {}  model {}{}  {}",
             c.url,
             c.model,
+            if c.model_from_endpoint {
+                " (first of /v1/models)"
+            } else {
+                ""
+            },
             if c.stream {
                 "streaming"
             } else {
                 "not streaming"
             }
         )?;
+        let a = &c.admission;
+        if a.ttft_budget_ms.is_some() || a.itl_budget_ms.is_some() || a.priority.is_some() {
+            let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
+            writeln!(
+                f,
+                "  budgets: TTFT {}  ITL {}  priority {}",
+                ms(a.ttft_budget_ms),
+                ms(a.itl_budget_ms),
+                a.priority.map_or("-", |p| p.as_str())
+            )?;
+        }
         writeln!(
             f,
             "  workload {}  prompt {}  output {}  prompt unit: {}  seed {}  warmup {} ({} failed)",
@@ -184,7 +239,7 @@ impl fmt::Display for BenchReport {
             writeln!(f, "== sweep ==")?;
             writeln!(
                 f,
-                "  {:<40}{:>9}{:>11}{:>10}{:>10}{:>9}{:>9}{:>8}{:>9}",
+                "  {:<40}{:>9}{:>11}{:>10}{:>10}{:>9}{:>9}{:>8}{:>10}{:>9}",
                 "run",
                 "req/s",
                 "out tok/s",
@@ -193,6 +248,7 @@ impl fmt::Display for BenchReport {
                 "ITL p50",
                 "ITL p99",
                 "failed",
+                "rejected",
                 "goodput"
             )?;
             for run in &self.runs {
@@ -208,7 +264,7 @@ impl fmt::Display for BenchReport {
                     .map_or("-".into(), |g| format!("{:.2}", g.goodput_rps));
                 writeln!(
                     f,
-                    "  {:<40}{:>9.2}{:>11.1}{:>10}{:>10}{:>9}{:>9}{:>8}{:>9}",
+                    "  {:<40}{:>9.2}{:>11.1}{:>10}{:>10}{:>9}{:>9}{:>8}{:>10}{:>9}",
                     s.label,
                     s.request_throughput,
                     s.output_token_throughput,
@@ -217,6 +273,7 @@ impl fmt::Display for BenchReport {
                     p(&s.itl_ms, false),
                     p(&s.itl_ms, true),
                     s.failed,
+                    s.admission.rejected,
                     good
                 )?;
             }

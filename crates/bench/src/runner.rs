@@ -172,7 +172,7 @@ fn progress_bar(quiet: bool, label: &str, stop: Stop) -> ProgressBar {
         pb.set_style(style.progress_chars("=> "));
     }
     pb.set_prefix(label.to_string());
-    pb.set_message("0 failed");
+    pb.set_message("0 failed, 0 rejected");
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
 }
@@ -211,7 +211,8 @@ pub(crate) async fn run_phase(
         }
     }
     let pb = progress_bar(ctx.quiet, &phase.label, stop);
-    let failed = Arc::new(AtomicUsize::new(0));
+    // Failed and rejected so far, for the progress bar.
+    let tally = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
     let sem = phase.concurrency.map(|c| Arc::new(Semaphore::new(c)));
     let mut arrivals = Rng::stream(ctx.planner.seed, ARRIVALS);
     let epoch = Instant::now();
@@ -253,13 +254,19 @@ pub(crate) async fn run_phase(
         let Some(p) = next_planned else {
             break;
         };
-        let (client, pb, failed) = (ctx.client.clone(), pb.clone(), failed.clone());
+        let (client, pb, tally) = (ctx.client.clone(), pb.clone(), tally.clone());
         tasks.spawn(async move {
             let sent = client.send(&p, run, epoch).await;
             drop(permit);
-            if !sent.0.ok() {
-                let n = failed.fetch_add(1, Ordering::Relaxed) + 1;
-                pb.set_message(format!("{n} failed"));
+            let which = if sent.0.failed() {
+                Some(0)
+            } else {
+                sent.0.rejected.then_some(1)
+            };
+            if let Some(i) = which {
+                tally[i].fetch_add(1, Ordering::Relaxed);
+                let [f, r] = [0, 1].map(|i| tally[i].load(Ordering::Relaxed));
+                pb.set_message(format!("{f} failed, {r} rejected"));
             }
             pb.inc(1);
             sent

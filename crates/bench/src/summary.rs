@@ -5,29 +5,46 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::record::{ErrorClass, RequestRecord, TokenSource};
+use crate::shedding::AdmissionSummary;
 use crate::stats::Distribution;
 
 /// Latency objectives, in seconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Slo {
     pub ttft_s: Option<f64>,
+    /// Bounds each request's TPOT (`--slo-itl`, `--goodput tpot:MS`).
     pub itl_s: Option<f64>,
+    /// Bounds each request's end-to-end latency (`--goodput e2el:MS`).
+    pub e2e_s: Option<f64>,
 }
 
-/// Attainment of the objectives and the goodput.
+impl Slo {
+    pub fn any(&self) -> bool {
+        self.ttft_s.is_some() || self.itl_s.is_some() || self.e2e_s.is_some()
+    }
+}
+
+/// Attainment of the objectives and the goodput. A request meets an objective only if it was
+/// admitted and answered in full: rejected and failed requests meet none.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SloSummary {
     pub ttft_ms: Option<f64>,
     pub itl_ms: Option<f64>,
+    pub e2e_ms: Option<f64>,
     /// Share of all measured requests that succeeded with TTFT within its objective.
     pub ttft_attainment: f64,
     /// Share of all measured requests that succeeded with TPOT within the ITL objective.
     pub itl_attainment: f64,
-    /// Share of all measured requests meeting both.
+    /// Share of all measured requests that succeeded within the end-to-end objective.
+    pub e2e_attainment: f64,
+    /// Share of all measured requests (rejected ones included) meeting every objective.
     pub attainment: f64,
-    /// Requests meeting both.
+    /// Share of the admitted requests (answered in full) meeting every objective; `None` when
+    /// none was.
+    pub admitted_attainment: Option<f64>,
+    /// Requests meeting every objective.
     pub met: usize,
-    /// Requests meeting both, per second of the run.
+    /// Requests meeting every objective, per second of the run (goodput).
     pub goodput_rps: f64,
 }
 
@@ -39,9 +56,15 @@ pub struct RunSummary {
     pub rate: Option<f64>,
     pub concurrency: Option<usize>,
     pub requests: usize,
+    /// Admitted and answered in full.
     pub succeeded: usize,
+    /// Failed for another reason than a rejection (counted in `errors`).
     pub failed: usize,
     pub errors: BTreeMap<ErrorClass, usize>,
+    /// Admitted, rejected, rejections by code, and the server's TTFT predictions against the
+    /// measured TTFT.
+    #[serde(flatten)]
+    pub admission: AdmissionSummary,
     /// From the first send to the last answer's end.
     pub duration_s: f64,
     /// Successful requests per second.
@@ -123,7 +146,7 @@ pub fn summarize(
             .entry(source_name(r.output_tokens_source))
             .or_insert(0) += 1;
     }
-    let slo_summary = (slo.ttft_s.is_some() || slo.itl_s.is_some()).then(|| {
+    let slo_summary = slo.any().then(|| {
         let ttft_ok = |r: &RequestRecord| {
             slo.ttft_s
                 .is_none_or(|lim| r.ttft().is_some_and(|t| t <= lim))
@@ -133,9 +156,14 @@ pub fn summarize(
             slo.itl_s
                 .is_none_or(|lim| r.tpot().is_none_or(|t| t <= lim))
         };
+        let e2e_ok = |r: &RequestRecord| slo.e2e_s.is_none_or(|lim| r.e2e() <= lim);
         let n_ttft = ok.iter().filter(|r| ttft_ok(r)).count();
         let n_itl = ok.iter().filter(|r| itl_ok(r)).count();
-        let met = ok.iter().filter(|r| ttft_ok(r) && itl_ok(r)).count();
+        let n_e2e = ok.iter().filter(|r| e2e_ok(r)).count();
+        let met = ok
+            .iter()
+            .filter(|r| ttft_ok(r) && itl_ok(r) && e2e_ok(r))
+            .count();
         let share = |n: usize| {
             if records.is_empty() {
                 0.0
@@ -146,9 +174,12 @@ pub fn summarize(
         SloSummary {
             ttft_ms: slo.ttft_s.map(|s| s * 1000.0),
             itl_ms: slo.itl_s.map(|s| s * 1000.0),
+            e2e_ms: slo.e2e_s.map(|s| s * 1000.0),
             ttft_attainment: share(n_ttft),
             itl_attainment: share(n_itl),
+            e2e_attainment: share(n_e2e),
             attainment: share(met),
+            admitted_attainment: (!ok.is_empty()).then(|| met as f64 / ok.len() as f64),
             met,
             goodput_rps: per_s(met as f64),
         }
@@ -159,8 +190,9 @@ pub fn summarize(
         concurrency,
         requests: records.len(),
         succeeded: ok.len(),
-        failed: records.len() - ok.len(),
+        failed: records.iter().filter(|r| r.failed()).count(),
         errors,
+        admission: AdmissionSummary::of(records),
         duration_s,
         request_throughput: per_s(ok.len() as f64),
         output_token_throughput: per_s(total_output_tokens as f64),
@@ -207,6 +239,10 @@ mod tests {
             output_tokens_source: TokenSource::Usage,
             usage: None,
             error: None,
+            rejected: false,
+            reject_code: None,
+            retry_after_s: None,
+            predicted_ttft_ms: None,
         }
     }
 
@@ -232,6 +268,7 @@ mod tests {
         let slo = Slo {
             ttft_s: Some(0.25),
             itl_s: Some(0.025),
+            e2e_s: None,
         };
         let s = summarize("t".into(), None, Some(1), &records, slo);
         assert_eq!((s.requests, s.succeeded, s.failed), (6, 5, 1));
@@ -247,6 +284,7 @@ mod tests {
         assert!(close(slo.ttft_attainment, 4.0 / 6.0));
         assert!(close(slo.itl_attainment, 4.0 / 6.0));
         assert!(close(slo.attainment, 3.0 / 6.0));
+        assert_eq!(slo.admitted_attainment, Some(3.0 / 5.0));
         assert!(close(slo.goodput_rps, 3.0 / 4.2));
         // ITL samples: 10 + 10 + 10 + 0 + 25 tokens after a first.
         assert_eq!(s.itl_ms.as_ref().map(|d| d.count), Some(55));
@@ -257,6 +295,78 @@ mod tests {
         // h = 4 * 0.9 = 3.6 -> 200 + 0.6 * 100
         assert!(close(ttft.p90, 260.0));
         assert_eq!(s.output_token_sources.get("usage"), Some(&5));
+    }
+
+    #[test]
+    fn rejections_are_neither_errors_nor_good() {
+        let reject = |send: f64, code: &str| RequestRecord {
+            first_token_s: None,
+            end_s: send + 0.002,
+            chunk_s: vec![],
+            chunk_tokens: vec![],
+            output_tokens: 0,
+            rejected: true,
+            reject_code: Some(code.into()),
+            retry_after_s: Some(1.0),
+            ..rec(send, 0.0, 0.0, 0)
+        };
+        let mut timed_out = rec(2.0, 0.1, 0.01, 3);
+        timed_out.error = Some(RequestError {
+            class: ErrorClass::Timeout,
+            message: "late".into(),
+        });
+        let records = vec![
+            rec(0.0, 0.1, 0.01, 11), // ends 0.2, e2e 200 ms: meets every objective
+            rec(0.5, 0.1, 0.04, 11), // ends 1.0, e2e 500 ms: misses E2E
+            reject(1.0, "ttft_budget_unreachable"),
+            reject(1.5, "queue_full"),
+            reject(3.0, "ttft_budget_unreachable"),
+            timed_out,               // ends 2.12
+            rec(3.5, 0.05, 0.01, 6), // ends 3.6, e2e 100 ms: meets every objective
+        ];
+        let slo = Slo {
+            ttft_s: Some(0.2),
+            itl_s: None,
+            e2e_s: Some(0.3),
+        };
+        let s = summarize("r".into(), Some(2.0), None, &records, slo);
+        assert_eq!((s.requests, s.succeeded, s.failed), (7, 3, 1));
+        assert_eq!(s.errors.len(), 1);
+        assert_eq!(s.errors_of(ErrorClass::Timeout), 1);
+        assert_eq!(s.errors_of(ErrorClass::Http4xx), 0);
+        assert_eq!((s.admission.admitted, s.admission.rejected), (3, 3));
+        assert_eq!(
+            s.admission.rejected_with(Some("ttft_budget_unreachable")),
+            2
+        );
+        assert_eq!(s.admission.rejected_with(Some("queue_full")), 1);
+        assert!(close(s.admission.rejected_share, 3.0 / 7.0));
+        // Rejections are not measured as answers.
+        assert_eq!(s.ttft_ms.as_ref().map(|d| d.count), Some(3));
+        assert!(close(s.duration_s, 3.6));
+        assert!(close(s.request_throughput, 3.0 / 3.6));
+        let slo = s.slo.expect("objectives given");
+        assert_eq!(slo.e2e_ms, Some(300.0));
+        assert_eq!(slo.met, 2);
+        assert!(close(slo.ttft_attainment, 3.0 / 7.0));
+        assert!(close(slo.itl_attainment, 3.0 / 7.0));
+        assert!(close(slo.e2e_attainment, 2.0 / 7.0));
+        assert!(close(slo.attainment, 2.0 / 7.0));
+        assert_eq!(slo.admitted_attainment, Some(2.0 / 3.0));
+        assert!(close(slo.goodput_rps, 2.0 / 3.6));
+        // Nothing admitted: no attainment among the admitted, and no goodput.
+        let s = summarize("r".into(), None, Some(1), &records[2..5], slo_of(0.2));
+        let slo = s.slo.expect("objectives given");
+        assert_eq!((slo.met, slo.admitted_attainment), (0, None));
+        assert_eq!((slo.attainment, slo.goodput_rps), (0.0, 0.0));
+        assert_eq!(s.admission.rejected_share, 1.0);
+    }
+
+    fn slo_of(ttft_s: f64) -> Slo {
+        Slo {
+            ttft_s: Some(ttft_s),
+            ..Slo::default()
+        }
     }
 
     #[test]

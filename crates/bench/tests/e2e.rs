@@ -26,6 +26,7 @@ async fn twenty_streamed_requests_match_the_server() {
         plan: good,
         spacing,
         tokens_per_chunk: 1,
+        ..Script::default()
     })
     .await;
     let dir = std::env::temp_dir().join(format!("tandem-bench-e2e-{}", std::process::id()));
@@ -68,6 +69,13 @@ async fn twenty_streamed_requests_match_the_server() {
         format!("{}/v1/chat/completions", server.url())
     );
 
+    // No --model: the first of the server's /v1/models, asked once.
+    assert_eq!(report.config.model, "fake-model");
+    assert!(report.config.model_from_endpoint);
+    assert_eq!(server.model_calls(), 1);
+    assert_eq!((s.admission.admitted, s.admission.rejected), (20, 0));
+    assert_eq!(s.admission.ttft_over_predicted, None);
+
     let served = server.served();
     assert_eq!(served.len(), 20);
     let mut total = 0u64;
@@ -75,6 +83,12 @@ async fn twenty_streamed_requests_match_the_server() {
     for r in &run.records {
         let sv = &served[&format!("bench-1-{}", r.index)];
         assert_eq!(sv.path, "/v1/chat/completions");
+        assert_eq!(sv.model, "fake-model");
+        // No budget flags: no admission headers.
+        assert_eq!(
+            (&sv.ttft_budget, &sv.itl_budget, &sv.priority),
+            (&None, &None, &None)
+        );
         assert!(sv.stream && sv.ignore_eos && sv.include_usage);
         assert_eq!(sv.prompt_words, 30);
         assert_eq!(r.input_len, 30);
@@ -136,6 +150,14 @@ async fn twenty_streamed_requests_match_the_server() {
         Some(run.records[0].chunk_s.len())
     );
     assert_eq!(j["runs"][0]["summary"]["succeeded"], 20);
+    assert_eq!(j["runs"][0]["summary"]["admitted"], 20);
+    assert_eq!(j["runs"][0]["summary"]["rejected"], 0);
+    assert_eq!(j["runs"][0]["summary"]["slo"]["admitted_attainment"], 1.0);
+    assert_eq!(j["config"]["model"], "fake-model");
+    for key in ["reject_code", "retry_after_s", "predicted_ttft_ms"] {
+        assert_eq!(recs[0].get(key), Some(&serde_json::Value::Null), "{key}");
+    }
+    assert_eq!(recs[0]["rejected"], false);
     let svg = std::fs::read_to_string(&plot).expect("plot written");
     assert!(
         svg.starts_with("<svg") && svg.contains("TTFT CDF") && svg.trim_end().ends_with("</svg>")
@@ -149,6 +171,7 @@ async fn completions_without_streaming() {
         plan: good,
         spacing: Duration::ZERO,
         tokens_per_chunk: 1,
+        ..Script::default()
     })
     .await;
     let a = args(
@@ -185,6 +208,7 @@ async fn sweeps_repeat_the_prompts_and_warmup_is_separate() {
         plan: good,
         spacing: Duration::ZERO,
         tokens_per_chunk: 1,
+        ..Script::default()
     })
     .await;
     let a = args(
@@ -232,6 +256,7 @@ async fn duration_mode_follows_the_schedule() {
         plan: good,
         spacing: Duration::ZERO,
         tokens_per_chunk: 1,
+        ..Script::default()
     })
     .await;
     // Constant arrivals 50 ms apart inside 300 ms: sends at 0, 50, ..., 250 ms.
@@ -292,6 +317,7 @@ async fn multi_token_chunks_are_attributed_by_the_tokenizer() {
         plan: good,
         spacing: Duration::from_millis(1),
         tokens_per_chunk: 2,
+        ..Script::default()
     })
     .await;
     let a = args(

@@ -31,6 +31,7 @@ async fn each_failure_is_counted_under_its_class() {
         plan: mixed,
         spacing: Duration::from_millis(1),
         tokens_per_chunk: 1,
+        ..Script::default()
     })
     .await;
     let report = run_bench(
@@ -73,6 +74,7 @@ async fn a_silent_server_times_out() {
         plan: hang,
         spacing: Duration::ZERO,
         tokens_per_chunk: 1,
+        ..Script::default()
     })
     .await;
     let report = run_bench(
@@ -103,11 +105,23 @@ async fn a_closed_port_is_a_connect_error() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     drop(listener);
-    let report = run_bench(args(&format!("http://{addr}"), &["--requests", "3"]), None)
+    let url = format!("http://{addr}");
+    let report = run_bench(args(&url, &["--requests", "3", "--model", "m"]), None)
         .await
         .expect("bench finishes");
     let s = &report.runs[0].summary;
     assert_eq!((s.failed, s.errors_of(ErrorClass::Connect)), (3, 3));
+    // Without --model the benchmark needs the model list first, and stops without it.
+    let e = run_bench(args(&url, &["--requests", "3"]), None)
+        .await
+        .expect_err("no model to ask for")
+        .to_string();
+    assert!(
+        e.starts_with(&format!(
+            "cannot find a model to ask for (pass --model): GET {url}/v1/models: "
+        )),
+        "{e}"
+    );
 }
 
 #[tokio::test]

@@ -1,9 +1,11 @@
 //! Scriptable local OpenAI-style servers for the end-to-end tests: raw HTTP/1.1 on tokio, one
 //! request per connection, recording what each request asked for and when each chunk was written.
+//! They also answer `GET /v1/models` and can shed load as Tandem's admission control does.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,21 @@ pub enum Behaviour {
     ErrorEvent,
     /// Reads the request and never answers.
     Hang,
+    /// HTTP 429 at once, with `Retry-After` when given and an OpenAI error body with this code
+    /// (`None`: a plain-text body, as a proxy might send).
+    Reject {
+        code: Option<&'static str>,
+        retry_after: Option<u32>,
+    },
+}
+
+/// How the server answers `GET /v1/models`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Models {
+    /// A list with these ids.
+    List(&'static [&'static str]),
+    /// HTTP 500.
+    Fail,
 }
 
 /// What the server saw of one request and did about it.
@@ -38,6 +55,12 @@ pub struct Served {
     /// Content chunks sent, and the instant just before each was written.
     pub writes: Vec<Instant>,
     pub completion_tokens: u32,
+    /// The body's `model`.
+    pub model: String,
+    /// The admission headers received.
+    pub ttft_budget: Option<String>,
+    pub itl_budget: Option<String>,
+    pub priority: Option<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -48,11 +71,35 @@ pub struct Script {
     pub spacing: Duration,
     /// Tokens each content chunk carries (`max_tokens` must be a multiple).
     pub tokens_per_chunk: u32,
+    /// Pause before the first content chunk.
+    pub first_delay: Duration,
+    /// Sent as `x-tandem-predicted-ttft-ms` on every completion answer, admitted or rejected.
+    pub predicted_ttft_ms: Option<u32>,
+    pub models: Models,
+}
+
+fn good(_: usize) -> Behaviour {
+    Behaviour::Good
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Self {
+            plan: good,
+            spacing: Duration::ZERO,
+            tokens_per_chunk: 1,
+            first_delay: Duration::ZERO,
+            predicted_ttft_ms: None,
+            models: Models::List(&["fake-model", "second-model"]),
+        }
+    }
 }
 
 pub struct Server {
     pub addr: SocketAddr,
     pub served: Arc<Mutex<HashMap<String, Served>>>,
+    /// `GET /v1/models` calls answered.
+    pub model_calls: Arc<AtomicUsize>,
 }
 
 impl Server {
@@ -63,22 +110,31 @@ impl Server {
     pub fn served(&self) -> HashMap<String, Served> {
         self.served.lock().expect("not poisoned").clone()
     }
+
+    pub fn model_calls(&self) -> usize {
+        self.model_calls.load(Ordering::SeqCst)
+    }
 }
 
 pub async fn spawn(script: Script) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let served = Arc::new(Mutex::new(HashMap::new()));
-    let log = served.clone();
+    let model_calls = Arc::new(AtomicUsize::new(0));
+    let (log, calls) = (served.clone(), model_calls.clone());
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
-            let log = log.clone();
+            let (log, calls) = (log.clone(), calls.clone());
             tokio::spawn(async move {
-                let _ = handle(sock, script, log).await;
+                let _ = handle(sock, script, log, calls).await;
             });
         }
     });
-    Server { addr, served }
+    Server {
+        addr,
+        served,
+        model_calls,
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -105,10 +161,33 @@ fn content_event(chat: bool, text: &str) -> String {
     }
 }
 
+fn fixed(status: &str, extra_headers: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra_headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+async fn models(sock: &mut TcpStream, models: Models) -> std::io::Result<()> {
+    let answer = match models {
+        Models::List(ids) => {
+            let data: Vec<serde_json::Value> = ids
+                .iter()
+                .map(|id| serde_json::json!({"id": id, "object": "model", "owned_by": "test"}))
+                .collect();
+            let body = serde_json::json!({"object": "list", "data": data}).to_string();
+            fixed("200 OK", "", &body)
+        }
+        Models::Fail => fixed("500 Internal Server Error", "", "{\"error\":\"no models\"}"),
+    };
+    sock.write_all(answer.as_bytes()).await
+}
+
 async fn handle(
     mut sock: TcpStream,
     script: Script,
     log: Arc<Mutex<HashMap<String, Served>>>,
+    model_calls: Arc<AtomicUsize>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 8192];
@@ -124,6 +203,10 @@ async fn handle(
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let path = head.split(' ').nth(1).unwrap_or("").to_string();
+    if head.starts_with("GET ") && path == "/v1/models" {
+        model_calls.fetch_add(1, Ordering::SeqCst);
+        return models(&mut sock, script.models).await;
+    }
     let header = |name: &str| {
         head.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;
@@ -168,6 +251,10 @@ async fn handle(
         include_usage: body["stream_options"]["include_usage"].as_bool() == Some(true),
         writes: Vec::new(),
         completion_tokens: max_tokens,
+        model: body["model"].as_str().unwrap_or("").to_string(),
+        ttft_budget: header("x-tandem-ttft-budget-ms"),
+        itl_budget: header("x-tandem-itl-budget-ms"),
+        priority: header("x-tandem-priority"),
     };
     let result = respond(&mut sock, script, behaviour, chat, &mut served).await;
     log.lock().expect("not poisoned").insert(id, served);
@@ -181,22 +268,42 @@ async fn respond(
     chat: bool,
     served: &mut Served,
 ) -> std::io::Result<()> {
-    let fixed = |status: &str, body: &str| {
-        format!(
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    };
+    let predicted = script.predicted_ttft_ms.map_or(String::new(), |ms| {
+        format!("x-tandem-predicted-ttft-ms: {ms}\r\n")
+    });
     match behaviour {
         Behaviour::Status500 => {
+            let body = "{\"error\":\"boom\"}";
             return sock
-                .write_all(fixed("500 Internal Server Error", "{\"error\":\"boom\"}").as_bytes())
+                .write_all(fixed("500 Internal Server Error", "", body).as_bytes())
                 .await;
         }
         Behaviour::Status400 => {
+            let body = "{\"error\":\"bad\"}";
             return sock
-                .write_all(fixed("400 Bad Request", "{\"error\":\"bad\"}").as_bytes())
+                .write_all(fixed("400 Bad Request", "", body).as_bytes())
                 .await;
+        }
+        Behaviour::Reject { code, retry_after } => {
+            let mut headers = predicted;
+            if let Some(s) = retry_after {
+                headers.push_str(&format!("Retry-After: {s}\r\n"));
+            }
+            let answer = match code {
+                Some(code) => {
+                    let body = serde_json::json!({"error": {
+                        "message": "the latency budget cannot be met",
+                        "type": "rate_limit_error",
+                        "param": null,
+                        "code": code,
+                    }});
+                    fixed("429 Too Many Requests", &headers, &body.to_string())
+                }
+                None => format!(
+                    "HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\n{headers}Content-Length: 17\r\nConnection: close\r\n\r\nToo Many Requests"
+                ),
+            };
+            return sock.write_all(answer.as_bytes()).await;
         }
         Behaviour::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -220,14 +327,24 @@ async fn respond(
         } else {
             format!("{{\"choices\":[{{\"text\":{text}}}],\"usage\":{usage}}}")
         };
-        return sock.write_all(fixed("200 OK", &body).as_bytes()).await;
+        if !script.first_delay.is_zero() {
+            tokio::time::sleep(script.first_delay).await;
+        }
+        return sock
+            .write_all(fixed("200 OK", &predicted, &body).as_bytes())
+            .await;
     }
-    sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-        .await?;
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n{predicted}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    sock.write_all(head.as_bytes()).await?;
     if chat {
         // A role-only first chunk, as vLLM sends: it must not count as the first token.
         let role = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
         sock.write_all(&http_chunk(role)).await?;
+    }
+    if !script.first_delay.is_zero() {
+        tokio::time::sleep(script.first_delay).await;
     }
     for i in 0..chunks {
         if i > 0 && !script.spacing.is_zero() {
