@@ -41,11 +41,47 @@ struct Part {
     last: bool,
 }
 
+/// Prompt lengths timed before serving, as fractions of the step budget.
+const WARM_UP: [f64; 6] = [0.0625, 0.125, 0.25, 0.5, 0.75, 1.0];
+
+/// Times a few prompts of different lengths before the worker serves, so that the router's
+/// step-time fit (admission's TTFT prediction) has points from the first heartbeat on rather than
+/// after the first few requests. Sequences of token id 0, released at once.
+fn warm_up(engine: &mut Engine, queue: &Queue, step_tokens: usize) -> SeqId {
+    let mut seq: SeqId = 1;
+    for share in WARM_UP {
+        let n = ((step_tokens as f64 * share) as usize).max(1);
+        if engine.blocks_for(n) > engine.free_blocks() {
+            continue;
+        }
+        let tokens = vec![0u32; n];
+        let t0 = Instant::now();
+        let ran = engine
+            .add_sequence(seq)
+            .and_then(|()| engine.reserve(seq, n).map(|_| ()))
+            .and_then(|()| {
+                engine.step(&[StepItem {
+                    seq,
+                    tokens: &tokens,
+                    logits: true,
+                }])
+            });
+        let took = t0.elapsed();
+        let _ = engine.release(seq);
+        seq += 1;
+        match ran {
+            Ok(_) => queue.counters.steps.record([(0, n)].into_iter(), 0, 0, took),
+            Err(e) => tracing::debug!(error = %e, "warm-up step failed"),
+        }
+    }
+    seq
+}
+
 /// Runs the batcher until the queue stops.
 pub fn run(mut engine: Engine, queue: Arc<Queue>, cfg: BatcherConfig, eos: Vec<u32>) {
     let mut active: Vec<Active> = Vec::new();
     let mut regions: HashMap<String, ShmRegion> = HashMap::new();
-    let mut next_seq: SeqId = 1;
+    let mut next_seq: SeqId = warm_up(&mut engine, &queue, cfg.step_tokens);
     loop {
         let mut free = engine.free_blocks();
         let bs = engine.block_size();

@@ -12,7 +12,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::convert::{millis, priority_to_proto};
 use crate::error::{RejectReason, RouterError};
 use crate::registry::Lease;
-use crate::types::{Feedback, Leg, Load, Placement, Predicted, RequestShape};
+use crate::types::{Feedback, Leg, Placement, Predicted, RequestShape};
 
 /// A connection to a router's `RouterService`, with one deadline for every unary call.
 #[derive(Clone, Debug)]
@@ -49,11 +49,11 @@ impl RouterClient {
     pub async fn register(
         &mut self,
         identity: v1::WorkerIdentity,
-        load: &Load,
+        load: v1::LoadReport,
     ) -> Result<Lease, RouterError> {
         let message = v1::RegisterRequest {
             identity: Some(identity),
-            load: Some(load.into()),
+            load: Some(load),
         };
         let granted = self
             .inner
@@ -191,8 +191,7 @@ pub async fn keep_registered(
     mut report: impl FnMut() -> v1::LoadReport + Send,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RouterError> {
-    let first = Load::try_from(&report())?;
-    let lease = client.register(identity.clone(), &first).await?;
+    let lease = client.register(identity.clone(), report()).await?;
     let worker_id = lease.worker_id.to_string();
     let mut identity = identity;
     identity.worker_id.clone_from(&worker_id);
@@ -204,12 +203,10 @@ pub async fn keep_registered(
         tokio::select! {
             () = &mut shutdown => break,
             _ = beat.tick() => {
-                let wire = report();
-                let load = Load::try_from(&wire).unwrap_or_default();
-                match client.heartbeat(&worker_id, wire).await {
+                match client.heartbeat(&worker_id, report()).await {
                     Ok(_) => {}
                     Err(RouterError::UnknownWorker(_)) => {
-                        if let Err(e) = client.register(identity.clone(), &load).await {
+                        if let Err(e) = client.register(identity.clone(), report()).await {
                             tracing::warn!(%worker_id, error = %e, "re-registration failed");
                         }
                     }

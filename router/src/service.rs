@@ -78,7 +78,11 @@ impl RouterService for RouterGrpc {
             .map(Load::try_from)
             .transpose()?
             .unwrap_or_default();
-        let lease = self.handle.register(identity, load).await?;
+        let steps = r.load.as_ref().map(steps_from_proto).transpose()?;
+        let lease = self
+            .handle
+            .register_with_steps(identity, load, steps.unwrap_or_default())
+            .await?;
         Ok(Response::new(v1::RegisterResponse {
             worker_id: lease.worker_id.to_string(),
             lease_ms: millis(lease.lease),

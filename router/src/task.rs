@@ -55,6 +55,7 @@ enum Command {
     Register {
         identity: WorkerIdentity,
         load: Load,
+        steps: Vec<StepSample>,
         reply: Reply<Lease>,
     },
     Heartbeat {
@@ -117,9 +118,20 @@ impl RouterHandle {
         identity: WorkerIdentity,
         load: Load,
     ) -> Result<Lease, RouterError> {
+        self.register_with_steps(identity, load, Vec::new()).await
+    }
+
+    /// A registration that also carries the steps the worker measured (its warm-up).
+    pub async fn register_with_steps(
+        &self,
+        identity: WorkerIdentity,
+        load: Load,
+        steps: Vec<StepSample>,
+    ) -> Result<Lease, RouterError> {
         self.call(|reply| Command::Register {
             identity,
             load,
+            steps,
             reply,
         })
         .await
@@ -269,9 +281,17 @@ impl Task {
             Command::Register {
                 identity,
                 load,
+                steps,
                 reply,
             } => {
-                let _ = reply.send(self.registry.register(identity, load, now));
+                let answer = self.registry.register(identity, load, now);
+                if let Ok(lease) = &answer
+                    && !steps.is_empty()
+                {
+                    self.registry.observe_steps(&lease.worker_id, &steps);
+                    self.publish_admission(now);
+                }
+                let _ = reply.send(answer);
             }
             Command::Heartbeat {
                 worker_id,

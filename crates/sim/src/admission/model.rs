@@ -17,7 +17,7 @@ use crate::perf::{PerfModel, PrefillItem, StepShape};
 /// Samples kept per model; older ones age out, so the fit follows the host.
 pub const WINDOW: usize = 512;
 /// Samples a linear fit needs before it predicts (a base model predicts from the start).
-pub const MIN_SAMPLES: usize = 8;
+pub const MIN_SAMPLES: usize = 6;
 /// New samples between two refits.
 const REFIT_EVERY: usize = 16;
 /// Most prompt chunks a sample or a predicted step carries.

@@ -53,7 +53,7 @@ pub enum Candidate<'a> {
 
 /// A request's predicted latencies on one candidate, seconds. `*_bound` is the high quantile
 /// admission tests; `*_idle_bound` the same on an idle candidate (a budget below it can never be
-/// met, so no wait helps).
+/// met, so no wait helps). The ITL fields are 0 while no decode step has been measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Prediction {
     pub ttft: f64,
@@ -210,7 +210,8 @@ impl Predictor {
         })
     }
 
-    /// Predicts a request on a candidate; `None` while a model it needs cannot predict yet.
+    /// Predicts a request on a candidate; `None` while the model of the role that computes the
+    /// prompt cannot predict yet.
     pub fn predict(&self, c: &Candidate<'_>, prompt_tokens: u32) -> Option<Prediction> {
         let (p, d) = match c {
             Candidate::Disaggregated { prefill, decode } => (*prefill, *decode),
@@ -233,8 +234,12 @@ impl Predictor {
             ..*p
         };
         let ttft_idle_raw = self.prefill_time(pm, &idle, prompt_tokens)? + exposed;
-        let itl_raw = self.decode_step(dm, d, prompt_tokens)?;
-        let itl_idle_raw = self.decode_step(dm, &DecodeLoad::default(), prompt_tokens)?;
+        // A decode model that cannot predict yet (no decode step measured) leaves ITL unchecked
+        // (0) rather than the whole request unpredicted.
+        let itl_raw = self.decode_step(dm, d, prompt_tokens).unwrap_or(0.0);
+        let itl_idle_raw = self
+            .decode_step(dm, &DecodeLoad::default(), prompt_tokens)
+            .unwrap_or(0.0);
         let (tm, tb) = (self.ttft.median_factor(), self.ttft.bound_factor());
         let (im, ib) = (self.itl.median_factor(), self.itl.bound_factor());
         Some(Prediction {

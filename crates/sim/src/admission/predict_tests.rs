@@ -150,6 +150,28 @@ fn measured_ratios_move_the_point_and_the_bound() {
 }
 
 #[test]
+fn an_unfitted_decode_model_leaves_itl_unchecked() {
+    let pr = Predictor::new(
+        StepModel::new(Some(Arc::new(Hand))),
+        StepModel::new(None),
+        StepModel::new(None),
+        PredictorConfig::default(),
+    );
+    let p = PrefillLoad {
+        step_tokens: 512,
+        ..PrefillLoad::default()
+    };
+    let d = DecodeLoad::default();
+    let c = Candidate::Disaggregated {
+        prefill: &p,
+        decode: &d,
+    };
+    let got = pr.predict(&c, 100).unwrap();
+    assert!(close(got.ttft_raw, 0.011));
+    assert_eq!((got.itl_raw, got.itl_bound, got.itl_idle_bound), (0.0, 0.0, 0.0));
+}
+
+#[test]
 fn an_unfitted_model_predicts_nothing() {
     let pr = Predictor::new(
         StepModel::new(None),
