@@ -52,6 +52,7 @@ fn config(requests: usize) -> Result<SimConfig, tandem_sim::SimError> {
             ttft_s: 1.0,
             tpot_s: 0.05,
         },
+        admission: None,
     })
 }
 

@@ -1,5 +1,7 @@
 //! `tandem plan`: its flags and the function the binary calls.
 
+mod admission;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,7 +14,7 @@ use crate::peak::poisson_peak;
 use crate::perf::{Link, PerfModel};
 use crate::planner::{Grid, Mode, ModelSource, PlanInput, plan};
 use crate::profile::Profiled;
-use crate::replay::read_bench_json;
+use crate::replay::read_bench_run;
 use crate::report;
 use crate::roofline::{Efficiency, Roofline};
 use crate::simulate::{ClusterSpec, RunLoad, run_cluster};
@@ -29,6 +31,8 @@ pub enum Method {
     /// simulator: a DistServe-style search that also gives the prefill:decode ratio.
     Simulate,
 }
+
+pub use admission::AdmissionArgs;
 
 /// Size a cluster for a workload under latency objectives, or cost one configuration.
 #[derive(Debug, Clone, Args)]
@@ -84,6 +88,8 @@ pub struct PlanArgs {
     /// With --simulate: multiply every step time, as `--sim-time-scale` does for the sim engine.
     #[arg(long, env = "TANDEM_PLAN_TIME_SCALE", default_value_t = 1.0)]
     pub time_scale: f64,
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
     /// Sizing method: static (the sizing calculator's, the default) or simulate (continuous
     /// batching, aggregated and disaggregated, with the prefill:decode ratio).
     ///
@@ -302,20 +308,19 @@ impl PlanArgs {
 /// `--simulate`: one cluster under the rate and lengths given, or under a replayed bench run.
 fn simulate_one(args: &PlanArgs, src: &ModelSource, spec: &str) -> Result<String, SimError> {
     let cluster = ClusterSpec::parse(spec)?;
-    let (workload, requests) = match &args.replay {
-        Some(path) => {
-            let reqs = read_bench_json(path)?;
-            let n = reqs.len();
+    let mut replay = args.replay.as_deref().map(read_bench_run).transpose()?;
+    let admission = args.admission.settings(replay.as_mut())?;
+    let (workload, requests, measured) = match replay {
+        Some(run) => {
+            let n = run.requests.len();
             let (input, output) = (Lengths::Fixed(1), Lengths::Fixed(1));
-            let arrivals = Arrivals::Replay(reqs);
-            (
-                Workload {
-                    arrivals,
-                    input,
-                    output,
-                },
-                n,
-            )
+            let arrivals = Arrivals::Replay(run.requests);
+            let w = Workload {
+                arrivals,
+                input,
+                output,
+            };
+            (w, n, Some(run.measured))
         }
         None => {
             let rate = match (args.rate, args.avg_rate) {
@@ -327,7 +332,7 @@ fn simulate_one(args: &PlanArgs, src: &ModelSource, spec: &str) -> Result<String
                 input: lengths(args.isl_value()?, args.isl_spread, "--isl")?,
                 output: lengths(args.osl_value()?, args.osl_spread, "--osl")?,
             };
-            (w, args.requests)
+            (w, args.requests, None)
         }
     };
     let load = RunLoad {
@@ -335,6 +340,8 @@ fn simulate_one(args: &PlanArgs, src: &ModelSource, spec: &str) -> Result<String
         requests,
         seed: args.seed,
         time_scale: args.time_scale,
+        admission,
+        measured,
     };
     run_cluster(src, &cluster, &load, args.json)
 }

@@ -14,17 +14,22 @@
 //!   times and rates compare with a run of `tandem up --engine sim` as measured by `tandem bench`.
 //! * Not modelled: the gateway, router and gRPC hops (a millisecond or two per request on a small
 //!   machine), and the streaming of tokens to the client.
+//! * Admission (`--ttft-budget`, `--itl-budget`, `--priority`, or a replayed run's budgets): the
+//!   router's latency-budget admission runs in the DES ([`crate::des::AdmissionConfig`]), and the
+//!   report gives the share rejected, attainment of the budgets among the admitted and the goodput;
+//!   beside a replayed run's measured rejections.
+
+mod output;
 
 use std::sync::Arc;
 
-use serde_json::json;
-
-use crate::des::{Cluster, InstanceSpec, Phase, SimConfig, simulate};
+use crate::des::{AdmissionConfig, Cluster, InstanceSpec, Phase, SimConfig, simulate};
 use crate::error::SimError;
 use crate::perf::{Link, MemoryFit, PerfModel, StepShape};
 use crate::planner::ModelSource;
-use crate::stats::{Dist, SimReport, Slo};
-use crate::workload::{Arrivals, Lengths, Workload};
+use crate::replay::Measured;
+use crate::stats::Slo;
+use crate::workload::Workload;
 
 /// The cluster `--simulate` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +145,10 @@ pub struct RunLoad {
     pub seed: u64,
     /// Multiplies every step time.
     pub time_scale: f64,
+    /// Latency-budget admission, with the budgets that are also the run's objectives.
+    pub admission: Option<AdmissionConfig>,
+    /// What the replayed run's admission did, to set beside the prediction.
+    pub measured: Option<Measured>,
 }
 
 /// Simulates `cluster` under `load` and reports as text or JSON.
@@ -178,126 +187,25 @@ pub fn run_cluster(
         // A measured run counts every request it sends, so the prediction does too.
         warmup: 0.0,
         phase: Phase::Full,
-        slo: Slo {
-            ttft_s: f64::INFINITY,
-            tpot_s: f64::INFINITY,
-        },
+        slo: objectives(load.admission.as_ref()),
+        admission: load.admission.clone(),
     };
     let rep = simulate(&sim)?;
     let desc = (pm.describe(), dm.describe());
     Ok(if json {
-        as_json(cluster, load, &rep, &desc)
+        output::as_json(cluster, load, &rep, &desc)
     } else {
-        as_text(cluster, load, &rep, &desc)
+        output::as_text(cluster, load, &rep, &desc)
     })
 }
 
-fn dist_json(d: &Dist) -> serde_json::Value {
-    json!({
-        "mean": d.mean * 1e3, "p50": d.p50 * 1e3, "p90": d.p90 * 1e3,
-        "p99": d.p99 * 1e3, "max": d.max * 1e3,
-    })
-}
-
-fn describe_arrivals(w: &Workload) -> String {
-    match &w.arrivals {
-        Arrivals::Poisson { rate } => format!("Poisson arrivals at {rate}/s"),
-        Arrivals::Gamma { rate, cv } => format!("gamma arrivals at {rate}/s, cv {cv}"),
-        Arrivals::Constant { rate } => format!("constant arrivals at {rate}/s"),
-        Arrivals::Trace(t) => format!("a trace of {} arrivals", t.len()),
-        Arrivals::Replay(r) => format!("a replay of {} recorded requests", r.len()),
+/// The run's objectives: admission's budgets where it has them, none otherwise.
+fn objectives(admission: Option<&AdmissionConfig>) -> Slo {
+    let b = admission.map(|a| a.budget).unwrap_or_default();
+    Slo {
+        ttft_s: b.ttft.unwrap_or(f64::INFINITY),
+        tpot_s: b.itl.unwrap_or(f64::INFINITY),
     }
-}
-
-fn lengths_text(l: &Lengths) -> String {
-    match *l {
-        Lengths::Fixed(n) => n.to_string(),
-        Lengths::Uniform { lo, hi } => format!("{lo}-{hi}"),
-        Lengths::Normal { mean, std, lo, hi } => format!("normal({mean}, {std}) in {lo}-{hi}"),
-    }
-}
-
-fn as_json(c: &ClusterSpec, load: &RunLoad, r: &SimReport, desc: &(String, String)) -> String {
-    let v = json!({
-        "prefill_instances": c.prefill,
-        "decode_instances": c.decode,
-        "tp_prefill": c.tp_prefill,
-        "tp_decode": c.tp_decode,
-        "step_tokens": c.step_tokens,
-        "max_running": c.max_running,
-        "time_scale": load.time_scale,
-        "arrivals": describe_arrivals(&load.workload),
-        "requests": r.requests,
-        "ttft_ms": dist_json(&r.ttft),
-        "itl_ms": dist_json(&r.itl),
-        "tpot_ms": dist_json(&r.tpot),
-        "e2e_ms": dist_json(&r.e2e),
-        "throughput_rps": r.throughput_rps,
-        "output_tokens_per_s": r.output_tokens_per_s,
-        "span_s": r.span_s,
-        "model_prefill": desc.0,
-        "model_decode": desc.1,
-    });
-    format!("{v}\n")
-}
-
-fn as_text(c: &ClusterSpec, load: &RunLoad, r: &SimReport, desc: &(String, String)) -> String {
-    use std::fmt::Write;
-    let mut s = String::new();
-    let running = c
-        .max_running
-        .map_or("as many as KV holds".to_string(), |n| n.to_string());
-    let _ = writeln!(
-        s,
-        "simulated: {} x prefill TP{} ({} prompt tokens per step) + {} x decode TP{} (batch: {running})",
-        c.prefill, c.tp_prefill, c.step_tokens, c.decode, c.tp_decode
-    );
-    let _ = writeln!(s, "prefill model: {}", desc.0);
-    if desc.1 != desc.0 {
-        let _ = writeln!(s, "decode model: {}", desc.1);
-    }
-    let w = &load.workload;
-    let lens = match w.arrivals {
-        Arrivals::Replay(_) => String::new(),
-        _ => format!(
-            "; prompts {} tokens, answers {} tokens",
-            lengths_text(&w.input),
-            lengths_text(&w.output)
-        ),
-    };
-    let _ = writeln!(
-        s,
-        "workload: {} requests, {}{lens}",
-        r.requests,
-        describe_arrivals(w)
-    );
-    let _ = writeln!(
-        s,
-        "{:<10}{:>10}{:>10}{:>10}{:>10}{:>10}",
-        "(ms)", "mean", "p50", "p90", "p99", "max"
-    );
-    for (name, d) in [
-        ("TTFT", &r.ttft),
-        ("ITL", &r.itl),
-        ("TPOT", &r.tpot),
-        ("E2E", &r.e2e),
-    ] {
-        let _ = writeln!(
-            s,
-            "{name:<10}{:>10.2}{:>10.2}{:>10.2}{:>10.2}{:>10.2}",
-            d.mean * 1e3,
-            d.p50 * 1e3,
-            d.p90 * 1e3,
-            d.p99 * 1e3,
-            d.max * 1e3
-        );
-    }
-    let _ = writeln!(
-        s,
-        "throughput: {:.3} requests/s, {:.1} output tokens/s over {:.2} s",
-        r.throughput_rps, r.output_tokens_per_s, r.span_s
-    );
-    s
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Arrivals and request lengths: what the simulator is asked to serve.
 
+use crate::admission::Budget;
 use crate::error::SimError;
 use crate::rng::Rng;
 
@@ -196,6 +197,9 @@ pub struct RequestSpec {
     pub arrival: f64,
     pub input: u32,
     pub output: u32,
+    /// Its own latency budgets and priority for admission (a replayed request's); `None`: the
+    /// run's default ([`crate::des::AdmissionConfig::budget`]).
+    pub budget: Option<Budget>,
 }
 
 /// Draws requests one at a time, so that the simulator never holds more than it needs.
@@ -245,6 +249,7 @@ impl Iterator for RequestStream<'_> {
             arrival,
             input,
             output,
+            budget: None,
         })
     }
 }

@@ -168,7 +168,10 @@ fn an_unfitted_decode_model_leaves_itl_unchecked() {
     };
     let got = pr.predict(&c, 100).unwrap();
     assert!(close(got.ttft_raw, 0.011));
-    assert_eq!((got.itl_raw, got.itl_bound, got.itl_idle_bound), (0.0, 0.0, 0.0));
+    assert_eq!(
+        (got.itl_raw, got.itl_bound, got.itl_idle_bound),
+        (0.0, 0.0, 0.0)
+    );
 }
 
 #[test]
@@ -208,7 +211,7 @@ fn queue_chunks_cover_the_tokens_exactly() {
             let n = queue_chunks(&mut out, tokens, mean);
             let sum: u32 = out[..n].iter().map(|c| c.new_tokens).sum();
             assert_eq!(sum, tokens, "tokens {tokens} mean {mean}");
-            assert!(n >= 1 && n <= MAX_CHUNKS);
+            assert!((1..=MAX_CHUNKS).contains(&n));
         }
     }
 }

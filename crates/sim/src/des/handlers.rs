@@ -1,5 +1,6 @@
 //! Placement and the instances' step loops.
 
+use super::admit::Role;
 use super::state::Kind;
 use super::{Cluster, InstanceSpec, Phase, Sim};
 use crate::perf::{Link, PrefillItem, StepShape};
@@ -27,42 +28,88 @@ impl<'a> Sim<'a> {
     }
 
     fn place(&mut self, id: u32) -> bool {
-        let r = self.reqs[id as usize];
+        let blocks = self.reqs[id as usize].blocks;
         if let Cluster::Aggregated { .. } = self.cfg.cluster {
-            // Least queued prompt tokens among instances with room, then the most free blocks.
-            let pick = (0..self.agg.len())
-                .filter(|&i| self.agg[i].free_blocks >= r.blocks)
-                .min_by(|&i, &j| {
-                    let (a, b) = (&self.agg[i], &self.agg[j]);
-                    a.queued_tokens
-                        .cmp(&b.queued_tokens)
-                        .then(b.free_blocks.cmp(&a.free_blocks))
-                });
-            let Some(a) = pick else { return false };
-            let inst = &mut self.agg[a];
-            inst.free_blocks -= r.blocks;
-            inst.holders += 1;
-            inst.waiting.push_back(id);
-            inst.queued_tokens += u64::from(r.input);
-            self.reqs[id as usize].inst = a as u32;
-            if !self.agg[a].busy {
-                self.start_agg(a);
-            }
+            let Some(a) = self.agg_with_room(blocks) else {
+                return false;
+            };
+            self.place_at(id, a, a);
             return true;
         }
+        let mut d = 0;
         if self.cfg.phase != Phase::PrefillOnly {
-            // Most free KV blocks, then the fewest sequences holding blocks.
-            let pick = (0..self.decode.len())
-                .filter(|&i| self.decode[i].free_blocks >= r.blocks)
-                .min_by(|&i, &j| {
-                    let (a, b) = (&self.decode[i], &self.decode[j]);
-                    b.free_blocks
-                        .cmp(&a.free_blocks)
-                        .then(a.holders.cmp(&b.holders))
-                });
-            let Some(d) = pick else { return false };
-            self.decode[d].free_blocks -= r.blocks;
-            self.decode[d].holders += 1;
+            match self
+                .policy_decode()
+                .filter(|&d| self.decode[d].free_blocks >= blocks)
+            {
+                Some(x) => d = x,
+                None => return false,
+            }
+        }
+        let p = self.least_queued_prefill();
+        self.place_at(id, p, d);
+        true
+    }
+
+    /// Least queued prompt tokens among aggregated instances with room, then the most free blocks.
+    fn agg_with_room(&self, blocks: u64) -> Option<usize> {
+        (0..self.agg.len())
+            .filter(|&i| self.agg[i].free_blocks >= blocks)
+            .min_by(|&i, &j| {
+                let (a, b) = (&self.agg[i], &self.agg[j]);
+                a.queued_tokens
+                    .cmp(&b.queued_tokens)
+                    .then(b.free_blocks.cmp(&a.free_blocks))
+            })
+    }
+
+    /// The router's default decode choice: the most free KV blocks, then the fewest sequences
+    /// holding blocks, then the first. It has room for a request if any instance has.
+    pub(super) fn policy_decode(&self) -> Option<usize> {
+        (0..self.decode.len()).min_by(|&i, &j| {
+            let (a, b) = (&self.decode[i], &self.decode[j]);
+            b.free_blocks
+                .cmp(&a.free_blocks)
+                .then(a.holders.cmp(&b.holders))
+        })
+    }
+
+    /// The prefill instance with the fewest queued prompt tokens, the first on a tie.
+    pub(super) fn least_queued_prefill(&self) -> usize {
+        (0..self.prefill.len())
+            .min_by_key(|&i| self.prefill[i].queued_tokens)
+            .unwrap_or(0)
+    }
+
+    /// Places a request: its KV reserved on decode instance `d` and its prompt queued on prefill
+    /// instance `p` (aggregated: both on instance `d`). The caller has checked the room.
+    pub(super) fn place_at(&mut self, id: u32, p: usize, d: usize) {
+        let r = self.reqs[id as usize];
+        let itl = self.itl_budget(id);
+        if let Cluster::Aggregated { .. } = self.cfg.cluster {
+            let inst = &mut self.agg[d];
+            inst.free_blocks -= r.blocks;
+            inst.holders += 1;
+            inst.reserved_tokens += u64::from(r.input);
+            if let Some(b) = itl {
+                inst.itl.add(b);
+            }
+            inst.waiting.push_back(id);
+            inst.queued_tokens += u64::from(r.input);
+            self.reqs[id as usize].inst = d as u32;
+            if !self.agg[d].busy {
+                self.start_agg(d);
+            }
+            return;
+        }
+        if self.cfg.phase != Phase::PrefillOnly {
+            let inst = &mut self.decode[d];
+            inst.free_blocks -= r.blocks;
+            inst.holders += 1;
+            inst.reserved_tokens += u64::from(r.input);
+            if let Some(b) = itl {
+                inst.itl.add(b);
+            }
             self.reqs[id as usize].inst = d as u32;
             if self.cfg.phase == Phase::DecodeOnly {
                 self.reqs[id as usize].first = self.now;
@@ -70,19 +117,15 @@ impl<'a> Sim<'a> {
                 if !self.decode[d].busy {
                     self.start_decode(d);
                 }
-                return true;
+                return;
             }
         }
-        let p = (0..self.prefill.len())
-            .min_by_key(|&i| self.prefill[i].queued_tokens)
-            .unwrap_or(0);
         let inst = &mut self.prefill[p];
         inst.queue.push_back(id);
         inst.queued_tokens += u64::from(r.input);
         if !inst.busy {
             self.start_prefill(p, true);
         }
-        true
     }
 
     /// One prefill step, as the prefill worker's batcher makes it: prompts oldest first, each
@@ -120,6 +163,7 @@ impl<'a> Sim<'a> {
             let dt = spec.model.prefill_time(&items)
                 * spec.model.served_prefill_factor(beside_decode, after_idle);
             self.schedule(self.now + dt, Kind::PrefillDone(p as u32));
+            self.observe_step(Role::Prefill, &items, 0, 0, dt);
         }
         self.scratch_items = items;
     }
@@ -146,12 +190,15 @@ impl<'a> Sim<'a> {
                 let d = &mut self.decode[r.inst as usize];
                 d.free_blocks += r.blocks;
                 d.holders -= 1;
+                d.reserved_tokens -= u64::from(r.input);
                 freed = true;
+                self.finished(id);
             } else if let Some(link) = link {
                 // Layer-wise transfer overlaps the prefill; only what exceeds it shows.
                 let kv = pspecs[p].model.kv_transfer_time(u64::from(r.input), link);
                 let exposed = (kv - dt).max(link.latency_s);
                 self.schedule(self.now + exposed, Kind::KvReady(id));
+                self.note_exposed(id, exposed);
             }
         }
         self.prefill[p].chunks = chunks;
@@ -159,6 +206,7 @@ impl<'a> Sim<'a> {
         if freed {
             self.admit_pending();
         }
+        self.retry_waiting();
     }
 
     pub(super) fn start_decode(&mut self, d: usize) {
@@ -169,6 +217,7 @@ impl<'a> Sim<'a> {
                 break;
             };
             let r = &self.reqs[id as usize];
+            inst.reserved_tokens -= u64::from(r.input);
             inst.set.add(
                 id,
                 u64::from(r.input) + 1,
@@ -185,6 +234,7 @@ impl<'a> Sim<'a> {
             * spec.model.decode_spread(b, self.spread_rng.uniform());
         self.steps.push((self.now, dt, b));
         self.schedule(self.now + dt, Kind::DecodeDone(d as u32));
+        self.observe_step(Role::Decode, &[], b, ctx, dt);
     }
 
     pub(super) fn on_decode_done(&mut self, d: usize) {
@@ -196,6 +246,7 @@ impl<'a> Sim<'a> {
             r.finish = self.now;
             self.decode[d].free_blocks += r.blocks;
             self.decode[d].holders -= 1;
+            self.finished(id);
         }
         let freed = !out.is_empty();
         self.scratch_ids = out;
@@ -203,6 +254,7 @@ impl<'a> Sim<'a> {
         if freed {
             self.admit_pending();
         }
+        self.retry_waiting();
     }
 
     pub(super) fn start_agg(&mut self, a: usize) {
@@ -215,6 +267,7 @@ impl<'a> Sim<'a> {
                 break;
             };
             let r = &self.reqs[id as usize];
+            inst.reserved_tokens -= u64::from(r.input);
             inst.set.add(
                 id,
                 u64::from(r.input) + 1,
@@ -259,10 +312,12 @@ impl<'a> Sim<'a> {
                 decode_context: inst.set.context(),
             };
             let dt = spec.model.step_time(&step);
+            let ctx = step.decode_context;
             if b > 0 {
                 self.steps.push((self.now, dt, b));
             }
             self.schedule(self.now + dt, Kind::AggDone(a as u32));
+            self.observe_step(Role::Aggregated, &items, b, ctx, dt);
         }
         self.scratch_items = items;
     }
@@ -282,6 +337,7 @@ impl<'a> Sim<'a> {
                 inst.partial -= 1;
                 inst.waiting.pop_front();
                 if r.output <= 1 {
+                    inst.reserved_tokens -= u64::from(r.input);
                     out.push(id);
                 } else {
                     inst.ready.push_back(id);
@@ -294,6 +350,7 @@ impl<'a> Sim<'a> {
             r.finish = self.now;
             self.agg[a].free_blocks += r.blocks;
             self.agg[a].holders -= 1;
+            self.finished(id);
         }
         let freed = !out.is_empty();
         self.scratch_ids = out;
@@ -301,5 +358,6 @@ impl<'a> Sim<'a> {
         if freed {
             self.admit_pending();
         }
+        self.retry_waiting();
     }
 }

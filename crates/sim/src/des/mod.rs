@@ -16,10 +16,15 @@
 //! * Aggregated: one instance does both, Sarathi-style: each step carries every running sequence's
 //!   next token plus prompt chunks (FCFS) up to the step's token budget.
 //! * A request that finds no instance with room for its KV waits, FCFS, at the router.
+//! * With [`SimConfig::admission`], arrivals go through the router's latency-budget admission
+//!   instead ([`admit`]): admitted, queued by deadline, or rejected.
 //!
 //! Cost per event is O(log n): a decode step advances every sequence by one token through running
 //! sums (context grows by the batch size), and completions come off a heap keyed by step number.
 
+mod admit;
+mod admit_config;
+mod choice;
 mod handlers;
 mod state;
 
@@ -32,6 +37,7 @@ use crate::perf::{Link, PerfModel, blocks_for};
 use crate::rng::Rng;
 use crate::stats::{Outcome, SimReport, Slo, summarise};
 use crate::workload::{RequestStream, Workload};
+pub use admit_config::{AdmissionConfig, PairChoice};
 use state::{AggInst, DecodeInst, Event, Kind, PrefillInst, Req};
 
 /// Mixed into the seed for the decode step spread's stream.
@@ -93,6 +99,9 @@ pub struct SimConfig {
     pub warmup: f64,
     pub phase: Phase,
     pub slo: Slo,
+    /// Latency-budget admission as the router runs it; `None` (the default everywhere): every
+    /// request is placed, waiting FCFS for KV room.
+    pub admission: Option<AdmissionConfig>,
 }
 
 struct Sim<'a> {
@@ -114,58 +123,16 @@ struct Sim<'a> {
     /// Draws decode step times from the model's spread (its own stream, so that arrivals do not
     /// depend on it).
     spread_rng: Rng,
+    /// Admission's predictor, queue and per-request records, when it is on.
+    adm: Option<Box<admit::AdmState>>,
 }
 
 /// Runs the simulation to the last completion.
 pub fn simulate(cfg: &SimConfig) -> Result<SimReport, SimError> {
-    validate(cfg)?;
-    let mut sim = Sim::new(cfg);
-    let mut stream = RequestStream::new(&cfg.workload, cfg.seed);
-    let warm = (cfg.requests as f64 * cfg.warmup.clamp(0.0, 0.9)) as usize;
-    if let Some(first) = stream.next() {
-        sim.push_arrival(first);
-    }
-    while let Some(Reverse(ev)) = sim.events.pop() {
-        sim.now = ev.time;
-        sim.processed += 1;
-        match ev.kind {
-            Kind::Arrival(id) => {
-                if id as usize == warm {
-                    sim.measure_from = sim.reqs[id as usize].arrival;
-                }
-                if sim.reqs.len() < cfg.requests
-                    && let Some(next) = stream.next()
-                {
-                    sim.push_arrival(next);
-                }
-                sim.pending.push_back(id);
-                sim.admit_pending();
-            }
-            Kind::PrefillDone(p) => sim.on_prefill_done(p as usize),
-            Kind::KvReady(id) => {
-                let d = sim.reqs[id as usize].inst as usize;
-                sim.decode[d].ready.push_back(id);
-                if !sim.decode[d].busy {
-                    sim.start_decode(d);
-                }
-            }
-            Kind::DecodeDone(d) => sim.on_decode_done(d as usize),
-            Kind::AggDone(a) => sim.on_agg_done(a as usize),
-        }
-    }
-    if sim.reqs.iter().any(|r| r.finish.is_nan()) {
-        return Err(SimError::invalid(
-            "simulation ended with unfinished requests (a request that fits no instance)",
-        ));
-    }
-    let outcomes: Vec<Outcome> = sim.reqs[warm.min(sim.reqs.len())..]
-        .iter()
-        .map(|r| Outcome {
-            arrival: r.arrival,
-            first: r.first,
-            finish: r.finish,
-            output: r.output,
-        })
+    let sim = run(cfg)?;
+    let warm = warm_up(cfg);
+    let outcomes: Vec<Outcome> = (warm.min(sim.reqs.len())..sim.reqs.len())
+        .map(|i| sim.outcome(i))
         .collect();
     let (check_ttft, check_tpot) = match cfg.phase {
         Phase::Full => (true, true),
@@ -187,6 +154,63 @@ pub fn simulate(cfg: &SimConfig) -> Result<SimReport, SimError> {
         check_tpot,
         sim.processed,
     ))
+}
+
+/// Requests left out of the statistics while the cluster fills.
+fn warm_up(cfg: &SimConfig) -> usize {
+    (cfg.requests as f64 * cfg.warmup.clamp(0.0, 0.9)) as usize
+}
+
+/// The simulation itself, its final state returned for the statistics (and for tests).
+fn run(cfg: &SimConfig) -> Result<Sim<'_>, SimError> {
+    validate(cfg)?;
+    let mut sim = Sim::new(cfg);
+    let mut stream = RequestStream::new(&cfg.workload, cfg.seed);
+    let warm = warm_up(cfg);
+    if let Some(first) = stream.next() {
+        sim.push_arrival(first);
+    }
+    while let Some(Reverse(ev)) = sim.events.pop() {
+        sim.now = ev.time;
+        sim.processed += 1;
+        match ev.kind {
+            Kind::Arrival(id) => {
+                if id as usize == warm {
+                    sim.measure_from = sim.reqs[id as usize].arrival;
+                }
+                if sim.reqs.len() < cfg.requests
+                    && let Some(next) = stream.next()
+                {
+                    sim.push_arrival(next);
+                }
+                if sim.adm.is_some() {
+                    sim.arrive(id);
+                } else {
+                    sim.pending.push_back(id);
+                    sim.admit_pending();
+                }
+            }
+            Kind::PrefillDone(p) => sim.on_prefill_done(p as usize),
+            Kind::KvReady(id) => {
+                let d = sim.reqs[id as usize].inst as usize;
+                sim.decode[d].ready.push_back(id);
+                if !sim.decode[d].busy {
+                    sim.start_decode(d);
+                }
+            }
+            Kind::DecodeDone(d) => sim.on_decode_done(d as usize),
+            Kind::AggDone(a) => sim.on_agg_done(a as usize),
+            Kind::Deadline(id) => sim.on_deadline(id),
+        }
+    }
+    let unfinished = (0..sim.reqs.len())
+        .any(|i| sim.reqs[i].finish.is_nan() && sim.adm.as_ref().is_none_or(|a| !a.rejected(i)));
+    if unfinished {
+        return Err(SimError::invalid(
+            "simulation ended with unfinished requests (a request that fits no instance)",
+        ));
+    }
+    Ok(sim)
 }
 
 fn validate(cfg: &SimConfig) -> Result<(), SimError> {
@@ -221,6 +245,9 @@ fn validate(cfg: &SimConfig) -> Result<(), SimError> {
         return Err(SimError::invalid(
             "the cluster has no instance for this phase",
         ));
+    }
+    if let Some(adm) = &cfg.admission {
+        admit_config::validate(adm, cfg.phase)?;
     }
     let (longest_in, longest_out) = cfg.workload.longest();
     let need = blocks_for(u64::from(longest_in) + u64::from(longest_out));
@@ -259,6 +286,7 @@ impl<'a> Sim<'a> {
             scratch_items: Vec::new(),
             scratch_ids: Vec::new(),
             spread_rng: Rng::new(cfg.seed ^ SPREAD_STREAM),
+            adm: None,
         };
         match &cfg.cluster {
             Cluster::Disaggregated {
@@ -277,6 +305,10 @@ impl<'a> Sim<'a> {
                     .collect();
             }
         }
+        s.adm = cfg
+            .admission
+            .as_ref()
+            .map(|a| Box::new(admit::AdmState::new(a, &cfg.cluster, cfg.requests)));
         s
     }
 
@@ -293,6 +325,9 @@ impl<'a> Sim<'a> {
         let id = self.reqs.len() as u32;
         let blocks = blocks_for(u64::from(r.input) + u64::from(r.output));
         self.reqs.push(Req::new(r, blocks));
+        if let Some(a) = self.adm.as_mut() {
+            a.ticket_for(&r);
+        }
         self.schedule(r.arrival, Kind::Arrival(id));
     }
 }

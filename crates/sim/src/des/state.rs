@@ -1,7 +1,8 @@
 //! The simulator's plain state: requests, instances and events.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use crate::workload::RequestSpec;
 
@@ -41,6 +42,8 @@ pub(super) enum Kind {
     KvReady(u32),
     DecodeDone(u32),
     AggDone(u32),
+    /// A request waiting in admission's queue must have left it by now.
+    Deadline(u32),
 }
 
 /// Ordered by time, then by insertion, so that runs are reproducible.
@@ -125,11 +128,38 @@ pub(super) struct PrefillInst {
     pub started: f64,
 }
 
+/// The ITL budgets of the sequences an instance holds (reserved or running), so that admission
+/// reads the tightest. Keyed by the bits of a positive number, which order as the numbers do.
+#[derive(Debug, Default)]
+pub(super) struct ItlBudgets(BTreeMap<u64, u32>);
+
+impl ItlBudgets {
+    pub fn add(&mut self, seconds: f64) {
+        *self.0.entry(seconds.to_bits()).or_insert(0) += 1;
+    }
+
+    pub fn remove(&mut self, seconds: f64) {
+        if let Entry::Occupied(mut e) = self.0.entry(seconds.to_bits()) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    pub fn tightest(&self) -> Option<f64> {
+        self.0.keys().next().map(|b| f64::from_bits(*b))
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct DecodeInst {
     pub free_blocks: u64,
     /// Requests holding blocks here (reserved or running).
     pub holders: u32,
+    /// Prompt tokens of the holders not yet in `set` (prefilling, in transfer, or ready).
+    pub reserved_tokens: u64,
+    pub itl: ItlBudgets,
     pub ready: VecDeque<u32>,
     pub set: DecodeSet,
     pub busy: bool,
@@ -140,6 +170,8 @@ impl DecodeInst {
         DecodeInst {
             free_blocks: blocks,
             holders: 0,
+            reserved_tokens: 0,
+            itl: ItlBudgets::default(),
             ready: VecDeque::new(),
             set: DecodeSet::default(),
             busy: false,
@@ -151,6 +183,9 @@ impl DecodeInst {
 pub(super) struct AggInst {
     pub free_blocks: u64,
     pub holders: u32,
+    /// Prompt tokens of the holders not yet in `set`.
+    pub reserved_tokens: u64,
+    pub itl: ItlBudgets,
     /// Admitted requests whose prompt is not yet fully computed, FCFS.
     pub waiting: VecDeque<u32>,
     pub queued_tokens: u64,
@@ -169,6 +204,8 @@ impl AggInst {
         AggInst {
             free_blocks: blocks,
             holders: 0,
+            reserved_tokens: 0,
+            itl: ItlBudgets::default(),
             waiting: VecDeque::new(),
             queued_tokens: 0,
             partial: 0,
@@ -200,5 +237,26 @@ mod tests {
         s.complete_step(&mut out);
         assert_eq!(out, vec![1]);
         assert_eq!((s.running, s.context()), (1, 51));
+    }
+
+    #[test]
+    fn the_tightest_itl_budget_follows_adds_and_removes() {
+        let mut b = ItlBudgets::default();
+        assert_eq!(b.tightest(), None);
+        b.add(0.05);
+        b.add(0.02);
+        b.add(0.02);
+        assert_eq!(b.tightest(), Some(0.02));
+        b.remove(0.02);
+        assert_eq!(
+            b.tightest(),
+            Some(0.02),
+            "one of the two 20 ms budgets is left"
+        );
+        b.remove(0.02);
+        assert_eq!(b.tightest(), Some(0.05));
+        b.remove(0.3);
+        b.remove(0.05);
+        assert_eq!(b.tightest(), None);
     }
 }

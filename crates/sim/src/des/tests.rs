@@ -72,6 +72,7 @@ fn cfg(
             ttft_s: 0.15,
             tpot_s: 0.0105,
         },
+        admission: None,
     }
 }
 

@@ -185,6 +185,7 @@ pub(crate) fn sim_config(
         warmup: 0.2,
         phase,
         slo: input.slo,
+        admission: None,
     }
 }
 
