@@ -91,6 +91,28 @@ impl Pending {
         self.sum
     }
 
+    /// Prompt tokens still queued now on a worker that reported `reported` tokens at `at` and
+    /// computes `rate` tokens a second while it has any: one FCFS queue that drains between the
+    /// report and each placement since, and after the last.
+    pub fn queued_now(&self, reported: u64, at: Instant, now: Instant, rate: f64) -> u64 {
+        let drain = |q: f64, from: Instant, to: Instant| {
+            (q - rate * to.saturating_duration_since(from).as_secs_f64()).max(0.0)
+        };
+        let mut q = reported as f64;
+        let mut t = at;
+        for &(placed, d) in &self.entries {
+            if d.prefill_tokens == 0 {
+                continue;
+            }
+            if placed > t {
+                q = drain(q, t, placed);
+                t = placed;
+            }
+            q += d.prefill_tokens as f64;
+        }
+        drain(q, t, now.max(t)).round() as u64
+    }
+
     /// The reported load with the pending work added.
     pub fn apply(&self, reported: &Load) -> Load {
         let d = self.sum;
@@ -172,6 +194,24 @@ mod tests {
             ..reported
         };
         assert_eq!(p.apply(&tighter_reported).tightest_itl_budget_ms, 50);
+    }
+
+    #[test]
+    fn the_queue_drains_between_placements() {
+        let mut p = Pending::default();
+        let t0 = Instant::now();
+        // 1,000 tokens reported at t0, draining at 1,000 a second.
+        assert_eq!(p.queued_now(1000, t0, t0 + 400 * MS, 1000.0), 600);
+        assert_eq!(p.queued_now(1000, t0, t0 + 2000 * MS, 1000.0), 0);
+        // 300 placed at 1.5 s, when the reported 1,000 are gone: 300 then, 100 at 1.7 s.
+        p.add(t0 + 1500 * MS, tokens(300));
+        assert_eq!(p.queued_now(1000, t0, t0 + 1700 * MS, 1000.0), 100);
+        // 200 more placed at 1.6 s, on top of the 200 left.
+        p.add(t0 + 1600 * MS, tokens(200));
+        assert_eq!(p.queued_now(1000, t0, t0 + 1600 * MS, 1000.0), 400);
+        assert_eq!(p.queued_now(1000, t0, t0 + 1700 * MS, 1000.0), 300);
+        // No measured speed: nothing drains.
+        assert_eq!(p.queued_now(1000, t0, t0 + 1700 * MS, 0.0), 1500);
     }
 
     #[test]

@@ -193,23 +193,19 @@ impl Registry {
             p.decode_batch = pe.running_seqs;
             p.decode_context = pe.decode_context_tokens;
         }
-        // The reported queue has drained since the report; what was placed since has not.
+        // The reported queue, and what was placed since, has drained since the report.
         let model_of = if aggregated {
             &predictor.aggregated
         } else {
             &predictor.prefill
         };
-        let since = now.saturating_duration_since(pw.reported_at).as_secs_f64();
-        let reported = PrefillLoad {
-            queued_tokens: pw.reported.queued_prefill_tokens,
-            ..p
-        };
-        let drained = predictor.drained(model_of, &reported, since);
-        p.queued_tokens = pw
-            .reported
-            .queued_prefill_tokens
-            .saturating_sub(drained)
-            .saturating_add(pw.pending.sum().prefill_tokens);
+        let rate = predictor.drained(model_of, &p, 1.0) as f64;
+        p.queued_tokens = pw.pending.queued_now(
+            pw.reported.queued_prefill_tokens,
+            pw.reported_at,
+            now,
+            rate,
+        );
         let d = decode_load(
             &de,
             if aggregated && p.queued_tokens > 0 {
