@@ -82,11 +82,18 @@ fn warm_up(engine: &mut Engine, queue: &Queue, step_tokens: usize) -> SeqId {
     seq
 }
 
-/// Runs the batcher until the queue stops.
-pub fn run(mut engine: Engine, queue: Arc<Queue>, cfg: BatcherConfig, eos: Vec<u32>) {
+/// Runs the batcher until the queue stops; `warmed` hears when the warm-up steps are timed.
+pub fn run(
+    mut engine: Engine,
+    queue: Arc<Queue>,
+    cfg: BatcherConfig,
+    eos: Vec<u32>,
+    warmed: tokio::sync::oneshot::Sender<()>,
+) {
     let mut active: Vec<Active> = Vec::new();
     let mut regions: HashMap<String, ShmRegion> = HashMap::new();
     let mut next_seq: SeqId = warm_up(&mut engine, &queue, cfg.step_tokens);
+    let _ = warmed.send(());
     loop {
         let mut free = engine.free_blocks();
         let bs = engine.block_size();

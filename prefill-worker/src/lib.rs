@@ -85,6 +85,7 @@ pub async fn run(
         step_tokens: u32::try_from(cfg.step_tokens).unwrap_or(u32::MAX),
     };
     let queue = Arc::new(Queue::default());
+    let (warmed_tx, warmed_rx) = tokio::sync::oneshot::channel();
     let batcher = {
         let queue = queue.clone();
         let bc = BatcherConfig {
@@ -93,7 +94,7 @@ pub async fn run(
         let eos = cfg.eos;
         std::thread::Builder::new()
             .name("prefill-batch".into())
-            .spawn(move || batcher::run(engine, queue, bc, eos))?
+            .spawn(move || batcher::run(engine, queue, bc, eos, warmed_tx))?
     };
     let grpc = PrefillGrpc {
         queue: queue.clone(),
@@ -122,6 +123,9 @@ pub async fn run(
                 stopped(stop_rx.clone()),
             ),
     );
+    // Register once the warm-up steps are timed: the registration carries them, so that the
+    // router predicts this worker's prompts from its first request.
+    let _ = warmed_rx.await;
     let registration = match cfg.router {
         Some(addr) => {
             let client =

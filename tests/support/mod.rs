@@ -297,3 +297,60 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .map(|t| t.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// A response's status, headers, time to its first body bytes (for a stream: the first token's
+/// event) and body (a stream's events, or the JSON body as one event).
+pub struct Answer {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub ttft: Duration,
+    pub events: Vec<Value>,
+}
+
+impl Answer {
+    /// A header's value as text, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// POSTs `body` with extra `headers`; reads a stream's events (or a JSON body) to the end.
+pub async fn send(url: &str, path: &str, body: &Value, headers: &[(&str, &str)]) -> Answer {
+    let mut req = request(url, path, serde_json::to_vec(body).unwrap().into());
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            hyper::header::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let t0 = Instant::now();
+    let resp = client().request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let mut body = resp.into_body();
+    let mut raw = Vec::new();
+    let mut ttft = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        if let Some(data) = frame.data_ref() {
+            ttft.get_or_insert_with(|| t0.elapsed());
+            raw.extend_from_slice(data);
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let events = if text.starts_with("data: ") {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|p| *p != "[DONE]")
+            .map(|p| serde_json::from_str(p).unwrap())
+            .collect()
+    } else {
+        vec![serde_json::from_str(&text).unwrap_or(Value::String(text.into_owned()))]
+    };
+    Answer {
+        status,
+        headers,
+        ttft: ttft.unwrap_or_else(|| t0.elapsed()),
+        events,
+    }
+}
