@@ -17,7 +17,8 @@ const PRIORITY: &str = "x-tandem-priority";
 const PREDICTED: &str = "x-tandem-predicted-ttft-ms";
 
 fn chat(model: &str, words: usize, max_tokens: u32, stream: bool) -> Value {
-    let content = "Tell me about the rivers and the mountains of the north. ".repeat(words / 10 + 1);
+    let content =
+        "Tell me about the rivers and the mountains of the north. ".repeat(words / 10 + 1);
     json!({
         "model": model,
         "messages": [{"role": "user", "content": content}],
@@ -56,7 +57,10 @@ async fn bad_budgets_are_400s_and_unreachable_ones_429s_at_once() {
     assert_eq!(code(&a), "ttft_budget_unreachable");
     assert!(a.header("retry-after").is_none());
     assert!(a.header(PREDICTED).unwrap().parse::<u64>().unwrap() > 1);
-    assert!(a.ttft < Duration::from_secs(1), "refused at once, not after a wait");
+    assert!(
+        a.ttft < Duration::from_secs(1),
+        "refused at once, not after a wait"
+    );
     // A generous budget is admitted and told its prediction.
     let a = send(&up.url, "/v1/chat/completions", &body, &[(TTFT, "30000")]).await;
     assert_eq!(a.status, 200, "{:?}", a.events);
@@ -77,7 +81,13 @@ async fn overload_is_refused_with_retry_after_and_the_admitted_keep_their_budget
     let within = Duration::from_millis(budget);
     // Below capacity, one at a time: nothing is refused (and the predictions calibrate).
     for _ in 0..8 {
-        let a = send(&up.url, "/v1/chat/completions", &body, &[(TTFT, &budget_header)]).await;
+        let a = send(
+            &up.url,
+            "/v1/chat/completions",
+            &body,
+            &[(TTFT, &budget_header)],
+        )
+        .await;
         assert_eq!(a.status, 200, "{:?}", a.events);
         assert!(a.header(PREDICTED).is_some());
     }
@@ -93,7 +103,10 @@ async fn overload_is_refused_with_retry_after_and_the_admitted_keep_their_budget
     let mut refused = 0;
     for t in tasks {
         let a = t.await.unwrap();
-        assert!(a.header(PREDICTED).is_some(), "every answer states its prediction");
+        assert!(
+            a.header(PREDICTED).is_some(),
+            "every answer states its prediction"
+        );
         match a.status {
             200 => admitted.push(a.ttft),
             429 => {
@@ -106,7 +119,10 @@ async fn overload_is_refused_with_retry_after_and_the_admitted_keep_their_budget
             other => panic!("status {other}: {:?}", a.events),
         }
     }
-    assert!(refused >= 10 && admitted.len() >= 2, "{refused} refused, {admitted:?}");
+    assert!(
+        refused >= 10 && admitted.len() >= 2,
+        "{refused} refused, {admitted:?}"
+    );
     let late = admitted.iter().filter(|t| **t > within).count();
     // The bound is a high quantile of what was measured, not a promise on each request: allow
     // one in ten over here (the benchmark measures the 99% over hundreds).

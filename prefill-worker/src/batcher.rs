@@ -73,7 +73,10 @@ fn warm_up(engine: &mut Engine, queue: &Queue, step_tokens: usize) -> SeqId {
         seq += 1;
         match ran {
             Ok(_) if share > 0.0 => {
-                queue.counters.steps.record([(0, n)].into_iter(), 0, 0, took);
+                queue
+                    .counters
+                    .steps
+                    .record([(0, n)].into_iter(), 0, 0, took);
             }
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "warm-up step failed"),

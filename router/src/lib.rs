@@ -28,7 +28,9 @@ pub use convert::{
 pub use error::{RejectReason, RouterError};
 pub use metrics::AdmissionMetrics;
 pub use policy::{LeastLoaded, Policy};
-pub use registry::{AdmissionConfig, Decision, Lease, ModelAdmission, Registry, RegistryConfig};
+pub use registry::{
+    AdmissionConfig, Decision, Lease, ModelAdmission, Registry, RegistryConfig, RoleModel,
+};
 pub use service::{RouterGrpc, serve};
 pub use task::{RouterConfig, RouterHandle, spawn};
 pub use types::{

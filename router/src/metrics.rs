@@ -97,9 +97,9 @@ fn render_models(out: &mut String, models: &[ModelAdmission]) {
         "# HELP tandem_router_step_model_coefficient The step-time model admission predicts with: a scale on the base model, or a linear form's seconds per unit of each term.\n# TYPE tandem_router_step_model_coefficient gauge"
     );
     for m in models {
-        for (role, coef, _, _) in &m.roles {
-            let labels = format!("model=\"{}\",role=\"{}\"", m.model, role.as_str());
-            match coef {
+        for r in &m.roles {
+            let labels = format!("model=\"{}\",role=\"{}\"", m.model, r.role.as_str());
+            match r.coefficients {
                 Coefficients::Unfitted => {}
                 Coefficients::Scaled { scale } => {
                     let _ = writeln!(
@@ -130,9 +130,9 @@ fn render_models(out: &mut String, models: &[ModelAdmission]) {
         "# HELP tandem_router_step_model_error Relative error of the step model on recent measured steps.\n# TYPE tandem_router_step_model_error gauge"
     );
     for m in models {
-        for (role, _, _, err) in &m.roles {
-            if let Some((p50, p90)) = err {
-                let labels = format!("model=\"{}\",role=\"{}\"", m.model, role.as_str());
+        for r in &m.roles {
+            if let Some((p50, p90)) = r.error {
+                let labels = format!("model=\"{}\",role=\"{}\"", m.model, r.role.as_str());
                 let _ = writeln!(
                     out,
                     "tandem_router_step_model_error{{{labels},quantile=\"0.5\"}} {p50}\ntandem_router_step_model_error{{{labels},quantile=\"0.9\"}} {p90}"

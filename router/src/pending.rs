@@ -86,11 +86,6 @@ impl Pending {
         }
     }
 
-    /// The work placed and not yet reported, summed.
-    pub fn sum(&self) -> Delta {
-        self.sum
-    }
-
     /// Prompt tokens still queued now on a worker that reported `reported` tokens at `at` and
     /// computes `rate` tokens a second while it has any: one FCFS queue that drains between the
     /// report and each placement since, and after the last.

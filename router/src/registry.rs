@@ -163,13 +163,23 @@ impl ModelTables {
     }
 }
 
+/// One role's step-time model, for operators.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoleModel {
+    pub role: Role,
+    pub coefficients: Coefficients,
+    /// Measured steps it is fitted to.
+    pub samples: usize,
+    /// Median and 90th percentile of |predicted/measured - 1| over recent steps.
+    pub error: Option<(f64, f64)>,
+}
+
 /// What admission predicts one served model with, for operators.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelAdmission {
     pub model: String,
-    /// Step-time models of prefill, decode and aggregated workers, and their recent step error
-    /// (median and 90th percentile of |predicted/measured - 1|).
-    pub roles: [(Role, Coefficients, usize, Option<(f64, f64)>); 3],
+    /// Step-time models of prefill, decode and aggregated workers.
+    pub roles: [RoleModel; 3],
     /// Measured/predicted TTFT and ITL of recent admitted requests: (count, median, bound factor).
     pub ttft: (usize, f64, f64),
     pub itl: (usize, f64, f64),
@@ -376,8 +386,12 @@ impl Registry {
             .iter()
             .map(|(name, t)| {
                 let p = &t.predictor;
-                let role =
-                    |r: Role, m: &StepModel| (r, m.coefficients(), m.samples(), m.step_error());
+                let role = |role: Role, m: &StepModel| RoleModel {
+                    role,
+                    coefficients: m.coefficients(),
+                    samples: m.samples(),
+                    error: m.step_error(),
+                };
                 ModelAdmission {
                     model: name.clone(),
                     roles: [

@@ -273,7 +273,10 @@ async fn keep_registered_joins_reports_and_leaves_on_shutdown() {
         "{refused}"
     );
     let p0 = identity("p0", v1::WorkerRole::Prefill);
-    remote.register(p0, v1::LoadReport::from(&ready(0))).await.unwrap();
+    remote
+        .register(p0, v1::LoadReport::from(&ready(0)))
+        .await
+        .unwrap();
     let placed = remote.place(&shape).await.unwrap();
     assert_eq!(
         (

@@ -288,7 +288,7 @@ fn without_a_base_the_model_is_learned_from_reported_steps() {
     r.observe_steps("d0", &decode);
     let view = r.admission();
     assert!(
-        matches!(view[0].roles[0].1, Coefficients::Linear { .. }),
+        matches!(view[0].roles[0].coefficients, Coefficients::Linear { .. }),
         "{view:?}"
     );
     let p = r.place(&budgeted(100, 2000), t0).unwrap();

@@ -134,6 +134,7 @@ impl Registry {
             if let Some(better) = self.roomier_decode(&key, shape, &chosen, now) {
                 chosen = better;
                 if let Some(p) = chosen.prediction {
+                    let drain = self.models[&key].predictor.decode_drain(&p, &chosen.d);
                     verdict = judge(&ask, &p, &chosen.d, chosen.kv_fits, drain, &rules);
                 }
             }
@@ -200,12 +201,9 @@ impl Registry {
             &predictor.prefill
         };
         let rate = predictor.drained(model_of, &p, 1.0) as f64;
-        p.queued_tokens = pw.pending.queued_now(
-            pw.reported.queued_prefill_tokens,
-            pw.reported_at,
-            now,
-            rate,
-        );
+        p.queued_tokens =
+            pw.pending
+                .queued_now(pw.reported.queued_prefill_tokens, pw.reported_at, now, rate);
         let d = decode_load(
             &de,
             if aggregated && p.queued_tokens > 0 {
