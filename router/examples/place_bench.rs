@@ -1,5 +1,7 @@
 //! Placement cost per decision at 10, 100 and 1,000 workers per role, against a plain linear scan
-//! (argmin) of a `Vec<u64>` of the same size in the same process.
+//! (argmin) of a `Vec<u64>` of the same size in the same process; and the same decisions with
+//! latency-budget admission (requests with TTFT and ITL budgets, step times from Llama-2-70B's
+//! roofline on four H100s): the prediction, the verdict and the charge.
 //!
 //! Run: `cargo run --release -p tandem-router --example place_bench`
 
@@ -7,6 +9,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use tandem_proto::v1::{WorkerIdentity, WorkerRole};
+use tandem_sim::catalog::Catalog;
+use tandem_sim::perf::PerfModel;
+use tandem_sim::roofline::{Efficiency, Roofline};
 use tandem_router::{
     LeastLoaded, Load, Registry, RegistryConfig, RequestShape, RouterConfig, RouterError,
     WorkerState,
@@ -39,13 +44,16 @@ fn load(i: usize) -> Load {
     }
 }
 
-fn registry(workers: usize, now: Instant) -> Result<Registry, RouterError> {
-    let config = RegistryConfig {
+fn registry(workers: usize, now: Instant, admission: bool) -> Result<Registry, RouterError> {
+    let mut config = RegistryConfig {
         max_workers: 2 * workers,
         max_queued_prefill_tokens: u64::MAX,
         lease: Duration::from_secs(3600),
         ..RegistryConfig::default()
     };
+    if admission {
+        config.admission.base = Some(roofline()?);
+    }
     let mut r = Registry::new(config, Box::new(LeastLoaded));
     for i in 0..workers {
         r.register(identity(i, WorkerRole::Prefill), load(i), now)?;
@@ -54,27 +62,43 @@ fn registry(workers: usize, now: Instant) -> Result<Registry, RouterError> {
     Ok(r)
 }
 
-fn shape() -> RequestShape {
+fn shape(admission: bool) -> RequestShape {
     RequestShape {
         prompt_tokens: 64,
         max_new_tokens: 128,
+        ttft_budget: admission.then_some(Duration::from_secs(2)),
+        itl_budget: admission.then_some(Duration::from_millis(100)),
         ..RequestShape::default()
     }
+}
+
+fn roofline() -> Result<std::sync::Arc<dyn PerfModel>, RouterError> {
+    let bad = |e: tandem_sim::SimError| RouterError::InvalidArgument(e.to_string());
+    let cat = Catalog::builtin().map_err(bad)?;
+    let r = Roofline::new(
+        cat.model("llama-2-70b").map_err(bad)?,
+        cat.gpu("h100").map_err(bad)?,
+        4,
+        Efficiency::CALIBRATED,
+    )
+    .map_err(bad)?;
+    Ok(std::sync::Arc::new(r))
 }
 
 /// Nanoseconds per placement on the plain struct. As in service, heartbeats arrive between
 /// placements (each worker reports once per round of `workers` decisions, a second of simulated
 /// time apart) and clear the optimistic charges; only the placements are timed.
-fn place_ns(workers: usize) -> Result<f64, RouterError> {
+fn place_ns(workers: usize, admission: bool) -> Result<f64, RouterError> {
     let mut now = Instant::now();
-    let mut r = registry(workers, now)?;
-    let shape = shape();
+    let mut r = registry(workers, now, admission)?;
+    let shape = shape(admission);
     let rounds = (DECISIONS as usize / workers).max(1);
     let mut timed = Duration::ZERO;
     for _ in 0..rounds {
         let start = Instant::now();
         for _ in 0..workers {
-            black_box(r.place(black_box(&shape), now)?);
+            // A refusal is a decision too (none is expected at these loads).
+            let _ = black_box(r.place(black_box(&shape), now));
         }
         timed += start.elapsed();
         now += Duration::from_secs(1);
@@ -135,7 +159,7 @@ fn via_task_ns(workers: usize) -> Result<f64, RouterError> {
         }
         let start = Instant::now();
         for _ in 0..VIA_TASK {
-            black_box(router.place(shape()).await?);
+            black_box(router.place(shape(false)).await?);
         }
         Ok(start.elapsed().as_nanos() as f64 / f64::from(VIA_TASK))
     })
@@ -153,13 +177,16 @@ fn median(mut run: impl FnMut() -> Result<f64, RouterError>) -> Result<f64, Rout
 
 fn main() -> Result<(), RouterError> {
     println!("medians of 5 runs");
-    println!("workers/role  place ns/decision  scan ns (Vec<u64>)  place/scan  via task ns");
+    println!(
+        "workers/role  place ns/decision  with admission ns  scan ns (Vec<u64>)  place/scan  via task ns"
+    );
     for workers in [10, 100, 1000] {
-        let place = median(|| place_ns(workers))?;
+        let place = median(|| place_ns(workers, false))?;
+        let admitted = median(|| place_ns(workers, true))?;
         let scan = median(|| Ok(scan_ns(workers)))?;
         let task = median(|| via_task_ns(workers))?;
         println!(
-            "{workers:>12}  {place:>17.1}  {scan:>18.1}  {:>10.2}  {task:>11.1}",
+            "{workers:>12}  {place:>17.1}  {admitted:>17.1}  {scan:>18.1}  {:>10.2}  {task:>11.1}",
             place / scan
         );
     }
