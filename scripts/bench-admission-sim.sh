@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Latency-budget admission at DGX scale on the sim engine (BENCHMARKS.md, "Admission"): Llama-2-70B
+# on TP4 H100s, 4 prefill + 4 decode workers, MLPerf's interactive objectives (TTFT 450 ms, TPOT
+# 40 ms) as every request's budgets, prompts around 1,000 tokens and answers around 200. Each load
+# (LOADS, multiples of CAPACITY requests/s: the highest rate the simulator finds 99% within both
+# objectives without admission; crates/sim/examples/admission_choice.rs) runs through `tandem bench`
+# and then through the simulator replaying the same requests (`tandem plan --simulate --replay`),
+# which runs the router's admission code: measured and predicted side by side.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+./scripts/fetch-model.sh >/dev/null
+cargo build --quiet --release --locked -p tandem-cli
+T=target/release/tandem
+CAPACITY=${CAPACITY:-18.75}
+LOADS=${LOADS:-0.5 1 2 3}
+N=${N:-400}
+OUT=${OUT:-target/bench-admission-sim}
+mkdir -p "$OUT"
+SIM=(--engine sim --sim-model llama-2-70b --sim-gpu h100 --tp 4)
+LENGTHS=(--isl normal:1000,300,100,3000 --osl normal:200,50,20,400)
+
+"$T" up "${SIM[@]}" --prefill 4 --decode 4 --port 0 --json >"$OUT/up.json" 2>"$OUT/up.log" &
+UP=$!
+trap 'kill $UP 2>/dev/null; wait $UP 2>/dev/null || true' EXIT
+for _ in $(seq 600); do
+  [ -s "$OUT/up.json" ] && break
+  sleep 0.5
+done
+URL=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['url'])" "$OUT/up.json")
+echo "cluster at $URL"
+"$T" bench --url "$URL" "${LENGTHS[@]}" --requests 16 --concurrency 4 >/dev/null
+for load in $LOADS; do
+  rate=$(python3 -c "print($load * $CAPACITY)")
+  echo "== ${load}x: $rate requests/s, $N requests"
+  "$T" bench --url "$URL" "${LENGTHS[@]}" --rate "$rate" --requests "$N" \
+    --ttft-budget 450ms --itl-budget 40ms --goodput ttft:450 tpot:40 \
+    --json "$OUT/run-$load.json" >"$OUT/run-$load.txt"
+  "$T" plan --simulate prefill=4,decode=4,tp=4 --model llama-2-70b --gpu h100 \
+    --replay "$OUT/run-$load.json" >"$OUT/des-$load.txt" 2>&1 || true
+  grep -iE "rejected|goodput|attainment|admitted" "$OUT/run-$load.txt" | sed 's/^/  measured: /'
+  grep -iE "rejected|goodput|attainment|admitted" "$OUT/des-$load.txt" | sed 's/^/  DES:      /'
+done
