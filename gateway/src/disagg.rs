@@ -214,16 +214,24 @@ impl Legs {
                 (placement.decode.role != v1::WorkerRole::Aggregated as i32)
                     .then(|| Duration::from_micros(left))
             });
+            let fb = Feedback {
+                model: req.model.clone(),
+                prompt_tokens: req.prompt_tokens.len() as u32,
+                raw_ttft: p.raw_ttft,
+                raw_itl: p.raw_itl,
+                ttft,
+                itl: None,
+                exposed_transfer: exposed,
+            };
+            // The TTFT goes back now, so that admission's calibration follows a burst as it
+            // happens; the ITL when the stream ends.
+            self.router.feedback(fb.clone());
             Measure {
                 router: self.router.clone(),
                 feedback: Some(Feedback {
-                    model: req.model.clone(),
-                    prompt_tokens: req.prompt_tokens.len() as u32,
-                    raw_ttft: p.raw_ttft,
-                    raw_itl: p.raw_itl,
-                    ttft,
-                    itl: None,
-                    exposed_transfer: exposed,
+                    ttft: Duration::ZERO,
+                    exposed_transfer: None,
+                    ..fb
                 }),
                 first_at,
                 tokens: 0,
@@ -234,7 +242,6 @@ impl Legs {
             finish: tandem_wire::finish_from_proto(answer.finish),
         };
         if first.finish.is_some() {
-            // Dropping the measure reports the TTFT alone.
             drop(measured);
             return Ok(Admitted {
                 tokens: futures::stream::iter([Ok(first)]).boxed(),
@@ -394,8 +401,8 @@ impl Backend for DisaggBackend {
     }
 }
 
-/// What an admitted request measures for admission's calibration: its TTFT, then its mean time
-/// per token once it finishes; reported when it finishes or, TTFT alone, when it goes away.
+/// What an admitted request measures for admission's calibration after its first token: its mean
+/// time per token, reported when it finishes (not when it is cut short).
 struct Measure {
     router: RouterHandle,
     feedback: Option<Feedback>,
@@ -414,14 +421,6 @@ impl Measure {
             if self.tokens > 1 {
                 fb.itl = Some(self.first_at.elapsed() / (self.tokens - 1));
             }
-            self.router.feedback(fb);
-        }
-    }
-}
-
-impl Drop for Measure {
-    fn drop(&mut self) {
-        if let Some(fb) = self.feedback.take() {
             self.router.feedback(fb);
         }
     }

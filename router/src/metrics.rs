@@ -107,7 +107,7 @@ fn render_models(out: &mut String, models: &[ModelAdmission]) {
                         "tandem_router_step_model_coefficient{{{labels},term=\"base_scale\"}} {scale}"
                     );
                 }
-                Coefficients::Linear { coef } => {
+                Coefficients::Linear { coef, level } => {
                     let terms = [
                         "prompt_token",
                         "attention",
@@ -121,6 +121,10 @@ fn render_models(out: &mut String, models: &[ModelAdmission]) {
                             "tandem_router_step_model_coefficient{{{labels},term=\"{t}\"}} {c:e}"
                         );
                     }
+                    let _ = writeln!(
+                        out,
+                        "tandem_router_step_model_coefficient{{{labels},term=\"level\"}} {level}"
+                    );
                 }
             }
         }

@@ -71,7 +71,8 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
             lease: Duration::from_secs(3),
-            heartbeat_interval: Duration::from_secs(1),
+            // Admission reads prefill queues from these reports: a stale one is a wrong prediction.
+            heartbeat_interval: Duration::from_millis(250),
             report_lag: Duration::from_millis(250),
             max_workers: 4096,
             max_queued_prefill_tokens: 1 << 20,
@@ -198,6 +199,8 @@ pub struct Registry {
     version: u64,
     changed: bool,
     next_auto_id: u64,
+    /// Zero of the step models' clock.
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for Registry {
@@ -223,6 +226,7 @@ impl Registry {
             version: 0,
             changed: false,
             next_auto_id: 0,
+            epoch: Instant::now(),
         }
     }
 
@@ -342,18 +346,16 @@ impl Registry {
     }
 
     /// Feeds steps a worker measured to its role's step-time model.
-    pub fn observe_steps(&mut self, id: &str, steps: &[StepSample]) {
+    pub fn observe_steps(&mut self, id: &str, steps: &[StepSample], now: Instant) {
         let Some(&slot) = self.by_id.get(id) else {
             return;
         };
         let w = self.worker(slot);
         let role = w.role;
         let model = w.identity.model.clone();
+        let now_s = now.saturating_duration_since(self.epoch).as_secs_f64();
         if let Some(t) = self.models.get_mut(&model) {
-            let m = t.step_model(role);
-            for s in steps {
-                m.observe(*s);
-            }
+            t.step_model(role).observe_batch(steps, now_s);
         }
     }
 

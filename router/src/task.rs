@@ -288,7 +288,7 @@ impl Task {
                 if let Ok(lease) = &answer
                     && !steps.is_empty()
                 {
-                    self.registry.observe_steps(&lease.worker_id, &steps);
+                    self.registry.observe_steps(&lease.worker_id, &steps, now);
                     self.publish_admission(now);
                 }
                 let _ = reply.send(answer);
@@ -301,7 +301,7 @@ impl Task {
             } => {
                 let answer = self.registry.heartbeat(&worker_id, load, now);
                 if answer.is_ok() && !steps.is_empty() {
-                    self.registry.observe_steps(&worker_id, &steps);
+                    self.registry.observe_steps(&worker_id, &steps, now);
                     self.publish_admission(now);
                 }
                 let _ = reply.send(answer);

@@ -157,7 +157,8 @@ pub struct Feedback {
     /// `Predicted::raw_ttft` and `raw_itl` of its placement.
     pub raw_ttft: Duration,
     pub raw_itl: Duration,
-    /// Time to first token, from the placement (what the raw prediction counts from).
+    /// Time to first token, from the placement (what the raw prediction counts from); zero in a
+    /// report that carries only the ITL.
     pub ttft: Duration,
     /// Mean time per output token after the first; `None` for fewer than two tokens.
     pub itl: Option<Duration>,

@@ -284,8 +284,8 @@ fn without_a_base_the_model_is_learned_from_reported_steps() {
     let decode: Vec<StepSample> = (1..=8u32)
         .map(|b| StepSample::new(&[], b, u64::from(b) * 100, 2e-3 + 1e-3 * f64::from(b)))
         .collect();
-    r.observe_steps("p0", &prefill);
-    r.observe_steps("d0", &decode);
+    r.observe_steps("p0", &prefill, t0);
+    r.observe_steps("d0", &decode, t0);
     let view = r.admission();
     assert!(
         matches!(view[0].roles[0].coefficients, Coefficients::Linear { .. }),

@@ -4,8 +4,9 @@
 
 use std::collections::VecDeque;
 
-/// Ratios kept; the oldest go first.
-const WINDOW: usize = 256;
+/// Ratios kept; the oldest go first. Short, so that the factors follow a change of regime (a burst
+/// ending, the host's neighbours going quiet) within a hundred requests.
+const WINDOW: usize = 96;
 /// Ratios needed before the window's quantiles replace the defaults.
 pub const MIN_RATIOS: usize = 16;
 

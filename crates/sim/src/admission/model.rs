@@ -20,6 +20,12 @@ pub const WINDOW: usize = 256;
 pub const MIN_SAMPLES: usize = 6;
 /// New samples between two refits.
 const REFIT_EVERY: usize = 16;
+/// The latest samples the model's level is taken from: what the host does now (a worker slowed by
+/// its neighbours, a GPU that throttles) moves predictions within a few steps, not a window.
+pub const RECENT: usize = 16;
+/// Least time between two refits of [`StepModel::observe_batch`], seconds: with many workers
+/// reporting, the fit runs a few times a second, not once per report.
+const MIN_REFIT_GAP_S: f64 = 0.2;
 /// Most prompt chunks a sample or a predicted step carries.
 pub const MAX_CHUNKS: usize = 8;
 
@@ -106,11 +112,12 @@ pub fn features(step: &StepShape<'_>) -> [f64; 5] {
 pub enum Coefficients {
     /// Too few samples and no base model: no prediction yet.
     Unfitted,
-    /// Base model times `scale`.
+    /// Base model times `scale` (the median of measured/base over the recent steps).
     Scaled { scale: f64 },
     /// Seconds per prompt token, per unit of attention work, per decoding sequence, per token of
-    /// decode context, and per step.
-    Linear { coef: [f64; 5] },
+    /// decode context, and per step (fitted over the window), times `level` (the median of
+    /// measured/fitted over the recent steps).
+    Linear { coef: [f64; 5], level: f64 },
 }
 
 /// A role's step-time model. A plain struct: the router's task owns one per (model, role).
@@ -122,6 +129,8 @@ pub struct StepModel {
     coefficients: Coefficients,
     /// |predicted/measured - 1| of each sample against the model in force when it arrived.
     errors: VecDeque<f64>,
+    /// When [`StepModel::observe_batch`] last refitted, on its caller's clock.
+    fitted_at: f64,
 }
 
 impl StepModel {
@@ -139,6 +148,7 @@ impl StepModel {
             unfitted: 0,
             coefficients,
             errors: VecDeque::with_capacity(WINDOW),
+            fitted_at: f64::NEG_INFINITY,
         }
     }
 
@@ -169,20 +179,61 @@ impl StepModel {
     /// Adds a measured step (samples with no work or no positive time are ignored) and refits
     /// every few samples.
     pub fn observe(&mut self, s: StepSample) {
+        if self.push(s) && self.due() {
+            self.refit();
+        }
+    }
+
+    /// Adds the steps of one report and refits if enough arrived since the last fit and it was at
+    /// least [`MIN_REFIT_GAP_S`] before `now_s` (seconds on the caller's clock).
+    pub fn observe_batch(&mut self, steps: &[StepSample], now_s: f64) {
+        let mut added = false;
+        for s in steps {
+            added |= self.push(*s);
+        }
+        if added && self.due() && now_s - self.fitted_at >= MIN_REFIT_GAP_S {
+            self.fitted_at = now_s;
+            self.refit();
+        }
+    }
+
+    fn push(&mut self, s: StepSample) -> bool {
         let f = features(&s.shape());
         let has_work = f[0] > 0.0 || f[2] > 0.0;
         if !(has_work && s.seconds > 0.0 && s.seconds.is_finite()) {
-            return;
+            return false;
         }
         if let Some(p) = self.step_time(&s.shape()) {
             push_bounded(&mut self.errors, (p / s.seconds - 1.0).abs());
         }
         push_bounded(&mut self.samples, s);
         self.unfitted += 1;
+        true
+    }
+
+    fn due(&self) -> bool {
         let young = self.samples.len() < 4 * MIN_SAMPLES;
-        if self.unfitted >= REFIT_EVERY || (young && self.samples.len() >= MIN_SAMPLES) {
-            self.refit();
+        self.unfitted >= REFIT_EVERY || (young && self.samples.len() >= MIN_SAMPLES)
+    }
+
+    /// The median of measured over `predict` for the latest [`RECENT`] samples (1 without any).
+    fn recent_level(&self, predict: impl Fn(&StepSample) -> f64) -> f64 {
+        let mut ratios: Vec<f64> = self
+            .samples
+            .iter()
+            .rev()
+            .take(RECENT)
+            .filter_map(|s| {
+                let p = predict(s);
+                (p > 0.0).then(|| s.seconds / p)
+            })
+            .filter(|r| r.is_finite())
+            .collect();
+        if ratios.is_empty() {
+            return 1.0;
         }
+        ratios.sort_by(f64::total_cmp);
+        ratios[ratios.len() / 2]
     }
 
     /// Fits again to the samples held.
@@ -190,20 +241,7 @@ impl StepModel {
         self.unfitted = 0;
         match &self.base {
             Some(base) => {
-                let mut ratios: Vec<f64> = self
-                    .samples
-                    .iter()
-                    .filter_map(|s| {
-                        let b = base.step_time(&s.shape());
-                        (b > 0.0).then(|| s.seconds / b)
-                    })
-                    .filter(|r| r.is_finite())
-                    .collect();
-                if ratios.is_empty() {
-                    return;
-                }
-                ratios.sort_by(f64::total_cmp);
-                let scale = ratios[ratios.len() / 2];
+                let scale = self.recent_level(|s| base.step_time(&s.shape()));
                 self.coefficients = Coefficients::Scaled { scale };
             }
             None => {
@@ -216,7 +254,8 @@ impl StepModel {
                     .map(|s| (features(&s.shape()), s.seconds))
                     .collect();
                 if let Some((coef, _)) = fit_relative(&rows) {
-                    self.coefficients = Coefficients::Linear { coef };
+                    let level = self.recent_level(|s| dot(&coef, &features(&s.shape())));
+                    self.coefficients = Coefficients::Linear { coef, level };
                 }
             }
         }
@@ -226,7 +265,7 @@ impl StepModel {
     pub fn step_time(&self, step: &StepShape<'_>) -> Option<f64> {
         let t = match (&self.coefficients, &self.base) {
             (Coefficients::Scaled { scale }, Some(base)) => base.step_time(step) * scale,
-            (Coefficients::Linear { coef }, _) => dot(coef, &features(step)),
+            (Coefficients::Linear { coef, level }, _) => dot(coef, &features(step)) * level,
             _ => return None,
         };
         (t.is_finite() && t >= 0.0).then_some(t)
@@ -296,7 +335,37 @@ mod tests {
         }
         let t = m.step_time(&shape).unwrap();
         assert!((t - 0.15).abs() < 1e-12, "{t}");
-        assert_eq!(m.coefficients(), Coefficients::Scaled { scale: 1.5 });
+        // Then it runs 3x slower: the level follows the recent steps, not the whole window.
+        for i in 0..RECENT {
+            m.observe(prefill(50 + i as u32, 3e-3 * f64::from(50 + i as u32)));
+        }
+        let t = m.step_time(&shape).unwrap();
+        assert!((t - 0.3).abs() < 1e-9, "{t}");
+    }
+
+    #[test]
+    fn a_batch_refits_no_more_often_than_the_gap_allows() {
+        let mut m = StepModel::new(None);
+        let batch = |scale: f64| -> Vec<StepSample> {
+            [32u32, 64, 128, 256, 384, 512, 100, 200]
+                .iter()
+                .map(|&n| prefill(n, scale * (1e-3 + 1e-4 * f64::from(n))))
+                .collect()
+        };
+        m.observe_batch(&batch(1.0), 0.0);
+        let one = [PrefillItem::fresh(100)];
+        let shape = StepShape {
+            prefill: &one,
+            ..StepShape::default()
+        };
+        assert!((m.step_time(&shape).unwrap() - 0.011).abs() < 1e-9);
+        // Twice as slow, reported 0.1 s later: within the gap, no refit yet.
+        m.observe_batch(&batch(2.0), 0.1);
+        m.observe_batch(&batch(2.0), 0.15);
+        assert!((m.step_time(&shape).unwrap() - 0.011).abs() < 1e-9);
+        m.observe_batch(&batch(2.0), 0.3);
+        let t = m.step_time(&shape).unwrap();
+        assert!(t > 0.015, "{t}: refitted to the slower steps");
     }
 
     #[test]

@@ -280,6 +280,7 @@ impl Predictor {
 pub struct Feedback {
     pub prompt_tokens: u32,
     pub predicted_ttft_raw: f64,
+    /// 0 when this report carries only the ITL (a stream reports its TTFT at its first token).
     pub measured_ttft: f64,
     pub predicted_itl_raw: f64,
     /// Mean time per output token after the first; `None` for fewer than two tokens.
