@@ -19,15 +19,9 @@ mkdir -p "$OUT"
 SIM=(--engine sim --sim-model llama-2-70b --sim-gpu h100 --tp 4)
 LENGTHS=(--isl normal:1000,300,100,3000 --osl normal:200,50,20,400)
 
-"$T" up "${SIM[@]}" --prefill 4 --decode 4 --port 0 --json >"$OUT/up.json" 2>"$OUT/up.log" &
-UP=$!
-trap 'kill $UP 2>/dev/null; wait $UP 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
-  [ -s "$OUT/up.json" ] && break
-  sleep 0.5
-done
-URL=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['url'])" "$OUT/up.json")
-echo "cluster at $URL"
+# shellcheck source=scripts/up-background.sh
+source scripts/up-background.sh
+start_cluster "$OUT" "${SIM[@]}" --prefill 4 --decode 4
 "$T" bench --url "$URL" "${LENGTHS[@]}" --requests 16 --concurrency 4 >/dev/null
 for load in $LOADS; do
   rate=$(python3 -c "print($load * $CAPACITY)")

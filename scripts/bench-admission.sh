@@ -19,15 +19,9 @@ OUT=${OUT:-target/bench-admission}
 mkdir -p "$OUT"
 SLO=(--goodput ttft:2000 tpot:100)
 
-"$T" up --prefill 2 --decode 2 --port 0 --json --unbudgeted-horizon 600s >"$OUT/up.json" 2>"$OUT/up.log" &
-UP=$!
-trap 'kill $UP 2>/dev/null; wait $UP 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
-  [ -s "$OUT/up.json" ] && break
-  sleep 0.5
-done
-URL=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['url'])" "$OUT/up.json")
-echo "cluster at $URL"
+# shellcheck source=scripts/up-background.sh
+source scripts/up-background.sh
+start_cluster "$OUT" --prefill 2 --decode 2 --unbudgeted-horizon 600s
 
 bench() { "$T" bench --url "$URL" --workload chat "${SLO[@]}" "$@"; }
 bench --requests 8 --concurrency 1 >/dev/null
@@ -58,8 +52,8 @@ best = max(s["slo"]["goodput_rps"] for s in sweep)
 print(f"best goodput without budgets: {best:.3f} requests/s")
 for name in ("over", "half"):
     s = json.load(open(f"{out}/{name}.json"))["runs"][0]["summary"]
-    a, slo, t = s["admission"], s["slo"], s["ttft_ms"] or {}
-    ratio = a.get("ttft_over_predicted") or {}
+    a, slo, t = s, s["slo"], s["ttft_ms"] or {}
+    ratio = s.get("ttft_over_predicted") or {}
     print(f"\n{name}: {s['rate']:.2f} requests/s, {s['requests']} requests")
     print(f"  admitted {a['admitted']}, rejected {a['rejected']} ({a['rejected_share']:.1%}) {a['rejections']}, failed {s['failed']}")
     adm = slo["admitted_attainment"]

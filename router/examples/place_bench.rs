@@ -9,13 +9,13 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use tandem_proto::v1::{WorkerIdentity, WorkerRole};
-use tandem_sim::catalog::Catalog;
-use tandem_sim::perf::PerfModel;
-use tandem_sim::roofline::{Efficiency, Roofline};
 use tandem_router::{
     LeastLoaded, Load, Registry, RegistryConfig, RequestShape, RouterConfig, RouterError,
     WorkerState,
 };
+use tandem_sim::catalog::Catalog;
+use tandem_sim::perf::PerfModel;
+use tandem_sim::roofline::{Efficiency, Roofline};
 
 const DECISIONS: u32 = 100_000;
 const VIA_TASK: u32 = 10_000;

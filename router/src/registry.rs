@@ -563,7 +563,7 @@ pub use place::Decision;
 pub(crate) use place::ask_budget;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 #[cfg(test)]
 pub(crate) mod admission_tests;

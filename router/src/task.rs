@@ -625,7 +625,7 @@ mod tests {
             admission_queue: queue,
             ..RouterConfig::default()
         };
-        config.registry.admission.base = Some(Arc::new(crate::registry::admission_tests::Hand));
+        config.registry.admission.base = Some(Arc::new(crate::registry::admission_tests::HAND));
         config.registry.lease = Duration::from_secs(3600);
         let router = spawn(config, Box::new(LeastLoaded));
         router

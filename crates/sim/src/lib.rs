@@ -94,6 +94,7 @@ pub mod des;
 pub mod engine;
 pub mod error;
 pub mod evaluate;
+pub mod linear;
 pub mod nnls;
 pub mod peak;
 pub mod perf;

@@ -5,9 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_proto::v1::{BlockGeometry, WorkerIdentity, WorkerRole};
+use tandem_proto::v1::WorkerRole;
+
+use super::tests::ident;
 use tandem_sim::admission::{Coefficients, RejectReason, StepSample};
-use tandem_sim::perf::{MemoryFit, PerfModel, PrefillItem, StepShape};
+use tandem_sim::linear::LinearModel;
+use tandem_sim::perf::PrefillItem;
 
 use super::*;
 use crate::policy::LeastLoaded;
@@ -17,73 +20,23 @@ const MS: Duration = Duration::from_millis(1);
 
 /// Prefill steps cost 1 ms plus 1 ms per 10 prompt tokens; decode steps 2 ms plus 1 ms per
 /// sequence (context is free); a mixed step the sum.
-#[derive(Debug)]
-pub(crate) struct Hand;
-
-impl PerfModel for Hand {
-    fn describe(&self) -> String {
-        "hand".into()
-    }
-    fn tensor_parallel(&self) -> u32 {
-        1
-    }
-    fn step_time(&self, s: &StepShape<'_>) -> f64 {
-        let tokens: u32 = s.prefill.iter().map(|c| c.new_tokens).sum();
-        let p = if tokens > 0 {
-            1e-3 + 1e-4 * f64::from(tokens)
-        } else {
-            0.0
-        };
-        let d = if s.decode_batch > 0 {
-            2e-3 + 1e-3 * f64::from(s.decode_batch)
-        } else {
-            0.0
-        };
-        p + d
-    }
-    fn kv_bytes_per_token(&self) -> u64 {
-        1
-    }
-    fn memory(&self) -> MemoryFit {
-        MemoryFit {
-            gpus: 1,
-            weight_bytes_per_gpu: 0.0,
-            kv_bytes_per_gpu: 0.0,
-            kv_blocks: 1 << 20,
-        }
-    }
-}
-
-fn ident(id: &str, role: WorkerRole) -> WorkerIdentity {
-    WorkerIdentity {
-        worker_id: id.into(),
-        role: role.into(),
-        grpc_addr: format!("{id}:1"),
-        kv_endpoint: format!("{id}:2"),
-        model: "m".into(),
-        geometry: Some(BlockGeometry {
-            block_tokens: 16,
-            ..BlockGeometry::default()
-        }),
-        step_tokens: 512,
-        ..WorkerIdentity::default()
-    }
-}
+pub(crate) const HAND: LinearModel = LinearModel {
+    prefill_step: 1e-3,
+    per_prompt_token: 1e-4,
+    decode_step: 2e-3,
+    per_sequence: 1e-3,
+    per_context_token: 0.0,
+    kv_blocks: 1 << 20,
+};
 
 fn ready(queued: u64, free: u64) -> Load {
-    Load {
-        state: WorkerState::Ready,
-        queued_prefill_tokens: queued,
-        free_kv_blocks: free,
-        total_kv_blocks: free.max(1000),
-        ..Load::default()
-    }
+    super::tests::ready(queued, free, 0)
 }
 
 fn with_base() -> Registry {
     let config = RegistryConfig {
         admission: AdmissionConfig {
-            base: Some(Arc::new(Hand)),
+            base: Some(Arc::new(HAND)),
             ..AdmissionConfig::default()
         },
         ..RegistryConfig::default()

@@ -10,7 +10,7 @@ use crate::types::RequestShape;
 
 const SEC: Duration = Duration::from_secs(1);
 
-fn ident(id: &str, role: WorkerRole) -> WorkerIdentity {
+pub(super) fn ident(id: &str, role: WorkerRole) -> WorkerIdentity {
     WorkerIdentity {
         worker_id: id.into(),
         role: role.into(),
@@ -25,7 +25,7 @@ fn ident(id: &str, role: WorkerRole) -> WorkerIdentity {
     }
 }
 
-fn ready(queued: u64, free: u64, running: u32) -> Load {
+pub(super) fn ready(queued: u64, free: u64, running: u32) -> Load {
     Load {
         state: WorkerState::Ready,
         queued_prefill_tokens: queued,

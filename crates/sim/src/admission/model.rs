@@ -282,35 +282,17 @@ fn push_bounded<T>(q: &mut VecDeque<T>, v: T) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::perf::MemoryFit;
+    use crate::linear::LinearModel;
 
     /// A base whose steps cost 1 ms per prompt token and 2 ms per decoding sequence.
-    #[derive(Debug)]
-    struct Toy;
-
-    impl PerfModel for Toy {
-        fn describe(&self) -> String {
-            "toy".into()
-        }
-        fn tensor_parallel(&self) -> u32 {
-            1
-        }
-        fn step_time(&self, step: &StepShape<'_>) -> f64 {
-            let tokens: u32 = step.prefill.iter().map(|c| c.new_tokens).sum();
-            1e-3 * f64::from(tokens) + 2e-3 * f64::from(step.decode_batch)
-        }
-        fn kv_bytes_per_token(&self) -> u64 {
-            1
-        }
-        fn memory(&self) -> MemoryFit {
-            MemoryFit {
-                gpus: 1,
-                weight_bytes_per_gpu: 0.0,
-                kv_bytes_per_gpu: 0.0,
-                kv_blocks: 1,
-            }
-        }
-    }
+    const TOY: LinearModel = LinearModel {
+        prefill_step: 0.0,
+        per_prompt_token: 1e-3,
+        decode_step: 0.0,
+        per_sequence: 2e-3,
+        per_context_token: 0.0,
+        kv_blocks: 1,
+    };
 
     fn prefill(n: u32, seconds: f64) -> StepSample {
         StepSample::new(&[PrefillItem::fresh(n)], 0, 0, seconds)
@@ -322,7 +304,7 @@ mod tests {
 
     #[test]
     fn a_base_model_predicts_at_once_and_its_scale_follows_the_host() {
-        let mut m = StepModel::new(Some(Arc::new(Toy)));
+        let mut m = StepModel::new(Some(Arc::new(TOY)));
         let one = [PrefillItem::fresh(100)];
         let shape = StepShape {
             prefill: &one,

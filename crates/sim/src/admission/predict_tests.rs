@@ -2,49 +2,21 @@ use std::sync::Arc;
 
 use super::*;
 use crate::admission::calibrate::MIN_RATIOS;
-use crate::perf::{MemoryFit, PerfModel};
+use crate::linear::LinearModel;
 
 /// Prefill steps cost 1 ms plus 0.1 ms a prompt token; decode steps 2 ms, plus 1 ms a sequence
 /// and 1 us a token of context; a mixed step the sum of both.
-#[derive(Debug)]
-pub(crate) struct Hand;
-
-impl PerfModel for Hand {
-    fn describe(&self) -> String {
-        "hand".into()
-    }
-    fn tensor_parallel(&self) -> u32 {
-        1
-    }
-    fn step_time(&self, s: &StepShape<'_>) -> f64 {
-        let tokens: u32 = s.prefill.iter().map(|c| c.new_tokens).sum();
-        let p = if tokens > 0 {
-            1e-3 + 1e-4 * f64::from(tokens)
-        } else {
-            0.0
-        };
-        let d = if s.decode_batch > 0 {
-            2e-3 + 1e-3 * f64::from(s.decode_batch) + 1e-6 * s.decode_context as f64
-        } else {
-            0.0
-        };
-        p + d
-    }
-    fn kv_bytes_per_token(&self) -> u64 {
-        1
-    }
-    fn memory(&self) -> MemoryFit {
-        MemoryFit {
-            gpus: 1,
-            weight_bytes_per_gpu: 0.0,
-            kv_bytes_per_gpu: 0.0,
-            kv_blocks: 1000,
-        }
-    }
-}
+pub(crate) const HAND: LinearModel = LinearModel {
+    prefill_step: 1e-3,
+    per_prompt_token: 1e-4,
+    decode_step: 2e-3,
+    per_sequence: 1e-3,
+    per_context_token: 1e-6,
+    kv_blocks: 1000,
+};
 
 pub(crate) fn hand() -> Predictor {
-    let m = || StepModel::new(Some(Arc::new(Hand)));
+    let m = || StepModel::new(Some(Arc::new(HAND)));
     Predictor::new(m(), m(), m(), PredictorConfig::default())
 }
 
@@ -152,7 +124,7 @@ fn measured_ratios_move_the_point_and_the_bound() {
 #[test]
 fn an_unfitted_decode_model_leaves_itl_unchecked() {
     let pr = Predictor::new(
-        StepModel::new(Some(Arc::new(Hand))),
+        StepModel::new(Some(Arc::new(HAND))),
         StepModel::new(None),
         StepModel::new(None),
         PredictorConfig::default(),

@@ -4,48 +4,21 @@ use super::*;
 use crate::admission::{Priority, RejectReason};
 use crate::des::{AdmissionConfig, PairChoice, Phase};
 use crate::des::{InstanceSpec, SimConfig, run, simulate};
-use crate::perf::{Link, MemoryFit, PerfModel, StepShape};
+use crate::linear::LinearModel;
+use crate::perf::Link;
 use crate::stats::Slo;
 use crate::workload::{Arrivals, Lengths, Workload};
 
-/// Prefill costs 1 ms per prompt token; a step with decoding sequences 8 ms plus 2 ms each.
-#[derive(Debug)]
-struct Toy {
-    blocks: u64,
-}
-
-impl PerfModel for Toy {
-    fn describe(&self) -> String {
-        "admission toy".into()
-    }
-    fn tensor_parallel(&self) -> u32 {
-        1
-    }
-    fn step_time(&self, s: &StepShape<'_>) -> f64 {
-        let p: u32 = s.prefill.iter().map(|p| p.new_tokens).sum();
-        let d = if s.decode_batch > 0 {
-            0.008 + 0.002 * f64::from(s.decode_batch)
-        } else {
-            0.0
-        };
-        1e-3 * f64::from(p) + d
-    }
-    fn kv_bytes_per_token(&self) -> u64 {
-        1
-    }
-    fn memory(&self) -> MemoryFit {
-        MemoryFit {
-            gpus: 1,
-            weight_bytes_per_gpu: 0.0,
-            kv_bytes_per_gpu: 0.0,
-            kv_blocks: self.blocks,
-        }
-    }
-}
-
 fn inst(blocks: u64) -> InstanceSpec {
     InstanceSpec {
-        model: Arc::new(Toy { blocks }),
+        // Prefill costs 1 ms per prompt token; a step with decoding sequences 8 ms plus 2 ms each.
+        model: Arc::new(LinearModel {
+            per_prompt_token: 1e-3,
+            decode_step: 0.008,
+            per_sequence: 0.002,
+            kv_blocks: blocks,
+            ..LinearModel::default()
+        }),
         max_running: 1 << 20,
         max_batch_tokens: 100,
     }

@@ -1,42 +1,23 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::linear::LinearModel;
 use crate::perf::{MemoryFit, StepShape};
 use crate::workload::{Arrivals, Lengths};
 
 /// Prefill costs 1 ms per prompt token; a step with decoding sequences costs 10 ms more.
-#[derive(Debug)]
-struct Toy {
-    blocks: u64,
-}
-
-impl PerfModel for Toy {
-    fn describe(&self) -> String {
-        "toy".into()
-    }
-    fn tensor_parallel(&self) -> u32 {
-        1
-    }
-    fn step_time(&self, s: &StepShape<'_>) -> f64 {
-        let p: u32 = s.prefill.iter().map(|p| p.new_tokens).sum();
-        1e-3 * f64::from(p) + if s.decode_batch > 0 { 0.01 } else { 0.0 }
-    }
-    fn kv_bytes_per_token(&self) -> u64 {
-        1
-    }
-    fn memory(&self) -> MemoryFit {
-        MemoryFit {
-            gpus: 1,
-            weight_bytes_per_gpu: 0.0,
-            kv_bytes_per_gpu: 0.0,
-            kv_blocks: self.blocks,
-        }
+fn toy(blocks: u64) -> LinearModel {
+    LinearModel {
+        per_prompt_token: 1e-3,
+        decode_step: 0.01,
+        kv_blocks: blocks,
+        ..LinearModel::default()
     }
 }
 
 fn inst(blocks: u64, max_batch_tokens: u32) -> InstanceSpec {
     InstanceSpec {
-        model: Arc::new(Toy { blocks }),
+        model: Arc::new(toy(blocks)),
         max_running: 64,
         max_batch_tokens,
     }
@@ -257,7 +238,7 @@ fn requests_that_fit_nowhere_are_refused() {
 /// more when the prefill worker starts from idle) and decode steps spread uniformly over 0.5-1.5
 /// of the toy's.
 #[derive(Debug)]
-struct Served(Toy);
+struct Served(LinearModel);
 
 impl PerfModel for Served {
     fn describe(&self) -> String {
@@ -286,7 +267,7 @@ impl PerfModel for Served {
 #[test]
 fn served_prefill_factor_follows_the_decoder_and_decode_steps_spread() {
     let served = || InstanceSpec {
-        model: Arc::new(Served(Toy { blocks: 1000 })),
+        model: Arc::new(Served(toy(1000))),
         max_running: 64,
         max_batch_tokens: 100,
     };
