@@ -202,19 +202,20 @@ pub fn apportion(estimates: &mut [u32], total: u32) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(chunks: Vec<f64>, tokens: Vec<u32>, out: u32, end: f64) -> RequestRecord {
+impl RequestRecord {
+    /// For tests: a streamed success sent at `send_s`, its chunks arriving at `chunk_s` with
+    /// `chunk_tokens` tokens each, ended with the last chunk; 10 prompt units, usage-counted.
+    pub(crate) fn streamed(send_s: f64, chunk_s: Vec<f64>, chunk_tokens: Vec<u32>) -> Self {
+        let out: u32 = chunk_tokens.iter().sum();
         RequestRecord {
             index: 0,
             input_len: 10,
             max_tokens: out,
-            send_s: 1.0,
-            first_token_s: chunks.first().copied(),
-            end_s: end,
-            chunk_s: chunks,
-            chunk_tokens: tokens,
+            send_s,
+            first_token_s: chunk_s.first().copied(),
+            end_s: chunk_s.last().copied().unwrap_or(send_s),
+            chunk_s,
+            chunk_tokens,
             output_tokens: out,
             output_tokens_source: TokenSource::Usage,
             usage: None,
@@ -223,6 +224,20 @@ mod tests {
             reject_code: None,
             retry_after_s: None,
             predicted_ttft_ms: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(chunks: Vec<f64>, tokens: Vec<u32>, out: u32, end: f64) -> RequestRecord {
+        RequestRecord {
+            max_tokens: out,
+            end_s: end,
+            output_tokens: out,
+            ..RequestRecord::streamed(1.0, chunks, tokens)
         }
     }
 

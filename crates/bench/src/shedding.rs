@@ -65,28 +65,14 @@ impl AdmissionSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{ErrorClass, RequestError, TokenSource};
+    use crate::record::{ErrorClass, RequestError};
 
     /// A success with TTFT `ttft_ms` and the server's prediction `predicted`.
     fn admitted(ttft_ms: f64, predicted: Option<f64>) -> RequestRecord {
         let first = 1.0 + ttft_ms / 1000.0;
         RequestRecord {
-            index: 0,
-            input_len: 10,
-            max_tokens: 2,
-            send_s: 1.0,
-            first_token_s: Some(first),
-            end_s: first + 0.01,
-            chunk_s: vec![first, first + 0.01],
-            chunk_tokens: vec![1, 1],
-            output_tokens: 2,
-            output_tokens_source: TokenSource::Usage,
-            usage: None,
-            error: None,
-            rejected: false,
-            reject_code: None,
-            retry_after_s: None,
             predicted_ttft_ms: predicted,
+            ..RequestRecord::streamed(1.0, vec![first, first + 0.01], vec![1, 1])
         }
     }
 

@@ -227,22 +227,8 @@ mod tests {
     fn rec(send: f64, ttft: f64, gap: f64, n: u32) -> RequestRecord {
         let chunk_s: Vec<f64> = (0..n).map(|i| send + ttft + gap * f64::from(i)).collect();
         RequestRecord {
-            index: 0,
             input_len: 100,
-            max_tokens: n,
-            send_s: send,
-            first_token_s: chunk_s.first().copied(),
-            end_s: *chunk_s.last().unwrap_or(&send),
-            chunk_tokens: vec![1; n as usize],
-            chunk_s,
-            output_tokens: n,
-            output_tokens_source: TokenSource::Usage,
-            usage: None,
-            error: None,
-            rejected: false,
-            reject_code: None,
-            retry_after_s: None,
-            predicted_ttft_ms: None,
+            ..RequestRecord::streamed(send, chunk_s, vec![1; n as usize])
         }
     }
 
