@@ -6,8 +6,13 @@
 /// Coefficients minimising the sum of `(x . coef / y - 1)^2` with every coefficient `>= 0`, and
 /// that sum; `None` when no subset admits a finite solution (every row must have `y > 0`).
 pub fn fit_relative<const N: usize>(rows: &[([f64; N], f64)]) -> Option<([f64; N], f64)> {
+    // A feature that is zero in every row (a prefill worker's decode terms) cannot be fitted:
+    // subsets with it are skipped, which makes the search several times cheaper.
+    let used = (0..N)
+        .filter(|&i| rows.iter().any(|(x, _)| x[i] != 0.0))
+        .fold(0u32, |m, i| m | (1 << i));
     let mut best: Option<(f64, [f64; N])> = None;
-    for mask in 1u32..(1 << N) {
+    for mask in (1u32..(1 << N)).filter(|m| m & !used == 0) {
         let Some(coef) = solve_masked(rows, mask) else {
             continue;
         };
