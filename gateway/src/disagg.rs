@@ -222,6 +222,7 @@ impl Legs {
                 ttft,
                 itl: None,
                 exposed_transfer: exposed,
+                regime: p.regime,
             };
             // The TTFT goes back now, so that admission's calibration follows a burst as it
             // happens; the ITL when the stream ends.

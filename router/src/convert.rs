@@ -179,6 +179,7 @@ impl From<&Placement> for v1::Placement {
             predicted_itl_us: p.predicted.map(|x| micros(x.itl)),
             raw_ttft_us: p.predicted.map_or(0, |x| micros(x.raw_ttft)),
             raw_itl_us: p.predicted.map_or(0, |x| micros(x.raw_itl)),
+            load_regime: p.predicted.map_or(0, |x| u32::from(x.regime)),
         }
     }
 }
@@ -240,6 +241,7 @@ impl From<&v1::FeedbackRequest> for Feedback {
             ttft: us(r.measured_ttft_us),
             itl: some(r.measured_itl_us),
             exposed_transfer: some(r.exposed_transfer_us),
+            regime: u8::try_from(r.load_regime).unwrap_or(u8::MAX),
         }
     }
 }
@@ -254,6 +256,7 @@ impl From<&Feedback> for v1::FeedbackRequest {
             measured_ttft_us: micros(f.ttft),
             measured_itl_us: f.itl.map_or(0, micros),
             exposed_transfer_us: f.exposed_transfer.map_or(0, micros),
+            load_regime: u32::from(f.regime),
         }
     }
 }

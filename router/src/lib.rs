@@ -29,7 +29,8 @@ pub use error::{RejectReason, RouterError};
 pub use metrics::AdmissionMetrics;
 pub use policy::{LeastLoaded, Policy};
 pub use registry::{
-    AdmissionConfig, Decision, Lease, ModelAdmission, Registry, RegistryConfig, RoleModel,
+    AdmissionConfig, Calibration, Decision, Lease, ModelAdmission, Registry, RegistryConfig,
+    RoleModel,
 };
 pub use service::{RouterGrpc, serve};
 pub use task::{RouterConfig, RouterHandle, spawn};

@@ -146,28 +146,48 @@ fn render_models(out: &mut String, models: &[ModelAdmission]) {
     }
     let _ = writeln!(
         out,
-        "# HELP tandem_router_prediction_factor Measured over predicted latency of recent admitted requests: the median (applied to what clients are told) and the bound admission tests budgets with.\n# TYPE tandem_router_prediction_factor gauge"
+        "# HELP tandem_router_prediction_factor The median line through recent admitted requests' measured against predicted latency (median = offset + slope x prediction), applied to what clients are told, per load regime (requests in flight per prefill/decode pair or aggregated worker: 0 idle, then doubling from a quarter).\n# TYPE tandem_router_prediction_factor gauge"
     );
     for m in models {
-        for (what, (_, median, bound)) in [("ttft", m.ttft), ("itl", m.itl)] {
-            let labels = format!("model=\"{}\",latency=\"{what}\"", m.model);
-            let _ = writeln!(
-                out,
-                "tandem_router_prediction_factor{{{labels},factor=\"median\"}} {median}\ntandem_router_prediction_factor{{{labels},factor=\"bound\"}} {bound}"
-            );
+        for (what, regimes) in [("ttft", &m.ttft), ("itl", &m.itl)] {
+            for (g, c) in regimes.iter().enumerate() {
+                let labels = format!("model=\"{}\",latency=\"{what}\",regime=\"{g}\"", m.model);
+                let _ = writeln!(
+                    out,
+                    "tandem_router_prediction_factor{{{labels},term=\"slope\"}} {}\ntandem_router_prediction_factor{{{labels},term=\"offset_seconds\"}} {}",
+                    c.slope, c.offset_s
+                );
+            }
         }
     }
     let _ = writeln!(
         out,
-        "# HELP tandem_router_prediction_samples Admitted requests whose measured latency the factors are taken from.\n# TYPE tandem_router_prediction_samples gauge"
+        "# HELP tandem_router_prediction_tail_seconds What admission adds to the median prediction to bound it: the high quantile of what recent admitted requests measured beyond it, per load regime.\n# TYPE tandem_router_prediction_tail_seconds gauge"
     );
     for m in models {
-        for (what, (n, _, _)) in [("ttft", m.ttft), ("itl", m.itl)] {
-            let _ = writeln!(
-                out,
-                "tandem_router_prediction_samples{{model=\"{}\",latency=\"{what}\"}} {n}",
-                m.model
-            );
+        for (what, regimes) in [("ttft", &m.ttft), ("itl", &m.itl)] {
+            for (g, c) in regimes.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "tandem_router_prediction_tail_seconds{{model=\"{}\",latency=\"{what}\",regime=\"{g}\"}} {}",
+                    m.model, c.tail_s
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tandem_router_prediction_samples Admitted requests measured in each load regime (a regime with fewer than 16 uses all regimes' ratios).\n# TYPE tandem_router_prediction_samples gauge"
+    );
+    for m in models {
+        for (what, regimes) in [("ttft", &m.ttft), ("itl", &m.itl)] {
+            for (g, c) in regimes.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "tandem_router_prediction_samples{{model=\"{}\",latency=\"{what}\",regime=\"{g}\"}} {}",
+                    m.model, c.samples
+                );
+            }
         }
     }
 }

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::v1::WorkerIdentity;
 
+use tandem_sim::admission::calibrate::REGIMES;
 use tandem_sim::admission::{
-    Coefficients, Feedback as AdmissionFeedback, Predictor, PredictorConfig, Rules, StepModel,
-    StepSample,
+    Coefficients, Feedback as AdmissionFeedback, InFlight, Predictor, PredictorConfig,
+    RegimeRatios, Rules, StepModel, StepSample,
 };
 use tandem_sim::perf::PerfModel;
 
@@ -135,6 +136,7 @@ struct ModelTables {
     decode: Candidates,
     aggregated: Candidates,
     predictor: Predictor,
+    in_flight: InFlight,
 }
 
 impl ModelTables {
@@ -145,6 +147,7 @@ impl ModelTables {
             decode: Candidates::default(),
             aggregated: Candidates::default(),
             predictor: Predictor::new(model(), model(), model(), cfg.predictor),
+            in_flight: InFlight::default(),
         }
     }
 
@@ -182,11 +185,37 @@ pub struct ModelAdmission {
     pub model: String,
     /// Step-time models of prefill, decode and aggregated workers.
     pub roles: [RoleModel; 3],
-    /// Measured/predicted TTFT and ITL of recent admitted requests: (count, median, bound factor).
-    pub ttft: (usize, f64, f64),
-    pub itl: (usize, f64, f64),
+    /// Calibration of TTFT and ITL by recent admitted requests, per load regime; a regime with too
+    /// few measurements of its own uses all regimes'.
+    pub ttft: [Calibration; REGIMES],
+    pub itl: [Calibration; REGIMES],
     /// Seconds of exposed KV transfer per prompt token.
     pub exposed_per_token: f64,
+}
+
+/// How one load regime's predictions are calibrated: median = offset + slope x raw prediction,
+/// bound = median + tail.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Calibration {
+    /// Measurements the regime holds itself.
+    pub samples: usize,
+    pub slope: f64,
+    pub offset_s: f64,
+    pub tail_s: f64,
+}
+
+fn factors(r: &RegimeRatios) -> [Calibration; REGIMES] {
+    let counts = r.counts();
+    std::array::from_fn(|g| {
+        let w = r.window(g as u8);
+        let (slope, offset_s) = w.line_coefficients();
+        Calibration {
+            samples: counts[g],
+            slope,
+            offset_s,
+            tail_s: w.tail(),
+        }
+    })
 }
 
 /// Registered workers, their leases and loads, and the candidate tables placement reads.
@@ -378,6 +407,7 @@ impl Registry {
             predicted_itl_raw: fb.raw_itl.as_secs_f64(),
             measured_itl: fb.itl.map(|d| d.as_secs_f64()),
             exposed_transfer: fb.exposed_transfer.map(|d| d.as_secs_f64()),
+            regime: fb.regime,
         });
         Ok(())
     }
@@ -402,8 +432,8 @@ impl Registry {
                         role(Role::Decode, &p.decode),
                         role(Role::Aggregated, &p.aggregated),
                     ],
-                    ttft: (p.ttft.len(), p.ttft.median_factor(), p.ttft.bound_factor()),
-                    itl: (p.itl.len(), p.itl.median_factor(), p.itl.bound_factor()),
+                    ttft: factors(&p.ttft),
+                    itl: factors(&p.itl),
                     exposed_per_token: p.exposed_per_token(),
                 }
             })
@@ -559,6 +589,7 @@ impl Registry {
 }
 
 mod place;
+mod regime;
 
 pub use place::Decision;
 pub(crate) use place::ask_budget;

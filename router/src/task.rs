@@ -285,11 +285,12 @@ impl Task {
                 reply,
             } => {
                 let answer = self.registry.register(identity, load, now);
-                if let Ok(lease) = &answer
-                    && !steps.is_empty()
-                {
+                if let Ok(lease) = &answer {
+                    // Without steps this still lets an idle role's level settle.
                     self.registry.observe_steps(&lease.worker_id, &steps, now);
-                    self.publish_admission(now);
+                    if !steps.is_empty() {
+                        self.publish_admission(now);
+                    }
                 }
                 let _ = reply.send(answer);
             }
@@ -300,9 +301,11 @@ impl Task {
                 reply,
             } => {
                 let answer = self.registry.heartbeat(&worker_id, load, now);
-                if answer.is_ok() && !steps.is_empty() {
+                if answer.is_ok() {
                     self.registry.observe_steps(&worker_id, &steps, now);
-                    self.publish_admission(now);
+                    if !steps.is_empty() {
+                        self.publish_admission(now);
+                    }
                 }
                 let _ = reply.send(answer);
                 self.retry_waiting(now);

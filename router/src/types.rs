@@ -146,6 +146,8 @@ pub struct Predicted {
     /// The two before calibration, which the gateway's [`Feedback`] compares measurements with.
     pub raw_ttft: Duration,
     pub raw_itl: Duration,
+    /// The load regime the two were calibrated in, which the [`Feedback`] echoes.
+    pub regime: u8,
 }
 
 /// What an admitted request measured, sent back so that predictions stay calibrated.
@@ -164,6 +166,8 @@ pub struct Feedback {
     pub itl: Option<Duration>,
     /// KV transfer left exposed after the prefill's compute; `None` when there was none.
     pub exposed_transfer: Option<Duration>,
+    /// `Predicted::regime` of its placement.
+    pub regime: u8,
 }
 
 /// One registered worker as of a snapshot.

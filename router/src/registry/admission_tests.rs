@@ -266,6 +266,7 @@ fn feedback_calibrates_what_clients_are_told() {
             ttft: 12 * MS,
             itl: Some(3 * MS),
             exposed_transfer: None,
+            regime: 0,
         };
         r.feedback(&fb).unwrap();
     }
@@ -281,4 +282,41 @@ fn feedback_calibrates_what_clients_are_told() {
         r.feedback(&Feedback::default()).is_err(),
         "no prediction to compare with"
     );
+}
+
+#[test]
+fn a_burst_s_delays_do_not_refuse_the_idle_cluster() {
+    let t0 = Instant::now();
+    let mut r = cluster(t0, &[0, 0], &[100, 100]);
+    let fb = |raw_ms: u32, ttft_ms: u32, regime: u8| Feedback {
+        model: "m".into(),
+        prompt_tokens: 100,
+        raw_ttft: raw_ms * MS,
+        raw_itl: 3 * MS,
+        ttft: ttft_ms * MS,
+        itl: Some(3 * MS),
+        exposed_transfer: None,
+        regime,
+    };
+    // Busy (three requests in flight per pair): every request took 40 ms longer than predicted.
+    // Idle: as predicted.
+    for i in 0..16 {
+        r.feedback(&fb(10 + i, 50 + i, 4)).unwrap();
+        r.feedback(&fb(10 + i, 10 + i, 0)).unwrap();
+    }
+    // A 11 ms prediction on the idle cluster is bounded at 11 ms, within a 20 ms budget.
+    let p = r.place(&budgeted(100, 20), t0).unwrap().predicted.unwrap();
+    assert_eq!(p.regime, 0);
+    assert!(close(p.ttft, 11 * MS), "{p:?}");
+    // Seven more placements in the same instant make it busy: the next one is bounded by the
+    // busy regime's 40 ms delay, which no wait can make up within 20 ms.
+    for _ in 0..7 {
+        r.place(&budgeted(100, 2000), t0).unwrap();
+    }
+    match r.place(&budgeted(100, 20), t0) {
+        Err(RouterError::Rejected { reason, .. }) => {
+            assert_eq!(reason, RejectReason::TtftBudgetUnreachable)
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -29,6 +29,13 @@ pub enum Decision {
     },
 }
 
+/// What a decision is made for: the served model's key, its load regime, and the time.
+struct At<'a> {
+    model: &'a str,
+    regime: u8,
+    now: Instant,
+}
+
 /// One path a request could take, with what admission predicts for it.
 struct Path {
     /// Slots and table indices: (prefill or aggregated, decode or the same aggregated).
@@ -99,13 +106,19 @@ impl Registry {
             self.expire(now);
             return self.decide(shape, now);
         }
+        let at = At {
+            model: &key,
+            regime: self.regime(&key, now),
+            now,
+        };
         let mut options: [Option<Path>; 2] = [None, None];
         if let Some((ps, pi, ds, di)) = disagg {
-            options[0] =
-                Some(self.option(&key, shape, (Leg::Prefill, ps, pi), (ds, di), false, now));
+            let (p, d) = ((Leg::Prefill, ps, pi), (ds, di));
+            options[0] = Some(self.option(&at, shape, p, d, false));
         }
         if let Some((a, ai)) = agg {
-            options[1] = Some(self.option(&key, shape, (Leg::Decode, a, ai), (a, ai), true, now));
+            let (p, d) = ((Leg::Decode, a, ai), (a, ai));
+            options[1] = Some(self.option(&at, shape, p, d, true));
         }
         // Headroom: the path with the lower predicted TTFT bound, the disaggregated pair on a tie
         // or when neither can be predicted yet.
@@ -131,7 +144,7 @@ impl Registry {
         let mut verdict = judge(&ask, &prediction, &chosen.d, chosen.kv_fits, drain, &rules);
         if matches!(verdict, Verdict::Wait { .. }) && !chosen.aggregated {
             // The policy's decode worker has no room for it: another may.
-            if let Some(better) = self.roomier_decode(&key, shape, &chosen, now) {
+            if let Some(better) = self.roomier_decode(&at, shape, &chosen) {
                 chosen = better;
                 if let Some(p) = chosen.prediction {
                     let drain = self.models[&key].predictor.decode_drain(&p, &chosen.d);
@@ -143,6 +156,7 @@ impl Registry {
         let predicted_ttft = Some(secs(prediction.ttft));
         match verdict {
             Verdict::Admit => Ok(Decision::Placed(self.charge_and_place(
+                &key,
                 shape,
                 &chosen,
                 Some(prediction),
@@ -172,13 +186,13 @@ impl Registry {
     /// The path through these workers, with its loads and prediction.
     fn option(
         &self,
-        model: &str,
+        at: &At<'_>,
         shape: &RequestShape,
         prompt: (Leg, u32, usize),
         decode: (u32, usize),
         aggregated: bool,
-        now: Instant,
     ) -> Path {
+        let (model, now) = (at.model, at.now);
         let predictor = &self.models[model].predictor;
         let pw = self.worker(prompt.1);
         let dw = self.worker(decode.0);
@@ -225,7 +239,7 @@ impl Registry {
                 decode: &d,
             }
         };
-        let prediction = predictor.predict(&candidate, shape.prompt_tokens);
+        let prediction = predictor.predict(&candidate, shape.prompt_tokens, at.regime);
         Path {
             prompt,
             decode,
@@ -238,14 +252,8 @@ impl Registry {
 
     /// The decode worker (other than the chosen one) with room for the request and the lowest
     /// predicted ITL, if any: a scan, run only when the policy's choice has no room.
-    fn roomier_decode(
-        &self,
-        model: &str,
-        shape: &RequestShape,
-        chosen: &Path,
-        now: Instant,
-    ) -> Option<Path> {
-        let tables = &self.models[model];
+    fn roomier_decode(&self, at: &At<'_>, shape: &RequestShape, chosen: &Path) -> Option<Path> {
+        let tables = &self.models[at.model];
         let ask = ask(shape);
         let mut best: Option<Path> = None;
         for i in 0..tables.decode.len() {
@@ -253,10 +261,10 @@ impl Registry {
                 continue;
             }
             let slot = tables.decode.slot(i);
-            if self.worker(slot).lease_deadline <= now {
+            if self.worker(slot).lease_deadline <= at.now {
                 continue;
             }
-            let o = self.option(model, shape, chosen.prompt, (slot, i), false, now);
+            let o = self.option(at, shape, chosen.prompt, (slot, i), false);
             let Some(p) = o.prediction else { continue };
             let fits = o.kv_fits
                 && tandem_sim::admission::decide::itl_limit(&ask, &o.d)
@@ -304,19 +312,23 @@ impl Registry {
                 retry_after,
             });
         }
-        let _ = model;
         Ok(Decision::Placed(
-            self.charge_and_place(shape, chosen, None, now),
+            self.charge_and_place(model, shape, chosen, None, now),
         ))
     }
 
     fn charge_and_place(
         &mut self,
+        model: &str,
         shape: &RequestShape,
         chosen: &Path,
         prediction: Option<Prediction>,
         now: Instant,
     ) -> Placement {
+        let now_s = now.saturating_duration_since(self.epoch).as_secs_f64();
+        if let (Some(t), Some(p)) = (self.models.get_mut(model), &prediction) {
+            t.in_flight.placed(now_s, p, shape.max_new_tokens);
+        }
         let prompt = u64::from(shape.prompt_tokens);
         let (ps, ds) = (chosen.prompt.1, chosen.decode.0);
         let blocks = prompt.div_ceil(self.worker(ds).block_tokens(self.config.block_tokens));
@@ -345,6 +357,7 @@ impl Registry {
             itl: secs(p.itl),
             raw_ttft: secs(p.ttft_raw),
             raw_itl: secs(p.itl_raw),
+            regime: p.regime,
         });
         Placement {
             prefill: self.worker(ps).identity.clone(),

@@ -114,6 +114,7 @@ mod tests {
             itl_idle_bound: itl_idle,
             ttft_raw: ttft_bound / 1.25,
             itl_raw: itl_bound / 1.25,
+            regime: 0,
         }
     }
 

@@ -12,13 +12,15 @@
 pub mod budget;
 pub mod calibrate;
 pub mod decide;
+pub mod in_flight;
 pub mod model;
 pub mod predict;
 pub mod queue;
 
 pub use budget::{Ask, Budget, Priority, RejectReason, Verdict};
-pub use calibrate::Ratios;
+pub use calibrate::{Ratios, RegimeRatios, regime};
 pub use decide::{Rules, judge};
+pub use in_flight::InFlight;
 pub use model::{Coefficients, StepModel, StepSample};
 pub use predict::{
     Candidate, DecodeLoad, Feedback, Prediction, Predictor, PredictorConfig, PrefillLoad,

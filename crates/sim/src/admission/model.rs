@@ -27,6 +27,9 @@ pub const RECENT: usize = 16;
 /// workers reporting, the fit runs once in a while, not once per report (it costs milliseconds,
 /// taken from the serving process). The recent level is updated with every report.
 const MIN_REFIT_GAP_S: f64 = 2.0;
+/// Seconds without a measured step after which the recent level gives way to the whole window's:
+/// a worker that went quiet after a burst is no longer as slow as its last contended steps.
+pub const LEVEL_TTL_S: f64 = 5.0;
 /// Most prompt chunks a sample or a predicted step carries.
 pub const MAX_CHUNKS: usize = 8;
 
@@ -132,6 +135,9 @@ pub struct StepModel {
     errors: VecDeque<f64>,
     /// When [`StepModel::observe_batch`] last refitted, on its caller's clock.
     fitted_at: f64,
+    /// When it last received a step, on the same clock, and whether the level has settled since.
+    stepped_at: f64,
+    settled: bool,
 }
 
 impl StepModel {
@@ -150,6 +156,8 @@ impl StepModel {
             coefficients,
             errors: VecDeque::with_capacity(WINDOW),
             fitted_at: f64::NEG_INFINITY,
+            stepped_at: f64::NEG_INFINITY,
+            settled: false,
         }
     }
 
@@ -193,8 +201,11 @@ impl StepModel {
             added |= self.push(*s);
         }
         if !added {
+            self.settle(now_s);
             return;
         }
+        self.stepped_at = now_s;
+        self.settled = false;
         if self.due() && now_s - self.fitted_at >= MIN_REFIT_GAP_S {
             self.fitted_at = now_s;
             self.refit();
@@ -205,13 +216,27 @@ impl StepModel {
 
     /// Follows the recent steps' level without fitting the form again.
     fn relevel(&mut self) {
+        self.set_level(RECENT);
+    }
+
+    /// Once no step has arrived for [`LEVEL_TTL_S`] before `now_s`, takes the level from the whole
+    /// window instead of the latest steps.
+    pub fn settle(&mut self, now_s: f64) {
+        if !self.settled && now_s - self.stepped_at > LEVEL_TTL_S {
+            self.settled = true;
+            self.set_level(WINDOW);
+        }
+    }
+
+    /// The level as the median of measured/modelled over the latest `n` samples.
+    fn set_level(&mut self, n: usize) {
         self.coefficients = match (self.coefficients, &self.base) {
             (Coefficients::Scaled { .. }, Some(base)) => Coefficients::Scaled {
-                scale: self.recent_level(|s| base.step_time(&s.shape())),
+                scale: self.level_of(n, |s| base.step_time(&s.shape())),
             },
             (Coefficients::Linear { coef, .. }, _) => Coefficients::Linear {
                 coef,
-                level: self.recent_level(|s| dot(&coef, &features(&s.shape()))),
+                level: self.level_of(n, |s| dot(&coef, &features(&s.shape()))),
             },
             (c, _) => c,
         };
@@ -238,11 +263,16 @@ impl StepModel {
 
     /// The median of measured over `predict` for the latest [`RECENT`] samples (1 without any).
     fn recent_level(&self, predict: impl Fn(&StepSample) -> f64) -> f64 {
+        self.level_of(RECENT, predict)
+    }
+
+    /// The median of measured over `predict` for the latest `n` samples (1 without any).
+    fn level_of(&self, n: usize, predict: impl Fn(&StepSample) -> f64) -> f64 {
         let mut ratios: Vec<f64> = self
             .samples
             .iter()
             .rev()
-            .take(RECENT)
+            .take(n)
             .filter_map(|s| {
                 let p = predict(s);
                 (p > 0.0).then(|| s.seconds / p)
@@ -381,6 +411,31 @@ mod tests {
         assert!(coef[0] > 1.2e-4, "refitted: {coef:?}");
         let t = m.step_time(&shape).unwrap();
         assert!((t - 0.022).abs() < 1e-6, "{t}");
+    }
+
+    #[test]
+    fn a_quiet_worker_s_level_settles_to_the_whole_window() {
+        let mut m = StepModel::new(Some(Arc::new(TOY)));
+        let one = [PrefillItem::fresh(100)];
+        let shape = StepShape {
+            prefill: &one,
+            ..StepShape::default()
+        };
+        let steps = |scale: f64, n: usize| -> Vec<StepSample> {
+            (0..n).map(|_| prefill(100, scale * 0.1)).collect()
+        };
+        // A long run at the base's speed, then a burst at 3x (contended).
+        m.observe_batch(&steps(1.0, WINDOW - RECENT), 0.0);
+        m.observe_batch(&steps(3.0, RECENT), 10.0);
+        assert!((m.step_time(&shape).unwrap() - 0.3).abs() < 1e-9);
+        // Reports without steps: nothing changes until the level's time is up.
+        m.observe_batch(&[], 10.0 + LEVEL_TTL_S);
+        assert!((m.step_time(&shape).unwrap() - 0.3).abs() < 1e-9);
+        m.observe_batch(&[], 10.1 + LEVEL_TTL_S);
+        assert!((m.step_time(&shape).unwrap() - 0.1).abs() < 1e-9);
+        // A new step brings the recent level back.
+        m.observe_batch(&steps(3.0, 1), 20.0);
+        assert!((m.step_time(&shape).unwrap() - 0.3).abs() < 1e-9);
     }
 
     #[test]

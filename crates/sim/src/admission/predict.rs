@@ -9,7 +9,7 @@
 //! already reserved on it (placed but still prefilling) have joined. Aggregated: the prompt's steps
 //! also carry the worker's decode batch, and the decode steps carry prompt chunks while prompts wait.
 
-use super::calibrate::Ratios;
+use super::calibrate::RegimeRatios;
 use super::model::{MAX_CHUNKS, StepModel};
 use crate::perf::{PrefillItem, StepShape};
 
@@ -66,6 +66,9 @@ pub struct Prediction {
     pub ttft_raw: f64,
     /// The ITL before calibration.
     pub itl_raw: f64,
+    /// The load regime it was predicted in ([`super::calibrate::regime`]), whose ratios the
+    /// measurement joins.
+    pub regime: u8,
 }
 
 /// Settings of the predictor.
@@ -92,10 +95,11 @@ pub struct Predictor {
     pub prefill: StepModel,
     pub decode: StepModel,
     pub aggregated: StepModel,
-    /// Measured over predicted TTFT (before calibration) of recent admitted requests.
-    pub ttft: Ratios,
-    /// Measured mean inter-token latency over predicted ITL.
-    pub itl: Ratios,
+    /// Measured over predicted TTFT (before calibration) of recent admitted requests, per load
+    /// regime.
+    pub ttft: RegimeRatios,
+    /// Measured mean inter-token latency over predicted ITL, per load regime.
+    pub itl: RegimeRatios,
     /// Seconds of KV transfer left exposed per prompt token (moving average of measurements).
     exposed_per_token: f64,
     /// Moving averages of prompt lengths and output budgets asked for.
@@ -114,11 +118,21 @@ impl Predictor {
             prefill,
             decode,
             aggregated,
-            ttft: Ratios::new(cfg.quantile, cfg.default_margin),
-            itl: Ratios::new(cfg.quantile, cfg.default_margin),
+            ttft: RegimeRatios::new(cfg.quantile, cfg.default_margin),
+            itl: RegimeRatios::new(cfg.quantile, cfg.default_margin),
             exposed_per_token: 0.0,
             mean_prompt: 0.0,
             mean_new_tokens: 0.0,
+        }
+    }
+
+    /// Starts the calibration as a router's that has measured idle requests as predicted: the
+    /// simulator's steps are its model's own, so only queueing is left to learn (a cold router's
+    /// default margin would refuse what a warm one admits).
+    pub fn assume_calibrated(&mut self) {
+        for _ in 0..super::calibrate::MIN_RATIOS {
+            self.ttft.observe(0, 1.0, 1.0);
+            self.itl.observe(0, 1.0, 1.0);
         }
     }
 
@@ -135,11 +149,10 @@ impl Predictor {
 
     /// Records what an admitted request measured against what was predicted for it.
     pub fn observe(&mut self, fb: &Feedback) {
-        if fb.predicted_ttft_raw > 0.0 {
-            self.ttft.observe(fb.measured_ttft / fb.predicted_ttft_raw);
-        }
-        if let (Some(measured), true) = (fb.measured_itl, fb.predicted_itl_raw > 0.0) {
-            self.itl.observe(measured / fb.predicted_itl_raw);
+        self.ttft
+            .observe(fb.regime, fb.predicted_ttft_raw, fb.measured_ttft);
+        if let Some(measured) = fb.measured_itl {
+            self.itl.observe(fb.regime, fb.predicted_itl_raw, measured);
         }
         if let Some(exposed) = fb.exposed_transfer
             && fb.prompt_tokens > 0
@@ -210,9 +223,9 @@ impl Predictor {
         })
     }
 
-    /// Predicts a request on a candidate; `None` while the model of the role that computes the
-    /// prompt cannot predict yet.
-    pub fn predict(&self, c: &Candidate<'_>, prompt_tokens: u32) -> Option<Prediction> {
+    /// Predicts a request on a candidate, calibrated by the ratios of load `regime`; `None` while
+    /// the model of the role that computes the prompt cannot predict yet.
+    pub fn predict(&self, c: &Candidate<'_>, prompt_tokens: u32, regime: u8) -> Option<Prediction> {
         let (p, d) = match c {
             Candidate::Disaggregated { prefill, decode } => (*prefill, *decode),
             Candidate::Aggregated { prefill, decode } => (*prefill, *decode),
@@ -240,17 +253,26 @@ impl Predictor {
         let itl_idle_raw = self
             .decode_step(dm, &DecodeLoad::default(), prompt_tokens)
             .unwrap_or(0.0);
-        let (tm, tb) = (self.ttft.median_factor(), self.ttft.bound_factor());
-        let (im, ib) = (self.itl.median_factor(), self.itl.bound_factor());
+        let (t, i) = (&self.ttft, &self.itl);
+        // An ITL left unchecked stays 0, tail or not.
+        let itl_bound = |raw: f64| {
+            if raw > 0.0 { i.bound(regime, raw) } else { 0.0 }
+        };
         Some(Prediction {
-            ttft: ttft_raw * tm,
-            ttft_bound: ttft_raw * tb,
-            ttft_idle_bound: ttft_idle_raw * tb,
-            itl: itl_raw * im,
-            itl_bound: itl_raw * ib,
-            itl_idle_bound: itl_idle_raw * ib,
+            ttft: t.median(regime, ttft_raw),
+            ttft_bound: t.bound(regime, ttft_raw),
+            // An idle candidate: what the quietest regime bounds.
+            ttft_idle_bound: t.bound(0, ttft_idle_raw),
+            itl: i.median(regime, itl_raw),
+            itl_bound: itl_bound(itl_raw),
+            itl_idle_bound: if itl_idle_raw > 0.0 {
+                i.bound(0, itl_idle_raw)
+            } else {
+                0.0
+            },
             ttft_raw,
             itl_raw,
+            regime,
         })
     }
 
@@ -287,6 +309,8 @@ pub struct Feedback {
     pub measured_itl: Option<f64>,
     /// KV transfer left exposed after the prefill's compute (disaggregated only).
     pub exposed_transfer: Option<f64>,
+    /// [`Prediction::regime`] of its placement.
+    pub regime: u8,
 }
 
 fn ewma(v: &mut f64, x: f64, alpha: f64) {

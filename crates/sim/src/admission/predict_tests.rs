@@ -41,7 +41,7 @@ fn disaggregated_ttft_is_the_queue_ahead_then_the_prompt_in_step_sized_chunks() 
         prefill: &p,
         decode: &d,
     };
-    let got = pr.predict(&c, 200).unwrap();
+    let got = pr.predict(&c, 200, 0).unwrap();
     // 1,200 tokens: two full steps of 512 (52.2 ms each), then 176 tokens (18.6 ms).
     assert!(close(got.ttft_raw, 0.123), "{got:?}");
     assert!(
@@ -78,6 +78,7 @@ fn aggregated_steps_carry_the_decode_batch_and_prompt_chunks() {
                 decode: &d,
             },
             100,
+            0,
         )
         .unwrap();
     // One step: 100 prompt tokens (11 ms) beside 12 sequences over 1,000 tokens (15 ms).
@@ -92,12 +93,23 @@ fn measured_ratios_move_the_point_and_the_bound() {
     for i in 0..MIN_RATIOS {
         pr.observe(&Feedback {
             prompt_tokens: 100,
-            predicted_ttft_raw: 0.1,
+            predicted_ttft_raw: 0.016,
             // Measured 1.1x to 1.4x the prediction.
-            measured_ttft: 0.11 + 0.002 * (i % 16) as f64,
+            measured_ttft: 0.016 * (1.1 + 0.02 * (i % 16) as f64),
             predicted_itl_raw: 0.01,
             measured_itl: Some(0.01),
             exposed_transfer: Some(0.005),
+            regime: 2,
+        });
+        // The idle cluster measured as predicted.
+        pr.observe(&Feedback {
+            prompt_tokens: 100,
+            predicted_ttft_raw: 0.1,
+            measured_ttft: 0.1,
+            predicted_itl_raw: 0.01,
+            measured_itl: Some(0.01),
+            exposed_transfer: Some(0.005),
+            regime: 0,
         });
     }
     let p = PrefillLoad {
@@ -105,20 +117,23 @@ fn measured_ratios_move_the_point_and_the_bound() {
         ..PrefillLoad::default()
     };
     let d = DecodeLoad::default();
-    let got = pr
-        .predict(
-            &Candidate::Disaggregated {
-                prefill: &p,
-                decode: &d,
-            },
-            100,
-        )
-        .unwrap();
+    let c = Candidate::Disaggregated {
+        prefill: &p,
+        decode: &d,
+    };
+    let got = pr.predict(&c, 100, 2).unwrap();
     // 11 ms of compute plus 5 ms of exposed transfer (50 us a token).
     assert!(close(got.ttft_raw, 0.016), "{got:?}");
-    assert!(close(got.ttft, 0.016 * pr.ttft.median_factor()));
-    assert!(got.ttft_bound > got.ttft && got.ttft_bound <= 0.016 * 1.41);
+    assert!(close(got.ttft, pr.ttft.median(2, 0.016)));
+    assert!(got.ttft > 0.016 * 1.1 && got.ttft_bound > got.ttft && got.ttft_bound <= 0.016 * 1.41);
     assert!(close(got.itl, got.itl_raw), "ITL measured as predicted");
+    assert_eq!(got.regime, 2);
+    // Idle requests were measured as predicted: their regime's factors are 1.
+    let idle = pr.predict(&c, 100, 0).unwrap();
+    assert!(
+        close(idle.ttft, 0.016) && close(idle.ttft_bound, 0.016),
+        "{idle:?}"
+    );
 }
 
 #[test]
@@ -138,7 +153,7 @@ fn an_unfitted_decode_model_leaves_itl_unchecked() {
         prefill: &p,
         decode: &d,
     };
-    let got = pr.predict(&c, 100).unwrap();
+    let got = pr.predict(&c, 100, 0).unwrap();
     assert!(close(got.ttft_raw, 0.011));
     assert_eq!(
         (got.itl_raw, got.itl_bound, got.itl_idle_bound),
@@ -159,7 +174,7 @@ fn an_unfitted_model_predicts_nothing() {
         prefill: &p,
         decode: &d,
     };
-    assert_eq!(pr.predict(&c, 10), None);
+    assert_eq!(pr.predict(&c, 10, 0), None);
 }
 
 #[test]

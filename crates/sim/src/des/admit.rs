@@ -37,8 +37,8 @@
 
 use crate::admission::queue::class;
 use crate::admission::{
-    Budget, DeadlineQueue, Feedback, Prediction, Predictor, Pushed, QueueKey, RejectReason,
-    StepModel, StepSample,
+    Budget, DeadlineQueue, Feedback, InFlight, Prediction, Predictor, Pushed, QueueKey,
+    RejectReason, StepModel, StepSample,
 };
 use crate::perf::PrefillItem;
 use crate::stats::Outcome;
@@ -96,6 +96,8 @@ pub(super) struct AdmState {
     pub predictor: Predictor,
     pub queue: DeadlineQueue<u32>,
     pub tickets: Vec<Ticket>,
+    /// Placed requests until their predicted end, for the load regime.
+    pub in_flight: InFlight,
 }
 
 impl AdmState {
@@ -109,11 +111,14 @@ impl AdmState {
                 (base(instances), base(instances), base(instances))
             }
         };
+        let mut predictor = Predictor::new(p, d, a, cfg.predictor);
+        predictor.assume_calibrated();
         AdmState {
             cfg: cfg.clone(),
-            predictor: Predictor::new(p, d, a, cfg.predictor),
+            predictor,
             queue: DeadlineQueue::new(cfg.queue.max(1)),
             tickets: Vec::with_capacity(requests),
+            in_flight: InFlight::default(),
         }
     }
 
@@ -144,6 +149,7 @@ impl Sim<'_> {
     /// A new request: decided at once, or queued behind budgeted work when it has no budget.
     pub(super) fn arrive(&mut self, id: u32) {
         let r = self.reqs[id as usize];
+        let (np, nd, na) = (self.prefill.len(), self.decode.len(), self.agg.len());
         let Some(a) = self.adm.as_deref_mut() else {
             return;
         };
@@ -155,8 +161,9 @@ impl Sim<'_> {
                 reason: RejectReason::QueueFull,
             }
         } else {
+            let regime = a.in_flight.regime(self.now, np, nd, na);
             match self.adm.as_deref() {
-                Some(a) => self.decide(a, id, budget),
+                Some(a) => self.decide(a, regime, id, budget),
                 None => return,
             }
         };
@@ -165,6 +172,7 @@ impl Sim<'_> {
 
     /// Decides every waiting request again, most urgent first.
     pub(super) fn retry_waiting(&mut self) {
+        let (np, nd, na) = (self.prefill.len(), self.decode.len(), self.agg.len());
         let keys: Vec<(QueueKey, u32)> = match self.adm.as_deref() {
             Some(a) if !a.queue.is_empty() => a.queue.iter().map(|(k, v)| (*k, *v)).collect(),
             _ => return,
@@ -191,8 +199,9 @@ impl Sim<'_> {
             let decision = if budget.ttft.is_none() && a.queue.holds_before(3) {
                 Decision::Wait { until, reason }
             } else {
+                let regime = a.in_flight.regime(self.now, np, nd, na);
                 match self.adm.as_deref() {
-                    Some(a) => self.decide(a, id, budget),
+                    Some(a) => self.decide(a, regime, id, budget),
                     None => return,
                 }
             };
@@ -204,6 +213,11 @@ impl Sim<'_> {
     fn act(&mut self, id: u32, decision: Decision, requeue: Option<QueueKey>) {
         match decision {
             Decision::Place { p, d, prediction } => {
+                let now = self.now;
+                let tokens = self.reqs[id as usize].output;
+                if let Some(a) = self.adm.as_deref_mut() {
+                    a.in_flight.placed(now, &prediction, tokens);
+                }
                 self.set_status(
                     id,
                     Status::Placed {
@@ -312,6 +326,7 @@ impl Sim<'_> {
                 measured_itl: (r.output > 1)
                     .then(|| (r.finish - r.first) / f64::from(r.output - 1)),
                 exposed_transfer: t.exposed,
+                regime: prediction.regime,
             });
         }
     }

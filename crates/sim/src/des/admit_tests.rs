@@ -186,9 +186,9 @@ fn a_request_waits_for_kv_and_is_placed_when_it_frees() {
 #[test]
 fn a_waiting_request_is_refused_at_its_deadline() {
     // 151 tokens take all 10 blocks and the first holds them until 0.6 s. The second, queued
-    // behind a 100-token prompt, is predicted 0.25 s (0.2 s, bounded by 1.25): with 0.4 s of
-    // budget it may wait 0.15 s for KV, and is refused then.
-    let b = budget(Some(0.4), None, Priority::Standard);
+    // behind a 100-token prompt, is predicted 0.2 s (the simulated router starts calibrated):
+    // with 0.35 s of budget it may wait 0.15 s for KV, and is refused then.
+    let b = budget(Some(0.35), None, Priority::Standard);
     let c = cfg(
         cluster(1, 10),
         Arrivals::Trace(vec![0.0, 0.0]),
@@ -212,8 +212,8 @@ fn a_waiting_request_is_refused_at_its_deadline() {
 
 #[test]
 fn a_running_sequences_itl_budget_makes_the_next_wait() {
-    // The first sequence's ITL budget is 13 ms: alone its steps take 10 ms (12.5 ms bounded);
-    // with a second sequence 12 ms (15 ms bounded), so the second waits until the first ends.
+    // The first sequence's ITL budget is 11 ms: alone its steps take 10 ms; with a second
+    // sequence 12 ms, so the second waits until the first ends.
     let replay = |b0: Budget, b1: Budget| {
         Arrivals::Replay(vec![
             RequestSpec {
@@ -230,7 +230,7 @@ fn a_running_sequences_itl_budget_makes_the_next_wait() {
             },
         ])
     };
-    let tight = budget(Some(2.0), Some(0.013), Priority::Standard);
+    let tight = budget(Some(2.0), Some(0.011), Priority::Standard);
     let loose = budget(Some(2.0), None, Priority::Standard);
     let c = cfg(cluster(1, 1000), replay(tight, loose), 11, 2, Some(loose));
     let s = statuses(&c);
@@ -282,8 +282,7 @@ fn a_full_queue_evicts_less_urgent_work_and_refuses_as_urgent_work() {
 #[test]
 fn best_fit_packs_prompts_onto_the_busiest_instance_within_budget() {
     // Prompts of 100 ms each on four prefill instances. Headroom gives each prompt an idle
-    // instance; best fit stacks the second behind the first (predicted 0.2 s, bounded 0.25 s,
-    // within 0.3 s) and the third behind the second, which has started by then.
+    // instance; best fit stacks the second behind the first (predicted 0.2 s, within 0.3 s) and the third behind the second, which has started by then.
     let b = budget(Some(0.3), None, Priority::Standard);
     let arrivals = Arrivals::Trace(vec![0.0, 0.05, 0.12]);
     let mut c = cfg(cluster(4, 1000), arrivals, 2, 3, Some(b));

@@ -46,7 +46,7 @@ impl Sim<'_> {
     /// A decode instance's batch is every sequence holding KV there (running, ready to join, or
     /// reserved while its prompt is computed or its KV moves), its context theirs (prompt tokens
     /// for those not yet running), as the router reads running plus reserved work.
-    pub(super) fn path(&self, a: &AdmState, id: u32, p: usize, d: usize) -> Path {
+    pub(super) fn path(&self, a: &AdmState, regime: u8, id: u32, p: usize, d: usize) -> Path {
         let r = &self.reqs[id as usize];
         let (prefill, decode, kv_fits, aggregated) = match &self.cfg.cluster {
             Cluster::Aggregated { instances } => {
@@ -104,13 +104,13 @@ impl Sim<'_> {
             d,
             decode,
             kv_fits,
-            prediction: a.predictor.predict(&candidate, r.input),
+            prediction: a.predictor.predict(&candidate, r.input, regime),
         }
     }
 
     /// Admission's decision for request `id` with `budget` (its TTFT budget less any time it has
     /// waited), as the router's `Registry::decide` makes it.
-    pub(super) fn decide(&self, a: &AdmState, id: u32, budget: Budget) -> Decision {
+    pub(super) fn decide(&self, a: &AdmState, regime: u8, id: u32, budget: Budget) -> Decision {
         let r = &self.reqs[id as usize];
         let ask = Ask {
             prompt_tokens: r.input,
@@ -123,13 +123,13 @@ impl Sim<'_> {
                 let i = (0..self.agg.len())
                     .min_by_key(|&i| self.agg[i].queued_tokens)
                     .unwrap_or(0);
-                self.path(a, id, i, i)
+                self.path(a, regime, id, i, i)
             }
             (false, PairChoice::Headroom) => {
                 let d = self.policy_decode().unwrap_or(0);
-                self.path(a, id, self.least_queued_prefill(), d)
+                self.path(a, regime, id, self.least_queued_prefill(), d)
             }
-            (false, PairChoice::BestFit) => self.best_fit(a, id, &ask),
+            (false, PairChoice::BestFit) => self.best_fit(a, regime, id, &ask),
         };
         let Some(prediction) = chosen.prediction else {
             return Decision::Unpredicted;
@@ -147,7 +147,7 @@ impl Sim<'_> {
         if matches!(verdict, Verdict::Wait { .. })
             && !aggregated
             && a.cfg.choice == PairChoice::Headroom
-            && let Some(better) = self.roomier_decode(a, id, &ask, &chosen)
+            && let Some(better) = self.roomier_decode(a, regime, id, &ask, &chosen)
         {
             // The policy's decode instance has no room for it: another may.
             chosen = better;
@@ -182,10 +182,17 @@ impl Sim<'_> {
 
     /// The decode instance other than the chosen one with room for the request and the lowest
     /// predicted ITL, if any (the router's scan when its policy's choice has no room).
-    fn roomier_decode(&self, a: &AdmState, id: u32, ask: &Ask, chosen: &Path) -> Option<Path> {
+    fn roomier_decode(
+        &self,
+        a: &AdmState,
+        regime: u8,
+        id: u32,
+        ask: &Ask,
+        chosen: &Path,
+    ) -> Option<Path> {
         let mut best: Option<(Path, f64)> = None;
         for i in (0..self.decode.len()).filter(|&i| i != chosen.d) {
-            let o = self.path(a, id, chosen.p, i);
+            let o = self.path(a, regime, id, chosen.p, i);
             if let Some(p) = Self::decode_fits(ask, &o)
                 && best.is_none_or(|(_, b)| p.itl_bound < b)
             {
@@ -199,11 +206,11 @@ impl Sim<'_> {
     /// limit, then the prefill instance with the most queued tokens still predicted within the
     /// TTFT budget. Where none qualifies, the router's choice, which the verdict then refuses or
     /// makes wait.
-    fn best_fit(&self, a: &AdmState, id: u32, ask: &Ask) -> Path {
+    fn best_fit(&self, a: &AdmState, regime: u8, id: u32, ask: &Ask) -> Path {
         let p0 = self.least_queued_prefill();
         let mut decode: Option<(usize, f64)> = None;
         for d in 0..self.decode.len() {
-            if let Some(p) = Self::decode_fits(ask, &self.path(a, id, p0, d))
+            if let Some(p) = Self::decode_fits(ask, &self.path(a, regime, id, p0, d))
                 && decode.is_none_or(|(_, t)| p.itl_bound > t)
             {
                 decode = Some((d, p.itl_bound));
@@ -218,13 +225,13 @@ impl Sim<'_> {
         for p in 0..self.prefill.len() {
             let queued = self.prefill[p].queued_tokens;
             let meets = self
-                .path(a, id, p, d)
+                .path(a, regime, id, p, d)
                 .prediction
                 .is_some_and(|x| x.ttft_bound <= usable);
             if meets && prefill.is_none_or(|(_, q)| queued > q) {
                 prefill = Some((p, queued));
             }
         }
-        self.path(a, id, prefill.map_or(p0, |(p, _)| p), d)
+        self.path(a, regime, id, prefill.map_or(p0, |(p, _)| p), d)
     }
 }

@@ -1,0 +1,17 @@
+//! The load regime admission calibrates its predictions in ([`InFlight`]), per served model.
+
+use std::time::Instant;
+
+use super::Registry;
+
+impl Registry {
+    /// The load regime of model `key` at `now`.
+    pub(super) fn regime(&mut self, key: &str, now: Instant) -> u8 {
+        let now_s = now.saturating_duration_since(self.epoch).as_secs_f64();
+        let Some(t) = self.models.get_mut(key) else {
+            return 0;
+        };
+        let (p, d, a) = (t.prefill.len(), t.decode.len(), t.aggregated.len());
+        t.in_flight.regime(now_s, p, d, a)
+    }
+}
