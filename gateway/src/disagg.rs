@@ -223,6 +223,7 @@ impl Legs {
                 itl: None,
                 exposed_transfer: exposed,
                 regime: p.regime,
+                ticket: p.ticket,
             };
             // The TTFT goes back now, so that admission's calibration follows a burst as it
             // happens; the ITL when the stream ends.
@@ -403,13 +404,23 @@ impl Backend for DisaggBackend {
 }
 
 /// What an admitted request measures for admission's calibration after its first token: its mean
-/// time per token, reported when it finishes (not when it is cut short).
+/// time per token, reported when it finishes; its end, without one, when it is cut short.
 struct Measure {
     router: RouterHandle,
     feedback: Option<Feedback>,
     first_at: Instant,
     /// Tokens seen so far, the prefill's first included.
     tokens: u32,
+}
+
+/// A request cut short (client gone, worker failed) still reports its end, without an ITL, so that
+/// admission stops counting it in flight.
+impl Drop for Measure {
+    fn drop(&mut self) {
+        if let Some(fb) = self.feedback.take() {
+            self.router.feedback(fb);
+        }
+    }
 }
 
 impl Measure {

@@ -127,6 +127,7 @@ impl RouterClient {
                             raw_ttft: us(p.raw_ttft_us),
                             raw_itl: us(p.raw_itl_us),
                             regime: u8::try_from(p.load_regime).unwrap_or(u8::MAX),
+                            ticket: p.ticket,
                         }),
                         _ => None,
                     };

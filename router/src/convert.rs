@@ -180,6 +180,7 @@ impl From<&Placement> for v1::Placement {
             raw_ttft_us: p.predicted.map_or(0, |x| micros(x.raw_ttft)),
             raw_itl_us: p.predicted.map_or(0, |x| micros(x.raw_itl)),
             load_regime: p.predicted.map_or(0, |x| u32::from(x.regime)),
+            ticket: p.predicted.map_or(0, |x| x.ticket),
         }
     }
 }
@@ -242,6 +243,7 @@ impl From<&v1::FeedbackRequest> for Feedback {
             itl: some(r.measured_itl_us),
             exposed_transfer: some(r.exposed_transfer_us),
             regime: u8::try_from(r.load_regime).unwrap_or(u8::MAX),
+            ticket: r.ticket,
         }
     }
 }
@@ -257,6 +259,7 @@ impl From<&Feedback> for v1::FeedbackRequest {
             measured_itl_us: f.itl.map_or(0, micros),
             exposed_transfer_us: f.exposed_transfer.map_or(0, micros),
             load_regime: u32::from(f.regime),
+            ticket: f.ticket,
         }
     }
 }

@@ -231,6 +231,8 @@ pub struct Registry {
     next_auto_id: u64,
     /// Zero of the step models' clock.
     epoch: Instant,
+    /// The last placement's ticket.
+    next_ticket: u64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -257,6 +259,7 @@ impl Registry {
             changed: false,
             next_auto_id: 0,
             epoch: Instant::now(),
+            next_ticket: 0,
         }
     }
 
@@ -400,6 +403,9 @@ impl Registry {
         let Some(t) = self.models.get_mut(&key) else {
             return Ok(());
         };
+        if fb.ttft.is_zero() {
+            t.in_flight.ended(fb.ticket);
+        }
         t.predictor.observe(&AdmissionFeedback {
             prompt_tokens: fb.prompt_tokens,
             predicted_ttft_raw: fb.raw_ttft.as_secs_f64(),

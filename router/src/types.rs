@@ -148,6 +148,8 @@ pub struct Predicted {
     pub raw_itl: Duration,
     /// The load regime the two were calibrated in, which the [`Feedback`] echoes.
     pub regime: u8,
+    /// Identifies the placement in [`Feedback`]: admission counts it in flight until its end.
+    pub ticket: u64,
 }
 
 /// What an admitted request measured, sent back so that predictions stay calibrated.
@@ -159,15 +161,16 @@ pub struct Feedback {
     /// `Predicted::raw_ttft` and `raw_itl` of its placement.
     pub raw_ttft: Duration,
     pub raw_itl: Duration,
-    /// Time to first token, from the placement (what the raw prediction counts from); zero in a
-    /// report that carries only the ITL.
+    /// Time to first token, from the placement (what the raw prediction counts from); zero in the
+    /// report of the request's end, sent once per placement (with the ITL if it finished).
     pub ttft: Duration,
     /// Mean time per output token after the first; `None` for fewer than two tokens.
     pub itl: Option<Duration>,
     /// KV transfer left exposed after the prefill's compute; `None` when there was none.
     pub exposed_transfer: Option<Duration>,
-    /// `Predicted::regime` of its placement.
+    /// `Predicted::regime` and `Predicted::ticket` of its placement.
     pub regime: u8,
+    pub ticket: u64,
 }
 
 /// One registered worker as of a snapshot.

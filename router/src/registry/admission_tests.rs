@@ -267,6 +267,7 @@ fn feedback_calibrates_what_clients_are_told() {
             itl: Some(3 * MS),
             exposed_transfer: None,
             regime: 0,
+            ticket: 0,
         };
         r.feedback(&fb).unwrap();
     }
@@ -297,6 +298,7 @@ fn a_burst_s_delays_do_not_refuse_the_idle_cluster() {
         itl: Some(3 * MS),
         exposed_transfer: None,
         regime,
+        ticket: 0,
     };
     // Busy (three requests in flight per pair): every request took 40 ms longer than predicted.
     // Idle: as predicted.
@@ -308,10 +310,16 @@ fn a_burst_s_delays_do_not_refuse_the_idle_cluster() {
     let p = r.place(&budgeted(100, 20), t0).unwrap().predicted.unwrap();
     assert_eq!(p.regime, 0);
     assert!(close(p.ttft, 11 * MS), "{p:?}");
-    // Seven more placements in the same instant make it busy: the next one is bounded by the
-    // busy regime's 40 ms delay, which no wait can make up within 20 ms.
+    // Seven more placements make it busy: the next one is bounded by the busy regime's 40 ms
+    // delay, which no wait can make up within 20 ms.
+    let mut tickets = vec![p.ticket];
     for _ in 0..7 {
-        r.place(&budgeted(100, 2000), t0).unwrap();
+        let p = r
+            .place(&budgeted(100, 2000), t0)
+            .unwrap()
+            .predicted
+            .unwrap();
+        tickets.push(p.ticket);
     }
     match r.place(&budgeted(100, 20), t0) {
         Err(RouterError::Rejected { reason, .. }) => {
@@ -319,4 +327,20 @@ fn a_burst_s_delays_do_not_refuse_the_idle_cluster() {
         }
         other => panic!("{other:?}"),
     }
+    // Their ends reported (TTFT 0), the regime is idle again (the queues they were charged to
+    // stay until the workers' reports show them gone).
+    for ticket in tickets {
+        let end = Feedback {
+            ttft: Duration::ZERO,
+            ticket,
+            ..fb(11, 11, 4)
+        };
+        r.feedback(&end).unwrap();
+    }
+    let p = r
+        .place(&budgeted(100, 2000), t0)
+        .unwrap()
+        .predicted
+        .unwrap();
+    assert_eq!(p.regime, 0);
 }

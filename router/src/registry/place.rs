@@ -326,8 +326,10 @@ impl Registry {
         now: Instant,
     ) -> Placement {
         let now_s = now.saturating_duration_since(self.epoch).as_secs_f64();
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
         if let (Some(t), Some(p)) = (self.models.get_mut(model), &prediction) {
-            t.in_flight.placed(now_s, p, shape.max_new_tokens);
+            t.in_flight.placed(ticket, now_s, p, shape.max_new_tokens);
         }
         let prompt = u64::from(shape.prompt_tokens);
         let (ps, ds) = (chosen.prompt.1, chosen.decode.0);
@@ -358,6 +360,7 @@ impl Registry {
             raw_ttft: secs(p.ttft_raw),
             raw_itl: secs(p.itl_raw),
             regime: p.regime,
+            ticket,
         });
         Placement {
             prefill: self.worker(ps).identity.clone(),

@@ -81,13 +81,27 @@ impl RegimeRatios {
 
     /// The bound of a raw prediction in `regime`: its window's, and never below a quieter
     /// regime's (more load does not make a request faster; a regime measured on few requests must
-    /// not promise more than the quieter ones measured on many).
+    /// not promise more than the quieter ones measured on many). A regime busier than any measured
+    /// takes the busiest measured one's tail doubled for each regime beyond it, as each doubles the
+    /// load: delays from shared resources grow with it, and admitting the first requests of a
+    /// burst on a quiet regime's figures would let the burst miss.
     pub fn bound(&self, regime: u8, raw: f64) -> f64 {
         let g = usize::from(regime).min(REGIMES - 1);
+        let own = match (self.mature(g), (g..REGIMES).find_map(|j| self.mature(j))) {
+            (Some(r), _) | (None, Some(r)) => r.bound(raw),
+            (None, None) => match (0..g).rev().find(|&j| self.mature(j).is_some()) {
+                Some(j) => {
+                    let r = &self.by[j];
+                    let beyond = i32::try_from(g - j).unwrap_or(i32::MAX);
+                    r.median(raw) + r.tail() * 2f64.powi(beyond)
+                }
+                None => self.pooled.bound(raw),
+            },
+        };
         (0..g)
             .filter_map(|j| self.mature(j))
             .map(|r| r.bound(raw))
-            .fold(self.window(regime).bound(raw), f64::max)
+            .fold(own, f64::max)
     }
 
     pub fn pooled(&self) -> &Ratios {
@@ -329,7 +343,7 @@ mod tests {
             r.observe(3, 1.0, 3.0);
         }
         // Idle has none of its own: the nearest busier regime speaks for it, and for regime 5,
-        // the nearest quieter one.
+        // the nearest quieter one (no tail to double here).
         assert!(close(r.bound(0, 1.0), 3.0) && close(r.bound(5, 1.0), 3.0));
         for _ in 0..MIN_RATIOS {
             r.observe(0, 1.0, 1.1);
@@ -357,6 +371,20 @@ mod tests {
         assert!(close(r.median(2, 1.0), 1.2), "its own median");
         assert!(close(r.bound(2, 1.0), 2.0), "regime 1's bound");
         assert!(close(r.bound(0, 1.0), 2.0));
+    }
+
+    #[test]
+    fn a_regime_busier_than_any_measured_doubles_the_tail_per_regime() {
+        let mut r = RegimeRatios::new(0.99, 1.25);
+        // Regime 1: predicted 1 s, measured 1 s to 1.15 s (median 1.075, tail 0.075 s).
+        for i in 0..MIN_RATIOS {
+            r.observe(1, 1.0, 1.0 + 0.01 * i as f64);
+        }
+        let (m, t) = (r.median(1, 1.0), r.bound(1, 1.0) - r.median(1, 1.0));
+        assert!(close(r.bound(2, 1.0), m + 2.0 * t));
+        assert!(close(r.bound(4, 1.0), m + 8.0 * t));
+        // Quieter regimes take the nearest busier one's.
+        assert!(close(r.bound(0, 1.0), m + t));
     }
 
     #[test]

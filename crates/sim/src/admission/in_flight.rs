@@ -1,43 +1,65 @@
 //! Requests in flight as admission counts them for its load regime: each from its placement until
-//! the end its own prediction gives it (first token, then a step per token). The count follows a
-//! burst at once, without waiting for workers' reports, and nothing lost (a client gone, a gateway
-//! that died) stays counted.
+//! its gateway reports its end (finished, cut short or failed). A report that never comes (a
+//! gateway that died) is covered by a guard: a placement leaves the count at the latest
+//! [`GUARD_FACTOR`] times its predicted life after it was placed, and never before [`GUARD_MIN_S`].
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 
 use super::calibrate::regime;
 use super::predict::Prediction;
 
-/// Most placements followed: beyond that the earliest to end are let go (a benchmark placing
+/// Most placements followed: beyond that the earliest guards run out first (a benchmark placing
 /// without time passing must not grow it without bound).
 const MAX_TRACKED: usize = 1 << 16;
+/// A placement whose end is never reported leaves the count after this many times its predicted
+/// life...
+pub const GUARD_FACTOR: f64 = 4.0;
+/// ...and no sooner than this, seconds.
+pub const GUARD_MIN_S: f64 = 60.0;
 
-/// The predicted ends of placements still in flight, in seconds on the caller's clock.
+/// Placements still in flight, by ticket, with the guards that let go of lost ones (in seconds on
+/// the caller's clock).
 #[derive(Debug, Default, Clone)]
 pub struct InFlight {
-    /// Bits of non-negative seconds, which order as the numbers do.
-    ends: BinaryHeap<Reverse<u64>>,
+    live: HashSet<u64>,
+    /// (bits of the guard's time, ticket); bits of non-negative seconds order as the numbers do.
+    guards: BinaryHeap<Reverse<(u64, u64)>>,
 }
 
 impl InFlight {
-    /// A placement at `now_s` with this prediction, for a request of up to `new_tokens` tokens.
-    pub fn placed(&mut self, now_s: f64, p: &Prediction, new_tokens: u32) {
+    /// Placement `ticket` at `now_s` with this prediction, for up to `new_tokens` tokens.
+    pub fn placed(&mut self, ticket: u64, now_s: f64, p: &Prediction, new_tokens: u32) {
         let life = p.ttft + p.itl * f64::from(new_tokens.saturating_sub(1));
-        let end = now_s + if life.is_finite() { life.max(0.0) } else { 0.0 };
-        if self.ends.len() >= MAX_TRACKED {
-            self.ends.pop();
+        let life = if life.is_finite() { life.max(0.0) } else { 0.0 };
+        let guard = (now_s + (GUARD_FACTOR * life).max(GUARD_MIN_S)).max(0.0);
+        if self.guards.len() >= MAX_TRACKED
+            && let Some(Reverse((_, t))) = self.guards.pop()
+        {
+            self.live.remove(&t);
         }
-        self.ends.push(Reverse(end.max(0.0).to_bits()));
+        self.live.insert(ticket);
+        self.guards.push(Reverse((guard.to_bits(), ticket)));
     }
 
-    /// Requests predicted to be still running at `now_s`.
+    /// Placement `ticket` ended.
+    pub fn ended(&mut self, ticket: u64) {
+        self.live.remove(&ticket);
+    }
+
+    /// Requests in flight at `now_s`.
     pub fn count(&mut self, now_s: f64) -> usize {
         let now = now_s.max(0.0).to_bits();
-        while self.ends.peek().is_some_and(|Reverse(end)| *end <= now) {
-            self.ends.pop();
+        while let Some(&Reverse((guard, ticket))) = self.guards.peek() {
+            if guard > now && self.live.contains(&ticket) {
+                break;
+            }
+            self.guards.pop();
+            if guard <= now {
+                self.live.remove(&ticket);
+            }
         }
-        self.ends.len()
+        self.live.len()
     }
 
     /// The load regime at `now_s` of a cluster of `prefill`, `decode` and `aggregated` workers: a
@@ -67,26 +89,45 @@ mod tests {
     }
 
     #[test]
-    fn a_placement_counts_until_its_predicted_end() {
+    fn a_placement_counts_until_its_end_is_reported() {
         let mut f = InFlight::default();
-        // 100 ms to the first token, then 9 more tokens at 10 ms: it ends at 1.19 s.
-        f.placed(1.0, &pred(0.1, 0.01), 10);
-        f.placed(1.0, &pred(0.5, 0.0), 1);
+        f.placed(1, 1.0, &pred(0.1, 0.01), 10);
+        f.placed(2, 1.0, &pred(0.5, 0.0), 1);
         assert_eq!(f.count(1.0), 2);
-        assert_eq!(f.count(1.189), 2);
-        assert_eq!(f.count(1.19), 1);
-        assert_eq!(f.count(1.5), 0);
+        // Running past its prediction, it still counts.
+        assert_eq!(f.count(5.0), 2);
+        f.ended(1);
+        assert_eq!(f.count(5.0), 1);
+        f.ended(1);
+        f.ended(99);
+        assert_eq!(f.count(5.0), 1);
+    }
+
+    #[test]
+    fn a_lost_placement_leaves_at_its_guard() {
+        let mut f = InFlight::default();
+        // Predicted to live 100 s: its guard is at 400 s after its placement.
+        f.placed(1, 0.0, &pred(100.0, 0.0), 1);
+        // Predicted to live 0.6 s: the guard's minimum, 60 s.
+        f.placed(2, 0.0, &pred(0.1, 0.05), 11);
+        f.ended(2);
+        f.placed(3, 0.0, &pred(0.1, 0.05), 11);
+        assert_eq!(f.count(59.9), 2);
+        assert_eq!(f.count(60.0), 1);
+        assert_eq!(f.count(399.9), 1);
+        assert_eq!(f.count(400.0), 0);
     }
 
     #[test]
     fn the_regime_counts_pairs_and_aggregated_workers_as_units() {
         let mut f = InFlight::default();
         assert_eq!(f.regime(0.0, 2, 2, 0), 0);
-        f.placed(0.0, &pred(1.0, 0.0), 1);
+        f.placed(7, 0.0, &pred(1.0, 0.0), 1);
         // One request on two pairs: half a request per unit.
         assert_eq!(f.regime(0.0, 2, 2, 0), 2);
         // On four aggregated workers, a quarter.
         assert_eq!(f.regime(0.0, 0, 0, 4), 1);
-        assert_eq!(f.regime(1.0, 2, 2, 0), 0);
+        f.ended(7);
+        assert_eq!(f.regime(0.0, 2, 2, 0), 0);
     }
 }

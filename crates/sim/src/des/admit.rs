@@ -216,7 +216,7 @@ impl Sim<'_> {
                 let now = self.now;
                 let tokens = self.reqs[id as usize].output;
                 if let Some(a) = self.adm.as_deref_mut() {
-                    a.in_flight.placed(now, &prediction, tokens);
+                    a.in_flight.placed(u64::from(id), now, &prediction, tokens);
                 }
                 self.set_status(
                     id,
@@ -311,6 +311,7 @@ impl Sim<'_> {
             return;
         };
         let t = a.tickets[id as usize];
+        a.in_flight.ended(u64::from(id));
         if let Some(b) = t.budget.itl {
             match self.cfg.cluster {
                 Cluster::Aggregated { .. } => self.agg[r.inst as usize].itl.remove(b),
