@@ -41,14 +41,19 @@ pub fn regime(per_unit: f64) -> u8 {
 pub struct RegimeRatios {
     pooled: Ratios,
     by: Vec<Ratios>,
+    /// Whether a regime busier than any measured doubles the tail per regime beyond (TTFT: its
+    /// queue and contention grow with load the model does not see), or takes the busiest
+    /// measured one's as it is (ITL: the decode step is predicted for the batch it will have).
+    extrapolate: bool,
 }
 
 impl RegimeRatios {
-    pub fn new(quantile: f64, default_bound: f64) -> Self {
+    pub fn new(quantile: f64, default_bound: f64, extrapolate: bool) -> Self {
         let r = Ratios::new(quantile, default_bound);
         RegimeRatios {
             pooled: r.clone(),
             by: vec![r; REGIMES],
+            extrapolate,
         }
     }
 
@@ -93,7 +98,12 @@ impl RegimeRatios {
                 Some(j) => {
                     let r = &self.by[j];
                     let beyond = i32::try_from(g - j).unwrap_or(i32::MAX);
-                    r.median(raw) + r.tail() * 2f64.powi(beyond)
+                    let factor = if self.extrapolate {
+                        2f64.powi(beyond)
+                    } else {
+                        1.0
+                    };
+                    r.median(raw) + r.tail() * factor
                 }
                 None => self.pooled.bound(raw),
             },
@@ -338,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_regime_uses_its_own_window_once_it_has_enough_and_the_pooled_one_before() {
-        let mut r = RegimeRatios::new(0.99, 1.25);
+        let mut r = RegimeRatios::new(0.99, 1.25, true);
         for _ in 0..MIN_RATIOS {
             r.observe(3, 1.0, 3.0);
         }
@@ -363,7 +373,7 @@ mod tests {
 
     #[test]
     fn a_busier_regime_never_bounds_below_a_quieter_one() {
-        let mut r = RegimeRatios::new(0.99, 1.25);
+        let mut r = RegimeRatios::new(0.99, 1.25, true);
         for _ in 0..MIN_RATIOS {
             r.observe(1, 1.0, 2.0);
             r.observe(2, 1.0, 1.2);
@@ -375,7 +385,7 @@ mod tests {
 
     #[test]
     fn a_regime_busier_than_any_measured_doubles_the_tail_per_regime() {
-        let mut r = RegimeRatios::new(0.99, 1.25);
+        let mut r = RegimeRatios::new(0.99, 1.25, true);
         // Regime 1: predicted 1 s, measured 1 s to 1.15 s (median 1.075, tail 0.075 s).
         for i in 0..MIN_RATIOS {
             r.observe(1, 1.0, 1.0 + 0.01 * i as f64);
@@ -385,6 +395,12 @@ mod tests {
         assert!(close(r.bound(4, 1.0), m + 8.0 * t));
         // Quieter regimes take the nearest busier one's.
         assert!(close(r.bound(0, 1.0), m + t));
+        // Without extrapolation (ITL), the busiest measured regime's bound as it is.
+        let mut i = RegimeRatios::new(0.99, 1.25, false);
+        for k in 0..MIN_RATIOS {
+            i.observe(1, 1.0, 1.0 + 0.01 * k as f64);
+        }
+        assert!(close(i.bound(4, 1.0), m + t));
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub struct Predictor {
     pub decode: StepModel,
     pub aggregated: StepModel,
     /// Measured over predicted TTFT (before calibration) of recent admitted requests, per load
-    /// regime.
+    /// regime (a regime busier than any measured extrapolates the tail).
     pub ttft: RegimeRatios,
     /// Measured mean inter-token latency over predicted ITL, per load regime.
     pub itl: RegimeRatios,
@@ -118,8 +118,8 @@ impl Predictor {
             prefill,
             decode,
             aggregated,
-            ttft: RegimeRatios::new(cfg.quantile, cfg.default_margin),
-            itl: RegimeRatios::new(cfg.quantile, cfg.default_margin),
+            ttft: RegimeRatios::new(cfg.quantile, cfg.default_margin, true),
+            itl: RegimeRatios::new(cfg.quantile, cfg.default_margin, false),
             exposed_per_token: 0.0,
             mean_prompt: 0.0,
             mean_new_tokens: 0.0,
