@@ -131,6 +131,24 @@ async fn overload_is_refused_with_retry_after_and_the_admitted_keep_their_budget
         "{late} of {} admitted over the {budget} ms budget: {admitted:?}",
         admitted.len()
     );
+    // Every admitted stream has ended and said so: admission counts none in flight.
+    let mut in_flight = String::new();
+    for _ in 0..50 {
+        let (_, metrics) = support::get(&up.url, "/metrics").await;
+        in_flight = metrics
+            .lines()
+            .filter(|l| l.starts_with("tandem_router_in_flight{"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if in_flight.ends_with(" 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        in_flight.starts_with("tandem_router_in_flight{") && in_flight.ends_with(" 0"),
+        "{in_flight}"
+    );
 }
 
 /// A profile whose decode step grows 10 ms a sequence, so that a second sequence visibly breaks a

@@ -167,6 +167,22 @@ impl Legs {
         let asked = Instant::now();
         let placement = self.router.place(shape).await.map_err(router_error)?;
         let placed = Instant::now();
+        // Until the first token, a failure (reserve, prefill) still reports the placement's end,
+        // so that admission stops counting it in flight.
+        let mut unstarted = placement.predicted.map(|p| Measure {
+            router: self.router.clone(),
+            feedback: Some(Feedback {
+                model: req.model.clone(),
+                prompt_tokens: req.prompt_tokens.len() as u32,
+                raw_ttft: p.raw_ttft,
+                raw_itl: p.raw_itl,
+                regime: p.regime,
+                ticket: p.ticket,
+                ..Feedback::default()
+            }),
+            first_at: placed,
+            tokens: 0,
+        });
         // What admission predicted counts from its decision; the client also waited in its queue.
         let predicted_ttft = placement.predicted_ttft().map(|p| p + (placed - asked));
         let d_addr = placement.decode.grpc_addr.clone();
@@ -239,6 +255,10 @@ impl Legs {
                 tokens: 0,
             }
         });
+        // From here `measured` reports the end.
+        if let Some(u) = unstarted.as_mut() {
+            u.feedback = None;
+        }
         let first = TokenChunk {
             tokens: vec![answer.first_token],
             finish: tandem_wire::finish_from_proto(answer.finish),

@@ -94,6 +94,17 @@ impl AdmissionMetrics {
 fn render_models(out: &mut String, models: &[ModelAdmission]) {
     let _ = writeln!(
         out,
+        "# HELP tandem_router_in_flight Admitted requests whose end the gateway has not reported yet (what the load regime counts).\n# TYPE tandem_router_in_flight gauge"
+    );
+    for m in models {
+        let _ = writeln!(
+            out,
+            "tandem_router_in_flight{{model=\"{}\"}} {}",
+            m.model, m.in_flight
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP tandem_router_step_model_coefficient The step-time model admission predicts with: a scale on the base model, or a linear form's seconds per unit of each term.\n# TYPE tandem_router_step_model_coefficient gauge"
     );
     for m in models {

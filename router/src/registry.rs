@@ -191,6 +191,8 @@ pub struct ModelAdmission {
     pub itl: [Calibration; REGIMES],
     /// Seconds of exposed KV transfer per prompt token.
     pub exposed_per_token: f64,
+    /// Admitted requests whose end has not been reported yet (the load regime's count).
+    pub in_flight: usize,
 }
 
 /// How one load regime's predictions are calibrated: median = offset + slope x raw prediction,
@@ -441,6 +443,7 @@ impl Registry {
                     ttft: factors(&p.ttft),
                     itl: factors(&p.itl),
                     exposed_per_token: p.exposed_per_token(),
+                    in_flight: t.in_flight.len(),
                 }
             })
             .collect();

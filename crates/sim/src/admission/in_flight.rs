@@ -47,6 +47,16 @@ impl InFlight {
         self.live.remove(&ticket);
     }
 
+    /// Requests counted in flight as of the last [`InFlight::count`] (guards that ran out since
+    /// are let go at the next).
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
     /// Requests in flight at `now_s`.
     pub fn count(&mut self, now_s: f64) -> usize {
         let now = now_s.max(0.0).to_bits();
