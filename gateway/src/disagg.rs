@@ -167,9 +167,10 @@ impl Legs {
         let asked = Instant::now();
         let placement = self.router.place(shape).await.map_err(router_error)?;
         let placed = Instant::now();
-        // Until the first token, a failure (reserve, prefill) still reports the placement's end,
-        // so that admission stops counting it in flight.
-        let mut unstarted = placement.predicted.map(|p| Measure {
+        // Reports the placement's end when dropped, so that admission stops counting it in
+        // flight: before the first token if reserve or prefill fails, after it when the stream
+        // ends or is cut short.
+        let unstarted = placement.predicted.map(|p| Measure {
             router: self.router.clone(),
             feedback: Some(Feedback {
                 model: req.model.clone(),
@@ -218,9 +219,13 @@ impl Legs {
             .prefill(&req, &placement.decode, &reservation, prefill_worker)
             .await?;
         let first_at = Instant::now();
-        let measured = placement.predicted.map(|p| {
+        // The same measure reports the end from here, after the TTFT goes back now, so that
+        // admission's calibration follows a burst as it happens.
+        let measured = unstarted.map(|mut m| {
             let ttft = first_at - placed;
-            if !p.ttft.is_zero() {
+            if let Some(p) = placement.predicted
+                && !p.ttft.is_zero()
+            {
                 self.metrics.ttft_ratio.observe(Duration::from_secs_f64(
                     ttft.as_secs_f64() / p.ttft.as_secs_f64(),
                 ));
@@ -230,35 +235,16 @@ impl Legs {
                 (placement.decode.role != v1::WorkerRole::Aggregated as i32)
                     .then(|| Duration::from_micros(left))
             });
-            let fb = Feedback {
-                model: req.model.clone(),
-                prompt_tokens: req.prompt_tokens.len() as u32,
-                raw_ttft: p.raw_ttft,
-                raw_itl: p.raw_itl,
-                ttft,
-                itl: None,
-                exposed_transfer: exposed,
-                regime: p.regime,
-                ticket: p.ticket,
-            };
-            // The TTFT goes back now, so that admission's calibration follows a burst as it
-            // happens; the ITL when the stream ends.
-            self.router.feedback(fb.clone());
-            Measure {
-                router: self.router.clone(),
-                feedback: Some(Feedback {
-                    ttft: Duration::ZERO,
-                    exposed_transfer: None,
-                    ..fb
-                }),
-                first_at,
-                tokens: 0,
+            if let Some(end) = &m.feedback {
+                self.router.feedback(Feedback {
+                    ttft,
+                    exposed_transfer: exposed,
+                    ..end.clone()
+                });
             }
+            m.first_at = first_at;
+            m
         });
-        // From here `measured` reports the end.
-        if let Some(u) = unstarted.as_mut() {
-            u.feedback = None;
-        }
         let first = TokenChunk {
             tokens: vec![answer.first_token],
             finish: tandem_wire::finish_from_proto(answer.finish),

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tandem_sim::admission::{Coefficients, Priority, RejectReason};
 
-use crate::registry::ModelAdmission;
+use crate::registry::{Calibration, ModelAdmission};
 
 /// Decisions by outcome, reason and priority, and the queue's depth.
 #[derive(Debug, Default)]
@@ -159,45 +159,48 @@ fn render_models(out: &mut String, models: &[ModelAdmission]) {
         out,
         "# HELP tandem_router_prediction_factor The median line through recent admitted requests' measured against predicted latency (median = offset + slope x prediction), applied to what clients are told, per load regime (requests in flight per prefill/decode pair or aggregated worker: 0 idle, then doubling from a quarter).\n# TYPE tandem_router_prediction_factor gauge"
     );
-    for m in models {
-        for (what, regimes) in [("ttft", &m.ttft), ("itl", &m.itl)] {
-            for (g, c) in regimes.iter().enumerate() {
-                let labels = format!("model=\"{}\",latency=\"{what}\",regime=\"{g}\"", m.model);
-                let _ = writeln!(
-                    out,
-                    "tandem_router_prediction_factor{{{labels},term=\"slope\"}} {}\ntandem_router_prediction_factor{{{labels},term=\"offset_seconds\"}} {}",
-                    c.slope, c.offset_s
-                );
-            }
-        }
-    }
+    each_regime(out, models, |out, labels, c| {
+        let _ = writeln!(
+            out,
+            "tandem_router_prediction_factor{{{labels},term=\"slope\"}} {}\ntandem_router_prediction_factor{{{labels},term=\"offset_seconds\"}} {}",
+            c.slope, c.offset_s
+        );
+    });
     let _ = writeln!(
         out,
         "# HELP tandem_router_prediction_tail_seconds What admission adds to the median prediction to bound it: the high quantile of what recent admitted requests measured beyond it, per load regime.\n# TYPE tandem_router_prediction_tail_seconds gauge"
     );
-    for m in models {
-        for (what, regimes) in [("ttft", &m.ttft), ("itl", &m.itl)] {
-            for (g, c) in regimes.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "tandem_router_prediction_tail_seconds{{model=\"{}\",latency=\"{what}\",regime=\"{g}\"}} {}",
-                    m.model, c.tail_s
-                );
-            }
-        }
-    }
+    each_regime(out, models, |out, labels, c| {
+        let _ = writeln!(
+            out,
+            "tandem_router_prediction_tail_seconds{{{labels}}} {}",
+            c.tail_s
+        );
+    });
     let _ = writeln!(
         out,
         "# HELP tandem_router_prediction_samples Admitted requests measured in each load regime (a regime with fewer than 16 uses all regimes' ratios).\n# TYPE tandem_router_prediction_samples gauge"
     );
+    each_regime(out, models, |out, labels, c| {
+        let _ = writeln!(
+            out,
+            "tandem_router_prediction_samples{{{labels}}} {}",
+            c.samples
+        );
+    });
+}
+
+/// Calls `line` with each served model's, latency's and load regime's labels and calibration.
+fn each_regime(
+    out: &mut String,
+    models: &[ModelAdmission],
+    mut line: impl FnMut(&mut String, &str, &Calibration),
+) {
     for m in models {
         for (what, regimes) in [("ttft", &m.ttft), ("itl", &m.itl)] {
             for (g, c) in regimes.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "tandem_router_prediction_samples{{model=\"{}\",latency=\"{what}\",regime=\"{g}\"}} {}",
-                    m.model, c.samples
-                );
+                let labels = format!("model=\"{}\",latency=\"{what}\",regime=\"{g}\"", m.model);
+                line(out, &labels, c);
             }
         }
     }

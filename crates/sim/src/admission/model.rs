@@ -210,13 +210,9 @@ impl StepModel {
             self.fitted_at = now_s;
             self.refit();
         } else {
-            self.relevel();
+            // Follows the recent steps' level without fitting the form again.
+            self.set_level(RECENT);
         }
-    }
-
-    /// Follows the recent steps' level without fitting the form again.
-    fn relevel(&mut self) {
-        self.set_level(RECENT);
     }
 
     /// Once no step has arrived for [`LEVEL_TTL_S`] before `now_s`, takes the level from the whole
@@ -261,11 +257,6 @@ impl StepModel {
         self.unfitted >= REFIT_EVERY || (young && self.samples.len() >= MIN_SAMPLES)
     }
 
-    /// The median of measured over `predict` for the latest [`RECENT`] samples (1 without any).
-    fn recent_level(&self, predict: impl Fn(&StepSample) -> f64) -> f64 {
-        self.level_of(RECENT, predict)
-    }
-
     /// The median of measured over `predict` for the latest `n` samples (1 without any).
     fn level_of(&self, n: usize, predict: impl Fn(&StepSample) -> f64) -> f64 {
         let mut ratios: Vec<f64> = self
@@ -290,10 +281,7 @@ impl StepModel {
     pub fn refit(&mut self) {
         self.unfitted = 0;
         match &self.base {
-            Some(base) => {
-                let scale = self.recent_level(|s| base.step_time(&s.shape()));
-                self.coefficients = Coefficients::Scaled { scale };
-            }
+            Some(_) => self.set_level(RECENT),
             None => {
                 if self.samples.len() < MIN_SAMPLES {
                     return;
@@ -304,8 +292,8 @@ impl StepModel {
                     .map(|s| (features(&s.shape()), s.seconds))
                     .collect();
                 if let Some((coef, _)) = fit_relative(&rows) {
-                    let level = self.recent_level(|s| dot(&coef, &features(&s.shape())));
-                    self.coefficients = Coefficients::Linear { coef, level };
+                    self.coefficients = Coefficients::Linear { coef, level: 1.0 };
+                    self.set_level(RECENT);
                 }
             }
         }

@@ -255,8 +255,8 @@ impl Predictor {
             .unwrap_or(0.0);
         let (t, i) = (&self.ttft, &self.itl);
         // An ITL left unchecked stays 0, tail or not.
-        let itl_bound = |raw: f64| {
-            if raw > 0.0 { i.bound(regime, raw) } else { 0.0 }
+        let itl_bound = |g: u8, raw: f64| {
+            if raw > 0.0 { i.bound(g, raw) } else { 0.0 }
         };
         Some(Prediction {
             ttft: t.median(regime, ttft_raw),
@@ -264,12 +264,8 @@ impl Predictor {
             // An idle candidate: what the quietest regime bounds.
             ttft_idle_bound: t.bound(0, ttft_idle_raw),
             itl: i.median(regime, itl_raw),
-            itl_bound: itl_bound(itl_raw),
-            itl_idle_bound: if itl_idle_raw > 0.0 {
-                i.bound(0, itl_idle_raw)
-            } else {
-                0.0
-            },
+            itl_bound: itl_bound(regime, itl_raw),
+            itl_idle_bound: itl_bound(0, itl_idle_raw),
             ttft_raw,
             itl_raw,
             regime,
