@@ -388,20 +388,21 @@ impl Registry {
         let w = self.worker(slot);
         let role = w.role;
         let model = w.identity.model.clone();
-        let now_s = now.saturating_duration_since(self.epoch).as_secs_f64();
+        let now_s = self.seconds(now);
         if let Some(t) = self.models.get_mut(&model) {
             t.step_model(role).observe_batch(steps, now_s);
         }
     }
 
     /// Records what an admitted request measured against its placement's predictions.
-    pub fn feedback(&mut self, fb: &Feedback) -> Result<(), RouterError> {
+    pub fn feedback(&mut self, fb: &Feedback, now: Instant) -> Result<(), RouterError> {
         if fb.raw_ttft.is_zero() {
             return Err(RouterError::InvalidArgument(
                 "feedback without a predicted TTFT".into(),
             ));
         }
         let key = self.model_key(&fb.model)?;
+        let now_s = self.seconds(now);
         let Some(t) = self.models.get_mut(&key) else {
             return Ok(());
         };
@@ -416,6 +417,7 @@ impl Registry {
             measured_itl: fb.itl.map(|d| d.as_secs_f64()),
             exposed_transfer: fb.exposed_transfer.map(|d| d.as_secs_f64()),
             regime: fb.regime,
+            now_s,
         });
         Ok(())
     }

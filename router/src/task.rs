@@ -324,7 +324,7 @@ impl Task {
                 }
             }
             Command::Feedback { feedback } => {
-                if let Err(e) = self.registry.feedback(&feedback) {
+                if let Err(e) = self.registry.feedback(&feedback, now) {
                     tracing::debug!(error = %e, "feedback ignored");
                 }
             }

@@ -106,6 +106,7 @@ impl Registry {
             self.expire(now);
             return self.decide(shape, now);
         }
+        self.expire_calibration(&key, now);
         let at = At {
             model: &key,
             regime: self.regime(&key, now),
@@ -325,7 +326,7 @@ impl Registry {
         prediction: Option<Prediction>,
         now: Instant,
     ) -> Placement {
-        let now_s = now.saturating_duration_since(self.epoch).as_secs_f64();
+        let now_s = self.seconds(now);
         self.next_ticket += 1;
         let ticket = self.next_ticket;
         if let (Some(t), Some(p)) = (self.models.get_mut(model), &prediction) {

@@ -35,12 +35,20 @@ pub fn regime(per_unit: f64) -> u8 {
     (r as usize).min(REGIMES - 1) as u8
 }
 
-/// Calibration windows per load regime, with a pooled window for regimes that have too few of
-/// their own.
+/// Seconds without a new pair after which a regime's window is forgotten: what it measured no
+/// longer describes the host (a burst's contention, a neighbour gone), and a regime that refuses
+/// everything on old evidence would never measure again. Its requests then start from the default
+/// margin, admitted and measured afresh.
+pub const STALE_S: f64 = 60.0;
+
+/// Calibration windows per load regime. A regime with too few pairs of its own borrows from a
+/// quieter one (its tail doubled per regime beyond, for TTFT), else takes the default margin: never
+/// a busier regime's, which would let a burst's delays refuse the idle cluster's requests.
 #[derive(Debug, Clone)]
 pub struct RegimeRatios {
-    pooled: Ratios,
     by: Vec<Ratios>,
+    /// When each regime last received a pair, on the caller's clock (seconds).
+    last_s: [f64; REGIMES],
     /// Whether a regime busier than any measured doubles the tail per regime beyond (TTFT: its
     /// queue and contention grow with load the model does not see), or takes the busiest
     /// measured one's as it is (ITL: the decode step is predicted for the batch it will have).
@@ -49,18 +57,30 @@ pub struct RegimeRatios {
 
 impl RegimeRatios {
     pub fn new(quantile: f64, default_bound: f64, extrapolate: bool) -> Self {
-        let r = Ratios::new(quantile, default_bound);
         RegimeRatios {
-            pooled: r.clone(),
-            by: vec![r; REGIMES],
+            by: vec![Ratios::new(quantile, default_bound); REGIMES],
+            last_s: [f64::NEG_INFINITY; REGIMES],
             extrapolate,
         }
     }
 
-    pub fn observe(&mut self, regime: u8, predicted: f64, measured: f64) {
-        self.pooled.observe(predicted, measured);
-        if let Some(r) = self.by.get_mut(usize::from(regime)) {
-            r.observe(predicted, measured);
+    /// Records a pair measured in `regime` (an out-of-range regime is ignored), reported at
+    /// `now_s`.
+    pub fn observe(&mut self, regime: u8, predicted: f64, measured: f64, now_s: f64) {
+        let g = usize::from(regime);
+        if let Some(r) = self.by.get_mut(g)
+            && r.observe(predicted, measured)
+        {
+            self.last_s[g] = now_s;
+        }
+    }
+
+    /// Forgets the windows of regimes that received no pair for [`STALE_S`] before `now_s`.
+    pub fn expire(&mut self, now_s: f64) {
+        for (r, last) in self.by.iter_mut().zip(&self.last_s) {
+            if !r.is_empty() && now_s - last > STALE_S {
+                r.clear();
+            }
         }
     }
 
@@ -68,15 +88,18 @@ impl RegimeRatios {
         self.by.get(g).filter(|r| r.len() >= MIN_RATIOS)
     }
 
+    /// The nearest quieter mature regime, if any.
+    fn quieter(&self, g: usize) -> Option<(usize, &Ratios)> {
+        (0..g).rev().find_map(|j| self.mature(j).map(|r| (j, r)))
+    }
+
     /// The window a regime's median comes from: its own once it holds [`MIN_RATIOS`], else the
-    /// nearest busier regime's that does (busier is the safe side), else the nearest quieter
-    /// one's, else the pooled one.
+    /// nearest quieter regime's that does, else its own (young: the raw prediction).
     pub fn window(&self, regime: u8) -> &Ratios {
         let g = usize::from(regime).min(REGIMES - 1);
-        (g..REGIMES)
-            .find_map(|j| self.mature(j))
-            .or_else(|| (0..g).rev().find_map(|j| self.mature(j)))
-            .unwrap_or(&self.pooled)
+        self.mature(g)
+            .or_else(|| self.quieter(g).map(|(_, r)| r))
+            .unwrap_or(&self.by[g])
     }
 
     /// The median of a raw prediction in `regime`.
@@ -86,27 +109,28 @@ impl RegimeRatios {
 
     /// The bound of a raw prediction in `regime`: its window's, and never below a quieter
     /// regime's (more load does not make a request faster; a regime measured on few requests must
-    /// not promise more than the quieter ones measured on many). A regime busier than any measured
-    /// takes the busiest measured one's tail doubled for each regime beyond it, as each doubles the
-    /// load: delays from shared resources grow with it, and admitting the first requests of a
-    /// burst on a quiet regime's figures would let the burst miss.
+    /// not promise more than the quieter ones measured on many). A regime with too few pairs takes
+    /// the default margin, doubled per regime beyond the first busy one (so that a cold router
+    /// admits a burst's first requests only while it is light), or the nearest quieter mature
+    /// regime's median with its tail doubled per regime beyond (as each doubles the load, delays
+    /// from shared resources grow with it) where that is lower.
     pub fn bound(&self, regime: u8, raw: f64) -> f64 {
         let g = usize::from(regime).min(REGIMES - 1);
-        let own = match (self.mature(g), (g..REGIMES).find_map(|j| self.mature(j))) {
-            (Some(r), _) | (None, Some(r)) => r.bound(raw),
-            (None, None) => match (0..g).rev().find(|&j| self.mature(j).is_some()) {
-                Some(j) => {
-                    let r = &self.by[j];
-                    let beyond = i32::try_from(g - j).unwrap_or(i32::MAX);
-                    let factor = if self.extrapolate {
-                        2f64.powi(beyond)
-                    } else {
-                        1.0
-                    };
-                    r.median(raw) + r.tail() * factor
-                }
-                None => self.pooled.bound(raw),
-            },
+        let doubled = |beyond: usize| {
+            if self.extrapolate {
+                2f64.powi(i32::try_from(beyond).unwrap_or(i32::MAX))
+            } else {
+                1.0
+            }
+        };
+        let margin = self.by[g].bound(raw) * doubled(g.saturating_sub(1));
+        let own = match (self.mature(g), self.quieter(g)) {
+            (Some(r), _) => r.bound(raw),
+            // Whichever admits more, so that a young regime is measured and comes of age: a
+            // quiet regime's tail, doubled twice or more, would refuse every request of a busy
+            // regime that has none of its own, which then never would.
+            (None, Some((j, r))) => margin.min(r.median(raw) + r.tail() * doubled(g - j)),
+            (None, None) => margin,
         };
         (0..g)
             .filter_map(|j| self.mature(j))
@@ -114,11 +138,7 @@ impl RegimeRatios {
             .fold(own, f64::max)
     }
 
-    pub fn pooled(&self) -> &Ratios {
-        &self.pooled
-    }
-
-    /// Ratios held per regime.
+    /// Pairs held per regime.
     pub fn counts(&self) -> [usize; REGIMES] {
         let mut n = [0; REGIMES];
         for (i, r) in self.by.iter().enumerate() {
@@ -165,12 +185,12 @@ impl Ratios {
         }
     }
 
-    /// Records one request's predicted and measured seconds (ignored unless both are finite and
-    /// positive).
-    pub fn observe(&mut self, predicted: f64, measured: f64) {
+    /// Records one request's predicted and measured seconds; whether it was kept (both must be
+    /// finite and positive).
+    pub fn observe(&mut self, predicted: f64, measured: f64) -> bool {
         let ok = |x: f64| x.is_finite() && x > 0.0;
         if !(ok(predicted) && ok(measured)) {
-            return;
+            return false;
         }
         if self.window.len() >= WINDOW {
             self.window.pop_front();
@@ -181,6 +201,7 @@ impl Ratios {
         if n >= MIN_RATIOS && (n < 2 * MIN_RATIOS || self.stale >= CALIBRATE_EVERY) {
             self.calibrate();
         }
+        true
     }
 
     /// Fits the median line (Theil-Sen: the median of pairwise slopes, then the median offset),
@@ -225,6 +246,12 @@ impl Ratios {
 
     pub fn len(&self) -> usize {
         self.window.len()
+    }
+
+    /// Forgets every pair: the defaults apply again.
+    pub fn clear(&mut self) {
+        self.window.clear();
+        (self.slope, self.offset, self.tail, self.stale) = (1.0, 0.0, 0.0, 0);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -347,40 +374,60 @@ mod tests {
     }
 
     #[test]
-    fn a_regime_uses_its_own_window_once_it_has_enough_and_the_pooled_one_before() {
+    fn a_regime_borrows_from_a_quieter_one_never_from_a_busier_one() {
         let mut r = RegimeRatios::new(0.99, 1.25, true);
         for _ in 0..MIN_RATIOS {
-            r.observe(3, 1.0, 3.0);
+            r.observe(3, 1.0, 3.0, 0.0);
         }
-        // Idle has none of its own: the nearest busier regime speaks for it, and for regime 5,
-        // the nearest quieter one (no tail to double here).
-        assert!(close(r.bound(0, 1.0), 3.0) && close(r.bound(5, 1.0), 3.0));
+        // Idle and regime 1 have none of their own and nothing quieter: the default margin, not
+        // regime 3's 3x (a burst's delays must not refuse the idle cluster); regime 2 doubles it
+        // once. Regime 5 borrows regime 3's (no tail to double here).
+        assert!(close(r.bound(0, 1.0), 1.25) && close(r.median(0, 1.0), 1.0));
+        assert!(close(r.bound(1, 1.0), 1.25) && close(r.bound(2, 1.0), 2.5));
+        assert!(close(r.bound(5, 1.0), 3.0) && close(r.median(5, 1.0), 3.0));
         for _ in 0..MIN_RATIOS {
-            r.observe(0, 1.0, 1.1);
+            r.observe(0, 1.0, 1.1, 0.0);
         }
         assert!(close(r.bound(0, 1.0), 1.1) && close(r.median(0, 1.0), 1.1));
-        assert!(
-            close(r.bound(1, 1.0), 3.0),
-            "regime 1 is closer to 3 in the safe direction"
-        );
+        assert!(close(r.bound(1, 1.0), 1.1), "regime 0's, no tail to double");
         assert!(close(r.bound(3, 1.0), 3.0));
         assert_eq!(r.counts()[..4], [MIN_RATIOS, 0, 0, MIN_RATIOS]);
-        assert_eq!(r.pooled().len(), 2 * MIN_RATIOS);
-        // An out-of-range regime only feeds the pooled window.
-        r.observe(200, 1.0, 1.0);
-        assert_eq!(r.pooled().len(), 2 * MIN_RATIOS + 1);
+        // An out-of-range regime is ignored.
+        r.observe(200, 1.0, 1.0, 0.0);
+        assert_eq!(r.counts().iter().sum::<usize>(), 2 * MIN_RATIOS);
+    }
+
+    #[test]
+    fn a_regime_without_new_pairs_is_forgotten_so_refusals_cannot_starve_it() {
+        // The idle regime measured a burst's delays (predicted 1 s, measured 3 s): its bound
+        // refuses a 2 s budget, so it would measure nothing new.
+        let mut r = RegimeRatios::new(0.99, 1.25, true);
+        for _ in 0..MIN_RATIOS {
+            r.observe(0, 1.0, 3.0, 10.0);
+            r.observe(2, 1.0, 3.0, 50.0);
+        }
+        assert!(close(r.bound(0, 1.0), 3.0));
+        r.expire(10.0 + STALE_S);
+        assert!(close(r.bound(0, 1.0), 3.0), "not stale yet");
+        r.expire(10.0 + STALE_S + 1.0);
+        assert_eq!(r.counts()[..3], [0, 0, MIN_RATIOS]);
+        assert!(close(r.bound(0, 1.0), 1.25) && close(r.median(0, 1.0), 1.0));
+        // The regime that still measures keeps its window, and a new pair restarts the clock.
+        r.observe(0, 1.0, 1.0, 80.0);
+        r.expire(50.0 + STALE_S + 1.0);
+        assert_eq!(r.counts()[..3], [1, 0, 0]);
     }
 
     #[test]
     fn a_busier_regime_never_bounds_below_a_quieter_one() {
         let mut r = RegimeRatios::new(0.99, 1.25, true);
         for _ in 0..MIN_RATIOS {
-            r.observe(1, 1.0, 2.0);
-            r.observe(2, 1.0, 1.2);
+            r.observe(1, 1.0, 2.0, 0.0);
+            r.observe(2, 1.0, 1.2, 0.0);
         }
         assert!(close(r.median(2, 1.0), 1.2), "its own median");
         assert!(close(r.bound(2, 1.0), 2.0), "regime 1's bound");
-        assert!(close(r.bound(0, 1.0), 2.0));
+        assert!(close(r.bound(0, 1.0), 1.25), "idle: the default margin");
     }
 
     #[test]
@@ -388,19 +435,39 @@ mod tests {
         let mut r = RegimeRatios::new(0.99, 1.25, true);
         // Regime 1: predicted 1 s, measured 1 s to 1.15 s (median 1.075, tail 0.075 s).
         for i in 0..MIN_RATIOS {
-            r.observe(1, 1.0, 1.0 + 0.01 * i as f64);
+            r.observe(1, 1.0, 1.0 + 0.01 * i as f64, 0.0);
         }
         let (m, t) = (r.median(1, 1.0), r.bound(1, 1.0) - r.median(1, 1.0));
         assert!(close(r.bound(2, 1.0), m + 2.0 * t));
         assert!(close(r.bound(4, 1.0), m + 8.0 * t));
-        // Quieter regimes take the nearest busier one's.
-        assert!(close(r.bound(0, 1.0), m + t));
-        // Without extrapolation (ITL), the busiest measured regime's bound as it is.
+        // Without extrapolation (ITL), the busiest measured regime's bound as it is, and the
+        // default margin undoubled where nothing quieter was measured.
         let mut i = RegimeRatios::new(0.99, 1.25, false);
         for k in 0..MIN_RATIOS {
-            i.observe(1, 1.0, 1.0 + 0.01 * k as f64);
+            i.observe(1, 1.0, 1.0 + 0.01 * k as f64, 0.0);
         }
         assert!(close(i.bound(4, 1.0), m + t));
+        assert!(close(
+            RegimeRatios::new(0.99, 1.25, false).bound(4, 1.0),
+            1.25
+        ));
+    }
+
+    #[test]
+    fn a_young_regime_is_not_refused_by_a_quiet_regime_s_tail_doubled_beyond_the_margin() {
+        // Idle requests measured as predicted (0.2 s), but two waited 0.6 s more (a burst
+        // arrived behind them): the idle tail is 0.6 s, and doubled twice for regime 2 it would
+        // bound a 0.2 s prediction at 2.6 s and refuse every request of regime 2, which then
+        // would never be measured. The default margin doubled once (2.5x) bounds it instead, but
+        // never below the idle regime's own bound.
+        let mut r = RegimeRatios::new(0.99, 1.25, true);
+        for i in 0..MIN_RATIOS {
+            r.observe(0, 0.2, if i < 2 { 0.8 } else { 0.2 }, 0.0);
+        }
+        assert!(close(r.median(0, 0.2), 0.2) && close(r.bound(0, 0.2), 0.8));
+        assert!(close(r.bound(2, 0.2), 0.8), "{}", r.bound(2, 0.2));
+        assert!(close(r.bound(2, 1.0), 2.5), "{}", r.bound(2, 1.0));
+        assert!(close(r.bound(3, 1.0), 5.0), "{}", r.bound(3, 1.0));
     }
 
     #[test]
