@@ -1,6 +1,6 @@
-//! Faults through `tandem up`: a client that goes away, a prefill worker killed mid-request, bad
-//! requests and bad KV frames. Each gets its clear error, and a request running beside it
-//! finishes unharmed.
+//! Faults through `tandem up`: a client that goes away, a prefill worker killed mid-request, a
+//! decode worker killed and restarted, bad requests and bad KV frames. Each gets its clear error,
+//! and a request running beside it finishes unharmed.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -109,6 +109,46 @@ async fn killing_a_prefill_worker_mid_request_still_completes_it_with_the_same_t
         .status()
         .unwrap();
     let (status, v) = request.await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(ids(&v["choices"][0]["token_ids"]), want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_decode_worker_is_restarted_and_the_cluster_serves_again() {
+    let up = Up::start(&["--worker-threads", "1"]);
+    let prompt = "The capital of France is";
+    let (_, want) = generate(prompt, false, 8);
+    let body = json!({"model": up.model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                      "return_token_ids": true});
+    let decodes = up.addrs(v1::WorkerRole::Decode).await;
+    let [(_, pid)] = decodes[..] else {
+        panic!("{decodes:?}")
+    };
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    // A new decode worker (another pid) registers by itself, a second or so later.
+    for _ in 0..600 {
+        let now = up.addrs(v1::WorkerRole::Decode).await;
+        if now.len() == 1 && now[0].1 != pid {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = up.addrs(v1::WorkerRole::Decode).await;
+    assert!(now.len() == 1 && now[0].1 != pid, "{now:?} (killed {pid})");
+    let mut answer = post(&up.url, "/v1/completions", &body).await;
+    // Its lease may still list the dead worker for a moment: a 503 then, never a hang.
+    for _ in 0..50 {
+        if answer.0 == 200 {
+            break;
+        }
+        assert_eq!(answer.0, 503, "{}", answer.1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        answer = post(&up.url, "/v1/completions", &body).await;
+    }
+    let (status, v) = answer;
     assert_eq!(status, 200, "{v}");
     assert_eq!(ids(&v["choices"][0]["token_ids"]), want);
 }

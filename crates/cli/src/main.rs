@@ -9,6 +9,7 @@ mod profile;
 mod profile_served;
 mod roles;
 mod setup;
+mod supervise;
 mod up;
 
 #[derive(Parser, Debug)]

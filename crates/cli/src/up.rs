@@ -14,6 +14,7 @@ use tokio::process::{Child, Command};
 use crate::admission_args::AdmissionArgs;
 use crate::engine_args::{EngineArgs, tokenizer_facts};
 use crate::roles::{Transport, model_name};
+use crate::supervise::{Backoff, Worker, supervise};
 
 /// Flags of the gateway, shared by `tandem gateway` and `tandem up`.
 #[derive(Args, Debug, Clone)]
@@ -199,13 +200,18 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     })
 }
 
-fn spawn_worker(role: &str, front: &Front, args: &UpArgs, index: usize) -> anyhow::Result<Child> {
+/// Starts worker `index` of `role` (prefill, decode or aggregated).
+fn spawn_worker(
+    role: &'static str,
+    front: &Front,
+    args: &UpArgs,
+    index: usize,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("finding the tandem binary")?;
     let mut cmd = Command::new(exe);
-    cmd.arg(if role == "aggregated" {
-        "decode-worker"
-    } else {
-        role
+    cmd.arg(match role {
+        "prefill" => "prefill-worker",
+        _ => "decode-worker",
     })
     .arg("--router")
     .arg(front.router_addr.to_string())
@@ -222,7 +228,7 @@ fn spawn_worker(role: &str, front: &Front, args: &UpArgs, index: usize) -> anyho
     }
     cmd.args(args.engine.to_args());
     match role {
-        "prefill-worker" => {
+        "prefill" => {
             cmd.arg("--step-tokens").arg(args.step_tokens.to_string());
         }
         other => {
@@ -277,14 +283,16 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let front = start_front(&args.gateway, sim).await?;
         let mut children = Vec::new();
-        for i in 0..args.prefill {
-            children.push(("prefill", spawn_worker("prefill-worker", &front, &args, i)?));
-        }
-        for i in 0..args.decode {
-            children.push(("decode", spawn_worker("decode-worker", &front, &args, i)?));
-        }
-        for i in 0..args.aggregated {
-            children.push(("aggregated", spawn_worker("aggregated", &front, &args, i)?));
+        let roles = [
+            ("prefill", args.prefill),
+            ("decode", args.decode),
+            ("aggregated", args.aggregated),
+        ];
+        for (role, n) in roles {
+            for i in 0..n {
+                let child = spawn_worker(role, &front, &args, i)?;
+                children.push(Worker::new(role, i, child, tokio::time::Instant::now()));
+            }
         }
         let ready = wait_ready(&front.router, &mut children, &args);
         let outcome = tokio::select! {
@@ -312,7 +320,13 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                 front.model_name
             );
         }
-        tandem_runtime::shutdown_signal().await;
+        // A worker that exits is started again (a crashed decode worker's streams end with an
+        // error; the restarted one serves what comes next).
+        let restart = |role, i| spawn_worker(role, &front, &args, i);
+        tokio::select! {
+            () = supervise(&mut children, restart, Backoff::default()) => {}
+            () = tandem_runtime::shutdown_signal() => {}
+        }
         eprintln!("stopping");
         shutdown(front, children).await;
         Ok(())
@@ -322,7 +336,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
 /// Waits until every worker is ready in the router's set; fails if a worker exits first.
 async fn wait_ready(
     router: &RouterHandle,
-    children: &mut [(&str, Child)],
+    children: &mut [Worker],
     args: &UpArgs,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout_s);
@@ -334,9 +348,11 @@ async fn wait_ready(
         {
             return Ok(());
         }
-        for (role, child) in children.iter_mut() {
-            if let Some(status) = child.try_wait()? {
-                bail!("a {role} worker exited before it was ready ({status})");
+        for w in children.iter_mut() {
+            if let Some(child) = &mut w.child
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("a {} worker exited before it was ready ({status})", w.role);
             }
         }
         if tokio::time::Instant::now() > deadline {
@@ -353,11 +369,15 @@ async fn wait_ready(
 
 /// Closes every worker's stdin (their signal to stop), waits for them (they deregister from the
 /// router on the way out), kills stragglers, then stops the gateway and the router.
-async fn shutdown(front: Front, mut children: Vec<(&str, Child)>) {
-    for (_, child) in &mut children {
+async fn shutdown(front: Front, children: Vec<Worker>) {
+    let mut running: Vec<(&str, Child)> = children
+        .into_iter()
+        .filter_map(|w| w.child.map(|c| (w.role, c)))
+        .collect();
+    for (_, child) in &mut running {
         drop(child.stdin.take());
     }
-    for (role, mut child) in children {
+    for (role, mut child) in running {
         match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
             Ok(_) => {}
             Err(_) => {
