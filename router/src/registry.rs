@@ -395,14 +395,13 @@ impl Registry {
     }
 
     /// Records what an admitted request measured against its placement's predictions.
-    pub fn feedback(&mut self, fb: &Feedback, now: Instant) -> Result<(), RouterError> {
+    pub fn feedback(&mut self, fb: &Feedback) -> Result<(), RouterError> {
         if fb.raw_ttft.is_zero() {
             return Err(RouterError::InvalidArgument(
                 "feedback without a predicted TTFT".into(),
             ));
         }
         let key = self.model_key(&fb.model)?;
-        let now_s = self.seconds(now);
         let Some(t) = self.models.get_mut(&key) else {
             return Ok(());
         };
@@ -417,7 +416,6 @@ impl Registry {
             measured_itl: fb.itl.map(|d| d.as_secs_f64()),
             exposed_transfer: fb.exposed_transfer.map(|d| d.as_secs_f64()),
             regime: fb.regime,
-            now_s,
         });
         Ok(())
     }

@@ -324,7 +324,7 @@ impl Task {
                 }
             }
             Command::Feedback { feedback } => {
-                if let Err(e) = self.registry.feedback(&feedback, now) {
+                if let Err(e) = self.registry.feedback(&feedback) {
                     tracing::debug!(error = %e, "feedback ignored");
                 }
             }

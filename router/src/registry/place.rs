@@ -106,7 +106,6 @@ impl Registry {
             self.expire(now);
             return self.decide(shape, now);
         }
-        self.expire_calibration(&key, now);
         let at = At {
             model: &key,
             regime: self.regime(&key, now),

@@ -15,15 +15,6 @@ impl Registry {
         t.in_flight.regime(now_s, p, d, a)
     }
 
-    /// Forgets the model's calibration of load regimes that measured nothing lately, before a
-    /// decision reads it (see `Predictor::expire`).
-    pub(super) fn expire_calibration(&mut self, key: &str, now: Instant) {
-        let now_s = self.seconds(now);
-        if let Some(t) = self.models.get_mut(key) {
-            t.predictor.expire(now_s);
-        }
-    }
-
     /// Seconds since the registry's epoch: the clock admission's models keep time by.
     pub(super) fn seconds(&self, now: Instant) -> f64 {
         now.saturating_duration_since(self.epoch).as_secs_f64()

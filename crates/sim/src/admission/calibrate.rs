@@ -35,20 +35,12 @@ pub fn regime(per_unit: f64) -> u8 {
     (r as usize).min(REGIMES - 1) as u8
 }
 
-/// Seconds without a new pair after which a regime's window is forgotten: what it measured no
-/// longer describes the host (a burst's contention, a neighbour gone), and a regime that refuses
-/// everything on old evidence would never measure again. Its requests then start from the default
-/// margin, admitted and measured afresh.
-pub const STALE_S: f64 = 60.0;
-
 /// Calibration windows per load regime. A regime with too few pairs of its own borrows from a
 /// quieter one (its tail doubled per regime beyond, for TTFT), else takes the default margin: never
 /// a busier regime's, which would let a burst's delays refuse the idle cluster's requests.
 #[derive(Debug, Clone)]
 pub struct RegimeRatios {
     by: Vec<Ratios>,
-    /// When each regime last received a pair, on the caller's clock (seconds).
-    last_s: [f64; REGIMES],
     /// Whether a regime busier than any measured doubles the tail per regime beyond (TTFT: its
     /// queue and contention grow with load the model does not see), or takes the busiest
     /// measured one's as it is (ITL: the decode step is predicted for the batch it will have).
@@ -59,28 +51,14 @@ impl RegimeRatios {
     pub fn new(quantile: f64, default_bound: f64, extrapolate: bool) -> Self {
         RegimeRatios {
             by: vec![Ratios::new(quantile, default_bound); REGIMES],
-            last_s: [f64::NEG_INFINITY; REGIMES],
             extrapolate,
         }
     }
 
-    /// Records a pair measured in `regime` (an out-of-range regime is ignored), reported at
-    /// `now_s`.
-    pub fn observe(&mut self, regime: u8, predicted: f64, measured: f64, now_s: f64) {
-        let g = usize::from(regime);
-        if let Some(r) = self.by.get_mut(g)
-            && r.observe(predicted, measured)
-        {
-            self.last_s[g] = now_s;
-        }
-    }
-
-    /// Forgets the windows of regimes that received no pair for [`STALE_S`] before `now_s`.
-    pub fn expire(&mut self, now_s: f64) {
-        for (r, last) in self.by.iter_mut().zip(&self.last_s) {
-            if !r.is_empty() && now_s - last > STALE_S {
-                r.clear();
-            }
+    /// Records a pair measured in `regime` (an out-of-range regime is ignored).
+    pub fn observe(&mut self, regime: u8, predicted: f64, measured: f64) {
+        if let Some(r) = self.by.get_mut(usize::from(regime)) {
+            r.observe(predicted, measured);
         }
     }
 
@@ -185,12 +163,12 @@ impl Ratios {
         }
     }
 
-    /// Records one request's predicted and measured seconds; whether it was kept (both must be
-    /// finite and positive).
-    pub fn observe(&mut self, predicted: f64, measured: f64) -> bool {
+    /// Records one request's predicted and measured seconds (ignored unless both are finite and
+    /// positive).
+    pub fn observe(&mut self, predicted: f64, measured: f64) {
         let ok = |x: f64| x.is_finite() && x > 0.0;
         if !(ok(predicted) && ok(measured)) {
-            return false;
+            return;
         }
         if self.window.len() >= WINDOW {
             self.window.pop_front();
@@ -201,7 +179,6 @@ impl Ratios {
         if n >= MIN_RATIOS && (n < 2 * MIN_RATIOS || self.stale >= CALIBRATE_EVERY) {
             self.calibrate();
         }
-        true
     }
 
     /// Fits the median line (Theil-Sen: the median of pairwise slopes, then the median offset),
@@ -246,12 +223,6 @@ impl Ratios {
 
     pub fn len(&self) -> usize {
         self.window.len()
-    }
-
-    /// Forgets every pair: the defaults apply again.
-    pub fn clear(&mut self) {
-        self.window.clear();
-        (self.slope, self.offset, self.tail, self.stale) = (1.0, 0.0, 0.0, 0);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -377,7 +348,7 @@ mod tests {
     fn a_regime_borrows_from_a_quieter_one_never_from_a_busier_one() {
         let mut r = RegimeRatios::new(0.99, 1.25, true);
         for _ in 0..MIN_RATIOS {
-            r.observe(3, 1.0, 3.0, 0.0);
+            r.observe(3, 1.0, 3.0);
         }
         // Idle and regime 1 have none of their own and nothing quieter: the default margin, not
         // regime 3's 3x (a burst's delays must not refuse the idle cluster); regime 2 doubles it
@@ -386,44 +357,23 @@ mod tests {
         assert!(close(r.bound(1, 1.0), 1.25) && close(r.bound(2, 1.0), 2.5));
         assert!(close(r.bound(5, 1.0), 3.0) && close(r.median(5, 1.0), 3.0));
         for _ in 0..MIN_RATIOS {
-            r.observe(0, 1.0, 1.1, 0.0);
+            r.observe(0, 1.0, 1.1);
         }
         assert!(close(r.bound(0, 1.0), 1.1) && close(r.median(0, 1.0), 1.1));
         assert!(close(r.bound(1, 1.0), 1.1), "regime 0's, no tail to double");
         assert!(close(r.bound(3, 1.0), 3.0));
         assert_eq!(r.counts()[..4], [MIN_RATIOS, 0, 0, MIN_RATIOS]);
         // An out-of-range regime is ignored.
-        r.observe(200, 1.0, 1.0, 0.0);
+        r.observe(200, 1.0, 1.0);
         assert_eq!(r.counts().iter().sum::<usize>(), 2 * MIN_RATIOS);
-    }
-
-    #[test]
-    fn a_regime_without_new_pairs_is_forgotten_so_refusals_cannot_starve_it() {
-        // The idle regime measured a burst's delays (predicted 1 s, measured 3 s): its bound
-        // refuses a 2 s budget, so it would measure nothing new.
-        let mut r = RegimeRatios::new(0.99, 1.25, true);
-        for _ in 0..MIN_RATIOS {
-            r.observe(0, 1.0, 3.0, 10.0);
-            r.observe(2, 1.0, 3.0, 50.0);
-        }
-        assert!(close(r.bound(0, 1.0), 3.0));
-        r.expire(10.0 + STALE_S);
-        assert!(close(r.bound(0, 1.0), 3.0), "not stale yet");
-        r.expire(10.0 + STALE_S + 1.0);
-        assert_eq!(r.counts()[..3], [0, 0, MIN_RATIOS]);
-        assert!(close(r.bound(0, 1.0), 1.25) && close(r.median(0, 1.0), 1.0));
-        // The regime that still measures keeps its window, and a new pair restarts the clock.
-        r.observe(0, 1.0, 1.0, 80.0);
-        r.expire(50.0 + STALE_S + 1.0);
-        assert_eq!(r.counts()[..3], [1, 0, 0]);
     }
 
     #[test]
     fn a_busier_regime_never_bounds_below_a_quieter_one() {
         let mut r = RegimeRatios::new(0.99, 1.25, true);
         for _ in 0..MIN_RATIOS {
-            r.observe(1, 1.0, 2.0, 0.0);
-            r.observe(2, 1.0, 1.2, 0.0);
+            r.observe(1, 1.0, 2.0);
+            r.observe(2, 1.0, 1.2);
         }
         assert!(close(r.median(2, 1.0), 1.2), "its own median");
         assert!(close(r.bound(2, 1.0), 2.0), "regime 1's bound");
@@ -435,7 +385,7 @@ mod tests {
         let mut r = RegimeRatios::new(0.99, 1.25, true);
         // Regime 1: predicted 1 s, measured 1 s to 1.15 s (median 1.075, tail 0.075 s).
         for i in 0..MIN_RATIOS {
-            r.observe(1, 1.0, 1.0 + 0.01 * i as f64, 0.0);
+            r.observe(1, 1.0, 1.0 + 0.01 * i as f64);
         }
         let (m, t) = (r.median(1, 1.0), r.bound(1, 1.0) - r.median(1, 1.0));
         assert!(close(r.bound(2, 1.0), m + 2.0 * t));
@@ -444,7 +394,7 @@ mod tests {
         // default margin undoubled where nothing quieter was measured.
         let mut i = RegimeRatios::new(0.99, 1.25, false);
         for k in 0..MIN_RATIOS {
-            i.observe(1, 1.0, 1.0 + 0.01 * k as f64, 0.0);
+            i.observe(1, 1.0, 1.0 + 0.01 * k as f64);
         }
         assert!(close(i.bound(4, 1.0), m + t));
         assert!(close(
@@ -462,7 +412,7 @@ mod tests {
         // never below the idle regime's own bound.
         let mut r = RegimeRatios::new(0.99, 1.25, true);
         for i in 0..MIN_RATIOS {
-            r.observe(0, 0.2, if i < 2 { 0.8 } else { 0.2 }, 0.0);
+            r.observe(0, 0.2, if i < 2 { 0.8 } else { 0.2 });
         }
         assert!(close(r.median(0, 0.2), 0.2) && close(r.bound(0, 0.2), 0.8));
         assert!(close(r.bound(2, 0.2), 0.8), "{}", r.bound(2, 0.2));

@@ -129,18 +129,11 @@ impl Predictor {
     /// Starts the calibration as a router's that has measured idle requests as predicted: the
     /// simulator's steps are its model's own, so only queueing is left to learn (a cold router's
     /// default margin would refuse what a warm one admits).
-    pub fn assume_calibrated(&mut self, now_s: f64) {
+    pub fn assume_calibrated(&mut self) {
         for _ in 0..super::calibrate::MIN_RATIOS {
-            self.ttft.observe(0, 1.0, 1.0, now_s);
-            self.itl.observe(0, 1.0, 1.0, now_s);
+            self.ttft.observe(0, 1.0, 1.0);
+            self.itl.observe(0, 1.0, 1.0);
         }
-    }
-
-    /// Forgets the calibration of load regimes that measured nothing for
-    /// [`super::calibrate::STALE_S`] (call before deciding, on the feedback's clock).
-    pub fn expire(&mut self, now_s: f64) {
-        self.ttft.expire(now_s);
-        self.itl.expire(now_s);
     }
 
     /// Seconds of exposed KV transfer per prompt token now assumed.
@@ -157,10 +150,9 @@ impl Predictor {
     /// Records what an admitted request measured against what was predicted for it.
     pub fn observe(&mut self, fb: &Feedback) {
         self.ttft
-            .observe(fb.regime, fb.predicted_ttft_raw, fb.measured_ttft, fb.now_s);
+            .observe(fb.regime, fb.predicted_ttft_raw, fb.measured_ttft);
         if let Some(measured) = fb.measured_itl {
-            self.itl
-                .observe(fb.regime, fb.predicted_itl_raw, measured, fb.now_s);
+            self.itl.observe(fb.regime, fb.predicted_itl_raw, measured);
         }
         if let Some(exposed) = fb.exposed_transfer
             && fb.prompt_tokens > 0
@@ -315,8 +307,6 @@ pub struct Feedback {
     pub exposed_transfer: Option<f64>,
     /// [`Prediction::regime`] of its placement.
     pub regime: u8,
-    /// When it was reported, seconds on the caller's clock (what calibration ages by).
-    pub now_s: f64,
 }
 
 fn ewma(v: &mut f64, x: f64, alpha: f64) {

@@ -100,7 +100,6 @@ fn measured_ratios_move_the_point_and_the_bound() {
             measured_itl: Some(0.01),
             exposed_transfer: Some(0.005),
             regime: 2,
-            now_s: 0.0,
         });
         // The idle cluster measured as predicted.
         pr.observe(&Feedback {
@@ -111,7 +110,6 @@ fn measured_ratios_move_the_point_and_the_bound() {
             measured_itl: Some(0.01),
             exposed_transfer: Some(0.005),
             regime: 0,
-            now_s: 0.0,
         });
     }
     let p = PrefillLoad {

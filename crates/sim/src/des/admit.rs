@@ -112,7 +112,7 @@ impl AdmState {
             }
         };
         let mut predictor = Predictor::new(p, d, a, cfg.predictor);
-        predictor.assume_calibrated(0.0);
+        predictor.assume_calibrated();
         AdmState {
             cfg: cfg.clone(),
             predictor,
@@ -154,7 +154,6 @@ impl Sim<'_> {
             return;
         };
         a.predictor.note_ask(r.input, r.output);
-        a.predictor.expire(self.now);
         let budget = a.tickets[id as usize].budget;
         let decision = if budget.ttft.is_none() && a.queue.holds_before(3) {
             Decision::Wait {
@@ -329,7 +328,6 @@ impl Sim<'_> {
                     .then(|| (r.finish - r.first) / f64::from(r.output - 1)),
                 exposed_transfer: t.exposed,
                 regime: prediction.regime,
-                now_s: self.now,
             });
         }
     }
