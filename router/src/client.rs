@@ -114,6 +114,7 @@ impl RouterClient {
             ttft_budget_ms: shape.ttft_budget.map_or(0, |d| millis(d).max(1)),
             itl_budget_ms: shape.itl_budget.map_or(0, |d| millis(d).max(1)),
             priority: priority_to_proto(shape.priority),
+            exclude_workers: shape.exclude.clone(),
         };
         let answer = self.inner.place(self.request(message)).await?.into_inner();
         match answer.outcome {

@@ -166,6 +166,7 @@ impl TryFrom<v1::PlaceRequest> for RequestShape {
             ttft_budget: budget(r.ttft_budget_ms),
             itl_budget: budget(r.itl_budget_ms),
             priority: priority_from_proto(r.priority),
+            exclude: r.exclude_workers,
         })
     }
 }

@@ -115,6 +115,15 @@ pub struct RequestShape {
     /// Critical work is ordered first when it must wait; sheddable work leaves headroom and is
     /// shed first.
     pub priority: Priority,
+    /// Worker ids not to place on (a failover moving a stream off its failed worker).
+    pub exclude: Vec<String>,
+}
+
+impl RequestShape {
+    /// Whether `worker_id` is excluded.
+    pub fn excludes(&self, worker_id: &str) -> bool {
+        self.exclude.iter().any(|e| e == worker_id)
+    }
 }
 
 /// The pair chosen for a request.

@@ -257,7 +257,7 @@ impl Registry {
         let ask = ask(shape);
         let mut best: Option<Path> = None;
         for i in 0..tables.decode.len() {
-            if i == chosen.decode.1 {
+            if i == chosen.decode.1 || shape.excludes(&tables.decode.worker_ids()[i]) {
                 continue;
             }
             let slot = tables.decode.slot(i);
@@ -472,14 +472,27 @@ fn pick(
     if candidates.is_empty() {
         return Err(RouterError::NoWorkers(leg));
     }
-    policy
+    let i = policy
         .pick(leg, candidates, shape)
         .filter(|&i| i < candidates.len())
         .ok_or_else(|| RouterError::Overloaded {
             leg,
             detail: format!("policy {} found no {leg} worker with room", policy.name()),
             retry_after: Duration::ZERO,
-        })
+        })?;
+    let ids = candidates.worker_ids();
+    if !shape.excludes(&ids[i]) {
+        return Ok(i);
+    }
+    // A failover: the best score among the others (a scan, run only then).
+    candidates
+        .scores()
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| !shape.excludes(&ids[*j]))
+        .min_by_key(|(j, s)| (**s, *j))
+        .map(|(j, _)| j)
+        .ok_or(RouterError::NoWorkers(leg))
 }
 
 /// Time to work through `tokens` at `tokens_per_s`; `None` until a speed has been measured.

@@ -222,6 +222,30 @@ fn default_policy_picks_least_queued_prefill_and_roomiest_decode() {
 }
 
 #[test]
+fn excluded_workers_are_passed_over_for_the_next_best() {
+    let t0 = Instant::now();
+    let mut r = cluster(t0, &[300, 100, 200], &[10, 50, 40]);
+    // A failover off d1 (the roomiest) and p1 (the least queued): the next best of each.
+    let moved = RequestShape {
+        exclude: vec!["d1".into(), "p1".into()],
+        ..shape(16)
+    };
+    let p = r.place(&moved, t0).unwrap();
+    assert_eq!(
+        (p.prefill.worker_id.as_str(), p.decode.worker_id.as_str()),
+        ("p2", "d2")
+    );
+    let nowhere = RequestShape {
+        exclude: vec!["d0".into(), "d1".into(), "d2".into()],
+        ..shape(16)
+    };
+    assert!(matches!(
+        r.place(&nowhere, t0),
+        Err(RouterError::NoWorkers(Leg::Decode))
+    ));
+}
+
+#[test]
 fn a_burst_spreads_before_any_heartbeat() {
     let t0 = Instant::now();
     let mut r = cluster(t0, &[0, 0, 0, 0], &[100, 100]);
