@@ -256,6 +256,13 @@ impl PrefillService for DecodeGrpc {
             ));
         }
         let req = request.into_inner();
+        if req.replayed > 0 {
+            // Its batch computes a whole prompt as given; replayed tokens would compute otherwise
+            // than they did when generated, and the stream would not continue exactly.
+            return Err(Status::invalid_argument(
+                "an aggregated worker does not take replayed tokens (a decode failover moves to a prefill and decode pair)",
+            ));
+        }
         let dest = req
             .destination
             .ok_or_else(|| Status::invalid_argument("no KV destination"))?;

@@ -39,6 +39,9 @@ struct Part {
     /// Blocks, in sequence order, that this step completes.
     send: std::ops::Range<usize>,
     last: bool,
+    /// Asks for logits: the last part, or the one that ends the given prompt before replayed
+    /// tokens (its logits are dropped; asking makes the engine compute what follows as generated).
+    logits: bool,
 }
 
 /// Prompt lengths timed before serving, as fractions of the step budget.
@@ -195,11 +198,21 @@ fn plan(active: &[Active], budget: usize, block: usize) -> Vec<Part> {
         if room == 0 {
             break;
         }
-        let (tokens, send) = chunk(a.done, a.sent, a.job.prompt.len(), room, block);
+        let len = a.job.prompt.len();
+        let given = len - a.job.replayed.min(len - 1);
+        // A chunk stops where the given prompt ends, so that what follows computes as generated.
+        let room_here = if a.done < given {
+            room.min(given - a.done)
+        } else {
+            room
+        };
+        let (tokens, send) = chunk(a.done, a.sent, len, room_here, block);
         room -= tokens.len();
+        let last = tokens.end == len;
         parts.push(Part {
             index,
-            last: tokens.end == a.job.prompt.len(),
+            last,
+            logits: last || tokens.end == given,
             tokens,
             send,
         });
@@ -273,7 +286,7 @@ fn step(
         .map(|p| StepItem {
             seq: active[p.index].seq,
             tokens: &active[p.index].job.prompt[p.tokens.clone()],
-            logits: p.last,
+            logits: p.logits,
         })
         .collect();
     let active_ref = &*active;
@@ -369,12 +382,15 @@ fn step(
         let a = &mut active[p.index];
         a.done = p.tokens.end;
         a.sent = p.send.end;
-        if !p.last {
+        if !p.logits {
             continue;
         }
         let Some(l) = logits.next() else {
             continue;
         };
+        if !p.last {
+            continue;
+        }
         let p_job = &a.job;
         let first_token = sample(&l, &p_job.sampling, 0);
         let finish = token_finishes(&p_job.sampling, eos, first_token, 1)
@@ -428,6 +444,51 @@ mod tests {
         assert_eq!(chunk(16, 1, 32, 16, 16), (16..32, 1..2));
         // A whole prompt in one step sends every block, the partial one included.
         assert_eq!(chunk(0, 0, 33, 512, 16), (0..33, 0..3));
+    }
+
+    fn active(len: usize, replayed: usize, done: usize, sent: usize) -> Active {
+        let (layers, _) = tokio::sync::mpsc::unbounded_channel();
+        let (done_tx, _) = tokio::sync::oneshot::channel();
+        Active {
+            job: Job {
+                request_id: "r".into(),
+                prompt: vec![1; len],
+                replayed,
+                sampling: tandem_engine::sampling::SamplingParams::greedy(1),
+                destination: tandem_proto::v1::KvDestination::default(),
+                arrived: Instant::now(),
+                cancel: Default::default(),
+                layers,
+                done: done_tx,
+            },
+            seq: 1,
+            done,
+            sent,
+            started: None,
+        }
+    }
+
+    #[test]
+    fn a_replay_stops_a_chunk_where_the_given_prompt_ends_and_asks_for_its_logits() {
+        // 40 tokens, the last 10 replayed (generated): 0..24, then 24..30 (the prompt's end,
+        // logits asked so that the engine computes what follows as generated), then 30..40.
+        let steps = [(0, 0), (24, 1), (30, 1)];
+        let want = [
+            (0..24, false, false),
+            (24..30, true, false),
+            (30..40, true, true),
+        ];
+        for ((done, sent), (tokens, logits, last)) in steps.into_iter().zip(want) {
+            let [p] = &plan(&[active(40, 10, done, sent)], 24, 16)[..] else {
+                panic!("one part")
+            };
+            assert_eq!((p.tokens.clone(), p.logits, p.last), (tokens, logits, last));
+        }
+        // Without a replay, one part to the end, as before.
+        let [p] = &plan(&[active(40, 0, 0, 0)], 64, 16)[..] else {
+            panic!("one part")
+        };
+        assert_eq!((p.tokens.clone(), p.logits, p.last), (0..40, true, true));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Computed {
 pub struct Job {
     pub request_id: String,
     pub prompt: Vec<u32>,
+    /// The last `replayed` prompt tokens were generated (a decode failover's replay).
+    pub replayed: usize,
     pub sampling: SamplingParams,
     pub destination: v1::KvDestination,
     pub arrived: Instant,

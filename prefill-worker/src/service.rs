@@ -99,6 +99,12 @@ impl PrefillGrpc {
         if n == 0 {
             return Err(Status::invalid_argument("the prompt is empty"));
         }
+        if req.replayed as usize >= n {
+            return Err(Status::invalid_argument(format!(
+                "{} replayed tokens of a {n}-token prompt: at least one must be the prompt's",
+                req.replayed
+            )));
+        }
         if n >= self.max_context {
             return Err(Status::invalid_argument(format!(
                 "the prompt has {n} tokens; the model's context is {}",
@@ -167,6 +173,7 @@ impl PrefillService for PrefillGrpc {
         self.queue.push(Job {
             request_id: req.request_id.clone(),
             prompt: req.prompt_tokens,
+            replayed: req.replayed as usize,
             sampling,
             destination: dest,
             arrived,
