@@ -113,6 +113,92 @@ async fn killing_a_prefill_worker_mid_request_still_completes_it_with_the_same_t
     assert_eq!(ids(&v["choices"][0]["token_ids"]), want);
 }
 
+/// Four streams of 200 tokens that ignore EOS: two greedy, two sampled at temperature 0.8 with
+/// a seed.
+fn four_streams(model: &str) -> Vec<Value> {
+    (0..4)
+        .map(|i| {
+            let mut b = json!({"model": model, "max_tokens": 200, "ignore_eos": true,
+                "prompt": format!("Story {i}: once upon a time"), "stream": true,
+                "stream_options": {"include_usage": true}, "temperature": 0});
+            if i >= 2 {
+                b["temperature"] = json!(0.8);
+                b["seed"] = json!(1000 + i);
+            }
+            b
+        })
+        .collect()
+}
+
+/// Runs the bodies as concurrent streams; each one's text, tokens counted, and whether it ended
+/// cleanly (status 200, `[DONE]`, no error event).
+async fn run_streams(url: &str, bodies: &[Value]) -> Vec<(String, u64, bool)> {
+    let tasks: Vec<_> = bodies
+        .iter()
+        .map(|b| {
+            let (url, b) = (url.to_owned(), b.clone());
+            tokio::spawn(async move { stream(&url, "/v1/completions", &b, None).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        let s = t.await.unwrap();
+        let errors = s.events.iter().any(|e| e.get("error").is_some());
+        let used = s
+            .events
+            .iter()
+            .rev()
+            .find_map(|e| e["usage"]["completion_tokens"].as_u64())
+            .unwrap_or(0);
+        out.push((s.text(), used, s.status == 200 && s.done && !errors));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_a_killed_decode_worker_move_to_another_and_end_as_undisturbed() {
+    let up = Up::start(&["--decode", "2", "--worker-threads", "1"]);
+    let bodies = four_streams(&up.model);
+    let undisturbed = run_streams(&up.url, &bodies).await;
+    for (text, used, clean) in &undisturbed {
+        assert!(*clean && *used == 200, "{used} {text:?}");
+    }
+    let url = up.url.clone();
+    let disturbed = tokio::spawn({
+        let bodies = bodies.clone();
+        async move { run_streams(&url, &bodies).await }
+    });
+    // Kill the decode worker running the most streams, once they have produced some tokens.
+    let decodes = up.addrs(v1::WorkerRole::Decode).await;
+    let mut victim = None;
+    for _ in 0..400 {
+        let mut best = (0, 0);
+        for (addr, pid) in &decodes {
+            let running = info(addr).await.load.unwrap().running_seqs;
+            if running > best.0 {
+                best = (running, *pid);
+            }
+        }
+        if best.0 > 0 {
+            victim = Some(best.1);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = victim.expect("no decode worker ever ran a stream");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let disturbed = disturbed.await.unwrap();
+    for (i, ((text, used, clean), (want, _, _))) in disturbed.iter().zip(&undisturbed).enumerate() {
+        assert!(*clean, "stream {i} did not end cleanly: {text:?}");
+        assert_eq!(*used, 200, "stream {i}");
+        assert_eq!(text, want, "stream {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_decode_worker_is_restarted_and_the_cluster_serves_again() {
     let up = Up::start(&["--worker-threads", "1"]);

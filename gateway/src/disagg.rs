@@ -45,6 +45,8 @@ pub struct DisaggConfig {
     pub prefill_retries: u32,
     /// Lease asked for a reservation: long enough to cover every prefill attempt.
     pub lease: Duration,
+    /// Times a stream may move to another decode worker after its own failed.
+    pub max_migrations: u32,
 }
 
 impl Default for DisaggConfig {
@@ -55,6 +57,7 @@ impl Default for DisaggConfig {
             decode_timeout: Duration::from_secs(600),
             prefill_retries: 2,
             lease: Duration::from_secs(120),
+            max_migrations: 2,
         }
     }
 }
@@ -64,9 +67,9 @@ pub struct DisaggBackend {
     inner: Arc<Legs>,
 }
 
-struct Legs {
-    router: RouterHandle,
-    config: DisaggConfig,
+pub(crate) struct Legs {
+    pub(crate) router: RouterHandle,
+    pub(crate) config: DisaggConfig,
     channels: Mutex<HashMap<String, Channel>>,
     metrics: LegMetrics,
 }
@@ -120,7 +123,7 @@ impl DisaggBackend {
 
 impl Legs {
     /// A channel to a worker, made once per address (tonic reconnects it as needed).
-    fn channel(&self, addr: &str) -> Result<Channel, BackendError> {
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, BackendError> {
         let mut map = self
             .channels
             .lock()
@@ -186,37 +189,16 @@ impl Legs {
         });
         // What admission predicted counts from its decision; the client also waited in its queue.
         let predicted_ttft = placement.predicted_ttft().map(|p| p + (placed - asked));
-        let d_addr = placement.decode.grpc_addr.clone();
-        let mut decode = DecodeServiceClient::new(self.channel(&d_addr)?);
-        let reserve = v1::ReserveRequest {
-            request_id: req.request_id.clone(),
-            prompt_tokens: req.prompt_tokens.len() as u32,
-            max_new_tokens: req.sampling.max_tokens,
-            lease_ms: self.config.lease.as_millis() as u32,
-            itl_budget_ms: req.budget.itl.map_or(0, |d| {
-                u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
-            }),
-        };
-        let reservation = call(
-            self.config.control_timeout,
-            decode.reserve(timed(reserve, self.config.control_timeout)),
-        )
-        .await
-        .map_err(|s| status_error("decode worker", s))?;
-        // From here on the reservation is ours to free, whatever happens.
-        let mut release = ReleaseOnDrop {
-            client: Some(decode.clone()),
-            reservation_id: reservation.reservation_id,
-            timeout: self.config.control_timeout,
-        };
-        // An aggregated decode worker computes the prompt itself, in its own batch.
-        let prefill_worker = if placement.decode.role == v1::WorkerRole::Aggregated as i32 {
-            placement.decode.clone()
-        } else {
-            placement.prefill.clone()
-        };
+        let (mut decode, reservation, mut release) = self
+            .reserve(
+                &req,
+                req.prompt_tokens.len() as u32,
+                req.sampling.max_tokens,
+                &placement.decode,
+            )
+            .await?;
         let answer = self
-            .prefill(&req, &placement.decode, &reservation, prefill_worker)
+            .prefill(&req, &req.prompt_tokens, 0, &placement, &reservation)
             .await?;
         let first_at = Instant::now();
         // The same measure reports the end from here, after the TTFT goes back now, so that
@@ -274,7 +256,17 @@ impl Legs {
             leg: DecodeLeg::Opening(opening),
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             release: Some(release.take()),
+            movable: false,
+            _ticket: None,
         };
+        let decode_worker = placement.decode.worker_id.clone();
+        let rest = crate::failover::Resumable::new(
+            self.clone(),
+            req,
+            answer.first_token,
+            decode_worker,
+            rest,
+        );
         let tokens = futures::stream::iter([Ok(first)]).chain(rest);
         let tokens = match measured {
             Some(mut m) => tokens.inspect(move |chunk| m.saw(chunk)).boxed(),
@@ -286,20 +278,70 @@ impl Legs {
         })
     }
 
-    /// Runs the prefill, on another worker each time a worker fails before answering.
-    async fn prefill(
+    /// Reserves the KV of `prompt_tokens` plus `max_new_tokens` on `decode`; the guard releases
+    /// the reservation when dropped, unless its duty is taken.
+    pub(crate) async fn reserve(
         &self,
         req: &GenerateRequest,
+        prompt_tokens: u32,
+        max_new_tokens: u32,
         decode: &v1::WorkerIdentity,
+    ) -> Result<
+        (
+            DecodeServiceClient<Channel>,
+            v1::ReserveResponse,
+            ReleaseOnDrop,
+        ),
+        BackendError,
+    > {
+        let mut client = DecodeServiceClient::new(self.channel(&decode.grpc_addr)?);
+        let reserve = v1::ReserveRequest {
+            request_id: req.request_id.clone(),
+            prompt_tokens,
+            max_new_tokens,
+            lease_ms: self.config.lease.as_millis() as u32,
+            itl_budget_ms: req.budget.itl.map_or(0, |d| {
+                u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+            }),
+        };
+        let reservation = call(
+            self.config.control_timeout,
+            client.reserve(timed(reserve, self.config.control_timeout)),
+        )
+        .await
+        .map_err(|s| status_error("decode worker", s))?;
+        // From here on the reservation is ours to free, whatever happens.
+        let release = ReleaseOnDrop {
+            client: Some(client.clone()),
+            reservation_id: reservation.reservation_id,
+            timeout: self.config.control_timeout,
+        };
+        Ok((client, reservation, release))
+    }
+
+    /// Runs the prefill of `prompt` (whose last `replayed` tokens were generated) into the
+    /// reservation, on another worker each time a worker fails before answering.
+    pub(crate) async fn prefill(
+        &self,
+        req: &GenerateRequest,
+        prompt: &[u32],
+        replayed: u32,
+        placement: &tandem_router::Placement,
         reservation: &v1::ReserveResponse,
-        mut worker: Arc<v1::WorkerIdentity>,
     ) -> Result<v1::PrefillResponse, BackendError> {
+        let decode = &placement.decode;
+        // An aggregated decode worker computes the prompt itself, in its own batch.
+        let mut worker = if decode.role == v1::WorkerRole::Aggregated as i32 {
+            decode.clone()
+        } else {
+            placement.prefill.clone()
+        };
         let mut tried = Vec::new();
         let mut attempt = 0u32;
         loop {
             let request = v1::PrefillRequest {
                 request_id: req.request_id.clone(),
-                prompt_tokens: req.prompt_tokens.clone(),
+                prompt_tokens: prompt.to_vec(),
                 sampling: Some(tandem_wire::sampling_to_proto(&req.sampling)),
                 destination: Some(v1::KvDestination {
                     decode_worker_id: decode.worker_id.clone(),
@@ -312,6 +354,7 @@ impl Legs {
                     attempt,
                 }),
                 priority: 0,
+                replayed,
             };
             let mut client = PrefillServiceClient::new(self.channel(&worker.grpc_addr)?);
             let timeout = self.config.prefill_timeout;
@@ -411,12 +454,36 @@ impl Backend for DisaggBackend {
 
 /// What an admitted request measures for admission's calibration after its first token: its mean
 /// time per token, reported when it finishes; its end, without one, when it is cut short.
-struct Measure {
+pub(crate) struct Measure {
     router: RouterHandle,
     feedback: Option<Feedback>,
     first_at: Instant,
     /// Tokens seen so far, the prefill's first included.
     tokens: u32,
+}
+
+impl Measure {
+    /// Reports only the end of a placement when dropped (a failover's: what it measures is the
+    /// stream's, reported by the first placement's own `Measure`).
+    pub(crate) fn end_only(
+        router: &RouterHandle,
+        model: &str,
+        p: &tandem_router::Predicted,
+    ) -> Self {
+        Measure {
+            router: router.clone(),
+            feedback: Some(Feedback {
+                model: model.to_owned(),
+                raw_ttft: p.raw_ttft,
+                raw_itl: p.raw_itl,
+                regime: p.regime,
+                ticket: p.ticket,
+                ..Feedback::default()
+            }),
+            first_at: Instant::now(),
+            tokens: 0,
+        }
+    }
 }
 
 /// A request cut short (client gone, worker failed) still reports its end, without an ITL, so that
@@ -445,7 +512,7 @@ impl Measure {
 }
 
 /// Releases a reservation when dropped, unless disarmed; the call runs on its own task.
-struct ReleaseOnDrop {
+pub(crate) struct ReleaseOnDrop {
     client: Option<DecodeServiceClient<Channel>>,
     reservation_id: u64,
     timeout: Duration,
@@ -453,7 +520,7 @@ struct ReleaseOnDrop {
 
 impl ReleaseOnDrop {
     /// Moves the duty to a new guard (the stream's), disarming this one.
-    fn take(&mut self) -> ReleaseOnDrop {
+    pub(crate) fn take(&mut self) -> ReleaseOnDrop {
         ReleaseOnDrop {
             client: self.client.take(),
             reservation_id: self.reservation_id,
@@ -537,7 +604,7 @@ fn status_error(who: &str, s: Status) -> BackendError {
     }
 }
 
-fn router_error(e: RouterError) -> BackendError {
+pub(crate) fn router_error(e: RouterError) -> BackendError {
     match e {
         RouterError::NoWorkers(_) => BackendError::Unavailable(e.to_string()),
         RouterError::Overloaded { retry_after, .. } => BackendError::Overloaded {
@@ -570,7 +637,7 @@ fn router_error(e: RouterError) -> BackendError {
 }
 
 /// The Decode call, answered once the decode worker admits the sequence.
-type DecodeOpening = std::pin::Pin<
+pub(crate) type DecodeOpening = std::pin::Pin<
     Box<
         dyn std::future::Future<
                 Output = Result<tonic::Response<tonic::Streaming<v1::DecodeChunk>>, tonic::Status>,
@@ -579,7 +646,7 @@ type DecodeOpening = std::pin::Pin<
 >;
 
 /// Where the decode leg of a generation stands.
-enum DecodeLeg {
+pub(crate) enum DecodeLeg {
     Opening(DecodeOpening),
     Streaming(Box<tonic::Streaming<v1::DecodeChunk>>),
     Done,
@@ -588,18 +655,30 @@ enum DecodeLeg {
 /// The tokens after the first: the Decode stream's messages until the one with a finish reason,
 /// an error, or the deadline. One timer for the whole stream (a timeout per message put a timer
 /// entry in and took it out of the runtime's wheel for every token).
-struct DecodeRest {
-    leg: DecodeLeg,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+pub(crate) struct DecodeRest {
+    pub(crate) leg: DecodeLeg,
+    pub(crate) deadline: Pin<Box<tokio::time::Sleep>>,
     /// Releases the reservation if the stream ends (or is dropped) before the decode worker
     /// finished the sequence itself.
-    release: Option<ReleaseOnDrop>,
+    pub(crate) release: Option<ReleaseOnDrop>,
+    /// Set when the stream ended because its decode worker failed (died, dropped the
+    /// connection, went away mid-stream): another decode worker can take it over.
+    pub(crate) movable: bool,
+    /// A failover's placement, whose end admission hears when this leg is dropped.
+    pub(crate) _ticket: Option<Measure>,
 }
 
 impl DecodeRest {
     fn end(&mut self, e: BackendError) -> Poll<Option<Result<TokenChunk, BackendError>>> {
         self.leg = DecodeLeg::Done;
         Poll::Ready(Some(Err(e)))
+    }
+
+    /// Ends on the decode worker's failure: `movable` unless the status says the request itself
+    /// is at fault.
+    fn failed(&mut self, s: Status) -> Poll<Option<Result<TokenChunk, BackendError>>> {
+        self.movable = retryable(&s) && s.code() != Code::DeadlineExceeded;
+        self.end(status_error("decode worker", s))
     }
 
     fn timed_out(&mut self) -> Poll<Option<Result<TokenChunk, BackendError>>> {
@@ -621,7 +700,7 @@ impl Stream for DecodeRest {
                     Poll::Ready(Ok(response)) => {
                         this.leg = DecodeLeg::Streaming(Box::new(response.into_inner()));
                     }
-                    Poll::Ready(Err(s)) => return this.end(status_error("decode worker", s)),
+                    Poll::Ready(Err(s)) => return this.failed(s),
                     Poll::Pending => {
                         return match this.deadline.as_mut().poll(cx) {
                             Poll::Ready(()) => this.timed_out(),
@@ -645,10 +724,13 @@ impl Stream for DecodeRest {
                                 finish,
                             })))
                         }
-                        Poll::Ready(Some(Err(s))) => this.end(status_error("decode worker", s)),
-                        Poll::Ready(None) => this.end(BackendError::Unavailable(
-                            "decode stream ended without a finish reason".into(),
-                        )),
+                        Poll::Ready(Some(Err(s))) => this.failed(s),
+                        Poll::Ready(None) => {
+                            this.movable = true;
+                            this.end(BackendError::Unavailable(
+                                "decode stream ended without a finish reason".into(),
+                            ))
+                        }
                         Poll::Pending => match this.deadline.as_mut().poll(cx) {
                             Poll::Ready(()) => this.timed_out(),
                             Poll::Pending => Poll::Pending,

@@ -15,6 +15,7 @@ pub mod error;
 pub mod local;
 pub mod metrics;
 
+mod failover;
 mod fields;
 mod generation;
 mod handlers;

@@ -35,6 +35,10 @@ pub struct GatewayArgs {
     /// Address of the embedded router's gRPC service, where workers register (port 0: any).
     #[arg(long, env = "TANDEM_ROUTER_LISTEN", default_value = "127.0.0.1:0")]
     pub router_listen: String,
+    /// Times a stream may move to another decode worker when its own fails mid-stream (0: never;
+    /// the client then gets an error chunk).
+    #[arg(long, env = "TANDEM_MAX_MIGRATIONS", default_value_t = 2)]
+    pub max_migrations: u32,
     #[command(flatten)]
     pub admission: AdmissionArgs,
 }
@@ -127,7 +131,10 @@ async fn start_front(args: &GatewayArgs, sim: Option<SimFront>) -> anyhow::Resul
     };
     let backend = Arc::new(tandem_gateway::DisaggBackend::new(
         router.clone(),
-        tandem_gateway::DisaggConfig::default(),
+        tandem_gateway::DisaggConfig {
+            max_migrations: args.max_migrations,
+            ..tandem_gateway::DisaggConfig::default()
+        },
     ));
     let mut config = match &sim {
         Some(s) => tandem_gateway::GatewayConfig::new(
