@@ -1,6 +1,6 @@
 //! Faults through `tandem up`: a client that goes away, a prefill worker killed mid-request, a
-//! decode worker killed and restarted, bad requests and bad KV frames. Each gets its clear error,
-//! and a request running beside it finishes unharmed.
+//! decode worker killed or stopped under streams (they move) and restarted, bad requests and bad
+//! KV frames. Each gets its clear error, and a request running beside it finishes unharmed.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -155,9 +155,10 @@ async fn run_streams(url: &str, bodies: &[Value]) -> Vec<(String, u64, bool)> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_on_a_killed_decode_worker_move_to_another_and_end_as_undisturbed() {
-    let up = Up::start(&["--decode", "2", "--worker-threads", "1"]);
+/// Runs four streams undisturbed, then again while `signal` hits the decode worker running the
+/// most of them: every stream must end cleanly with its 200 tokens and the undisturbed text.
+/// Returns the worker's pid.
+async fn streams_survive(up: &Up, signal: &str) -> u32 {
     let bodies = four_streams(&up.model);
     let undisturbed = run_streams(&up.url, &bodies).await;
     for (text, used, clean) in &undisturbed {
@@ -168,7 +169,7 @@ async fn streams_on_a_killed_decode_worker_move_to_another_and_end_as_undisturbe
         let bodies = bodies.clone();
         async move { run_streams(&url, &bodies).await }
     });
-    // Kill the decode worker running the most streams, once they have produced some tokens.
+    // Once they have produced some tokens.
     let decodes = up.addrs(v1::WorkerRole::Decode).await;
     let mut victim = None;
     for _ in 0..400 {
@@ -188,15 +189,36 @@ async fn streams_on_a_killed_decode_worker_move_to_another_and_end_as_undisturbe
     let pid = victim.expect("no decode worker ever ran a stream");
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
+        .args([signal, &pid.to_string()])
         .status()
         .unwrap();
-    let disturbed = disturbed.await.unwrap();
+    // Well before the 600 s decode deadline: a stopped worker is failed by the watchdog's gap.
+    let disturbed = tokio::time::timeout(Duration::from_secs(120), disturbed)
+        .await
+        .expect("the streams hung")
+        .unwrap();
     for (i, ((text, used, clean), (want, _, _))) in disturbed.iter().zip(&undisturbed).enumerate() {
         assert!(*clean, "stream {i} did not end cleanly: {text:?}");
         assert_eq!(*used, 200, "stream {i}");
         assert_eq!(text, want, "stream {i}");
     }
+    pid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_a_killed_decode_worker_move_to_another_and_end_as_undisturbed() {
+    let up = Up::start(&["--decode", "2", "--worker-threads", "1"]);
+    streams_survive(&up, "-KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_a_stopped_decode_worker_move_after_the_watchdog_and_end_as_undisturbed() {
+    let up = Up::start(&["--decode", "2", "--worker-threads", "1"]);
+    let pid = streams_survive(&up, "-STOP").await;
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,7 @@ use crate::backend::{
     Admitted, Backend, BackendError, GenerateRequest, Readiness, TokenChunk, TokenStream,
 };
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
+use crate::watchdog::{Watchdog, gap_for};
 
 /// Deadlines and retries of the two legs.
 #[derive(Debug, Clone)]
@@ -258,6 +259,7 @@ impl Legs {
             release: Some(release.take()),
             movable: false,
             _ticket: None,
+            watchdog: Watchdog::new(gap_for(placement.predicted.map(|p| p.itl))),
         };
         let decode_worker = placement.decode.worker_id.clone();
         let rest = crate::failover::Resumable::new(
@@ -666,6 +668,8 @@ pub(crate) struct DecodeRest {
     pub(crate) movable: bool,
     /// A failover's placement, whose end admission hears when this leg is dropped.
     pub(crate) _ticket: Option<Measure>,
+    /// Fails the leg when the worker sends nothing for longer than it should.
+    pub(crate) watchdog: Watchdog,
 }
 
 impl DecodeRest {
@@ -686,6 +690,22 @@ impl DecodeRest {
             "decode stream deadline passed".into(),
         ))
     }
+
+    /// Nothing came: the deadline's error, or the watchdog's (the worker is failed for this
+    /// stream, which may move), or still waiting.
+    fn waiting(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<TokenChunk, BackendError>>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return self.timed_out();
+        }
+        if self.watchdog.poll_starved(cx).is_ready() {
+            self.movable = true;
+            let gap = self.watchdog.gap();
+            return self.end(BackendError::Unavailable(format!(
+                "decode worker sent nothing for {gap:?}"
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 impl Stream for DecodeRest {
@@ -701,16 +721,12 @@ impl Stream for DecodeRest {
                         this.leg = DecodeLeg::Streaming(Box::new(response.into_inner()));
                     }
                     Poll::Ready(Err(s)) => return this.failed(s),
-                    Poll::Pending => {
-                        return match this.deadline.as_mut().poll(cx) {
-                            Poll::Ready(()) => this.timed_out(),
-                            Poll::Pending => Poll::Pending,
-                        };
-                    }
+                    Poll::Pending => return this.waiting(cx),
                 },
                 DecodeLeg::Streaming(stream) => {
                     return match Pin::new(&mut **stream).poll_next(cx) {
                         Poll::Ready(Some(Ok(chunk))) => {
+                            this.watchdog.fed();
                             let finish = tandem_wire::finish_from_proto(chunk.finish);
                             if finish.is_some() {
                                 // D freed the sequence itself when it finished.
@@ -731,10 +747,7 @@ impl Stream for DecodeRest {
                                 "decode stream ended without a finish reason".into(),
                             ))
                         }
-                        Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                            Poll::Ready(()) => this.timed_out(),
-                            Poll::Pending => Poll::Pending,
-                        },
+                        Poll::Pending => this.waiting(cx),
                     };
                 }
             }

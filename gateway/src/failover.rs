@@ -18,6 +18,7 @@ use tandem_router::{Priority, RequestShape};
 
 use crate::backend::{BackendError, GenerateRequest, TokenChunk};
 use crate::disagg::{DecodeLeg, DecodeOpening, DecodeRest, Legs, Measure, router_error};
+use crate::watchdog::{Watchdog, gap_for};
 
 /// The decode part of a stream (every token after the prefill's first), moved to another decode
 /// worker each time its own fails, up to the configured number of moves.
@@ -185,6 +186,7 @@ impl Legs {
             release: Some(release.take()),
             movable: false,
             _ticket: ticket,
+            watchdog: Watchdog::new(gap_for(placement.predicted.map(|p| p.itl))),
         };
         Ok((rest, placement.decode.worker_id.clone()))
     }

@@ -25,6 +25,7 @@ mod request;
 mod response;
 mod server;
 mod sse;
+mod watchdog;
 
 #[cfg(test)]
 mod tests;
