@@ -376,6 +376,13 @@ impl Legs {
                         "prefill failed; retrying on another worker"
                     );
                     tried.push(worker.worker_id.clone());
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Unknown | Code::Internal | Code::Aborted
+                    ) {
+                        // It broke, rather than being full or slow: no new work for a while.
+                        self.router.suspect(&worker.worker_id);
+                    }
                     self.metrics.retries.fetch_add(1, Ordering::Relaxed);
                     worker = self
                         .other_prefill(&req.model, &tried)

@@ -113,6 +113,9 @@ impl Stream for Resumable {
                             after = this.sent.len(),
                             "decode worker failed mid-stream; moving the stream"
                         );
+                        if let Some(w) = this.workers.last() {
+                            this.legs.router.suspect(w);
+                        }
                         this.moves += 1;
                         let legs = this.legs.clone();
                         let (req, sent) = (this.req.clone(), this.sent.clone());

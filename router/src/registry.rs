@@ -41,6 +41,9 @@ pub struct RegistryConfig {
     pub default_retry_after: Duration,
     /// Latency-budget admission.
     pub admission: AdmissionConfig,
+    /// How long a worker a gateway reported failed takes no new work (unless it registers
+    /// again); its heartbeats after that list it again.
+    pub suspect_for: Duration,
 }
 
 /// Settings of admission ([`tandem_sim::admission`]).
@@ -77,6 +80,7 @@ impl Default for RegistryConfig {
             heartbeat_interval: Duration::from_secs(1),
             report_lag: Duration::from_millis(250),
             max_workers: 4096,
+            suspect_for: Duration::from_secs(5),
             max_queued_prefill_tokens: 1 << 20,
             block_tokens: 16,
             default_retry_after: Duration::from_secs(1),
@@ -105,6 +109,8 @@ struct Worker {
     reported_at: Instant,
     pending: Pending,
     lease_deadline: Instant,
+    /// Reported failed by a gateway: no new work until then.
+    suspect_until: Option<Instant>,
 }
 
 impl Worker {
@@ -328,6 +334,7 @@ impl Registry {
             reported_at: now,
             pending: Pending::default(),
             lease_deadline: now + self.config.lease,
+            suspect_until: None,
         };
         let slot = match existing {
             Some(slot) => {
@@ -373,11 +380,27 @@ impl Registry {
         w.reported_at = now;
         w.pending.settle(now, lag);
         w.lease_deadline = now + lease;
+        if w.suspect_until.is_some_and(|t| now >= t) {
+            w.suspect_until = None;
+        }
         self.list(slot);
         if state_changed {
             self.mark_changed();
         }
         Ok(self.config.lease)
+    }
+
+    /// A gateway saw the worker fail (its stream broke, or it stopped sending): it takes no new work
+    /// for [`RegistryConfig::suspect_for`], after which its heartbeats list it again. Unknown ids
+    /// are ignored (the worker may have left already).
+    pub fn suspect(&mut self, id: &str, now: Instant) {
+        let Some(&slot) = self.by_id.get(id) else {
+            return;
+        };
+        let until = now + self.config.suspect_for;
+        self.worker_mut(slot).suspect_until = Some(until);
+        self.list(slot);
+        self.mark_changed();
     }
 
     /// Feeds steps a worker measured to its role's step-time model.
@@ -526,7 +549,7 @@ impl Registry {
         };
         let eff = w.effective();
         let t = tables.table(w.role);
-        if w.reported.state == WorkerState::Ready {
+        if w.reported.state == WorkerState::Ready && w.suspect_until.is_none() {
             // An aggregated worker is chosen for its prompt's wait, as a prefill worker is.
             let leg = match w.role {
                 Role::Decode => Leg::Decode,

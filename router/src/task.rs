@@ -76,6 +76,9 @@ enum Command {
     Feedback {
         feedback: Feedback,
     },
+    Suspect {
+        worker_id: String,
+    },
 }
 
 /// A cheap, cloneable handle to the router task. The task stops when every handle is dropped.
@@ -179,6 +182,14 @@ impl RouterHandle {
     /// Reports what an admitted request measured; dropped when the task is busy (best effort).
     pub fn feedback(&self, feedback: Feedback) {
         let _ = self.tx.try_send(Command::Feedback { feedback });
+    }
+
+    /// Reports that a worker failed a request (its stream broke, or it stopped sending): it takes
+    /// no new work for a while. Dropped when the task is busy (best effort).
+    pub fn suspect(&self, worker_id: &str) {
+        let _ = self.tx.try_send(Command::Suspect {
+            worker_id: worker_id.to_owned(),
+        });
     }
 
     /// The current worker set.
@@ -322,6 +333,10 @@ impl Task {
                     self.registry.note_ask(&shape);
                     self.place(shape, arrived, reply, now);
                 }
+            }
+            Command::Suspect { worker_id } => {
+                tracing::warn!(worker = %worker_id, "worker reported failed; no new work for a while");
+                self.registry.suspect(&worker_id, now);
             }
             Command::Feedback { feedback } => {
                 if let Err(e) = self.registry.feedback(&feedback) {

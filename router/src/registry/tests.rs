@@ -246,6 +246,28 @@ fn excluded_workers_are_passed_over_for_the_next_best() {
 }
 
 #[test]
+fn a_worker_reported_failed_takes_no_new_work_until_a_heartbeat_after_the_pause() {
+    let t0 = Instant::now();
+    let mut r = cluster(t0, &[0], &[50, 40]);
+    assert_eq!(pair(&mut r, 16, t0).1, "d0");
+    r.suspect("d0", t0);
+    r.suspect("nobody", t0);
+    assert_eq!(pair(&mut r, 16, t0).1, "d1");
+    // Heartbeats within the 5 s pause do not list it again; one after it does.
+    let beat = |r: &mut Registry, at: Instant| {
+        for (id, free) in [("d0", 50), ("d1", 40), ("p0", 0)] {
+            r.heartbeat(id, ready(0, free, 0), at).unwrap();
+        }
+    };
+    let ms = Duration::from_millis;
+    beat(&mut r, t0 + ms(2500));
+    beat(&mut r, t0 + ms(4900));
+    assert_eq!(pair(&mut r, 16, t0 + ms(4900)).1, "d1");
+    beat(&mut r, t0 + ms(5000));
+    assert_eq!(pair(&mut r, 16, t0 + ms(5000)).1, "d0");
+}
+
+#[test]
 fn a_burst_spreads_before_any_heartbeat() {
     let t0 = Instant::now();
     let mut r = cluster(t0, &[0, 0, 0, 0], &[100, 100]);
