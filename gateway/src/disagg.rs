@@ -174,23 +174,12 @@ impl Legs {
         // Reports the placement's end when dropped, so that admission stops counting it in
         // flight: before the first token if reserve or prefill fails, after it when the stream
         // ends or is cut short.
-        let unstarted = placement.predicted.map(|p| Measure {
-            router: self.router.clone(),
-            feedback: Some(Feedback {
-                model: req.model.clone(),
-                prompt_tokens: req.prompt_tokens.len() as u32,
-                raw_ttft: p.raw_ttft,
-                raw_itl: p.raw_itl,
-                regime: p.regime,
-                ticket: p.ticket,
-                ..Feedback::default()
-            }),
-            first_at: placed,
-            tokens: 0,
-        });
+        let unstarted = placement
+            .predicted
+            .map(|p| Measure::placed(&self.router, &req.model, req.prompt_tokens.len() as u32, &p));
         // What admission predicted counts from its decision; the client also waited in its queue.
         let predicted_ttft = placement.predicted_ttft().map(|p| p + (placed - asked));
-        let (mut decode, reservation, mut release) = self
+        let (decode, reservation, release) = self
             .reserve(
                 &req,
                 req.prompt_tokens.len() as u32,
@@ -239,28 +228,17 @@ impl Legs {
                 predicted_ttft,
             });
         }
-        let decode_req = v1::DecodeRequest {
-            request_id: req.request_id.clone(),
-            reservation_id: reservation.reservation_id,
-            first_token: answer.first_token,
-            sampling: Some(tandem_wire::sampling_to_proto(&req.sampling)),
-            generated_before: 1,
-        };
-        let mut call_req = tonic::Request::new(decode_req);
-        call_req.set_timeout(self.config.decode_timeout);
-        let deadline = tokio::time::Instant::now() + self.config.decode_timeout;
         // The first token goes to the client now; the Decode stream opens behind it (the decode
         // worker answers Decode between two steps of its batch, so waiting for it here would add
         // up to a decode step to every time to first token).
-        let opening: DecodeOpening = Box::pin(async move { decode.decode(call_req).await });
-        let rest = DecodeRest {
-            leg: DecodeLeg::Opening(opening),
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            release: Some(release.take()),
-            movable: false,
-            _ticket: None,
-            watchdog: Watchdog::new(gap_for(placement.predicted.map(|p| p.itl))),
-        };
+        let rest = self.open_decode(
+            decode,
+            &req,
+            (answer.first_token, 1),
+            (reservation.reservation_id, release),
+            &placement,
+            None,
+        );
         let decode_worker = placement.decode.worker_id.clone();
         let rest = crate::failover::Resumable::new(
             self.clone(),
@@ -278,6 +256,39 @@ impl Legs {
             tokens,
             predicted_ttft,
         })
+    }
+
+    /// The Decode call on a reservation whose KV is in place, from `first` = (the last token the
+    /// client was sent, tokens sent so far): opened when first polled, under the decode deadline
+    /// and the stream's watchdog. `ticket`: a failover placement's end, reported when the leg
+    /// is dropped.
+    pub(crate) fn open_decode(
+        &self,
+        mut client: DecodeServiceClient<Channel>,
+        req: &GenerateRequest,
+        first: (u32, u32),
+        (reservation_id, release): (u64, ReleaseOnDrop),
+        placement: &tandem_router::Placement,
+        ticket: Option<Measure>,
+    ) -> DecodeRest {
+        let timeout = self.config.decode_timeout;
+        let mut call_req = tonic::Request::new(v1::DecodeRequest {
+            request_id: req.request_id.clone(),
+            reservation_id,
+            first_token: first.0,
+            sampling: Some(tandem_wire::sampling_to_proto(&req.sampling)),
+            generated_before: first.1,
+        });
+        call_req.set_timeout(timeout);
+        let opening: DecodeOpening = Box::pin(async move { client.decode(call_req).await });
+        DecodeRest {
+            leg: DecodeLeg::Opening(opening),
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            release: Some(release),
+            movable: false,
+            _ticket: ticket,
+            watchdog: Watchdog::new(gap_for(placement.predicted.map(|p| p.itl))),
+        }
     }
 
     /// Reserves the KV of `prompt_tokens` plus `max_new_tokens` on `decode`; the guard releases
@@ -472,17 +483,20 @@ pub(crate) struct Measure {
 }
 
 impl Measure {
-    /// Reports only the end of a placement when dropped (a failover's: what it measures is the
-    /// stream's, reported by the first placement's own `Measure`).
-    pub(crate) fn end_only(
+    /// A placement's measure: until it sees tokens, it reports only the placement's end when
+    /// dropped (all a failover's placement reports: what it measures is the stream's, reported by
+    /// the first placement's own).
+    pub(crate) fn placed(
         router: &RouterHandle,
         model: &str,
+        prompt_tokens: u32,
         p: &tandem_router::Predicted,
     ) -> Self {
         Measure {
             router: router.clone(),
             feedback: Some(Feedback {
                 model: model.to_owned(),
+                prompt_tokens,
                 raw_ttft: p.raw_ttft,
                 raw_itl: p.raw_itl,
                 regime: p.regime,
@@ -525,17 +539,6 @@ pub(crate) struct ReleaseOnDrop {
     client: Option<DecodeServiceClient<Channel>>,
     reservation_id: u64,
     timeout: Duration,
-}
-
-impl ReleaseOnDrop {
-    /// Moves the duty to a new guard (the stream's), disarming this one.
-    pub(crate) fn take(&mut self) -> ReleaseOnDrop {
-        ReleaseOnDrop {
-            client: self.client.take(),
-            reservation_id: self.reservation_id,
-            timeout: self.timeout,
-        }
-    }
 }
 
 impl Drop for ReleaseOnDrop {
@@ -646,7 +649,7 @@ pub(crate) fn router_error(e: RouterError) -> BackendError {
 }
 
 /// The Decode call, answered once the decode worker admits the sequence.
-pub(crate) type DecodeOpening = std::pin::Pin<
+type DecodeOpening = std::pin::Pin<
     Box<
         dyn std::future::Future<
                 Output = Result<tonic::Response<tonic::Streaming<v1::DecodeChunk>>, tonic::Status>,
@@ -655,7 +658,7 @@ pub(crate) type DecodeOpening = std::pin::Pin<
 >;
 
 /// Where the decode leg of a generation stands.
-pub(crate) enum DecodeLeg {
+enum DecodeLeg {
     Opening(DecodeOpening),
     Streaming(Box<tonic::Streaming<v1::DecodeChunk>>),
     Done,
@@ -665,21 +668,26 @@ pub(crate) enum DecodeLeg {
 /// an error, or the deadline. One timer for the whole stream (a timeout per message put a timer
 /// entry in and took it out of the runtime's wheel for every token).
 pub(crate) struct DecodeRest {
-    pub(crate) leg: DecodeLeg,
-    pub(crate) deadline: Pin<Box<tokio::time::Sleep>>,
+    leg: DecodeLeg,
+    deadline: Pin<Box<tokio::time::Sleep>>,
     /// Releases the reservation if the stream ends (or is dropped) before the decode worker
     /// finished the sequence itself.
-    pub(crate) release: Option<ReleaseOnDrop>,
+    release: Option<ReleaseOnDrop>,
     /// Set when the stream ended because its decode worker failed (died, dropped the
     /// connection, went away mid-stream): another decode worker can take it over.
-    pub(crate) movable: bool,
+    movable: bool,
     /// A failover's placement, whose end admission hears when this leg is dropped.
-    pub(crate) _ticket: Option<Measure>,
+    _ticket: Option<Measure>,
     /// Fails the leg when the worker sends nothing for longer than it should.
-    pub(crate) watchdog: Watchdog,
+    watchdog: Watchdog,
 }
 
 impl DecodeRest {
+    /// Whether it ended because its decode worker failed, so that another can take it over.
+    pub(crate) fn movable(&self) -> bool {
+        self.movable
+    }
+
     fn end(&mut self, e: BackendError) -> Poll<Option<Result<TokenChunk, BackendError>>> {
         self.leg = DecodeLeg::Done;
         Poll::Ready(Some(Err(e)))

@@ -13,12 +13,10 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, Stream};
-use tandem_proto::v1;
 use tandem_router::{Priority, RequestShape};
 
 use crate::backend::{BackendError, GenerateRequest, TokenChunk};
-use crate::disagg::{DecodeLeg, DecodeOpening, DecodeRest, Legs, Measure, router_error};
-use crate::watchdog::{Watchdog, gap_for};
+use crate::disagg::{DecodeRest, Legs, Measure, router_error};
 
 /// The decode part of a stream (every token after the prefill's first), moved to another decode
 /// worker each time its own fails, up to the configured number of moves.
@@ -27,9 +25,8 @@ pub(crate) struct Resumable {
     req: Arc<GenerateRequest>,
     /// Every token the client has been sent, the prefill's first included.
     sent: Vec<u32>,
-    /// Decode workers this stream failed on, the current one last.
+    /// Decode workers this stream ran on, the current one last (its moves: one fewer).
     workers: Vec<String>,
-    moves: u32,
     state: State,
 }
 
@@ -53,7 +50,6 @@ impl Resumable {
             req: Arc::new(req),
             sent: vec![first_token],
             workers: vec![decode_worker],
-            moves: 0,
             state: State::Running(Box::new(rest)),
         }
     }
@@ -94,8 +90,9 @@ impl Stream for Resumable {
                     }
                     Poll::Ready(Some(Err(e))) => {
                         let most = this.legs.config.max_migrations;
-                        let movable = rest.movable;
-                        if !movable || this.moves >= most {
+                        let movable = rest.movable();
+                        let moves = this.workers.len().saturating_sub(1);
+                        if !movable || moves >= most as usize {
                             this.state = State::Done;
                             let e = if movable {
                                 BackendError::Unavailable(format!(
@@ -116,7 +113,6 @@ impl Stream for Resumable {
                         if let Some(w) = this.workers.last() {
                             this.legs.router.suspect(w);
                         }
-                        this.moves += 1;
                         let legs = this.legs.clone();
                         let (req, sent) = (this.req.clone(), this.sent.clone());
                         let exclude = this.workers.clone();
@@ -165,32 +161,22 @@ impl Legs {
         let placement = self.router.place(shape).await.map_err(router_error)?;
         let ticket = placement
             .predicted
-            .map(|p| Measure::end_only(&self.router, &req.model, &p));
-        let (mut decode, reservation, mut release) = self
+            .map(|p| Measure::placed(&self.router, &req.model, prompt.len() as u32, &p));
+        let (decode, reservation, release) = self
             .reserve(&req, prompt.len() as u32, left, &placement.decode)
             .await?;
         // Its first token is not used: the next one is sampled by the decode worker, at its
         // position.
         self.prefill(&req, &prompt, replayed, &placement, &reservation)
             .await?;
-        let mut call_req = tonic::Request::new(v1::DecodeRequest {
-            request_id: req.request_id.clone(),
-            reservation_id: reservation.reservation_id,
-            first_token: last,
-            sampling: Some(tandem_wire::sampling_to_proto(&req.sampling)),
-            generated_before: sent.len() as u32,
-        });
-        let timeout = self.config.decode_timeout;
-        call_req.set_timeout(timeout);
-        let opening: DecodeOpening = Box::pin(async move { decode.decode(call_req).await });
-        let rest = DecodeRest {
-            leg: DecodeLeg::Opening(opening),
-            deadline: Box::pin(tokio::time::sleep(timeout)),
-            release: Some(release.take()),
-            movable: false,
-            _ticket: ticket,
-            watchdog: Watchdog::new(gap_for(placement.predicted.map(|p| p.itl))),
-        };
+        let rest = self.open_decode(
+            decode,
+            &req,
+            (last, sent.len() as u32),
+            (reservation.reservation_id, release),
+            &placement,
+            ticket,
+        );
         Ok((rest, placement.decode.worker_id.clone()))
     }
 }

@@ -399,8 +399,8 @@ impl Registry {
         };
         let until = now + self.config.suspect_for;
         self.worker_mut(slot).suspect_until = Some(until);
+        // Only the candidate tables change: the published set does not show it.
         self.list(slot);
-        self.mark_changed();
     }
 
     /// Feeds steps a worker measured to its role's step-time model.
