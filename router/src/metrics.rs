@@ -94,13 +94,24 @@ impl AdmissionMetrics {
 fn render_models(out: &mut String, models: &[ModelAdmission]) {
     let _ = writeln!(
         out,
-        "# HELP tandem_router_in_flight Admitted requests whose end the gateway has not reported yet (what the load regime counts).\n# TYPE tandem_router_in_flight gauge"
+        "# HELP tandem_router_in_flight Admitted requests whose end the gateway has not reported yet.\n# TYPE tandem_router_in_flight gauge"
     );
     for m in models {
         let _ = writeln!(
             out,
             "tandem_router_in_flight{{model=\"{}\"}} {}",
             m.model, m.in_flight
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tandem_router_awaiting_first_token Admitted requests whose first token the gateway has not reported yet (what the load regime counts).\n# TYPE tandem_router_awaiting_first_token gauge"
+    );
+    for m in models {
+        let _ = writeln!(
+            out,
+            "tandem_router_awaiting_first_token{{model=\"{}\"}} {}",
+            m.model, m.awaiting_first_token
         );
     }
     let _ = writeln!(

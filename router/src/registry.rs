@@ -197,8 +197,10 @@ pub struct ModelAdmission {
     pub itl: [Calibration; REGIMES],
     /// Seconds of exposed KV transfer per prompt token.
     pub exposed_per_token: f64,
-    /// Admitted requests whose end has not been reported yet (the load regime's count).
+    /// Admitted requests whose end has not been reported yet.
     pub in_flight: usize,
+    /// Of those, the ones whose first token has not been reported (the load regime's count).
+    pub awaiting_first_token: usize,
 }
 
 /// How one load regime's predictions are calibrated: median = offset + slope x raw prediction,
@@ -430,6 +432,8 @@ impl Registry {
         };
         if fb.ttft.is_zero() {
             t.in_flight.ended(fb.ticket);
+        } else {
+            t.in_flight.first_token(fb.ticket);
         }
         t.predictor.observe(&AdmissionFeedback {
             prompt_tokens: fb.prompt_tokens,
@@ -467,6 +471,7 @@ impl Registry {
                     itl: factors(&p.itl),
                     exposed_per_token: p.exposed_per_token(),
                     in_flight: t.in_flight.len(),
+                    awaiting_first_token: t.in_flight.waiting(),
                 }
             })
             .collect();

@@ -300,7 +300,8 @@ fn a_burst_s_delays_do_not_refuse_the_idle_cluster() {
         regime,
         ticket: 0,
     };
-    // Busy (three requests in flight per pair): every request took 40 ms longer than predicted.
+    // Busy (two to four requests waiting per prefill worker): every request took 40 ms longer
+    // than predicted.
     // Idle: as predicted.
     for i in 0..16 {
         r.feedback(&fb(10 + i, 50 + i, 4)).unwrap();
@@ -327,8 +328,31 @@ fn a_burst_s_delays_do_not_refuse_the_idle_cluster() {
         }
         other => panic!("{other:?}"),
     }
-    // Their ends reported (TTFT 0), the regime is idle again (the queues they were charged to
-    // stay until the workers' reports show them gone).
+    // Their first tokens reported, they decode and no longer count: the regime is idle again
+    // (the queues they were charged to stay until the workers' reports show them gone).
+    tickets.push(
+        r.place(&budgeted(100, 2000), t0)
+            .unwrap()
+            .predicted
+            .unwrap()
+            .ticket,
+    );
+    for &ticket in &tickets {
+        r.feedback(&Feedback {
+            ticket,
+            ..fb(11, 11, 4)
+        })
+        .unwrap();
+    }
+    let view = &r.admission()[0];
+    assert_eq!((view.in_flight, view.awaiting_first_token), (9, 0));
+    let p = r
+        .place(&budgeted(100, 2000), t0)
+        .unwrap()
+        .predicted
+        .unwrap();
+    assert_eq!(p.regime, 0);
+    // Their ends reported (TTFT 0), they leave the count of those in flight.
     for ticket in tickets {
         let end = Feedback {
             ttft: Duration::ZERO,
@@ -337,10 +361,6 @@ fn a_burst_s_delays_do_not_refuse_the_idle_cluster() {
         };
         r.feedback(&end).unwrap();
     }
-    let p = r
-        .place(&budgeted(100, 2000), t0)
-        .unwrap()
-        .predicted
-        .unwrap();
-    assert_eq!(p.regime, 0);
+    let view = &r.admission()[0];
+    assert_eq!((view.in_flight, view.awaiting_first_token), (1, 1));
 }

@@ -11,8 +11,8 @@ impl Registry {
         let Some(t) = self.models.get_mut(key) else {
             return 0;
         };
-        let (p, d, a) = (t.prefill.len(), t.decode.len(), t.aggregated.len());
-        t.in_flight.regime(now_s, p, d, a)
+        let prompts = t.prefill.len() + t.aggregated.len();
+        t.in_flight.regime(now_s, prompts)
     }
 
     /// Seconds since the registry's epoch: the clock admission's models keep time by.

@@ -9,10 +9,10 @@
 //! refuse the long prompts that fit or let the short ones it was measured on miss. A model off by a
 //! proportion gives the line that slope instead.
 //!
-//! The window is kept per load regime (requests in flight per serving unit, a prefill and a decode
-//! worker or an aggregated one, when the request is decided): what the model leaves out grows with
-//! load, so one window would let a burst's delays refuse the idle cluster's requests long after the
-//! burst, and the idle ones would hide a burst's.
+//! The window is kept per load regime (admitted requests waiting for their first token per worker
+//! that computes prompts, when the request is decided): what the model leaves out grows with the
+//! queue, so one window would let a burst's delays refuse the idle cluster's requests long after
+//! the burst, and the idle ones would hide a burst's.
 
 use std::collections::VecDeque;
 
@@ -22,11 +22,11 @@ const WINDOW: usize = 96;
 /// Ratios needed before the window's quantiles replace the defaults.
 pub const MIN_RATIOS: usize = 16;
 
-/// Load regimes: idle, then requests in flight per serving unit below 1/2, 1/2 to 1, 1 to 2, 2 to
+/// Load regimes: idle, then requests waiting per prefill worker below 1/2, 1/2 to 1, 1 to 2, 2 to
 /// 4, 4 to 8, and more (their bounds double, as queueing error grows with load).
 pub const REGIMES: usize = 7;
 
-/// The regime of a cluster with `per_unit` requests in flight per serving unit.
+/// The regime of a cluster with `per_unit` requests waiting for a first token per prefill worker.
 pub fn regime(per_unit: f64) -> u8 {
     if per_unit.is_nan() || per_unit <= 0.0 {
         return 0;
@@ -52,6 +52,13 @@ impl RegimeRatios {
         RegimeRatios {
             by: vec![Ratios::new(quantile, default_bound); REGIMES],
             extrapolate,
+        }
+    }
+
+    /// Until a regime has its own measurements, its prediction is taken as exact (no margin).
+    pub fn assume_exact(&mut self) {
+        for r in &mut self.by {
+            r.default_bound = 1.0;
         }
     }
 

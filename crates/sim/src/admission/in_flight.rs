@@ -1,7 +1,8 @@
-//! Requests in flight as admission counts them for its load regime: each from its placement until
-//! its gateway reports its end (finished, cut short or failed). A report that never comes (a
-//! gateway that died) is covered by a guard: a placement leaves the count at the latest
-//! [`GUARD_FACTOR`] times its predicted life after it was placed, and never before [`GUARD_MIN_S`].
+//! Requests in flight as admission counts them: each from its placement until its gateway reports
+//! its end (finished, cut short or failed), and among them those still waiting for their first
+//! token, which the load regime counts. A report that never comes (a gateway that died) is covered
+//! by a guard: a placement leaves the count at the latest [`GUARD_FACTOR`] times its predicted life
+//! after it was placed, and never before [`GUARD_MIN_S`].
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
@@ -23,6 +24,8 @@ pub const GUARD_MIN_S: f64 = 60.0;
 #[derive(Debug, Default, Clone)]
 pub struct InFlight {
     live: HashSet<u64>,
+    /// The live placements whose first token has not been reported.
+    waiting: HashSet<u64>,
     /// (bits of the guard's time, ticket); bits of non-negative seconds order as the numbers do.
     guards: BinaryHeap<Reverse<(u64, u64)>>,
 }
@@ -37,14 +40,22 @@ impl InFlight {
             && let Some(Reverse((_, t))) = self.guards.pop()
         {
             self.live.remove(&t);
+            self.waiting.remove(&t);
         }
         self.live.insert(ticket);
+        self.waiting.insert(ticket);
         self.guards.push(Reverse((guard.to_bits(), ticket)));
+    }
+
+    /// Placement `ticket` sent its first token.
+    pub fn first_token(&mut self, ticket: u64) {
+        self.waiting.remove(&ticket);
     }
 
     /// Placement `ticket` ended.
     pub fn ended(&mut self, ticket: u64) {
         self.live.remove(&ticket);
+        self.waiting.remove(&ticket);
     }
 
     /// Requests counted in flight as of the last [`InFlight::count`] (guards that ran out since
@@ -57,6 +68,11 @@ impl InFlight {
         self.live.is_empty()
     }
 
+    /// Of [`InFlight::len`], those waiting for their first token.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
     /// Requests in flight at `now_s`.
     pub fn count(&mut self, now_s: f64) -> usize {
         let now = now_s.max(0.0).to_bits();
@@ -67,16 +83,19 @@ impl InFlight {
             self.guards.pop();
             if guard <= now {
                 self.live.remove(&ticket);
+                self.waiting.remove(&ticket);
             }
         }
         self.live.len()
     }
 
-    /// The load regime at `now_s` of a cluster of `prefill`, `decode` and `aggregated` workers: a
-    /// serving unit is a prefill and a decode worker, or an aggregated one.
-    pub fn regime(&mut self, now_s: f64, prefill: usize, decode: usize, aggregated: usize) -> u8 {
-        let units = ((prefill + decode) as f64 / 2.0 + aggregated as f64).max(1.0);
-        regime(self.count(now_s) as f64 / units)
+    /// The load regime at `now_s` of a cluster with `prefill` workers that compute prompts
+    /// (prefill or aggregated): requests waiting for their first token per such worker. What
+    /// the model leaves out of a TTFT grows with the prompts queued ahead; a decode batch, which
+    /// the model predicts in full, would put a large cluster's normal load among its overloads.
+    pub fn regime(&mut self, now_s: f64, prefill: usize) -> u8 {
+        self.count(now_s);
+        regime(self.waiting.len() as f64 / prefill.max(1) as f64)
     }
 }
 
@@ -129,15 +148,23 @@ mod tests {
     }
 
     #[test]
-    fn the_regime_counts_pairs_and_aggregated_workers_as_units() {
+    fn the_regime_counts_requests_waiting_for_their_first_token_per_prefill_worker() {
         let mut f = InFlight::default();
-        assert_eq!(f.regime(0.0, 2, 2, 0), 0);
+        assert_eq!(f.regime(0.0, 2), 0);
         f.placed(7, 0.0, &pred(1.0, 0.0), 1);
-        // One request on two pairs: half a request per unit.
-        assert_eq!(f.regime(0.0, 2, 2, 0), 2);
-        // On four aggregated workers, a quarter.
-        assert_eq!(f.regime(0.0, 0, 0, 4), 1);
-        f.ended(7);
-        assert_eq!(f.regime(0.0, 2, 2, 0), 0);
+        f.placed(8, 0.0, &pred(1.0, 0.0), 1);
+        // Two waiting on two prefill workers: one each.
+        assert_eq!(f.regime(0.0, 2), 3);
+        // On four, half.
+        assert_eq!(f.regime(0.0, 4), 2);
+        // A decoding request is in flight but no longer queued for a prefill.
+        f.first_token(7);
+        assert_eq!((f.count(0.0), f.regime(0.0, 4)), (2, 1));
+        f.ended(8);
+        assert_eq!((f.count(0.0), f.regime(0.0, 4)), (1, 0));
+        // A guard that runs out lets go of a waiting request too.
+        f.placed(9, 0.0, &pred(1.0, 0.0), 1);
+        assert_eq!(f.regime(59.0, 4), 1);
+        assert_eq!((f.count(60.0), f.regime(60.0, 4)), (0, 0));
     }
 }

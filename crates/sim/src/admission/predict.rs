@@ -126,14 +126,13 @@ impl Predictor {
         }
     }
 
-    /// Starts the calibration as a router's that has measured idle requests as predicted: the
+    /// Starts the calibration as a router's whose requests measured what was predicted: the
     /// simulator's steps are its model's own, so only queueing is left to learn (a cold router's
-    /// default margin would refuse what a warm one admits).
+    /// default margin would refuse what a warm one admits). Made-up pairs would not do: their
+    /// scale is not the requests', and a line through both puts one of them far off it.
     pub fn assume_calibrated(&mut self) {
-        for _ in 0..super::calibrate::MIN_RATIOS {
-            self.ttft.observe(0, 1.0, 1.0);
-            self.itl.observe(0, 1.0, 1.0);
-        }
+        self.ttft.assume_exact();
+        self.itl.assume_exact();
     }
 
     /// Seconds of exposed KV transfer per prompt token now assumed.

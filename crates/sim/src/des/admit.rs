@@ -96,7 +96,7 @@ pub(super) struct AdmState {
     pub predictor: Predictor,
     pub queue: DeadlineQueue<u32>,
     pub tickets: Vec<Ticket>,
-    /// Placed requests until their predicted end, for the load regime.
+    /// Placed requests until their end, and those waiting for their first token (the load regime).
     pub in_flight: InFlight,
 }
 
@@ -149,7 +149,7 @@ impl Sim<'_> {
     /// A new request: decided at once, or queued behind budgeted work when it has no budget.
     pub(super) fn arrive(&mut self, id: u32) {
         let r = self.reqs[id as usize];
-        let (np, nd, na) = (self.prefill.len(), self.decode.len(), self.agg.len());
+        let prompts = self.prefill.len() + self.agg.len();
         let Some(a) = self.adm.as_deref_mut() else {
             return;
         };
@@ -161,7 +161,7 @@ impl Sim<'_> {
                 reason: RejectReason::QueueFull,
             }
         } else {
-            let regime = a.in_flight.regime(self.now, np, nd, na);
+            let regime = a.in_flight.regime(self.now, prompts);
             match self.adm.as_deref() {
                 Some(a) => self.decide(a, regime, id, budget),
                 None => return,
@@ -172,7 +172,7 @@ impl Sim<'_> {
 
     /// Decides every waiting request again, most urgent first.
     pub(super) fn retry_waiting(&mut self) {
-        let (np, nd, na) = (self.prefill.len(), self.decode.len(), self.agg.len());
+        let prompts = self.prefill.len() + self.agg.len();
         let keys: Vec<(QueueKey, u32)> = match self.adm.as_deref() {
             Some(a) if !a.queue.is_empty() => a.queue.iter().map(|(k, v)| (*k, *v)).collect(),
             _ => return,
@@ -199,7 +199,7 @@ impl Sim<'_> {
             let decision = if budget.ttft.is_none() && a.queue.holds_before(3) {
                 Decision::Wait { until, reason }
             } else {
-                let regime = a.in_flight.regime(self.now, np, nd, na);
+                let regime = a.in_flight.regime(self.now, prompts);
                 match self.adm.as_deref() {
                     Some(a) => self.decide(a, regime, id, budget),
                     None => return,
@@ -300,6 +300,13 @@ impl Sim<'_> {
         {
             a.queue.remove(&key);
             self.reject(id, reason);
+        }
+    }
+
+    /// A request's first token: it no longer waits for a prefill (the load regime's count).
+    pub(super) fn first_token(&mut self, id: u32) {
+        if let Some(a) = self.adm.as_deref_mut() {
+            a.in_flight.first_token(u64::from(id));
         }
     }
 

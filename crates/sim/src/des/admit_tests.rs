@@ -82,7 +82,7 @@ fn at_low_load_admission_changes_nothing() {
     let off = simulate(&cfg(cluster(2, 1000), arrivals.clone(), 11, 400, None)).unwrap();
     let mut c = cfg(cluster(2, 1000), arrivals, 11, 400, Some(b));
     let on = simulate(&c).unwrap();
-    assert_eq!((on.requests, on.rejected), (400, 0));
+    assert_eq!((on.requests, on.rejected), (400, 0), "{:?}", on.rejections);
     assert!(on.rejections.is_empty());
     assert_eq!(
         (on.ttft, on.tpot, on.itl, on.e2e),

@@ -113,6 +113,7 @@ impl<'a> Sim<'a> {
             self.reqs[id as usize].inst = d as u32;
             if self.cfg.phase == Phase::DecodeOnly {
                 self.reqs[id as usize].first = self.now;
+                self.first_token(id);
                 self.decode[d].ready.push_back(id);
                 if !self.decode[d].busy {
                     self.start_decode(d);
@@ -183,6 +184,9 @@ impl<'a> Sim<'a> {
             // Chunks are taken oldest first, so a finished prompt is at the front.
             self.prefill[p].queue.pop_front();
             r.first = self.now;
+            if let Some(a) = self.adm.as_deref_mut() {
+                a.in_flight.first_token(u64::from(id));
+            }
             if self.cfg.phase == Phase::PrefillOnly {
                 r.finish = self.now;
             } else if r.output <= 1 {
@@ -334,6 +338,9 @@ impl<'a> Sim<'a> {
             inst.queued_tokens -= u64::from(chunk);
             if r.done == r.input {
                 r.first = self.now;
+                if let Some(a) = self.adm.as_deref_mut() {
+                    a.in_flight.first_token(u64::from(id));
+                }
                 inst.partial -= 1;
                 inst.waiting.pop_front();
                 if r.output <= 1 {
