@@ -23,7 +23,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use tandem_proto::v1;
 use tandem_proto::v1::decode_service_client::DecodeServiceClient;
 use tandem_proto::v1::prefill_service_client::PrefillServiceClient;
-use tandem_router::{Feedback, Leg, RequestShape, RouterError, RouterHandle, WorkerState};
+use tandem_router::{Feedback, Leg, RequestShape, RouterError, RouterHandle};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -31,6 +31,7 @@ use crate::backend::{
     Admitted, Backend, BackendError, GenerateRequest, Readiness, TokenChunk, TokenStream,
 };
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
+use crate::retry::{RetryBudget, backoff, jitter};
 use crate::watchdog::{Watchdog, gap_for};
 
 /// Deadlines and retries of the two legs.
@@ -42,8 +43,15 @@ pub struct DisaggConfig {
     pub prefill_timeout: Duration,
     /// The whole decode stream.
     pub decode_timeout: Duration,
-    /// Prefill attempts beyond the first, each on another worker.
+    /// Attempts of a leg beyond the first, each on another worker the router chooses: a prefill
+    /// that failed, or a reservation a decode worker could not make because it broke.
     pub prefill_retries: u32,
+    /// Retries allowed per request, on average (a budget, [`RetryBudget`]).
+    pub retry_ratio: f64,
+    /// The first retry's backoff, doubled per attempt (half of it jittered)...
+    pub retry_backoff: Duration,
+    /// ...up to this.
+    pub retry_backoff_cap: Duration,
     /// Lease asked for a reservation: long enough to cover every prefill attempt.
     pub lease: Duration,
     /// Times a stream may move to another decode worker after its own failed.
@@ -57,6 +65,9 @@ impl Default for DisaggConfig {
             prefill_timeout: Duration::from_secs(30),
             decode_timeout: Duration::from_secs(600),
             prefill_retries: 2,
+            retry_ratio: 0.2,
+            retry_backoff: Duration::from_millis(20),
+            retry_backoff_cap: Duration::from_secs(1),
             lease: Duration::from_secs(120),
             max_migrations: 2,
         }
@@ -73,6 +84,7 @@ pub(crate) struct Legs {
     pub(crate) config: DisaggConfig,
     channels: Mutex<HashMap<String, Channel>>,
     metrics: LegMetrics,
+    retries: RetryBudget,
 }
 
 /// Where the time of the prefill leg went, from the prefill workers' own timings.
@@ -83,6 +95,8 @@ struct LegMetrics {
     overlap: Histogram,
     kv_bytes: AtomicU64,
     retries: AtomicU64,
+    /// Retries the budget refused.
+    retries_refused: AtomicU64,
     /// Measured over predicted TTFT of admitted requests.
     ttft_ratio: Histogram,
 }
@@ -106,6 +120,7 @@ impl DisaggBackend {
         DisaggBackend {
             inner: Arc::new(Legs {
                 router,
+                retries: RetryBudget::new(config.retry_ratio, 10),
                 config,
                 channels: Mutex::new(HashMap::new()),
                 metrics: LegMetrics {
@@ -115,6 +130,7 @@ impl DisaggBackend {
                     overlap: Histogram::new(LATENCY_BUCKETS),
                     kv_bytes: AtomicU64::new(0),
                     retries: AtomicU64::new(0),
+                    retries_refused: AtomicU64::new(0),
                     ttft_ratio: Histogram::new(RATIO_BUCKETS),
                 },
             }),
@@ -141,21 +157,17 @@ impl Legs {
         Ok(c)
     }
 
-    /// Another ready prefill worker for the model, not among `tried`, with the least queued work.
-    /// Only prefill workers qualify: an aggregated worker computes prompts into its own
-    /// reservations only.
-    fn other_prefill(&self, model: &str, tried: &[String]) -> Option<Arc<v1::WorkerIdentity>> {
-        let set = self.router.workers();
-        set.workers
-            .iter()
-            .filter(|w| {
-                w.load.state == WorkerState::Ready
-                    && w.role == tandem_router::Role::Prefill
-                    && (model.is_empty() || w.identity.model == model)
-                    && !tried.contains(&w.identity.worker_id)
-            })
-            .min_by_key(|w| w.load.queued_prefill_tokens)
-            .map(|w| w.identity.clone())
+    /// Whether a leg may be tried again: within the budget, after the backoff of `attempt`.
+    async fn may_retry(&self, attempt: u32) -> bool {
+        if !self.retries.withdraw() {
+            self.metrics.retries_refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        let c = &self.config;
+        let wait = backoff(attempt, c.retry_backoff, c.retry_backoff_cap, jitter());
+        tokio::time::sleep(wait).await;
+        true
     }
 
     async fn start(self: Arc<Self>, req: GenerateRequest) -> Result<Admitted, BackendError> {
@@ -168,25 +180,48 @@ impl Legs {
             priority: req.budget.priority,
             ..Default::default()
         };
+        self.retries.deposit();
         let asked = Instant::now();
-        let placement = self.router.place(shape).await.map_err(router_error)?;
-        let placed = Instant::now();
-        // Reports the placement's end when dropped, so that admission stops counting it in
-        // flight: before the first token if reserve or prefill fails, after it when the stream
-        // ends or is cut short.
-        let unstarted = placement
-            .predicted
-            .map(|p| Measure::placed(&self.router, &req.model, req.prompt_tokens.len() as u32, &p));
+        let mut shape = shape;
+        let mut attempt = 0;
+        // A decode worker that broke before reserving is passed over for another pair.
+        let (placement, placed, unstarted, (decode, reservation, release)) = loop {
+            let placement = self
+                .router
+                .place(shape.clone())
+                .await
+                .map_err(router_error)?;
+            let placed = Instant::now();
+            // Reports the placement's end when dropped, so that admission stops counting it in
+            // flight: before the first token if reserve or prefill fails, after it when the
+            // stream ends or is cut short.
+            let unstarted = placement.predicted.map(|p| {
+                Measure::placed(&self.router, &req.model, req.prompt_tokens.len() as u32, &p)
+            });
+            let prompt_tokens = req.prompt_tokens.len() as u32;
+            let decode = &placement.decode;
+            match self
+                .reserve(&req, prompt_tokens, req.sampling.max_tokens, decode)
+                .await
+            {
+                Ok(reserved) => break (placement, placed, unstarted, reserved),
+                Err(BackendError::Unavailable(m))
+                    if attempt < self.config.prefill_retries && self.may_retry(attempt).await =>
+                {
+                    tracing::warn!(
+                        request = %req.request_id,
+                        worker = %decode.worker_id,
+                        error = %m,
+                        "reserve failed; placing again without that worker"
+                    );
+                    shape.exclude.push(decode.worker_id.clone());
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         // What admission predicted counts from its decision; the client also waited in its queue.
         let predicted_ttft = placement.predicted_ttft().map(|p| p + (placed - asked));
-        let (decode, reservation, release) = self
-            .reserve(
-                &req,
-                req.prompt_tokens.len() as u32,
-                req.sampling.max_tokens,
-                &placement.decode,
-            )
-            .await?;
         let answer = self
             .prefill(&req, &req.prompt_tokens, 0, &placement, &reservation)
             .await?;
@@ -322,7 +357,12 @@ impl Legs {
             client.reserve(timed(reserve, self.config.control_timeout)),
         )
         .await
-        .map_err(|s| status_error("decode worker", s))?;
+        .map_err(|s| {
+            if broke(&s) {
+                self.router.report(&decode.worker_id, false);
+            }
+            status_error("decode worker", s)
+        })?;
         // From here on the reservation is ours to free, whatever happens.
         let release = ReleaseOnDrop {
             client: Some(client.clone()),
@@ -372,36 +412,46 @@ impl Legs {
             let mut client = PrefillServiceClient::new(self.channel(&worker.grpc_addr)?);
             let timeout = self.config.prefill_timeout;
             let result = call(timeout, client.prefill(timed(request, timeout))).await;
-            match result {
+            let s = match result {
                 Ok(answer) => {
                     if let Some(t) = &answer.timings {
                         self.metrics.record(t, answer.kv_bytes);
                     }
+                    self.router.report(&worker.worker_id, true);
                     return Ok(answer);
                 }
-                Err(s) if retryable(&s) && attempt < self.config.prefill_retries => {
-                    tracing::warn!(
-                        request = %req.request_id,
-                        worker = %worker.worker_id,
-                        status = %s.message(),
-                        "prefill failed; retrying on another worker"
-                    );
-                    tried.push(worker.worker_id.clone());
-                    if matches!(
-                        s.code(),
-                        Code::Unavailable | Code::Unknown | Code::Internal | Code::Aborted
-                    ) {
-                        // It broke, rather than being full or slow: no new work for a while.
-                        self.router.suspect(&worker.worker_id);
-                    }
-                    self.metrics.retries.fetch_add(1, Ordering::Relaxed);
-                    worker = self
-                        .other_prefill(&req.model, &tried)
-                        .ok_or_else(|| status_error("prefill worker", s))?;
-                    attempt += 1;
-                }
-                Err(s) => return Err(status_error("prefill worker", s)),
+                Err(s) => s,
+            };
+            if broke(&s) {
+                // It broke, rather than being full or slow: no new work for a while.
+                self.router.report(&worker.worker_id, false);
             }
+            if !retryable(&s)
+                || attempt >= self.config.prefill_retries
+                || !self.may_retry(attempt).await
+            {
+                return Err(status_error("prefill worker", s));
+            }
+            tracing::warn!(
+                request = %req.request_id,
+                worker = %worker.worker_id,
+                status = %s.message(),
+                "prefill failed; retrying on another worker"
+            );
+            tried.push(worker.worker_id.clone());
+            let shape = RequestShape {
+                model: req.model.clone(),
+                prompt_tokens: prompt.len() as u32,
+                max_new_tokens: 1,
+                exclude: tried.clone(),
+                ..RequestShape::default()
+            };
+            worker = self
+                .router
+                .place_prefill(shape)
+                .await
+                .map_err(|_| status_error("prefill worker", s))?;
+            attempt += 1;
         }
     }
 }
@@ -461,13 +511,14 @@ impl Backend for DisaggBackend {
         self.inner.router.render_metrics(out);
         let bytes = m.kv_bytes.load(Ordering::Relaxed);
         let retries = m.retries.load(Ordering::Relaxed);
+        let refused = m.retries_refused.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
             "# HELP tandem_kv_transfer_bytes_total KV payload bytes sent to decode workers.\n# TYPE tandem_kv_transfer_bytes_total counter\ntandem_kv_transfer_bytes_total {bytes}"
         );
         let _ = writeln!(
             out,
-            "# HELP tandem_prefill_retries_total Prefills run again on another worker after a failure.\n# TYPE tandem_prefill_retries_total counter\ntandem_prefill_retries_total {retries}"
+            "# HELP tandem_retries_total Legs tried again on another worker after a failure (a prefill, or a reservation on a broken decode worker), and those the retry budget refused.\n# TYPE tandem_retries_total counter\ntandem_retries_total{{decision=\"retried\"}} {retries}\ntandem_retries_total{{decision=\"refused_by_budget\"}} {refused}"
         );
     }
 }
@@ -577,6 +628,14 @@ where
             "no answer within {timeout:?}"
         ))),
     }
+}
+
+/// Failures of a worker itself, which its breaker counts (not its being full or slow).
+fn broke(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Aborted
+    )
 }
 
 /// Failures that another prefill worker may not have: the worker died, is draining, is full, or

@@ -85,6 +85,9 @@ impl Stream for Resumable {
                         this.sent.extend_from_slice(&chunk.tokens);
                         if chunk.finish.is_some() {
                             this.state = State::Done;
+                            if let Some(w) = this.workers.last() {
+                                this.legs.router.report(w, true);
+                            }
                         }
                         return Poll::Ready(Some(Ok(chunk)));
                     }
@@ -111,7 +114,7 @@ impl Stream for Resumable {
                             "decode worker failed mid-stream; moving the stream"
                         );
                         if let Some(w) = this.workers.last() {
-                            this.legs.router.suspect(w);
+                            this.legs.router.report(w, false);
                         }
                         let legs = this.legs.clone();
                         let (req, sent) = (this.req.clone(), this.sent.clone());

@@ -23,6 +23,7 @@ mod ids;
 mod prepare;
 mod request;
 mod response;
+mod retry;
 mod server;
 mod sse;
 mod watchdog;

@@ -8,6 +8,7 @@
 //! registration and heartbeat loop.
 #![forbid(unsafe_code)]
 
+mod breaker;
 mod candidates;
 mod client;
 mod convert;
@@ -20,6 +21,7 @@ mod service;
 mod task;
 mod types;
 
+pub use breaker::{BreakerConfig, BreakerState};
 pub use candidates::Candidates;
 pub use client::{RouterClient, keep_registered};
 pub use convert::{

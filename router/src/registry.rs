@@ -14,6 +14,7 @@ use tandem_sim::admission::{
 };
 use tandem_sim::perf::PerfModel;
 
+use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::candidates::Candidates;
 use crate::convert::role_from_proto;
 use crate::error::RouterError;
@@ -44,6 +45,8 @@ pub struct RegistryConfig {
     /// How long a worker a gateway reported failed takes no new work (unless it registers
     /// again); its heartbeats after that list it again.
     pub suspect_for: Duration,
+    /// When consecutive failures keep a worker out for longer ([`crate::breaker`]).
+    pub breaker: BreakerConfig,
 }
 
 /// Settings of admission ([`tandem_sim::admission`]).
@@ -81,6 +84,7 @@ impl Default for RegistryConfig {
             report_lag: Duration::from_millis(250),
             max_workers: 4096,
             suspect_for: Duration::from_secs(5),
+            breaker: BreakerConfig::default(),
             max_queued_prefill_tokens: 1 << 20,
             block_tokens: 16,
             default_retry_after: Duration::from_secs(1),
@@ -111,6 +115,8 @@ struct Worker {
     lease_deadline: Instant,
     /// Reported failed by a gateway: no new work until then.
     suspect_until: Option<Instant>,
+    /// What gateways saw of its calls.
+    breaker: Breaker,
 }
 
 impl Worker {
@@ -337,6 +343,7 @@ impl Registry {
             pending: Pending::default(),
             lease_deadline: now + self.config.lease,
             suspect_until: None,
+            breaker: Breaker::default(),
         };
         let slot = match existing {
             Some(slot) => {
@@ -385,6 +392,7 @@ impl Registry {
         if w.suspect_until.is_some_and(|t| now >= t) {
             w.suspect_until = None;
         }
+        w.breaker.tick(now);
         self.list(slot);
         if state_changed {
             self.mark_changed();
@@ -392,17 +400,39 @@ impl Registry {
         Ok(self.config.lease)
     }
 
-    /// A gateway saw the worker fail (its stream broke, or it stopped sending): it takes no new work
-    /// for [`RegistryConfig::suspect_for`], after which its heartbeats list it again. Unknown ids
-    /// are ignored (the worker may have left already).
-    pub fn suspect(&mut self, id: &str, now: Instant) {
-        let Some(&slot) = self.by_id.get(id) else {
-            return;
-        };
-        let until = now + self.config.suspect_for;
-        self.worker_mut(slot).suspect_until = Some(until);
-        // Only the candidate tables change: the published set does not show it.
-        self.list(slot);
+    /// What a gateway saw of a call to the worker. A failure (a prefill or a stream broke, or the
+    /// worker stopped sending) keeps new work away for [`RegistryConfig::suspect_for`], after
+    /// which its heartbeats list it again, and counts toward its breaker; a success resets the
+    /// count or closes a half-open breaker. Returns the breaker's new state when it changed.
+    /// Unknown ids are ignored (the worker may have left already).
+    pub fn report(&mut self, id: &str, ok: bool, now: Instant) -> Option<BreakerState> {
+        let slot = *self.by_id.get(id)?;
+        let (config, suspect_for) = (self.config.breaker, self.config.suspect_for);
+        let w = self.worker_mut(slot);
+        if !ok {
+            w.suspect_until = Some(now + suspect_for);
+        }
+        w.breaker.tick(now);
+        let admitted = w.breaker.admits();
+        let changed = w.breaker.record(ok, now, &config);
+        let relist = !ok || admitted != w.breaker.admits();
+        if let Some(state) = changed {
+            tracing::warn!(worker = id, state = state.as_str(), "circuit breaker");
+        }
+        if relist {
+            // Only the candidate tables change: the published set does not show it.
+            self.list(slot);
+        }
+        changed
+    }
+
+    /// The breaker of each worker, by id.
+    pub fn breakers(&self) -> Vec<(Arc<str>, BreakerState)> {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|w| (w.id.clone(), w.breaker.state()))
+            .collect()
     }
 
     /// Feeds steps a worker measured to its role's step-time model.
@@ -554,7 +584,8 @@ impl Registry {
         };
         let eff = w.effective();
         let t = tables.table(w.role);
-        if w.reported.state == WorkerState::Ready && w.suspect_until.is_none() {
+        if w.reported.state == WorkerState::Ready && w.suspect_until.is_none() && w.breaker.admits()
+        {
             // An aggregated worker is chosen for its prompt's wait, as a prefill worker is.
             let leg = match w.role {
                 Role::Decode => Leg::Decode,

@@ -76,8 +76,13 @@ enum Command {
     Feedback {
         feedback: Feedback,
     },
-    Suspect {
+    Report {
         worker_id: String,
+        ok: bool,
+    },
+    PlacePrefill {
+        shape: RequestShape,
+        reply: Reply<Arc<WorkerIdentity>>,
     },
 }
 
@@ -184,12 +189,23 @@ impl RouterHandle {
         let _ = self.tx.try_send(Command::Feedback { feedback });
     }
 
-    /// Reports that a worker failed a request (its stream broke, or it stopped sending): it takes
-    /// no new work for a while. Dropped when the task is busy (best effort).
-    pub fn suspect(&self, worker_id: &str) {
-        let _ = self.tx.try_send(Command::Suspect {
+    /// Reports that a call to a worker succeeded, or failed (a prefill or a stream broke, or the
+    /// worker stopped sending): a failure keeps new work away for a while and counts toward the
+    /// worker's circuit breaker. Dropped when the task is busy (best effort).
+    pub fn report(&self, worker_id: &str, ok: bool) {
+        let _ = self.tx.try_send(Command::Report {
             worker_id: worker_id.to_owned(),
+            ok,
         });
+    }
+
+    /// Another prefill worker for a request whose prefill failed, none of `shape.exclude`.
+    pub async fn place_prefill(
+        &self,
+        shape: RequestShape,
+    ) -> Result<Arc<WorkerIdentity>, RouterError> {
+        self.call(|reply| Command::PlacePrefill { shape, reply })
+            .await
     }
 
     /// The current worker set.
@@ -334,9 +350,14 @@ impl Task {
                     self.place(shape, arrived, reply, now);
                 }
             }
-            Command::Suspect { worker_id } => {
-                tracing::warn!(worker = %worker_id, "worker reported failed; no new work for a while");
-                self.registry.suspect(&worker_id, now);
+            Command::Report { worker_id, ok } => {
+                if !ok {
+                    tracing::warn!(worker = %worker_id, "worker reported failed; no new work for a while");
+                }
+                self.registry.report(&worker_id, ok, now);
+            }
+            Command::PlacePrefill { shape, reply } => {
+                let _ = reply.send(self.registry.place_prefill(&shape, now));
             }
             Command::Feedback { feedback } => {
                 if let Err(e) = self.registry.feedback(&feedback) {

@@ -2,6 +2,7 @@
 //! aggregated worker) from the candidate tables, its predicted latencies, the admission rule's
 //! verdict, and the charge of admitted work against its workers until their heartbeats show it.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_sim::admission::{
@@ -14,6 +15,7 @@ use crate::error::RouterError;
 use crate::pending::Delta;
 use crate::policy::Policy;
 use crate::types::{Leg, Load, Placement, Predicted, RequestShape};
+use tandem_proto::v1::WorkerIdentity;
 
 /// Admission's answer for one request.
 #[derive(Clone, Debug, PartialEq)]
@@ -390,11 +392,41 @@ impl Registry {
 
     /// Adds placed work to a worker and refreshes its entry in the candidate tables.
     fn charge(&mut self, slot: u32, delta: Delta, now: Instant) {
+        let breaker = self.config.breaker;
         let Some(w) = self.slots[slot as usize].as_mut() else {
             return;
         };
         w.pending.add(now, delta);
+        // A half-open worker's first new request is its probe; it takes no more until reported.
+        w.breaker.placed(now, &breaker);
         self.list(slot);
+    }
+
+    /// Another prefill worker for a prompt whose prefill failed: the policy's choice among the
+    /// model's prefill workers that are none of `shape.exclude`, charged with the prompt. Only
+    /// prefill workers qualify: an aggregated worker computes prompts into its own reservations.
+    pub fn place_prefill(
+        &mut self,
+        shape: &RequestShape,
+        now: Instant,
+    ) -> Result<Arc<WorkerIdentity>, RouterError> {
+        let key = self.model_key(&shape.model)?;
+        let Some(tables) = self.models.get(&key) else {
+            return Err(RouterError::UnknownModel(shape.model.clone()));
+        };
+        let i = pick(&*self.policy, Leg::Prefill, &tables.prefill, shape)?;
+        let slot = tables.prefill.slot(i);
+        if self.worker(slot).lease_deadline <= now {
+            self.expire(now);
+            return self.place_prefill(shape, now);
+        }
+        let delta = Delta {
+            prefill_tokens: u64::from(shape.prompt_tokens),
+            prefill_seqs: 1,
+            ..Delta::default()
+        };
+        self.charge(slot, delta, now);
+        Ok(self.worker(slot).identity.clone())
     }
 }
 

@@ -250,8 +250,8 @@ fn a_worker_reported_failed_takes_no_new_work_until_a_heartbeat_after_the_pause(
     let t0 = Instant::now();
     let mut r = cluster(t0, &[0], &[50, 40]);
     assert_eq!(pair(&mut r, 16, t0).1, "d0");
-    r.suspect("d0", t0);
-    r.suspect("nobody", t0);
+    assert_eq!(r.report("d0", false, t0), None);
+    assert_eq!(r.report("nobody", false, t0), None);
     assert_eq!(pair(&mut r, 16, t0).1, "d1");
     // Heartbeats within the 5 s pause do not list it again; one after it does.
     let beat = |r: &mut Registry, at: Instant| {
@@ -418,4 +418,80 @@ fn worker_limit_and_deregister() {
             .is_ok()
     );
     assert_eq!(r.len(), 1);
+}
+
+#[test]
+fn five_failures_open_a_worker_s_breaker_and_after_the_pause_one_probe_goes_there() {
+    let t0 = Instant::now();
+    let mut r = cluster(t0, &[0], &[50, 40]);
+    // Heartbeats from every worker each second up to `secs`, as their leases want.
+    let mut clock = 0;
+    let mut at = |r: &mut Registry, secs: u64| {
+        for t in clock + 1..=secs {
+            for (id, free) in [("d0", 50), ("d1", 40), ("p0", 0)] {
+                let now = t0 + Duration::from_secs(t);
+                r.heartbeat(id, ready(0, free, 0), now).unwrap();
+            }
+        }
+        clock = clock.max(secs);
+        t0 + Duration::from_secs(secs)
+    };
+    // Failures with a success between them (and pauses for the suspicion to lapse) do not open.
+    for i in 0..4 {
+        let now = at(&mut r, 6 * i);
+        r.report("d0", false, now);
+    }
+    let now = at(&mut r, 24);
+    r.report("d0", true, now);
+    for i in 0..4 {
+        let now = at(&mut r, 25 + 6 * i);
+        assert_eq!(r.report("d0", false, now), None);
+    }
+    let now = at(&mut r, 49);
+    assert_eq!(pair(&mut r, 16, now).1, "d0");
+    // The fifth in a row opens it: 30 s without new work, heartbeats or not.
+    let now = at(&mut r, 50);
+    assert_eq!(r.report("d0", false, now), Some(BreakerState::Open));
+    for secs in [56, 62, 68, 74, 79] {
+        let now = at(&mut r, secs);
+        assert_eq!(pair(&mut r, 16, now).1, "d1", "{secs}");
+    }
+    // Half-open after the pause: one request probes it, the next goes elsewhere.
+    let now = at(&mut r, 80);
+    assert_eq!(pair(&mut r, 16, now).1, "d0");
+    assert_eq!(pair(&mut r, 16, now).1, "d1");
+    let breaker = |r: &Registry| {
+        r.breakers()
+            .into_iter()
+            .find(|(id, _)| &**id == "d0")
+            .map(|(_, b)| b)
+    };
+    assert_eq!(breaker(&r), Some(BreakerState::HalfOpen));
+    // Two good probes close it.
+    let now = at(&mut r, 81);
+    assert_eq!(r.report("d0", true, now), None);
+    assert_eq!(pair(&mut r, 16, now).1, "d0");
+    assert_eq!(r.report("d0", true, now), Some(BreakerState::Closed));
+    assert_eq!(pair(&mut r, 16, now).1, "d0");
+    assert_eq!(pair(&mut r, 16, now).1, "d0");
+    assert_eq!(breaker(&r), Some(BreakerState::Closed));
+}
+
+#[test]
+fn a_failed_prefill_moves_to_the_best_other_prefill_worker() {
+    let t0 = Instant::now();
+    let mut r = cluster(t0, &[300, 100, 200], &[10]);
+    let retry = |tried: &[&str]| RequestShape {
+        exclude: tried.iter().map(|s| s.to_string()).collect(),
+        ..shape(16)
+    };
+    let w = r.place_prefill(&retry(&["p1"]), t0).unwrap();
+    assert_eq!(w.worker_id, "p2");
+    // Charged: p2 now has 216 tokens queued, p0 300; past both, none is left.
+    let w = r.place_prefill(&retry(&["p1"]), t0).unwrap();
+    assert_eq!(w.worker_id, "p2");
+    assert!(matches!(
+        r.place_prefill(&retry(&["p0", "p1", "p2"]), t0),
+        Err(RouterError::NoWorkers(Leg::Prefill))
+    ));
 }
