@@ -117,6 +117,9 @@ struct Worker {
     suspect_until: Option<Instant>,
     /// What gateways saw of its calls.
     breaker: Breaker,
+    /// Its recent steps against its role's model, and whether that put it out for a while.
+    pace: outliers::Pace,
+    ejected_until: Option<Instant>,
 }
 
 impl Worker {
@@ -149,6 +152,8 @@ struct ModelTables {
     aggregated: Candidates,
     predictor: Predictor,
     in_flight: InFlight,
+    /// The median pace of each role's workers ([`Role`] as index).
+    peers: [outliers::Peers; 3],
 }
 
 impl ModelTables {
@@ -160,6 +165,7 @@ impl ModelTables {
             aggregated: Candidates::default(),
             predictor: Predictor::new(model(), model(), model(), cfg.predictor),
             in_flight: InFlight::default(),
+            peers: Default::default(),
         }
     }
 
@@ -344,6 +350,8 @@ impl Registry {
             lease_deadline: now + self.config.lease,
             suspect_until: None,
             breaker: Breaker::default(),
+            pace: outliers::Pace::default(),
+            ejected_until: None,
         };
         let slot = match existing {
             Some(slot) => {
@@ -393,6 +401,9 @@ impl Registry {
             w.suspect_until = None;
         }
         w.breaker.tick(now);
+        if w.ejected_until.is_some_and(|t| now >= t) {
+            w.ejected_until = None;
+        }
         self.list(slot);
         if state_changed {
             self.mark_changed();
@@ -435,7 +446,8 @@ impl Registry {
             .collect()
     }
 
-    /// Feeds steps a worker measured to its role's step-time model.
+    /// Feeds steps a worker measured to its role's step-time model, and to its pace against its
+    /// peers' (a worker far slower than they is ejected for a while, [`outliers`]).
     pub fn observe_steps(&mut self, id: &str, steps: &[StepSample], now: Instant) {
         let Some(&slot) = self.by_id.get(id) else {
             return;
@@ -444,8 +456,12 @@ impl Registry {
         let role = w.role;
         let model = w.identity.model.clone();
         let now_s = self.seconds(now);
+        self.observe_pace(slot, role, steps);
         if let Some(t) = self.models.get_mut(&model) {
             t.step_model(role).observe_batch(steps, now_s);
+        }
+        if !steps.is_empty() {
+            self.judge_pace(slot, now);
         }
     }
 
@@ -584,8 +600,8 @@ impl Registry {
         };
         let eff = w.effective();
         let t = tables.table(w.role);
-        if w.reported.state == WorkerState::Ready && w.suspect_until.is_none() && w.breaker.admits()
-        {
+        let kept_out = w.suspect_until.is_some() || w.ejected_until.is_some();
+        if w.reported.state == WorkerState::Ready && !kept_out && w.breaker.admits() {
             // An aggregated worker is chosen for its prompt's wait, as a prefill worker is.
             let leg = match w.role {
                 Role::Decode => Leg::Decode,
@@ -656,6 +672,7 @@ impl Registry {
     }
 }
 
+mod outliers;
 mod place;
 mod regime;
 

@@ -299,6 +299,17 @@ impl StepModel {
         }
     }
 
+    /// A step's duration by the model's form alone, without the level the latest steps set: a
+    /// reference that holds still while they come in, to compare workers with each other.
+    pub fn form_time(&self, step: &StepShape<'_>) -> Option<f64> {
+        let t = match (&self.coefficients, &self.base) {
+            (Coefficients::Scaled { .. }, Some(base)) => base.step_time(step),
+            (Coefficients::Linear { coef, .. }, _) => dot(coef, &features(step)),
+            _ => return None,
+        };
+        (t.is_finite() && t >= 0.0).then_some(t)
+    }
+
     /// Predicted duration of one step, seconds; `None` while unfitted.
     pub fn step_time(&self, step: &StepShape<'_>) -> Option<f64> {
         let t = match (&self.coefficients, &self.base) {
