@@ -76,6 +76,9 @@ pub struct DecodeWorkerConfig {
     pub kv_listener: TcpListener,
     /// Host name other processes use to reach the listeners.
     pub advertise_host: String,
+    /// The KV endpoint prefill workers dial, when it is not the advertised host and the KV
+    /// listener's port (a separate network for KV, or an address translated on the way).
+    pub kv_advertise: Option<String>,
     /// Router to register with; `None` serves unregistered (tests).
     pub router: Option<String>,
     /// Lease for a reservation when Reserve asks for none.
@@ -177,7 +180,10 @@ pub async fn run(
         }
         .into(),
         grpc_addr: format!("{}:{}", cfg.advertise_host, grpc_addr.port()),
-        kv_endpoint: format!("{}:{}", cfg.advertise_host, kv_addr.port()),
+        kv_endpoint: cfg
+            .kv_advertise
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", cfg.advertise_host, kv_addr.port())),
         kv_transport: match cfg.transport {
             KvTransport::Tcp => v1::KvTransportKind::Tcp,
             KvTransport::Shm(_) => v1::KvTransportKind::Shm,

@@ -184,8 +184,9 @@ impl Legs {
         let asked = Instant::now();
         let mut shape = shape;
         let mut attempt = 0;
-        // A decode worker that broke before reserving is passed over for another pair.
-        let (placement, placed, unstarted, (decode, reservation, release)) = loop {
+        // A decode worker that broke before reserving, or whose KV endpoint the prefill could not
+        // reach, is passed over for another pair.
+        let (placement, placed, unstarted, (decode, reservation, release), answer) = loop {
             let placement = self
                 .router
                 .place(shape.clone())
@@ -200,31 +201,36 @@ impl Legs {
             });
             let prompt_tokens = req.prompt_tokens.len() as u32;
             let decode = &placement.decode;
-            match self
+            let failure = match self
                 .reserve(&req, prompt_tokens, req.sampling.max_tokens, decode)
                 .await
             {
-                Ok(reserved) => break (placement, placed, unstarted, reserved),
-                Err(BackendError::Unavailable(m))
-                    if attempt < self.config.prefill_retries && self.may_retry(attempt).await =>
-                {
-                    tracing::warn!(
-                        request = %req.request_id,
-                        worker = %decode.worker_id,
-                        error = %m,
-                        "reserve failed; placing again without that worker"
-                    );
-                    shape.exclude.push(decode.worker_id.clone());
-                    attempt += 1;
+                Ok(reserved) => {
+                    let prompt = &req.prompt_tokens;
+                    match self.prefill(&req, prompt, 0, &placement, &reserved.1).await {
+                        Ok(answer) => break (placement, placed, unstarted, reserved, answer),
+                        // Its reservation is released as the guard drops.
+                        Err(f) if f.kv_fault => f.error,
+                        Err(f) => return Err(f.error),
+                    }
                 }
+                Err(e @ BackendError::Unavailable(_)) => e,
                 Err(e) => return Err(e),
+            };
+            if attempt >= self.config.prefill_retries || !self.may_retry(attempt).await {
+                return Err(failure);
             }
+            tracing::warn!(
+                request = %req.request_id,
+                worker = %decode.worker_id,
+                error = %failure,
+                "decode worker unusable; placing again without it"
+            );
+            shape.exclude.push(decode.worker_id.clone());
+            attempt += 1;
         };
         // What admission predicted counts from its decision; the client also waited in its queue.
         let predicted_ttft = placement.predicted_ttft().map(|p| p + (placed - asked));
-        let answer = self
-            .prefill(&req, &req.prompt_tokens, 0, &placement, &reservation)
-            .await?;
         let first_at = Instant::now();
         // The same measure reports the end from here, after the TTFT goes back now, so that
         // admission's calibration follows a burst as it happens.
@@ -381,7 +387,7 @@ impl Legs {
         replayed: u32,
         placement: &tandem_router::Placement,
         reservation: &v1::ReserveResponse,
-    ) -> Result<v1::PrefillResponse, BackendError> {
+    ) -> Result<v1::PrefillResponse, PrefillFailed> {
         let decode = &placement.decode;
         // An aggregated decode worker computes the prompt itself, in its own batch.
         let mut worker = if decode.role == v1::WorkerRole::Aggregated as i32 {
@@ -409,7 +415,10 @@ impl Legs {
                 priority: 0,
                 replayed,
             };
-            let mut client = PrefillServiceClient::new(self.channel(&worker.grpc_addr)?);
+            let channel = self
+                .channel(&worker.grpc_addr)
+                .map_err(PrefillFailed::from)?;
+            let mut client = PrefillServiceClient::new(channel);
             let timeout = self.config.prefill_timeout;
             let result = call(timeout, client.prefill(timed(request, timeout))).await;
             let s = match result {
@@ -422,6 +431,15 @@ impl Legs {
                 }
                 Err(s) => s,
             };
+            if tandem_wire::is_kv_fault(&s) {
+                // The decode worker's end of the link failed, or the link did: another prefill
+                // worker would push into the same place. The caller places the request again.
+                self.router.report(&decode.worker_id, false);
+                return Err(PrefillFailed {
+                    error: status_error("KV transfer to the decode worker", s),
+                    kv_fault: true,
+                });
+            }
             if broke(&s) {
                 // It broke, rather than being full or slow: no new work for a while.
                 self.router.report(&worker.worker_id, false);
@@ -430,7 +448,7 @@ impl Legs {
                 || attempt >= self.config.prefill_retries
                 || !self.may_retry(attempt).await
             {
-                return Err(status_error("prefill worker", s));
+                return Err(status_error("prefill worker", s).into());
             }
             tracing::warn!(
                 request = %req.request_id,
@@ -450,7 +468,7 @@ impl Legs {
                 .router
                 .place_prefill(shape)
                 .await
-                .map_err(|_| status_error("prefill worker", s))?;
+                .map_err(|_| PrefillFailed::from(status_error("prefill worker", s)))?;
             attempt += 1;
         }
     }
@@ -627,6 +645,22 @@ where
         Err(_) => Err(Status::deadline_exceeded(format!(
             "no answer within {timeout:?}"
         ))),
+    }
+}
+
+/// A prefill's failure; `kv_fault`: its KV transfer to the decode worker failed, so the request
+/// needs another decode worker rather than another prefill worker.
+pub(crate) struct PrefillFailed {
+    pub(crate) error: BackendError,
+    pub(crate) kv_fault: bool,
+}
+
+impl From<BackendError> for PrefillFailed {
+    fn from(error: BackendError) -> Self {
+        PrefillFailed {
+            error,
+            kv_fault: false,
+        }
     }
 }
 

@@ -171,7 +171,8 @@ impl Legs {
         // Its first token is not used: the next one is sampled by the decode worker, at its
         // position.
         self.prefill(&req, &prompt, replayed, &placement, &reservation)
-            .await?;
+            .await
+            .map_err(|f| f.error)?;
         let rest = self.open_decode(
             decode,
             &req,

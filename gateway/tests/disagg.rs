@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 struct Cluster {
     backend: DisaggBackend,
     router: tandem_router::RouterHandle,
+    router_addr: String,
     decode_addrs: Vec<String>,
     _stops: Vec<oneshot::Sender<()>>,
 }
@@ -74,6 +75,7 @@ async fn cluster_with(
             grpc_listener: grpc,
             kv_listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             advertise_host: "127.0.0.1".into(),
+            kv_advertise: None,
             router: Some(router_addr.clone()),
             default_lease: Duration::from_secs(30),
             aggregated: i >= decodes,
@@ -119,6 +121,7 @@ async fn cluster_with(
     Cluster {
         backend,
         router: handle,
+        router_addr,
         decode_addrs,
         _stops: stops,
     }
@@ -348,6 +351,100 @@ async fn a_prefill_worker_that_cannot_be_reached_is_retried_on_another() {
     for i in 0..4 {
         assert_eq!(run(&c.backend, &format!("f{i}"), &p, &params).await, want);
     }
+}
+
+/// The gateway's count of retries, by decision.
+fn retries(c: &Cluster, decision: &str) -> u64 {
+    let mut text = String::new();
+    c.backend.render_metrics(&mut text);
+    let line = format!("tandem_retries_total{{decision=\"{decision}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A closed port on loopback: connections to it are refused.
+async fn closed_port() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_worker_that_cannot_be_reached_is_passed_over_for_another_pair() {
+    let model = tiny();
+    let c = cluster(&model, 1, 1, false).await;
+    // A registered decode worker whose address refuses connections, with the most free blocks:
+    // placement prefers it, and the reservation there fails.
+    let identity = v1::WorkerIdentity {
+        worker_id: "decode-dead".into(),
+        role: v1::WorkerRole::Decode.into(),
+        grpc_addr: closed_port().await,
+        kv_endpoint: closed_port().await,
+        model: "tiny".into(),
+        host: "127.0.0.1".into(),
+        ..Default::default()
+    };
+    let load = tandem_router::Load {
+        state: tandem_router::WorkerState::Ready,
+        free_kv_blocks: 1 << 20,
+        total_kv_blocks: 1 << 20,
+        ..Default::default()
+    };
+    c.router.register(identity, load).await.unwrap();
+    let p = prompt(30, 2);
+    let params = SamplingParams::greedy(6);
+    let want = reference(&model, &p, &params);
+    for i in 0..4 {
+        assert_eq!(run(&c.backend, &format!("d{i}"), &p, &params).await, want);
+    }
+    // Once: reported, it takes no new work for a while.
+    assert_eq!(retries(&c, "retried"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_worker_whose_kv_endpoint_cannot_be_reached_is_passed_over_for_another_pair() {
+    let model = tiny();
+    let c = cluster(&model, 1, 1, false).await;
+    // A real decode worker that tells prefill workers to send its KV to a closed port (a cut
+    // KV network), with the most blocks: placement prefers it, and its reservation works.
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cfg = tandem_decode_worker::DecodeWorkerConfig {
+        model_name: "tiny".into(),
+        model: model.clone(),
+        eos: Vec::new(),
+        kv_blocks: 512,
+        transport: tandem_decode_worker::KvTransport::Tcp,
+        grpc_listener: grpc,
+        kv_listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        advertise_host: "127.0.0.1".into(),
+        kv_advertise: Some(closed_port().await),
+        router: Some(c.router_addr.clone()),
+        default_lease: Duration::from_secs(30),
+        aggregated: false,
+        step_tokens: 24,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(tandem_decode_worker::run(cfg, async {
+        let _ = stopped.await;
+    }));
+    for _ in 0..200 {
+        if c.router.workers().ready_for(tandem_router::Leg::Decode) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.router.workers().ready_for(tandem_router::Leg::Decode), 2);
+    let p = prompt(30, 3);
+    let params = SamplingParams::greedy(6);
+    let want = reference(&model, &p, &params);
+    for i in 0..4 {
+        assert_eq!(run(&c.backend, &format!("k{i}"), &p, &params).await, want);
+    }
+    // The failed transfer moved its request once; the worker took no new work after it.
+    assert_eq!(retries(&c, "retried"), 1);
+    drop(stop);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

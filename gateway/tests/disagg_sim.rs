@@ -79,6 +79,7 @@ async fn cluster(model: &Arc<Model>, shm: bool) -> Cluster {
         grpc_listener: decode_grpc,
         kv_listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         advertise_host: "127.0.0.1".into(),
+        kv_advertise: None,
         router: Some(router.clone()),
         default_lease: Duration::from_secs(30),
         aggregated: false,

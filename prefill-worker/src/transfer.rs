@@ -33,10 +33,10 @@ pub async fn open(
         attempt: dest.attempt,
         geometry,
     };
-    sender
-        .open(&dest.kv_endpoint, spec)
-        .await
-        .map_err(|e| Status::unavailable(format!("KV endpoint {}: {e}", dest.kv_endpoint)))
+    sender.open(&dest.kv_endpoint, spec).await.map_err(|e| {
+        let s = Status::unavailable(format!("KV endpoint {}: {e}", dest.kv_endpoint));
+        tandem_wire::mark_kv_fault(s)
+    })
 }
 
 /// Sends every layer message until the last, then waits for the acknowledgement.
@@ -103,11 +103,11 @@ fn verdict(
 ) -> Result<Transferred, Status> {
     let ack = ack.map_err(refused)?;
     if ack.error != v1::KvError::None as i32 {
-        return Err(Status::data_loss(format!(
+        return Err(tandem_wire::mark_kv_fault(Status::data_loss(format!(
             "decode worker refused the KV: {} ({})",
             ack.message,
             v1::KvError::try_from(ack.error).map_or("unknown", |e| e.as_str_name())
-        )));
+        ))));
     }
     Ok(Transferred {
         first_byte,
@@ -118,10 +118,10 @@ fn verdict(
 }
 
 fn refused(e: KvTransferError) -> Status {
-    match e {
+    tandem_wire::mark_kv_fault(match e {
         KvTransferError::Refused { .. } => {
             Status::data_loss(format!("decode worker refused the KV: {e}"))
         }
         other => Status::unavailable(format!("KV transfer failed: {other}")),
-    }
+    })
 }

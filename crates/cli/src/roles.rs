@@ -77,6 +77,10 @@ pub struct DecodeArgs {
     /// Port of the KV listener (0: any free port).
     #[arg(long, env = "TANDEM_KV_PORT", default_value_t = 0)]
     pub kv_port: u16,
+    /// KV endpoint prefill workers dial, as host:port, when it is not --advertise and the KV
+    /// port (a separate network for KV, or a translated address).
+    #[arg(long, env = "TANDEM_KV_ADVERTISE")]
+    pub kv_advertise: Option<String>,
     /// How prefill workers deliver KV.
     #[arg(long, env = "TANDEM_TRANSPORT", value_enum, default_value = "tcp")]
     pub transport: Transport,
@@ -255,6 +259,7 @@ pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
             grpc_listener: grpc,
             kv_listener: kv,
             advertise_host: w.advertise.clone().unwrap_or_else(|| w.listen.clone()),
+            kv_advertise: args.kv_advertise.clone(),
             router: Some(w.router.clone()),
             default_lease: Duration::from_millis(args.lease_ms),
             aggregated: args.aggregated,

@@ -72,7 +72,9 @@ impl KvSender {
         KvSender {
             worker_id: worker_id.into(),
             ack_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(5),
+            // A reachable peer answers a dial in milliseconds; a cut link must fail the prefill
+            // soon enough for the request to move to another decode worker within its budget.
+            connect_timeout: Duration::from_secs(1),
             conns: Mutex::new(HashMap::new()),
         }
     }

@@ -108,3 +108,20 @@ mod tests {
         assert_eq!(engine_status(&e).code(), tonic::Code::InvalidArgument);
     }
 }
+
+/// gRPC metadata a prefill worker sets on a failure of its KV transfer to the decode worker (not
+/// of its own compute), so that the gateway moves the request to another decode worker rather
+/// than to another prefill worker into the same unreachable one.
+pub const KV_FAULT: &str = "tandem-kv-fault";
+
+/// Marks `s` as a KV transfer's failure ([`KV_FAULT`]).
+pub fn mark_kv_fault(mut s: Status) -> Status {
+    s.metadata_mut()
+        .insert(KV_FAULT, tonic::metadata::MetadataValue::from_static("1"));
+    s
+}
+
+/// Whether `s` is a KV transfer's failure ([`KV_FAULT`]).
+pub fn is_kv_fault(s: &Status) -> bool {
+    s.metadata().contains_key(KV_FAULT)
+}
