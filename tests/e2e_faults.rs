@@ -113,6 +113,56 @@ async fn killing_a_prefill_worker_mid_request_still_completes_it_with_the_same_t
     assert_eq!(ids(&v["choices"][0]["token_ids"]), want);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_prefill_worker_fails_its_request_over_after_the_stall_gap_not_the_deadline() {
+    let up = Up::start(&["--prefill", "2", "--worker-threads", "1"]);
+    let prompt = "The history of computing is long and varied. ".repeat(4);
+    let (_, want) = generate(&prompt, false, 8);
+    let body = json!({"model": up.model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                      "return_token_ids": true});
+    // Warm: the router predicts the prompt's TTFT from measured steps.
+    let (status, v) = post(&up.url, "/v1/completions", &body).await;
+    assert_eq!(
+        (status, ids(&v["choices"][0]["token_ids"])),
+        (200, want.clone())
+    );
+    let prefills = up.addrs(v1::WorkerRole::Prefill).await;
+    let stopped = prefills[0].1.to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &stopped])
+            .status()
+            .unwrap()
+    };
+    signal("-STOP");
+    // Four at once, before the stopped worker's lease lapses: the router spreads them, so some
+    // go to the stopped worker. They stall past ten predicted TTFTs (4 s at least) and run on
+    // the other; the prefill deadline (30 s) would come much later.
+    let started = std::time::Instant::now();
+    let requests: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, body) = (up.url.clone(), body.clone());
+            tokio::spawn(async move { post(&url, "/v1/completions", &body).await })
+        })
+        .collect();
+    for r in requests {
+        let (status, v) = r.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(ids(&v["choices"][0]["token_ids"]), want);
+    }
+    let took = started.elapsed();
+    signal("-CONT");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let (_, metrics) = support::get(&up.url, "/metrics").await;
+    let retried: u32 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tandem_retries_total{decision=\"retried\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=4).contains(&retried), "{metrics}");
+}
+
 /// Four streams of 200 tokens that ignore EOS: two greedy, two sampled at temperature 0.8 with
 /// a seed.
 fn four_streams(model: &str) -> Vec<Value> {

@@ -32,7 +32,7 @@ use crate::backend::{
 };
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::retry::{RetryBudget, backoff, jitter};
-use crate::watchdog::{Watchdog, gap_for};
+use crate::watchdog::{Watchdog, gap_for, prefill_gap_for};
 
 /// Deadlines and retries of the two legs.
 #[derive(Debug, Clone)]
@@ -419,7 +419,8 @@ impl Legs {
                 .channel(&worker.grpc_addr)
                 .map_err(PrefillFailed::from)?;
             let mut client = PrefillServiceClient::new(channel);
-            let timeout = self.config.prefill_timeout;
+            let deadline = self.config.prefill_timeout;
+            let timeout = prefill_gap_for(placement.predicted.map(|p| p.ttft), deadline);
             let result = call(timeout, client.prefill(timed(request, timeout))).await;
             let s = match result {
                 Ok(answer) => {
@@ -440,8 +441,10 @@ impl Legs {
                     kv_fault: true,
                 });
             }
-            if broke(&s) {
-                // It broke, rather than being full or slow: no new work for a while.
+            // Past ten predicted TTFTs (not the deadline itself), it stalled rather than ran slow.
+            let stalled = s.code() == Code::DeadlineExceeded && timeout < deadline;
+            if broke(&s) || stalled {
+                // It broke or stalled, rather than being full or slow: no new work for a while.
                 self.router.report(&worker.worker_id, false);
             }
             if !retryable(&s)

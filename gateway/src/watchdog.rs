@@ -18,6 +18,20 @@ pub fn gap_for(itl: Option<Duration>) -> Duration {
     itl.map_or(MIN_GAP, |t| (t * MISSED_STEPS).max(MIN_GAP))
 }
 
+/// Least time a prefill attempt is given before its worker counts as stalled: past the KV
+/// transfer's own stall timeout (2 s, `tandem_kv_transfer::STALL_TIMEOUT`), so that a transfer that stopped is reported as such (and the
+/// request moves to another decode worker) before the prefill worker is blamed.
+pub const MIN_PREFILL_GAP: Duration = Duration::from_secs(4);
+/// Predicted TTFTs a prefill may take before its worker counts as stalled.
+const MISSED_PREFILLS: u32 = 10;
+
+/// The time a prefill attempt predicted to answer in `ttft` (if known) is given, at most `cap`
+/// (the prefill deadline).
+pub fn prefill_gap_for(ttft: Option<Duration>, cap: Duration) -> Duration {
+    ttft.map_or(cap, |t| (t * MISSED_PREFILLS).max(MIN_PREFILL_GAP))
+        .min(cap)
+}
+
 pub(crate) struct Watchdog {
     gap: Duration,
     last: Instant,
@@ -93,5 +107,14 @@ mod tests {
         assert!(!starved(&mut w));
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(starved(&mut w));
+    }
+
+    #[test]
+    fn a_prefill_gets_ten_predicted_ttfts_at_least_four_seconds_at_most_its_deadline() {
+        let (ms, cap) = (Duration::from_millis, Duration::from_secs(30));
+        assert_eq!(prefill_gap_for(None, cap), cap);
+        assert_eq!(prefill_gap_for(Some(ms(100)), cap), MIN_PREFILL_GAP);
+        assert_eq!(prefill_gap_for(Some(ms(700)), cap), ms(7000));
+        assert_eq!(prefill_gap_for(Some(ms(5000)), cap), cap);
     }
 }

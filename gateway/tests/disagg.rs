@@ -403,12 +403,11 @@ async fn a_decode_worker_that_cannot_be_reached_is_passed_over_for_another_pair(
     assert_eq!(retries(&c, "retried"), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_decode_worker_whose_kv_endpoint_cannot_be_reached_is_passed_over_for_another_pair() {
+/// Runs the test of a decode worker whose KV endpoint is `kv` (preferred by placement, with the
+/// most blocks): every request still ends as one engine's run, moved once.
+async fn kv_endpoint_passed_over(kv: String) {
     let model = tiny();
     let c = cluster(&model, 1, 1, false).await;
-    // A real decode worker that tells prefill workers to send its KV to a closed port (a cut
-    // KV network), with the most blocks: placement prefers it, and its reservation works.
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cfg = tandem_decode_worker::DecodeWorkerConfig {
         model_name: "tiny".into(),
@@ -419,7 +418,7 @@ async fn a_decode_worker_whose_kv_endpoint_cannot_be_reached_is_passed_over_for_
         grpc_listener: grpc,
         kv_listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         advertise_host: "127.0.0.1".into(),
-        kv_advertise: Some(closed_port().await),
+        kv_advertise: Some(kv),
         router: Some(c.router_addr.clone()),
         default_lease: Duration::from_secs(30),
         aggregated: false,
@@ -445,6 +444,31 @@ async fn a_decode_worker_whose_kv_endpoint_cannot_be_reached_is_passed_over_for_
     // The failed transfer moved its request once; the worker took no new work after it.
     assert_eq!(retries(&c, "retried"), 1);
     drop(stop);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_worker_whose_kv_endpoint_refuses_connections_is_passed_over() {
+    // A cut KV network, as a closed port.
+    kv_endpoint_passed_over(closed_port().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_worker_whose_kv_endpoint_stops_answering_is_passed_over() {
+    // Accepts and then never reads nor acknowledges, as a stopped process would: the transfer
+    // stalls, fails after its 2 s without progress, and the request moves on.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let started = std::time::Instant::now();
+    kv_endpoint_passed_over(addr).await;
+    // One stall of 2 s, not the prefill's deadline of 30 s.
+    assert!(started.elapsed() < Duration::from_secs(20));
+    held.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,7 +59,9 @@ use std::time::Instant;
 pub use checksum::{Crc32c, crc32c};
 pub use error::{KvTransferError, Result};
 pub use receiver::{Wire, serve, serve_with};
-pub use sender::{FRAME_BYTES, KvSender, OutboundTransfer, TransferSpec, frame_checksums};
+pub use sender::{
+    FRAME_BYTES, KvSender, OutboundTransfer, STALL_TIMEOUT, TransferSpec, frame_checksums,
+};
 pub use shm::{ShmRegion, pool_checksum, shm_layout};
 pub use tandem_proto::v1::{BlockGeometry, KvAck, KvDtype, KvError, ShmPoolLayout};
 pub use wire::{block_bytes, dtype_size};

@@ -29,7 +29,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Sends KV to decode workers over tcp, keeping one connection per destination for reuse.
 pub struct KvSender {
     worker_id: String,
-    ack_timeout: Duration,
+    stall_timeout: Duration,
     connect_timeout: Duration,
     conns: Mutex<HashMap<String, Arc<Conn>>>,
 }
@@ -71,7 +71,7 @@ impl KvSender {
     pub fn new(worker_id: impl Into<String>) -> Self {
         KvSender {
             worker_id: worker_id.into(),
-            ack_timeout: Duration::from_secs(30),
+            stall_timeout: STALL_TIMEOUT,
             // A reachable peer answers a dial in milliseconds; a cut link must fail the prefill
             // soon enough for the request to move to another decode worker within its budget.
             connect_timeout: Duration::from_secs(1),
@@ -79,9 +79,10 @@ impl KvSender {
         }
     }
 
-    /// How long [`OutboundTransfer::finish`] waits for the final acknowledgement (default 30 s).
-    pub fn with_ack_timeout(mut self, timeout: Duration) -> Self {
-        self.ack_timeout = timeout;
+    /// The longest a transfer waits without progress: for a frame's write to leave, and for the
+    /// acknowledgement after the last ([`STALL_TIMEOUT`] by default).
+    pub fn with_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
         self
     }
 
@@ -106,7 +107,7 @@ impl KvSender {
             ack: rx,
             refused: None,
             header,
-            timeout: self.ack_timeout,
+            timeout: self.stall_timeout,
         })
     }
 
@@ -160,6 +161,12 @@ impl KvSender {
 /// transfer ran at 0.8-0.9x a plain socket copy. At one 512 KiB frame it still did in two runs of
 /// four; at 64 or 128 KiB in none, 1.15-1.56x (`kv_bandwidth`, BENCHMARKS.md).
 const UNSENT_LIMIT: usize = 128 * 1024;
+
+/// How long a transfer may make no progress before it fails: a receiver that stopped (a hung or
+/// stopped process, a cut link) fails the prefill within it, with a KV fault the gateway moves the
+/// request on for, rather than at the prefill's 30 s deadline. A live receiver drains a frame in
+/// well under a millisecond and acknowledges within a decode step.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Sets TCP_NOTSENT_LOWAT: at most `bytes` written but not yet sent stay in the socket.
 #[cfg(target_os = "linux")]
@@ -445,7 +452,11 @@ impl OutboundTransfer {
         if self.conn.broken.load(Ordering::Acquire) {
             return Err(KvTransferError::ConnectionLost(self.conn.dest.clone()));
         }
-        if let Err(e) = write_parts(wr, parts).await {
+        let written = match tokio::time::timeout(self.timeout, write_parts(wr, parts)).await {
+            Ok(written) => written,
+            Err(_) => Err(KvTransferError::Timeout(self.timeout)),
+        };
+        if let Err(e) = written {
             // Half a frame may be on the wire: nothing more can follow it on this connection.
             self.conn.broken.store(true, Ordering::Release);
             return Err(e);

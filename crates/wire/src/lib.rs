@@ -70,6 +70,23 @@ pub fn engine_status(e: &EngineError) -> Status {
     }
 }
 
+/// gRPC metadata a prefill worker sets on a failure of its KV transfer to the decode worker (not
+/// of its own compute), so that the gateway moves the request to another decode worker rather
+/// than to another prefill worker into the same unreachable one.
+pub const KV_FAULT: &str = "tandem-kv-fault";
+
+/// Marks `s` as a KV transfer's failure ([`KV_FAULT`]).
+pub fn mark_kv_fault(mut s: Status) -> Status {
+    s.metadata_mut()
+        .insert(KV_FAULT, tonic::metadata::MetadataValue::from_static("1"));
+    s
+}
+
+/// Whether `s` is a KV transfer's failure ([`KV_FAULT`]).
+pub fn is_kv_fault(s: &Status) -> bool {
+    s.metadata().contains_key(KV_FAULT)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,21 +124,13 @@ mod tests {
         let e = EngineError::InvalidRequest("empty".into());
         assert_eq!(engine_status(&e).code(), tonic::Code::InvalidArgument);
     }
-}
 
-/// gRPC metadata a prefill worker sets on a failure of its KV transfer to the decode worker (not
-/// of its own compute), so that the gateway moves the request to another decode worker rather
-/// than to another prefill worker into the same unreachable one.
-pub const KV_FAULT: &str = "tandem-kv-fault";
-
-/// Marks `s` as a KV transfer's failure ([`KV_FAULT`]).
-pub fn mark_kv_fault(mut s: Status) -> Status {
-    s.metadata_mut()
-        .insert(KV_FAULT, tonic::metadata::MetadataValue::from_static("1"));
-    s
-}
-
-/// Whether `s` is a KV transfer's failure ([`KV_FAULT`]).
-pub fn is_kv_fault(s: &Status) -> bool {
-    s.metadata().contains_key(KV_FAULT)
+    #[test]
+    fn a_kv_fault_is_marked_on_the_status_and_read_back() {
+        let s = Status::unavailable("KV transfer failed");
+        assert!(!is_kv_fault(&s));
+        let s = mark_kv_fault(s);
+        assert!(is_kv_fault(&s));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+    }
 }
