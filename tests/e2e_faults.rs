@@ -272,6 +272,53 @@ async fn streams_on_a_stopped_decode_worker_move_after_the_watchdog_and_end_as_u
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_its_stream_moves_leaves_nothing_behind() {
+    let up = Up::start(&["--decode", "2", "--worker-threads", "1"]);
+    // A long prompt: the move computes it again, which takes long enough to leave during.
+    let prompt = "The history of computing is long and varied. ".repeat(100);
+    let body = json!({"model": up.model, "prompt": prompt, "max_tokens": 2000,
+                      "ignore_eos": true, "temperature": 0, "stream": true});
+    let (cut, leave) = tokio::sync::oneshot::channel::<()>();
+    let url = up.url.clone();
+    let client = tokio::spawn(async move {
+        let leave = async {
+            let _ = leave.await;
+        };
+        support::stream_until(&url, "/v1/completions", &body, leave).await
+    });
+    let decodes = up.addrs(v1::WorkerRole::Decode).await;
+    let mut running = None;
+    for _ in 0..2000 {
+        for (addr, pid) in &decodes {
+            if info(addr).await.load.unwrap().running_seqs > 0 {
+                running = Some(*pid);
+            }
+        }
+        if running.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = running.expect("no decode worker ever ran the stream");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    // The stream is moving now: its prompt and tokens are being computed on the other pair.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let _ = cut.send(());
+    assert!(client.await.unwrap() > 0);
+    // Once the killed worker's lease has lapsed (3 s), every worker listed is idle.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    eventually(
+        "the workers going idle after the client left mid-move",
+        async || idle(&up).await,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_decode_worker_is_restarted_and_the_cluster_serves_again() {
     let up = Up::start(&["--worker-threads", "1"]);
     let prompt = "The capital of France is";

@@ -184,8 +184,8 @@ impl Legs {
         let asked = Instant::now();
         let mut shape = shape;
         let mut attempt = 0;
-        // A decode worker that broke before reserving, or whose KV endpoint the prefill could not
-        // reach, is passed over for another pair.
+        // A decode worker that broke or stalled before reserving, or whose KV endpoint the
+        // prefill could not reach, is passed over for another pair.
         let (placement, placed, unstarted, (decode, reservation, release), answer) = loop {
             let placement = self
                 .router
@@ -214,7 +214,7 @@ impl Legs {
                         Err(f) => return Err(f.error),
                     }
                 }
-                Err(e @ BackendError::Unavailable(_)) => e,
+                Err(e @ (BackendError::Unavailable(_) | BackendError::Timeout(_))) => e,
                 Err(e) => return Err(e),
             };
             if attempt >= self.config.prefill_retries || !self.may_retry(attempt).await {
@@ -364,7 +364,8 @@ impl Legs {
         )
         .await
         .map_err(|s| {
-            if broke(&s) {
+            // A Reserve unanswered within the control deadline: the worker stalled.
+            if broke(&s) || s.code() == Code::DeadlineExceeded {
                 self.router.report(&decode.worker_id, false);
             }
             status_error("decode worker", s)

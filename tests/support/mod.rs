@@ -200,6 +200,8 @@ pub struct Streamed {
     pub status: u16,
     pub events: Vec<Value>,
     pub done: bool,
+    /// The longest wait between two events, or before the first after the response began.
+    pub longest_gap: Duration,
 }
 
 impl Streamed {
@@ -225,6 +227,7 @@ pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usiz
     let mut buf = String::new();
     let mut events = Vec::new();
     let mut done = false;
+    let (mut last, mut longest_gap) = (Instant::now(), Duration::ZERO);
     while let Some(frame) = body.frame().await {
         let frame = frame.unwrap();
         let Some(data) = frame.data_ref() else {
@@ -241,6 +244,8 @@ pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usiz
                     done = true;
                 } else {
                     events.push(serde_json::from_str(payload).unwrap());
+                    longest_gap = longest_gap.max(last.elapsed());
+                    last = Instant::now();
                 }
             }
         }
@@ -249,6 +254,7 @@ pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usiz
                 status,
                 events,
                 done,
+                longest_gap,
             };
         }
     }
@@ -256,6 +262,33 @@ pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usiz
         status,
         events,
         done,
+        longest_gap,
+    }
+}
+
+/// POSTs a streaming request and reads it until `cut` completes (or the response ends), then
+/// drops the connection; returns the body frames read.
+pub async fn stream_until(
+    url: &str,
+    path: &str,
+    body: &Value,
+    cut: impl std::future::Future<Output = ()>,
+) -> usize {
+    let resp = client()
+        .request(request(url, path, serde_json::to_vec(body).unwrap().into()))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut cut = std::pin::pin!(cut);
+    let mut frames = 0;
+    loop {
+        tokio::select! {
+            () = &mut cut => return frames,
+            f = body.frame() => match f {
+                Some(Ok(_)) => frames += 1,
+                _ => return frames,
+            },
+        }
     }
 }
 
