@@ -36,6 +36,7 @@ struct Done {
     text: String,
     clean: bool,
     longest_gap: Duration,
+    ttft: Duration,
     span: (Instant, Instant),
 }
 
@@ -53,6 +54,7 @@ async fn one(url: &str, model: &str, prompt: usize) -> Done {
         text: s.text(),
         clean: s.status == 200 && s.done && !errors && used == Some(u64::from(TOKENS)),
         longest_gap: s.longest_gap,
+        ttft: s.first_event.unwrap_or(Duration::MAX),
         span: (start, Instant::now()),
     }
 }
@@ -156,6 +158,7 @@ async fn under_load_no_request_is_lost_hung_or_failed_when_workers_die_or_stop()
             } else {
                 kill("-KILL", pid);
             }
+            let over = Instant::now();
             tokio::time::sleep(Duration::from_secs(4)).await;
             let _ = stop_tx.send(true);
             // Every request ends well before any deadline: a hung one fails the test here.
@@ -177,11 +180,18 @@ async fn under_load_no_request_is_lost_hung_or_failed_when_workers_die_or_stop()
             } else {
                 (percentile(&mut gaps, 0.5), percentile(&mut gaps, 0.99))
             };
+            // Requests begun while the fault lasted (a stopped worker's 5 s, or the second after
+            // a kill): their time to first token includes finding a worker that answers.
+            let begun =
+                |d: &&Done| d.span.0 >= at && d.span.0 <= over.max(at + Duration::from_secs(1));
+            let ttft = done.iter().filter(begun).map(|d| d.ttft).max();
             println!(
-                "round {round} {name}: {} requests, {} failed or different, {} across the fault, longest gap p50 {p50:?} p99 {p99:?}",
+                "round {round} {name}: {} requests, {} failed or different; {} across the fault, longest gap p50 {p50:.2?} p99 {p99:.2?}; {} begun during it, longest TTFT {:.2?}",
                 done.len(),
                 bad.len(),
-                gaps.len()
+                gaps.len(),
+                done.iter().filter(begun).count(),
+                ttft.unwrap_or_default()
             );
             for d in bad {
                 failures.push(format!(

@@ -202,6 +202,8 @@ pub struct Streamed {
     pub done: bool,
     /// The longest wait between two events, or before the first after the response began.
     pub longest_gap: Duration,
+    /// From sending the request to its first event.
+    pub first_event: Option<Duration>,
 }
 
 impl Streamed {
@@ -218,6 +220,7 @@ impl Streamed {
 /// POSTs a streaming request and reads it to the end (or, with `stop_after`, drops the
 /// connection after that many events).
 pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usize>) -> Streamed {
+    let sent = Instant::now();
     let resp = client()
         .request(request(url, path, serde_json::to_vec(body).unwrap().into()))
         .await
@@ -228,6 +231,7 @@ pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usiz
     let mut events = Vec::new();
     let mut done = false;
     let (mut last, mut longest_gap) = (Instant::now(), Duration::ZERO);
+    let mut first_event = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.unwrap();
         let Some(data) = frame.data_ref() else {
@@ -244,6 +248,7 @@ pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usiz
                     done = true;
                 } else {
                     events.push(serde_json::from_str(payload).unwrap());
+                    first_event.get_or_insert_with(|| sent.elapsed());
                     longest_gap = longest_gap.max(last.elapsed());
                     last = Instant::now();
                 }
@@ -255,6 +260,7 @@ pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usiz
                 events,
                 done,
                 longest_gap,
+                first_event,
             };
         }
     }
@@ -263,6 +269,7 @@ pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usiz
         events,
         done,
         longest_gap,
+        first_event,
     }
 }
 
