@@ -6,15 +6,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tandem_sim::admission::{Coefficients, Priority, RejectReason};
 
+use crate::breaker::BreakerState;
 use crate::registry::{Calibration, ModelAdmission};
 
-/// Decisions by outcome, reason and priority, and the queue's depth.
+/// Decisions by outcome, reason and priority, and the queue's depth; and what kept workers out
+/// of placement: their breakers' changes of state, and ejections for slowness.
 #[derive(Debug, Default)]
 pub struct AdmissionMetrics {
     admitted: [AtomicU64; 3],
     queued: [AtomicU64; 3],
     rejected: [[AtomicU64; 3]; 3],
     queue_depth: AtomicU64,
+    /// Breakers that went open, half-open, closed.
+    breaker: [AtomicU64; 3],
+    ejected: AtomicU64,
 }
 
 fn p(priority: Priority) -> usize {
@@ -36,6 +41,14 @@ impl AdmissionMetrics {
 
     pub(crate) fn reject(&self, reason: RejectReason, priority: Priority) {
         self.rejected[r(reason)][p(priority)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn breaker_went(&self, state: BreakerState) {
+        self.breaker[state as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn ejected(&self) {
+        self.ejected.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn set_queue_depth(&self, n: usize) {
@@ -85,6 +98,24 @@ impl AdmissionMetrics {
             out,
             "# HELP tandem_router_queue_depth Requests waiting in the admission queue.\n# TYPE tandem_router_queue_depth gauge\ntandem_router_queue_depth {}",
             self.queue_depth()
+        );
+        let name = "tandem_router_breaker_transitions_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Workers' circuit breakers that went to each state.\n# TYPE {name} counter"
+        );
+        for state in [
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+            BreakerState::Closed,
+        ] {
+            let n = self.breaker[state as usize].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{state=\"{}\"}} {n}", state.as_str());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tandem_router_ejections_total Workers taken out of placement for 30 s for steps twice as slow as their peers'.\n# TYPE tandem_router_ejections_total counter\ntandem_router_ejections_total {}",
+            self.ejected.load(Ordering::Relaxed)
         );
         render_models(out, models);
     }
@@ -237,6 +268,13 @@ mod tests {
             "tandem_router_admission_total{decision=\"rejected\",reason=\"queue_full\",priority=\"sheddable\"} 2"
         ));
         assert!(out.contains("tandem_router_queue_depth 3"));
+        m.breaker_went(BreakerState::Open);
+        m.ejected();
+        let mut out = String::new();
+        m.render(&mut out, &[]);
+        assert!(out.contains("tandem_router_breaker_transitions_total{state=\"open\"} 1\n"));
+        assert!(out.contains("tandem_router_breaker_transitions_total{state=\"closed\"} 0\n"));
+        assert!(out.contains("tandem_router_ejections_total 1\n"));
         // 3 priorities x (admitted, queued, 3 reasons).
         let lines = out
             .lines()

@@ -448,9 +448,10 @@ impl Registry {
 
     /// Feeds steps a worker measured to its role's step-time model, and to its pace against its
     /// peers' (a worker far slower than they is ejected for a while, [`outliers`]).
-    pub fn observe_steps(&mut self, id: &str, steps: &[StepSample], now: Instant) {
+    /// Returns whether that ejected it.
+    pub fn observe_steps(&mut self, id: &str, steps: &[StepSample], now: Instant) -> bool {
         let Some(&slot) = self.by_id.get(id) else {
-            return;
+            return false;
         };
         let w = self.worker(slot);
         let role = w.role;
@@ -460,9 +461,7 @@ impl Registry {
         if let Some(t) = self.models.get_mut(&model) {
             t.step_model(role).observe_batch(steps, now_s);
         }
-        if !steps.is_empty() {
-            self.judge_pace(slot, now);
-        }
+        !steps.is_empty() && self.judge_pace(slot, now)
     }
 
     /// Records what an admitted request measured against its placement's predictions.

@@ -314,7 +314,9 @@ impl Task {
                 let answer = self.registry.register(identity, load, now);
                 if let Ok(lease) = &answer {
                     // Without steps this still lets an idle role's level settle.
-                    self.registry.observe_steps(&lease.worker_id, &steps, now);
+                    if self.registry.observe_steps(&lease.worker_id, &steps, now) {
+                        self.metrics.ejected();
+                    }
                     if !steps.is_empty() {
                         self.publish_admission(now);
                     }
@@ -329,7 +331,9 @@ impl Task {
             } => {
                 let answer = self.registry.heartbeat(&worker_id, load, now);
                 if answer.is_ok() {
-                    self.registry.observe_steps(&worker_id, &steps, now);
+                    if self.registry.observe_steps(&worker_id, &steps, now) {
+                        self.metrics.ejected();
+                    }
                     if !steps.is_empty() {
                         self.publish_admission(now);
                     }
@@ -354,7 +358,9 @@ impl Task {
                 if !ok {
                     tracing::warn!(worker = %worker_id, "worker reported failed; no new work for a while");
                 }
-                self.registry.report(&worker_id, ok, now);
+                if let Some(state) = self.registry.report(&worker_id, ok, now) {
+                    self.metrics.breaker_went(state);
+                }
             }
             Command::PlacePrefill { shape, reply } => {
                 let _ = reply.send(self.registry.place_prefill(&shape, now));

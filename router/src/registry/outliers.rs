@@ -113,18 +113,22 @@ impl Registry {
     }
 
     /// Ejects the worker in `slot` if its pace is [`OUTLIER_FACTOR`] times its peers' median or
-    /// more, unless a third of its role is out already.
-    pub(super) fn judge_pace(&mut self, slot: u32, now: Instant) {
+    /// more, unless a third of its role is out already; returns whether it did.
+    pub(super) fn judge_pace(&mut self, slot: u32, now: Instant) -> bool {
         let w = self.worker(slot);
         let (role, model) = (w.role, w.identity.model.clone());
-        let Some(pace) = w.pace.median else { return };
+        let Some(pace) = w.pace.median else {
+            return false;
+        };
         if w.ejected_until.is_some() {
-            return;
+            return false;
         }
         let peers = self.peers(&model, role, now);
-        let Some(median) = peers.median else { return };
+        let Some(median) = peers.median else {
+            return false;
+        };
         if peers.paced < MIN_PEERS || pace < OUTLIER_FACTOR * median {
-            return;
+            return false;
         }
         let out = self
             .slots
@@ -133,7 +137,7 @@ impl Registry {
             .filter(|w| w.role == role && w.identity.model == model && w.ejected_until.is_some())
             .count();
         if out >= peers.paced / MIN_PEERS {
-            return;
+            return false;
         }
         let w = self.worker_mut(slot);
         w.ejected_until = Some(now + EJECT_FOR);
@@ -145,6 +149,7 @@ impl Registry {
             "worker ejected for 30 s: its steps are slower than its peers'"
         );
         self.list(slot);
+        true
     }
 
     /// The workers out of placement for being slower than their peers, by id.
