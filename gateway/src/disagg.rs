@@ -157,6 +157,42 @@ impl Legs {
         Ok(c)
     }
 
+    /// Waits for a prefill call until the deadline; past `gap` (ten predicted TTFTs), it checks
+    /// each second that the worker still heartbeats, and gives up on one that stopped (stopped,
+    /// hung whole, cut off: its lease lapsed) rather than waiting out the deadline. A worker
+    /// that heartbeats is making its way through a queue, however much longer than predicted.
+    /// Returns the call's result and whether the worker stalled.
+    async fn watch_prefill<F>(
+        &self,
+        call: F,
+        worker_id: &str,
+        gap: Duration,
+    ) -> (Result<v1::PrefillResponse, Status>, bool)
+    where
+        F: Future<Output = Result<tonic::Response<v1::PrefillResponse>, Status>>,
+    {
+        let deadline = self.config.prefill_timeout;
+        let started = tokio::time::Instant::now();
+        let mut call = std::pin::pin!(call);
+        let mut check = gap.min(deadline);
+        loop {
+            match tokio::time::timeout_at(started + check, &mut call).await {
+                Ok(r) => return (r.map(tonic::Response::into_inner), false),
+                Err(_) if check >= deadline => {
+                    let s = Status::deadline_exceeded(format!("no answer within {deadline:?}"));
+                    return (Err(s), false);
+                }
+                Err(_) if !self.router.workers().contains(worker_id) => {
+                    let s = Status::unavailable(format!(
+                        "no answer within {check:?}, and the worker stopped heartbeating"
+                    ));
+                    return (Err(s), true);
+                }
+                Err(_) => check = (check + Duration::from_secs(1)).min(deadline),
+            }
+        }
+    }
+
     /// Whether a leg may be tried again: within the budget, after the backoff of `attempt`.
     async fn may_retry(&self, attempt: u32) -> bool {
         if !self.retries.withdraw() {
@@ -421,8 +457,9 @@ impl Legs {
                 .map_err(PrefillFailed::from)?;
             let mut client = PrefillServiceClient::new(channel);
             let deadline = self.config.prefill_timeout;
-            let timeout = prefill_gap_for(placement.predicted.map(|p| p.ttft), deadline);
-            let result = call(timeout, client.prefill(timed(request, timeout))).await;
+            let gap = prefill_gap_for(placement.predicted.map(|p| p.ttft), deadline);
+            let call = client.prefill(timed(request, deadline));
+            let (result, stalled) = self.watch_prefill(call, &worker.worker_id, gap).await;
             let s = match result {
                 Ok(answer) => {
                     if let Some(t) = &answer.timings {
@@ -442,8 +479,6 @@ impl Legs {
                     kv_fault: true,
                 });
             }
-            // Past ten predicted TTFTs (not the deadline itself), it stalled rather than ran slow.
-            let stalled = s.code() == Code::DeadlineExceeded && timeout < deadline;
             if broke(&s) || stalled {
                 // It broke or stalled, rather than being full or slow: no new work for a while.
                 self.router.report(&worker.worker_id, false);

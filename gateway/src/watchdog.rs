@@ -18,11 +18,12 @@ pub fn gap_for(itl: Option<Duration>) -> Duration {
     itl.map_or(MIN_GAP, |t| (t * MISSED_STEPS).max(MIN_GAP))
 }
 
-/// Least time a prefill attempt is given before its worker counts as stalled: past the KV
-/// transfer's own stall timeout (2 s, `tandem_kv_transfer::STALL_TIMEOUT`), so that a transfer that stopped is reported as such (and the
-/// request moves to another decode worker) before the prefill worker is blamed.
+/// Least time a prefill attempt is given before its worker's heartbeats are checked: past the KV
+/// transfer's own stall timeout (2 s, `tandem_kv_transfer::STALL_TIMEOUT`), so that a transfer
+/// that stopped is reported as such (and the request moves to another decode worker) before the
+/// prefill worker is blamed, and past a worker's 3 s lease, so that a stopped one has lapsed.
 pub const MIN_PREFILL_GAP: Duration = Duration::from_secs(4);
-/// Predicted TTFTs a prefill may take before its worker counts as stalled.
+/// Predicted TTFTs a prefill may take before its worker's heartbeats are checked.
 const MISSED_PREFILLS: u32 = 10;
 
 /// The time a prefill attempt predicted to answer in `ttft` (if known) is given, at most `cap`

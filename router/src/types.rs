@@ -205,6 +205,13 @@ pub struct WorkerSet {
 }
 
 impl WorkerSet {
+    /// Whether the worker is in the set (its lease is live: it has been heartbeating).
+    pub fn contains(&self, worker_id: &str) -> bool {
+        self.workers
+            .iter()
+            .any(|w| w.identity.worker_id == worker_id)
+    }
+
     /// Workers in the `Ready` state that serve `leg`, for readiness checks.
     pub fn ready_for(&self, leg: Leg) -> usize {
         self.workers
