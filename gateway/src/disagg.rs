@@ -31,7 +31,7 @@ use crate::backend::{
     Admitted, Backend, BackendError, GenerateRequest, Readiness, TokenChunk, TokenStream,
 };
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
-use crate::retry::{RetryBudget, backoff, jitter};
+use crate::retry::{RETRIES_BANKED, RetryBudget, backoff, jitter};
 use crate::watchdog::{Watchdog, gap_for, prefill_gap_for};
 
 /// Deadlines and retries of the two legs.
@@ -120,7 +120,7 @@ impl DisaggBackend {
         DisaggBackend {
             inner: Arc::new(Legs {
                 router,
-                retries: RetryBudget::new(config.retry_ratio, 10),
+                retries: RetryBudget::new(config.retry_ratio, RETRIES_BANKED),
                 config,
                 channels: Mutex::new(HashMap::new()),
                 metrics: LegMetrics {
@@ -207,9 +207,10 @@ impl Legs {
     }
 
     async fn start(self: Arc<Self>, req: GenerateRequest) -> Result<Admitted, BackendError> {
-        let shape = RequestShape {
+        let prompt_tokens = req.prompt_tokens.len() as u32;
+        let mut shape = RequestShape {
             model: req.model.clone(),
-            prompt_tokens: req.prompt_tokens.len() as u32,
+            prompt_tokens,
             max_new_tokens: req.sampling.max_tokens,
             ttft_budget: req.budget.ttft,
             itl_budget: req.budget.itl,
@@ -218,7 +219,6 @@ impl Legs {
         };
         self.retries.deposit();
         let asked = Instant::now();
-        let mut shape = shape;
         let mut attempt = 0;
         // A decode worker that broke or stalled before reserving, or whose KV endpoint the
         // prefill could not reach, is passed over for another pair.
@@ -232,10 +232,9 @@ impl Legs {
             // Reports the placement's end when dropped, so that admission stops counting it in
             // flight: before the first token if reserve or prefill fails, after it when the
             // stream ends or is cut short.
-            let unstarted = placement.predicted.map(|p| {
-                Measure::placed(&self.router, &req.model, req.prompt_tokens.len() as u32, &p)
-            });
-            let prompt_tokens = req.prompt_tokens.len() as u32;
+            let unstarted = placement
+                .predicted
+                .map(|p| Measure::placed(&self.router, &req.model, prompt_tokens, &p));
             let decode = &placement.decode;
             let failure = match self
                 .reserve(&req, prompt_tokens, req.sampling.max_tokens, decode)

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 /// Thousandths of a retry, so that the bank is one atomic.
 const MILLI: u64 = 1000;
+/// Retries a gateway's bank holds at most (and starts with): what it may retry at once however
+/// few requests came before.
+pub const RETRIES_BANKED: u32 = 10;
 
 /// The retry budget: a bank of retries that each request adds `ratio` to, up to `banked`.
 #[derive(Debug)]
@@ -49,13 +52,6 @@ impl RetryBudget {
     }
 }
 
-impl Default for RetryBudget {
-    /// 20% of requests, and 10 retries banked.
-    fn default() -> Self {
-        RetryBudget::new(0.2, 10)
-    }
-}
-
 /// Backoff before retry `attempt` (0 for the first): half of `base` doubled per attempt (at most
 /// `cap`) for sure, the other half scaled by `unit` in [0, 1).
 pub fn backoff(attempt: u32, base: Duration, cap: Duration, unit: f64) -> Duration {
@@ -79,7 +75,7 @@ mod tests {
 
     #[test]
     fn the_budget_allows_a_fifth_of_requests_beyond_what_is_banked() {
-        let b = RetryBudget::new(0.2, 10);
+        let b = RetryBudget::new(0.2, RETRIES_BANKED);
         // Banked: ten retries with no request at all.
         assert_eq!((0..20).filter(|_| b.withdraw()).count(), 10);
         // Then one per five requests, and never more.

@@ -84,23 +84,16 @@ impl Registry {
         {
             return p;
         }
-        let role_of = |w: &&super::Worker| w.role == role && w.identity.model == model;
-        let mut paces: Vec<f64> = self
-            .slots
-            .iter()
-            .flatten()
-            .filter(role_of)
-            .filter_map(|w| w.pace.median)
-            .collect();
+        let (mut paces, mut out) = (Vec::new(), 0);
+        for w in self.slots.iter().flatten() {
+            if w.role != role || w.identity.model != model {
+                continue;
+            }
+            paces.extend(w.pace.median);
+            // Those out count as judged: a third of them may be out.
+            out += usize::from(w.ejected_until.is_some());
+        }
         paces.sort_by(f64::total_cmp);
-        // Those out count as judged: a third of them may be out.
-        let out = self
-            .slots
-            .iter()
-            .flatten()
-            .filter(role_of)
-            .filter(|w| w.ejected_until.is_some())
-            .count();
         let peers = Peers {
             median: (paces.len() >= MIN_PEERS).then(|| paces[paces.len() / 2]),
             paced: paces.len() + out,
