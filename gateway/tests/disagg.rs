@@ -54,8 +54,6 @@ async fn cluster_with(
     ));
     let mut decode_addrs = Vec::new();
     for i in 0..decodes + aggregated {
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        decode_addrs.push(grpc.local_addr().unwrap().to_string());
         let transport = if shm {
             let path = std::env::temp_dir().join(format!(
                 "tandem-test-pool-{}-{i}-{}",
@@ -66,27 +64,15 @@ async fn cluster_with(
         } else {
             tandem_decode_worker::KvTransport::Tcp
         };
-        let cfg = tandem_decode_worker::DecodeWorkerConfig {
-            model_name: "tiny".into(),
-            model: model.clone(),
-            eos: Vec::new(),
+        let decode = Decode {
             kv_blocks: 64,
             transport,
-            grpc_listener: grpc,
-            kv_listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            advertise_host: "127.0.0.1".into(),
             kv_advertise: None,
-            router: Some(router_addr.clone()),
-            default_lease: Duration::from_secs(30),
             aggregated: i >= decodes,
-            // Small steps, so that prompts over 24 tokens are chunked inside the batch.
-            step_tokens: 24,
         };
-        let (tx, rx) = oneshot::channel::<()>();
-        stops.push(tx);
-        tokio::spawn(tandem_decode_worker::run(cfg, async {
-            let _ = rx.await;
-        }));
+        let (addr, stop) = decode.start(model, &router_addr).await;
+        decode_addrs.push(addr);
+        stops.push(stop);
     }
     for _ in 0..prefills {
         let cfg = tandem_prefill_worker::PrefillWorkerConfig {
@@ -124,6 +110,44 @@ async fn cluster_with(
         router_addr,
         decode_addrs,
         _stops: stops,
+    }
+}
+
+/// A decode worker on loopback, as the tests vary it.
+struct Decode {
+    kv_blocks: usize,
+    transport: tandem_decode_worker::KvTransport,
+    kv_advertise: Option<String>,
+    aggregated: bool,
+}
+
+impl Decode {
+    /// Starts it, registered with the router at `router_addr`; returns its gRPC address and
+    /// what stops it.
+    async fn start(self, model: &Arc<Model>, router_addr: &str) -> (String, oneshot::Sender<()>) {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap().to_string();
+        let cfg = tandem_decode_worker::DecodeWorkerConfig {
+            model_name: "tiny".into(),
+            model: model.clone(),
+            eos: Vec::new(),
+            kv_blocks: self.kv_blocks,
+            transport: self.transport,
+            grpc_listener: grpc,
+            kv_listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            advertise_host: "127.0.0.1".into(),
+            kv_advertise: self.kv_advertise,
+            router: Some(router_addr.to_owned()),
+            default_lease: Duration::from_secs(30),
+            aggregated: self.aggregated,
+            // Small steps, so that prompts over 24 tokens are chunked inside the batch.
+            step_tokens: 24,
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(tandem_decode_worker::run(cfg, async {
+            let _ = rx.await;
+        }));
+        (addr, tx)
     }
 }
 
@@ -345,11 +369,19 @@ async fn a_prefill_worker_that_cannot_be_reached_is_retried_on_another() {
         ..Default::default()
     };
     c.router.register(identity, load).await.unwrap();
-    let p = prompt(30, 1);
+    four_runs_equal_one_engine(&c, &model, 1).await;
+}
+
+/// Four requests of one prompt (made with `salt`), each equal to one engine's run.
+async fn four_runs_equal_one_engine(c: &Cluster, model: &Arc<Model>, salt: u32) {
+    let p = prompt(30, salt);
     let params = SamplingParams::greedy(6);
-    let want = reference(&model, &p, &params);
+    let want = reference(model, &p, &params);
     for i in 0..4 {
-        assert_eq!(run(&c.backend, &format!("f{i}"), &p, &params).await, want);
+        assert_eq!(
+            run(&c.backend, &format!("s{salt}-{i}"), &p, &params).await,
+            want
+        );
     }
 }
 
@@ -393,12 +425,7 @@ async fn a_decode_worker_that_cannot_be_reached_is_passed_over_for_another_pair(
         ..Default::default()
     };
     c.router.register(identity, load).await.unwrap();
-    let p = prompt(30, 2);
-    let params = SamplingParams::greedy(6);
-    let want = reference(&model, &p, &params);
-    for i in 0..4 {
-        assert_eq!(run(&c.backend, &format!("d{i}"), &p, &params).await, want);
-    }
+    four_runs_equal_one_engine(&c, &model, 2).await;
     // Once: reported, it takes no new work for a while.
     assert_eq!(retries(&c, "retried"), 1);
 }
@@ -408,26 +435,13 @@ async fn a_decode_worker_that_cannot_be_reached_is_passed_over_for_another_pair(
 async fn kv_endpoint_passed_over(kv: String) {
     let model = tiny();
     let c = cluster(&model, 1, 1, false).await;
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let cfg = tandem_decode_worker::DecodeWorkerConfig {
-        model_name: "tiny".into(),
-        model: model.clone(),
-        eos: Vec::new(),
+    let decode = Decode {
         kv_blocks: 512,
         transport: tandem_decode_worker::KvTransport::Tcp,
-        grpc_listener: grpc,
-        kv_listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        advertise_host: "127.0.0.1".into(),
         kv_advertise: Some(kv),
-        router: Some(c.router_addr.clone()),
-        default_lease: Duration::from_secs(30),
         aggregated: false,
-        step_tokens: 24,
     };
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(tandem_decode_worker::run(cfg, async {
-        let _ = stopped.await;
-    }));
+    let (_, stop) = decode.start(&model, &c.router_addr).await;
     for _ in 0..200 {
         if c.router.workers().ready_for(tandem_router::Leg::Decode) == 2 {
             break;
@@ -435,12 +449,7 @@ async fn kv_endpoint_passed_over(kv: String) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(c.router.workers().ready_for(tandem_router::Leg::Decode), 2);
-    let p = prompt(30, 3);
-    let params = SamplingParams::greedy(6);
-    let want = reference(&model, &p, &params);
-    for i in 0..4 {
-        assert_eq!(run(&c.backend, &format!("k{i}"), &p, &params).await, want);
-    }
+    four_runs_equal_one_engine(&c, &model, 3).await;
     // The failed transfer moved its request once; the worker took no new work after it.
     assert_eq!(retries(&c, "retried"), 1);
     drop(stop);

@@ -172,6 +172,20 @@ mod tests {
         BreakerConfig::default()
     }
 
+    /// A breaker opened by five failures at `t0`, half-open after the pause with its probe
+    /// placed.
+    fn probing(c: &BreakerConfig, t0: Instant) -> Breaker {
+        let mut b = Breaker::default();
+        for _ in 0..5 {
+            b.record(false, t0, c);
+        }
+        b.tick(t0 + 30 * S);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(b.admits());
+        assert!(b.placed(t0 + 30 * S, c));
+        b
+    }
+
     #[test]
     fn five_failures_in_a_row_open_it_and_a_success_between_resets_the_count() {
         let (c, t0) = (config(), Instant::now());
@@ -195,14 +209,7 @@ mod tests {
     #[test]
     fn after_the_pause_one_probe_at_a_time_and_two_successes_close_it() {
         let (c, t0) = (config(), Instant::now());
-        let mut b = Breaker::default();
-        for _ in 0..5 {
-            b.record(false, t0, &c);
-        }
-        b.tick(t0 + 30 * S);
-        assert_eq!(b.state(), BreakerState::HalfOpen);
-        assert!(b.admits());
-        assert!(b.placed(t0 + 30 * S, &c));
+        let mut b = probing(&c, t0);
         assert!(!b.admits(), "one probe at a time");
         assert!(!b.placed(t0 + 30 * S, &c));
         assert_eq!(b.record(true, t0 + 31 * S, &c), None);
@@ -220,12 +227,7 @@ mod tests {
     #[test]
     fn a_failed_probe_opens_it_for_another_pause() {
         let (c, t0) = (config(), Instant::now());
-        let mut b = Breaker::default();
-        for _ in 0..5 {
-            b.record(false, t0, &c);
-        }
-        b.tick(t0 + 30 * S);
-        b.placed(t0 + 30 * S, &c);
+        let mut b = probing(&c, t0);
         assert_eq!(b.record(false, t0 + 31 * S, &c), Some(BreakerState::Open));
         b.tick(t0 + 60 * S);
         assert_eq!(b.state(), BreakerState::Open);
@@ -236,12 +238,7 @@ mod tests {
     #[test]
     fn a_probe_never_reported_frees_the_way_after_its_timeout() {
         let (c, t0) = (config(), Instant::now());
-        let mut b = Breaker::default();
-        for _ in 0..5 {
-            b.record(false, t0, &c);
-        }
-        b.tick(t0 + 30 * S);
-        b.placed(t0 + 30 * S, &c);
+        let mut b = probing(&c, t0);
         b.tick(t0 + 59 * S);
         assert!(!b.admits());
         b.tick(t0 + 60 * S);
