@@ -9,7 +9,7 @@ use tokio::time::{Instant, Sleep};
 
 /// Least gap a watchdog waits for, whatever the prediction: below it, a busy but healthy worker
 /// (a long prefill beside its batch, a scheduler hiccup) would be failed.
-pub const MIN_GAP: Duration = Duration::from_secs(2);
+pub const MIN_GAP: Duration = Duration::from_millis(1500);
 /// Predicted steps a worker may miss before it is failed.
 const MISSED_STEPS: u32 = 10;
 
@@ -82,7 +82,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_gap_is_ten_predicted_steps_and_at_least_two_seconds() {
+    fn the_gap_is_ten_predicted_steps_and_at_least_one_and_a_half_seconds() {
         assert_eq!(gap_for(None), MIN_GAP);
         assert_eq!(gap_for(Some(Duration::from_millis(50))), MIN_GAP);
         assert_eq!(
