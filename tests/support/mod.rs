@@ -14,6 +14,10 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use tandem_proto::v1;
 
+pub mod chaos;
+pub mod hosts;
+pub mod kv_proxy;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 
 /// The default model, which CI fetches; a missing model fails the test loudly.
@@ -103,18 +107,7 @@ impl Up {
 
     /// The registered workers, as the router lists them.
     pub async fn workers(&self) -> Vec<v1::WorkerEntry> {
-        let mut client = v1::router_service_client::RouterServiceClient::connect(format!(
-            "http://{}",
-            self.router
-        ))
-        .await
-        .unwrap();
-        let mut stream = client
-            .watch_workers(v1::WatchWorkersRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        stream.message().await.unwrap().unwrap().workers
+        workers_of(&self.router).await
     }
 
     /// Addresses of the workers of one role.
@@ -145,6 +138,20 @@ impl Drop for Up {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The workers registered with the router at `router` (host:port).
+pub async fn workers_of(router: &str) -> Vec<v1::WorkerEntry> {
+    let mut client =
+        v1::router_service_client::RouterServiceClient::connect(format!("http://{router}"))
+            .await
+            .unwrap();
+    let mut stream = client
+        .watch_workers(v1::WatchWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap().workers
 }
 
 /// One worker's Info.
