@@ -1,6 +1,7 @@
 //! Faults through `tandem up`: a client that goes away, a prefill worker killed mid-request, a
 //! decode worker killed or stopped under streams (they move) and restarted, bad requests and bad
-//! KV frames. Each gets its clear error, and a request running beside it finishes unharmed.
+//! KV frames, a router that goes away and comes back. Each gets its clear error, and a request
+//! running beside it finishes unharmed; workers register again with the router that came back.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -205,10 +206,25 @@ async fn run_streams(url: &str, bodies: &[Value]) -> Vec<(String, u64, bool)> {
     out
 }
 
+/// Whether process `pid` is gone (or a zombie its parent has yet to reap).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// The decode worker a signal hit.
+struct Victim {
+    pid: u32,
+    /// Ends with the time from the signal to the process's exit.
+    exit: tokio::task::JoinHandle<Duration>,
+}
+
 /// Runs four streams undisturbed, then again while `signal` hits the decode worker running the
 /// most of them: every stream must end cleanly with its 200 tokens and the undisturbed text.
-/// Returns the worker's pid.
-async fn streams_survive(up: &Up, signal: &str) -> u32 {
+async fn streams_survive(up: &Up, signal: &str) -> Victim {
     let bodies = four_streams(&up.model);
     let undisturbed = run_streams(&up.url, &bodies).await;
     for (text, used, clean) in &undisturbed {
@@ -242,6 +258,13 @@ async fn streams_survive(up: &Up, signal: &str) -> u32 {
         .args([signal, &pid.to_string()])
         .status()
         .unwrap();
+    let signalled = std::time::Instant::now();
+    let exit = tokio::spawn(async move {
+        while !exited(pid) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        signalled.elapsed()
+    });
     // Well before the 600 s decode deadline: a stopped worker is failed by the watchdog's gap.
     let disturbed = tokio::time::timeout(Duration::from_secs(120), disturbed)
         .await
@@ -252,7 +275,7 @@ async fn streams_survive(up: &Up, signal: &str) -> u32 {
         assert_eq!(*used, 200, "stream {i}");
         assert_eq!(text, want, "stream {i}");
     }
-    pid
+    Victim { pid, exit }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,11 +287,92 @@ async fn streams_on_a_killed_decode_worker_move_to_another_and_end_as_undisturbe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_on_a_stopped_decode_worker_move_after_the_watchdog_and_end_as_undisturbed() {
     let up = Up::start(&["--decode", "2", "--worker-threads", "1"]);
-    let pid = streams_survive(&up, "-STOP").await;
+    let victim = streams_survive(&up, "-STOP").await;
+    victim.exit.abort();
     std::process::Command::new("kill")
-        .args(["-CONT", &pid.to_string()])
+        .args(["-CONT", &victim.pid.to_string()])
         .status()
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_worker_told_to_stop_moves_what_outlasts_its_grace_and_exits() {
+    let grace = Duration::from_secs(1);
+    let up = Up::start(&[
+        "--decode",
+        "2",
+        "--worker-threads",
+        "1",
+        "--drain-grace",
+        "1s",
+    ]);
+    // Its streams have seconds of tokens left: they move when the grace is over.
+    let victim = streams_survive(&up, "-TERM").await;
+    let took = tokio::time::timeout(Duration::from_secs(60), victim.exit)
+        .await
+        .expect("the drained worker never exited")
+        .unwrap();
+    assert!(
+        took >= grace && took < grace + Duration::from_secs(5),
+        "exited {took:?} after SIGTERM with a {grace:?} grace"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alone_a_decode_worker_told_to_stop_finishes_its_streams_then_exits() {
+    let up = Up::start(&["--worker-threads", "1"]);
+    // No other decode worker could take a stream: each ends on this one, then it exits, long
+    // before its 30 s grace.
+    let victim = streams_survive(&up, "-TERM").await;
+    let took = tokio::time::timeout(Duration::from_secs(60), victim.exit)
+        .await
+        .expect("the drained worker never exited")
+        .unwrap();
+    assert!(took < Duration::from_secs(30), "exited after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tandem_drain_stops_a_worker_found_by_its_id() {
+    let up = Up::start(&["--worker-threads", "1"]);
+    let drain = |id: &str| {
+        std::process::Command::new(support::BIN)
+            .args(["drain", id, "--router", &up.router])
+            .output()
+            .unwrap()
+    };
+    let out = drain("decode-99");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no worker \"decode-99\""), "{err}");
+    for role in [v1::WorkerRole::Prefill, v1::WorkerRole::Decode] {
+        let worker = up
+            .workers()
+            .await
+            .into_iter()
+            .filter_map(|w| w.identity)
+            .find(|i| i.role == role as i32)
+            .unwrap();
+        let out = drain(&worker.worker_id);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Idle, it stops at once; `tandem up` starts it again.
+        eventually("the drained worker exiting", async || exited(worker.pid)).await;
+    }
+    eventually("both workers serving again", async || {
+        let w = up.workers().await;
+        let ready = |w: &v1::WorkerEntry| {
+            w.load
+                .as_ref()
+                .is_some_and(|l| l.state == v1::WorkerState::Ready as i32)
+        };
+        w.len() == 2 && w.iter().all(ready)
+    })
+    .await;
+    let body = json!({"model": up.model, "prompt": "Hello", "max_tokens": 4, "temperature": 0});
+    assert_eq!(post(&up.url, "/v1/completions", &body).await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,4 +719,79 @@ async fn bad_kv_frames_are_refused_and_a_request_beside_them_finishes() {
     assert!(done.done, "the stream beside the bad frames did not finish");
     assert!(!done.text().is_empty());
     eventually("the workers going idle", async || idle(&up).await).await;
+}
+
+/// Starts `tandem router --listen <listen>`; returns it and the address it printed.
+fn router(listen: &str) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(support::BIN)
+        .args(["router", "--listen", listen])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("router listening on ")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    (child, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_register_again_with_a_router_that_was_away() {
+    let (mut first, addr) = router("127.0.0.1:0");
+    // A simulated worker: what is tested is its registration, not its engine.
+    let mut worker = std::process::Command::new(support::BIN)
+        .args(["decode-worker", "--router", &addr, "--exit-with-stdin"])
+        .args([
+            "--engine",
+            "sim",
+            "--sim-model",
+            "llama-2-70b",
+            "--sim-gpu",
+            "h100",
+        ])
+        .args(["--tp", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let registered = async |addr: &str| {
+        support::workers_of(addr)
+            .await
+            .into_iter()
+            .filter_map(|w| w.identity)
+            .map(|i| i.grpc_addr)
+            .collect::<Vec<_>>()
+    };
+    let mut seen = Vec::new();
+    eventually("the worker registering", async || {
+        seen = registered(&addr).await;
+        !seen.is_empty()
+    })
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Away for longer than a lease (3 s): the worker's heartbeats fail meanwhile.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (mut second, again) = router(&addr);
+    assert_eq!(again, addr);
+    eventually(
+        "the worker registering with the router that came back",
+        async || registered(&addr).await == seen,
+    )
+    .await;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let _ = second.kill();
+    let _ = second.wait();
 }

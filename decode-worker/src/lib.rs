@@ -16,7 +16,6 @@ pub mod staging;
 pub mod state;
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -87,6 +86,9 @@ pub struct DecodeWorkerConfig {
     pub aggregated: bool,
     /// Most tokens per step (decode tokens plus, in aggregated mode, prompt chunks).
     pub step_tokens: usize,
+    /// How long a drain (SIGTERM, the `Drain` RPC) lets running sequences finish before it ends
+    /// them (their gateways move them to other decode workers).
+    pub drain_grace: Duration,
 }
 
 /// A started worker: its identity and a handle to stop it.
@@ -149,8 +151,9 @@ fn build_engine(
     }
 }
 
-/// Starts the worker and serves until `shutdown` resolves; then deregisters, stops the batch
-/// loop (running streams end with UNAVAILABLE) and returns.
+/// Starts the worker and serves until `shutdown` resolves or the `Drain` RPC asks; then drains
+/// (no new work; running sequences may finish within the grace), deregisters, stops the batch
+/// loop (what still runs ends with UNAVAILABLE) and returns.
 pub async fn run(
     cfg: DecodeWorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -205,7 +208,7 @@ pub async fn run(
         identity: Arc::new(RwLock::new(identity.clone())),
         shm_layout,
         default_lease: cfg.default_lease,
-        draining: Arc::new(AtomicBool::new(false)),
+        drain: tandem_router::Drain::new(cfg.drain_grace),
         aggregated: cfg.aggregated,
     };
     let loop_thread = {
@@ -264,7 +267,13 @@ pub async fn run(
         None => None,
     };
     tracing::info!(grpc = %grpc_addr, kv = %kv_addr, "decode worker serving");
-    shutdown.await;
+    let drain = grpc.drain.clone();
+    drain
+        .run(shutdown, || {
+            let l = grpc.load();
+            l.running_seqs == 0 && l.reservations == 0
+        })
+        .await;
     let _ = stop_tx.send(true);
     if let Some(r) = registration
         && let Ok(Err(e)) = r.await

@@ -27,7 +27,7 @@ pub struct DecodeGrpc {
     pub identity: Arc<std::sync::RwLock<v1::WorkerIdentity>>,
     pub shm_layout: Option<v1::ShmPoolLayout>,
     pub default_lease: Duration,
-    pub draining: Arc<AtomicBool>,
+    pub drain: tandem_router::Drain,
     /// Aggregated mode: also serves Prefill, computing prompts inside its own batch.
     pub aggregated: bool,
 }
@@ -66,7 +66,7 @@ impl DecodeGrpc {
     }
 
     fn state(&self) -> v1::WorkerState {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.drain.draining() {
             v1::WorkerState::Draining
         } else {
             v1::WorkerState::Ready
@@ -89,7 +89,7 @@ impl DecodeService for DecodeGrpc {
         &self,
         request: Request<v1::ReserveRequest>,
     ) -> Result<Response<v1::ReserveResponse>, Status> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.drain.draining() {
             return Err(Status::unavailable("decode worker is draining"));
         }
         let req = request.into_inner();
@@ -231,9 +231,9 @@ impl WorkerControl for DecodeGrpc {
 
     async fn drain(
         &self,
-        _request: Request<v1::DrainRequest>,
+        request: Request<v1::DrainRequest>,
     ) -> Result<Response<v1::DrainResponse>, Status> {
-        self.draining.store(true, Ordering::Relaxed);
+        self.drain.ask(request.into_inner().grace_ms);
         let load = self.load();
         Ok(Response::new(v1::DrainResponse {
             in_flight: load.running_seqs + load.reservations,

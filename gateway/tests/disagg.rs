@@ -86,6 +86,8 @@ async fn cluster_with(
             grpc_listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             advertise_host: "127.0.0.1".into(),
             router: Some(router_addr.clone()),
+            // Stopped at once: these tests stop a worker to see it gone.
+            drain_grace: Duration::ZERO,
         };
         let (tx, rx) = oneshot::channel::<()>();
         stops.push(tx);
@@ -142,6 +144,7 @@ impl Decode {
             aggregated: self.aggregated,
             // Small steps, so that prompts over 24 tokens are chunked inside the batch.
             step_tokens: 24,
+            drain_grace: Duration::ZERO,
         };
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(tandem_decode_worker::run(cfg, async {

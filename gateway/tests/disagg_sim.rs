@@ -84,6 +84,7 @@ async fn cluster(model: &Arc<Model>, shm: bool) -> Cluster {
         default_lease: Duration::from_secs(30),
         aggregated: false,
         step_tokens: 512,
+        drain_grace: Duration::ZERO,
     };
     let (tx, stopped) = stop_pair();
     stops.push(tx);
@@ -99,6 +100,8 @@ async fn cluster(model: &Arc<Model>, shm: bool) -> Cluster {
         grpc_listener: prefill_grpc,
         advertise_host: "127.0.0.1".into(),
         router: Some(router),
+        // Stopped at once: these tests stop a worker to see it gone.
+        drain_grace: Duration::ZERO,
     };
     let (tx, stopped) = stop_pair();
     stops.push(tx);

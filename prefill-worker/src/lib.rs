@@ -13,7 +13,6 @@ pub mod service;
 pub mod transfer;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -60,9 +59,12 @@ pub struct PrefillWorkerConfig {
     pub advertise_host: String,
     /// Router to register with; `None` serves unregistered (tests).
     pub router: Option<String>,
+    /// How long a drain (SIGTERM, the `Drain` RPC) lets queued and running prompts finish.
+    pub drain_grace: Duration,
 }
 
-/// Starts the worker and serves until `shutdown` resolves; then deregisters, fails what is still
+/// Starts the worker and serves until `shutdown` resolves or the `Drain` RPC asks; then drains
+/// (no new prompts; those it holds may finish within the grace), deregisters, fails what is still
 /// queued with UNAVAILABLE, and returns.
 pub async fn run(
     cfg: PrefillWorkerConfig,
@@ -104,7 +106,7 @@ pub async fn run(
         max_context: cfg.model.config().max_context,
         pool_blocks: cfg.kv_blocks,
         max_queued_tokens: cfg.max_queued_tokens,
-        draining: Arc::new(AtomicBool::new(false)),
+        drain: tandem_router::Drain::new(cfg.drain_grace),
         inflight: Arc::new(Mutex::new(HashMap::new())),
         engine: cfg.model.engine_name(),
     };
@@ -141,7 +143,8 @@ pub async fn run(
         None => None,
     };
     tracing::info!(grpc = %grpc_addr, "prefill worker serving");
-    shutdown.await;
+    let drain = grpc.drain.clone();
+    drain.run(shutdown, || grpc.inflight().is_empty()).await;
     let _ = stop_tx.send(true);
     if let Some(r) = registration
         && let Ok(Err(e)) = r.await

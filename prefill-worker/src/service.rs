@@ -25,7 +25,7 @@ pub struct PrefillGrpc {
     pub pool_blocks: usize,
     /// Prompt tokens the queue may hold before new prompts are refused.
     pub max_queued_tokens: u64,
-    pub draining: Arc<AtomicBool>,
+    pub drain: tandem_router::Drain,
     /// Cancel flags of requests in flight, by request id.
     pub inflight: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
     /// The engine Info reports: `native` or `sim`.
@@ -52,7 +52,7 @@ impl Drop for InFlight<'_> {
 }
 
 impl PrefillGrpc {
-    fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
+    pub(crate) fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AtomicBool>>> {
         self.inflight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -84,7 +84,7 @@ impl PrefillGrpc {
     }
 
     fn state(&self) -> v1::WorkerState {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.drain.draining() {
             v1::WorkerState::Draining
         } else {
             v1::WorkerState::Ready
@@ -92,7 +92,7 @@ impl PrefillGrpc {
     }
 
     fn check(&self, req: &v1::PrefillRequest) -> Result<v1::KvDestination, Status> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.drain.draining() {
             return Err(Status::unavailable("prefill worker is draining"));
         }
         let n = req.prompt_tokens.len();
@@ -265,9 +265,9 @@ impl WorkerControl for PrefillGrpc {
 
     async fn drain(
         &self,
-        _request: Request<v1::DrainRequest>,
+        request: Request<v1::DrainRequest>,
     ) -> Result<Response<v1::DrainResponse>, Status> {
-        self.draining.store(true, Ordering::Relaxed);
+        self.drain.ask(request.into_inner().grace_ms);
         Ok(Response::new(v1::DrainResponse {
             in_flight: self.inflight().len() as u32,
         }))

@@ -12,6 +12,7 @@ mod breaker;
 mod candidates;
 mod client;
 mod convert;
+mod drain;
 mod error;
 mod metrics;
 mod pending;
@@ -27,6 +28,7 @@ pub use client::{RouterClient, keep_registered};
 pub use convert::{
     priority_from_proto, priority_to_proto, role_from_proto, state_from_proto, steps_from_proto,
 };
+pub use drain::Drain;
 pub use error::{RejectReason, RouterError};
 pub use metrics::AdmissionMetrics;
 pub use policy::{LeastLoaded, Policy};

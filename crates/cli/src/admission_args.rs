@@ -10,9 +10,18 @@ use tandem_router::{AdmissionConfig, Priority, RouterConfig};
 use tandem_sim::perf::PerfModel;
 use tandem_sim::profile::Profiled;
 
-fn duration(s: &str) -> Result<Duration, String> {
+/// A duration flag: "2s", "150ms", "1m".
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     let secs = tandem_sim::parse_duration(s).map_err(|e| e.to_string())?;
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A drain's grace: a duration, or 0 (stop at once).
+pub(crate) fn grace(s: &str) -> Result<Duration, String> {
+    match s.trim() {
+        "0" | "0s" | "0ms" => Ok(Duration::ZERO),
+        _ => duration(s),
+    }
 }
 
 fn share(s: &str) -> Result<f64, String> {

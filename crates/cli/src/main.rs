@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 mod admission_args;
 mod bench;
+mod drain;
 mod engine_args;
 mod generate;
 mod profile;
@@ -44,6 +45,8 @@ enum Command {
     DecodeWorker(roles::DecodeArgs),
     /// Run a standalone router (the gateway embeds one; this serves gateways on other hosts).
     Router(roles::RouterArgs),
+    /// Drain a worker: it takes no new work, finishes what it holds within a grace, then stops.
+    Drain(drain::DrainArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -73,5 +76,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::PrefillWorker(args) => roles::run_prefill(args),
         Command::DecodeWorker(args) => roles::run_decode(args),
         Command::Router(args) => roles::run_router(args),
+        Command::Drain(args) => drain::run(args),
     }
 }

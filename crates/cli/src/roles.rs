@@ -43,6 +43,11 @@ pub struct WorkerArgs {
     /// Stop when standard input closes (`tandem up` uses it so that no worker outlives it).
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
+    /// On SIGTERM, Ctrl-C or a drain (`tandem drain`), how long the work this worker holds may
+    /// take to finish: it takes no new work at once, stops when idle, and at this limit ends what
+    /// still runs (gateways move its streams to other decode workers).
+    #[arg(long, env = "TANDEM_DRAIN_GRACE", default_value = "30s", value_parser = crate::admission_args::grace)]
+    pub drain_grace: Duration,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -199,6 +204,16 @@ async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("listening on {host}:{port}"))
 }
 
+/// Runs a worker to its end on a runtime of its own, then leaves at once: a stop that did not come
+/// through stdin (SIGTERM, a drain) leaves the stdin watcher's blocking read behind, and dropping
+/// the runtime would wait for it as long as `tandem up` holds the pipe open.
+fn run_worker(worker: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let done = rt.block_on(worker);
+    rt.shutdown_background();
+    done
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(crate::setup::async_threads())
@@ -213,7 +228,7 @@ pub fn run_prefill(args: PrefillArgs) -> anyhow::Result<()> {
     let kv_blocks = loaded
         .kv_blocks
         .unwrap_or_else(|| blocks_in(&loaded.model, w.kv_memory_mb.unwrap_or(512)));
-    runtime()?.block_on(async {
+    run_worker(async {
         let grpc = bind(&w.listen, w.port).await?;
         let cfg = tandem_prefill_worker::PrefillWorkerConfig {
             model_name: loaded.name,
@@ -225,6 +240,7 @@ pub fn run_prefill(args: PrefillArgs) -> anyhow::Result<()> {
             grpc_listener: grpc,
             advertise_host: w.advertise.clone().unwrap_or_else(|| w.listen.clone()),
             router: Some(w.router.clone()),
+            drain_grace: w.drain_grace,
         };
         tandem_prefill_worker::run(cfg, stop_signal(w.exit_with_stdin)).await?;
         Ok(())
@@ -247,7 +263,7 @@ pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
                 .map_or(0, |d| d.as_nanos())
         ))),
     };
-    runtime()?.block_on(async {
+    run_worker(async {
         let grpc = bind(&w.listen, w.port).await?;
         let kv = bind(&w.listen, args.kv_port).await?;
         let cfg = tandem_decode_worker::DecodeWorkerConfig {
@@ -264,6 +280,7 @@ pub fn run_decode(args: DecodeArgs) -> anyhow::Result<()> {
             default_lease: Duration::from_millis(args.lease_ms),
             aggregated: args.aggregated,
             step_tokens: args.step_tokens,
+            drain_grace: w.drain_grace,
         };
         tandem_decode_worker::run(cfg, stop_signal(w.exit_with_stdin)).await?;
         Ok(())

@@ -90,12 +90,21 @@ pub async fn supervise(
             match w.child.as_mut().map(Child::try_wait) {
                 Some(Ok(Some(status))) => {
                     let pause = w.exited(now, &backoff);
-                    tracing::warn!(
-                        role = w.role,
-                        index = w.index,
-                        %status,
-                        "worker exited; restarting it in {pause:?}"
-                    );
+                    if status.success() {
+                        // A drain (SIGTERM, `tandem drain`) ends in a clean exit: a restart.
+                        tracing::info!(
+                            role = w.role,
+                            index = w.index,
+                            "worker drained and stopped; starting it again in {pause:?}"
+                        );
+                    } else {
+                        tracing::warn!(
+                            role = w.role,
+                            index = w.index,
+                            %status,
+                            "worker exited; restarting it in {pause:?}"
+                        );
+                    }
                 }
                 Some(Ok(None)) => {}
                 Some(Err(e)) => {

@@ -71,6 +71,10 @@ pub struct UpArgs {
     /// Most prompt tokens per prefill step.
     #[arg(long, env = "TANDEM_STEP_TOKENS", default_value_t = 512)]
     pub step_tokens: usize,
+    /// How long a worker's work may take to finish when it drains (its SIGTERM, `tandem drain`,
+    /// or this command's Ctrl-C, which drains every worker before it stops).
+    #[arg(long, env = "TANDEM_DRAIN_GRACE", default_value = "30s", value_parser = crate::admission_args::grace)]
+    pub drain_grace: Duration,
     /// How long to wait for every worker to load its model and register, in seconds.
     #[arg(long, default_value_t = 300)]
     pub ready_timeout_s: u64,
@@ -233,6 +237,8 @@ fn spawn_worker(
     if let Some(t) = args.worker_threads {
         cmd.arg("--threads").arg(t.to_string());
     }
+    cmd.arg("--drain-grace")
+        .arg(format!("{}ms", args.drain_grace.as_millis()));
     cmd.args(args.engine.to_args());
     match role {
         "prefill" => {
@@ -307,7 +313,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             () = tandem_runtime::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
         };
         if let Err(e) = outcome {
-            shutdown(front, children).await;
+            shutdown(front, children, args.drain_grace).await;
             return Err(e);
         }
         let url = format!("http://{}", front.http_addr);
@@ -335,7 +341,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             () = tandem_runtime::shutdown_signal() => {}
         }
         eprintln!("stopping");
-        shutdown(front, children).await;
+        shutdown(front, children, args.drain_grace).await;
         Ok(())
     })
 }
@@ -374,9 +380,10 @@ async fn wait_ready(
     }
 }
 
-/// Closes every worker's stdin (their signal to stop), waits for them (they deregister from the
-/// router on the way out), kills stragglers, then stops the gateway and the router.
-async fn shutdown(front: Front, children: Vec<Worker>) {
+/// Closes every worker's stdin (their signal to drain and stop), waits for them while the gateway
+/// still serves what they finish (they deregister from the router on the way out), kills those
+/// still running past their grace, then stops the gateway and the router.
+async fn shutdown(front: Front, children: Vec<Worker>, grace: Duration) {
     let mut running: Vec<(&str, Child)> = children
         .into_iter()
         .filter_map(|w| w.child.map(|c| (w.role, c)))
@@ -384,8 +391,10 @@ async fn shutdown(front: Front, children: Vec<Worker>) {
     for (_, child) in &mut running {
         drop(child.stdin.take());
     }
+    // They drain at once, together: one deadline for all.
+    let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(10);
     for (role, mut child) in running {
-        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+        match tokio::time::timeout_at(deadline, child.wait()).await {
             Ok(_) => {}
             Err(_) => {
                 tracing::warn!(role, "worker did not stop in time; killing it");
