@@ -721,34 +721,9 @@ async fn bad_kv_frames_are_refused_and_a_request_beside_them_finishes() {
     eventually("the workers going idle", async || idle(&up).await).await;
 }
 
-/// Starts `tandem router --listen <listen>`; returns it and the address it printed.
-fn router(listen: &str) -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(support::BIN)
-        .args(["router", "--listen", listen])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("router listening on ")
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap();
-    (child, addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_register_again_with_a_router_that_was_away() {
-    let (mut first, addr) = router("127.0.0.1:0");
+    let (first, addr) = support::procs::router("127.0.0.1:0");
     // A simulated worker: what is tested is its registration, not its engine.
     let mut worker = std::process::Command::new(support::BIN)
         .args(["decode-worker", "--router", &addr, "--exit-with-stdin"])
@@ -779,11 +754,10 @@ async fn workers_register_again_with_a_router_that_was_away() {
         !seen.is_empty()
     })
     .await;
-    first.kill().unwrap();
-    first.wait().unwrap();
+    drop(first);
     // Away for longer than a lease (3 s): the worker's heartbeats fail meanwhile.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let (mut second, again) = router(&addr);
+    let (_second, again) = support::procs::router(&addr);
     assert_eq!(again, addr);
     eventually(
         "the worker registering with the router that came back",
@@ -792,6 +766,4 @@ async fn workers_register_again_with_a_router_that_was_away() {
     .await;
     let _ = worker.kill();
     let _ = worker.wait();
-    let _ = second.kill();
-    let _ = second.wait();
 }

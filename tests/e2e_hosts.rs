@@ -11,15 +11,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::chaos::{Running, account, undisturbed};
 use support::hosts::Net;
 use support::kv_proxy::KvProxy;
-use support::{BIN, generate, ids, info, model_path, post, workers_of};
+use support::procs::Proc;
+use support::{generate, ids, info, model_path, post, workers_of};
 use tandem_proto::v1;
 
 /// Ports inside a namespace: each host has its own, so fixed ones cannot collide.
@@ -31,57 +31,10 @@ const DECODE_PROXIED: usize = 1;
 const DECODE_DIRECT: usize = 2;
 
 struct Cluster {
-    children: Vec<Child>,
+    _children: Vec<Proc>,
     url: String,
     router: String,
     model: String,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts `tandem gateway` here, its router listening on the bridge; returns it with its HTTP
-/// and router addresses, read from the line it prints when ready.
-fn gateway(net: &Net) -> (Child, String, String) {
-    let mut child = Command::new(BIN)
-        .args(["gateway", "--port", "0", "--model"])
-        .arg(model_path())
-        .args(["--router-listen", &format!("{}:0", net.gateway_ip())])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting tandem gateway");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.starts_with("gateway on http://") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(line);
-                }
-            } else {
-                eprintln!("gateway: {line}");
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("tandem gateway did not report ready");
-    let http = line["gateway on http://".len()..]
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_owned();
-    let router = line.rsplit(' ').next().unwrap().to_owned();
-    (child, format!("http://{http}"), router)
 }
 
 fn worker(net: &Net, host: usize, role: &str, router: &str, extra: &[&str]) -> Child {
@@ -127,28 +80,30 @@ async fn whole(router: &str) {
 }
 
 async fn start(net: &Net, proxy: &KvProxy) -> Cluster {
-    let (gw, url, router) = gateway(net);
+    let (gw, url, router) =
+        support::procs::gateway(&["--router-listen", &format!("{}:0", net.gateway_ip())]);
+    let router = router.expect("the gateway's embedded router");
     let kv_port = KV_PORT.to_string();
     let children = vec![
         gw,
-        worker(net, PREFILL, "prefill-worker", &router, &[]),
-        worker(
+        Proc(worker(net, PREFILL, "prefill-worker", &router, &[])),
+        Proc(worker(
             net,
             DECODE_PROXIED,
             "decode-worker",
             &router,
             &["--kv-port", &kv_port, "--kv-advertise", &proxy.addr],
-        ),
-        worker(
+        )),
+        Proc(worker(
             net,
             DECODE_DIRECT,
             "decode-worker",
             &router,
             &["--kv-port", &kv_port],
-        ),
+        )),
     ];
     let mut cluster = Cluster {
-        children,
+        _children: children,
         url,
         router,
         model: String::new(),

@@ -23,7 +23,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use tandem_proto::v1;
 use tandem_proto::v1::decode_service_client::DecodeServiceClient;
 use tandem_proto::v1::prefill_service_client::PrefillServiceClient;
-use tandem_router::{Feedback, Leg, RequestShape, RouterError, RouterHandle};
+use tandem_router::{Feedback, Leg, RequestShape, RouterError, RouterLink};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -80,7 +80,7 @@ pub struct DisaggBackend {
 }
 
 pub(crate) struct Legs {
-    pub(crate) router: RouterHandle,
+    pub(crate) router: RouterLink,
     pub(crate) config: DisaggConfig,
     channels: Mutex<HashMap<String, Channel>>,
     metrics: LegMetrics,
@@ -116,10 +116,10 @@ impl LegMetrics {
 }
 
 impl DisaggBackend {
-    pub fn new(router: RouterHandle, config: DisaggConfig) -> Self {
+    pub fn new(router: impl Into<RouterLink>, config: DisaggConfig) -> Self {
         DisaggBackend {
             inner: Arc::new(Legs {
-                router,
+                router: router.into(),
                 retries: RetryBudget::new(config.retry_ratio, RETRIES_BANKED),
                 config,
                 channels: Mutex::new(HashMap::new()),
@@ -582,7 +582,7 @@ impl Backend for DisaggBackend {
 /// What an admitted request measures for admission's calibration after its first token: its mean
 /// time per token, reported when it finishes; its end, without one, when it is cut short.
 pub(crate) struct Measure {
-    router: RouterHandle,
+    router: RouterLink,
     feedback: Option<Feedback>,
     first_at: Instant,
     /// Tokens seen so far, the prefill's first included.
@@ -594,7 +594,7 @@ impl Measure {
     /// dropped (all a failover's placement reports: what it measures is the stream's, reported by
     /// the first placement's own).
     pub(crate) fn placed(
-        router: &RouterHandle,
+        router: &RouterLink,
         model: &str,
         prompt_tokens: u32,
         p: &tandem_router::Predicted,

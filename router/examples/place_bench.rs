@@ -1,7 +1,8 @@
 //! Placement cost per decision at 10, 100 and 1,000 workers per role, against a plain linear scan
 //! (argmin) of a `Vec<u64>` of the same size in the same process; and the same decisions with
 //! latency-budget admission (requests with TTFT and ITL budgets, step times from Llama-2-70B's
-//! roofline on four H100s): the prediction, the verdict and the charge.
+//! roofline on four H100s): the prediction, the verdict and the charge; and placements through
+//! the router task, and over its gRPC service on loopback (a gateway with `--router`).
 //!
 //! Run: `cargo run --release -p tandem-router --example place_bench`
 
@@ -19,6 +20,8 @@ use tandem_sim::roofline::{Efficiency, Roofline};
 
 const DECISIONS: u32 = 100_000;
 const VIA_TASK: u32 = 10_000;
+/// Placements over gRPC on loopback (a gateway placing through a standalone router).
+const VIA_GRPC: u32 = 2_000;
 
 fn identity(i: usize, role: WorkerRole) -> WorkerIdentity {
     WorkerIdentity {
@@ -139,29 +142,68 @@ fn via_task_ns(workers: usize) -> Result<f64, RouterError> {
         .build()
         .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
     runtime.block_on(async {
-        let config = RouterConfig {
-            registry: RegistryConfig {
-                max_workers: 2 * workers,
-                max_queued_prefill_tokens: u64::MAX,
-                lease: Duration::from_secs(3600),
-                ..RegistryConfig::default()
-            },
-            ..RouterConfig::default()
-        };
-        let router = tandem_router::spawn(config, Box::new(LeastLoaded));
-        for i in 0..workers {
-            router
-                .register(identity(i, WorkerRole::Prefill), load(i))
-                .await?;
-            router
-                .register(identity(i, WorkerRole::Decode), load(i + workers))
-                .await?;
-        }
+        let router = filled_router(workers).await?;
         let start = Instant::now();
         for _ in 0..VIA_TASK {
             black_box(router.place(shape(false)).await?);
         }
         Ok(start.elapsed().as_nanos() as f64 / f64::from(VIA_TASK))
+    })
+}
+
+/// A router task holding `workers` prefill and as many decode workers.
+async fn filled_router(workers: usize) -> Result<tandem_router::RouterHandle, RouterError> {
+    let config = RouterConfig {
+        registry: RegistryConfig {
+            max_workers: 2 * workers,
+            max_queued_prefill_tokens: u64::MAX,
+            lease: Duration::from_secs(3600),
+            ..RegistryConfig::default()
+        },
+        ..RouterConfig::default()
+    };
+    let router = tandem_router::spawn(config, Box::new(LeastLoaded));
+    for i in 0..workers {
+        router
+            .register(identity(i, WorkerRole::Prefill), load(i))
+            .await?;
+        router
+            .register(identity(i, WorkerRole::Decode), load(i + workers))
+            .await?;
+    }
+    Ok(router)
+}
+
+/// Nanoseconds per placement by a client of the router's gRPC service on loopback, one call at a
+/// time (what `tandem gateway --router` pays per request over an embedded router).
+fn via_grpc_ns(workers: usize) -> Result<f64, RouterError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
+    runtime.block_on(async {
+        let router = filled_router(workers).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
+        let server = tokio::spawn(tandem_router::serve(
+            listener,
+            std::future::pending(),
+            router,
+        ));
+        let mut client =
+            tandem_router::RouterClient::connect(&addr.to_string(), Duration::from_secs(5)).await?;
+        let start = Instant::now();
+        for _ in 0..VIA_GRPC {
+            black_box(client.place(&shape(false)).await?);
+        }
+        let ns = start.elapsed().as_nanos() as f64 / f64::from(VIA_GRPC);
+        server.abort();
+        Ok(ns)
     })
 }
 
@@ -178,16 +220,18 @@ fn median(mut run: impl FnMut() -> Result<f64, RouterError>) -> Result<f64, Rout
 fn main() -> Result<(), RouterError> {
     println!("medians of 5 runs");
     println!(
-        "workers/role  place ns/decision  with admission ns  scan ns (Vec<u64>)  place/scan  via task ns"
+        "workers/role  place ns/decision  with admission ns  scan ns (Vec<u64>)  place/scan  via task ns  via gRPC ns  gRPC/task"
     );
     for workers in [10, 100, 1000] {
         let place = median(|| place_ns(workers, false))?;
         let admitted = median(|| place_ns(workers, true))?;
         let scan = median(|| Ok(scan_ns(workers)))?;
         let task = median(|| via_task_ns(workers))?;
+        let grpc = median(|| via_grpc_ns(workers))?;
         println!(
-            "{workers:>12}  {place:>17.1}  {admitted:>17.1}  {scan:>18.1}  {:>10.2}  {task:>11.1}",
-            place / scan
+            "{workers:>12}  {place:>17.1}  {admitted:>17.1}  {scan:>18.1}  {:>10.2}  {task:>11.1}  {grpc:>11.0}  {:>9.1}",
+            place / scan,
+            grpc / task
         );
     }
     Ok(())

@@ -14,6 +14,18 @@ use crate::error::{RejectReason, RouterError};
 use crate::registry::Lease;
 use crate::types::{Feedback, Leg, Placement, Predicted, RequestShape};
 
+fn endpoint(addr: &str, deadline: Duration) -> Result<Endpoint, RouterError> {
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(url)
+        .map_err(|e| RouterError::InvalidArgument(format!("router address {addr:?}: {e}")))?
+        .connect_timeout(deadline)
+        .tcp_nodelay(true))
+}
+
 /// A connection to a router's `RouterService`, with one deadline for every unary call.
 #[derive(Clone, Debug)]
 pub struct RouterClient {
@@ -24,19 +36,30 @@ pub struct RouterClient {
 impl RouterClient {
     /// Connects to `addr` ("host:port", or a URL with `http://`), giving every call `deadline`.
     pub async fn connect(addr: &str, deadline: Duration) -> Result<Self, RouterError> {
-        let url = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = Endpoint::from_shared(url)
-            .map_err(|e| RouterError::InvalidArgument(format!("router address {addr:?}: {e}")))?
-            .connect_timeout(deadline)
-            .tcp_nodelay(true);
+        let endpoint = endpoint(addr, deadline)?;
         Ok(RouterClient {
             inner: RouterServiceClient::new(endpoint.connect().await?),
             deadline,
         })
+    }
+
+    /// A client of `addr` that connects at its first call (and again after the connection
+    /// breaks): a gateway starts whether or not its routers are up yet.
+    pub fn lazy(addr: &str, deadline: Duration) -> Result<Self, RouterError> {
+        Ok(RouterClient {
+            inner: RouterServiceClient::new(endpoint(addr, deadline)?.connect_lazy()),
+            deadline,
+        })
+    }
+
+    /// Streams the router's worker set: the current one, then each change.
+    pub async fn watch_workers(&mut self) -> Result<tonic::Streaming<v1::WorkerSet>, RouterError> {
+        // No deadline: the stream lives as long as the router.
+        Ok(self
+            .inner
+            .watch_workers(v1::WatchWorkersRequest::default())
+            .await?
+            .into_inner())
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -105,18 +128,11 @@ impl RouterClient {
     /// Places a request (for gateways that do not embed the router). A rejection comes back as
     /// `NoWorkers` or `Overloaded`, as from an embedded router.
     pub async fn place(&mut self, shape: &RequestShape) -> Result<Placement, RouterError> {
-        let message = v1::PlaceRequest {
-            request_id: String::new(),
-            model: shape.model.clone(),
-            prompt_tokens: shape.prompt_tokens,
-            max_new_tokens: shape.max_new_tokens,
-            prefix_block_hashes: shape.prefix_block_hashes.clone(),
-            ttft_budget_ms: shape.ttft_budget.map_or(0, |d| millis(d).max(1)),
-            itl_budget_ms: shape.itl_budget.map_or(0, |d| millis(d).max(1)),
-            priority: priority_to_proto(shape.priority),
-            exclude_workers: shape.exclude.clone(),
-        };
-        let answer = self.inner.place(self.request(message)).await?.into_inner();
+        let answer = self
+            .inner
+            .place(self.request(place_request(shape, false)))
+            .await?
+            .into_inner();
         match answer.outcome {
             Some(v1::place_response::Outcome::Placed(p)) => match (p.prefill, p.decode) {
                 (Some(prefill), Some(decode)) => {
@@ -149,11 +165,59 @@ impl RouterClient {
 }
 
 impl RouterClient {
+    /// Another prefill worker for a request whose prefill failed, none of `shape.exclude`.
+    pub async fn place_prefill(
+        &mut self,
+        shape: &RequestShape,
+    ) -> Result<Arc<v1::WorkerIdentity>, RouterError> {
+        let answer = self
+            .inner
+            .place(self.request(place_request(shape, true)))
+            .await?
+            .into_inner();
+        match answer.outcome {
+            Some(v1::place_response::Outcome::Placed(v1::Placement {
+                prefill: Some(prefill),
+                ..
+            })) => Ok(Arc::new(prefill)),
+            Some(v1::place_response::Outcome::Placed(_)) => Err(RouterError::InvalidArgument(
+                "prefill placement without a worker".into(),
+            )),
+            Some(v1::place_response::Outcome::Rejected(r)) => Err(rejected(&r)),
+            None => Err(RouterError::InvalidArgument("empty PlaceResponse".into())),
+        }
+    }
+
     /// Sends what an admitted request measured (best effort: the caller may ignore the error).
     pub async fn feedback(&mut self, feedback: &Feedback) -> Result<(), RouterError> {
         let message = v1::FeedbackRequest::from(feedback);
         self.inner.feedback(self.request(message)).await?;
         Ok(())
+    }
+
+    /// Reports how a call to a worker went (best effort).
+    pub async fn report(&mut self, worker_id: &str, ok: bool) -> Result<(), RouterError> {
+        let message = v1::ReportRequest {
+            worker_id: worker_id.to_owned(),
+            ok,
+        };
+        self.inner.report(self.request(message)).await?;
+        Ok(())
+    }
+}
+
+fn place_request(shape: &RequestShape, prefill_only: bool) -> v1::PlaceRequest {
+    v1::PlaceRequest {
+        request_id: String::new(),
+        model: shape.model.clone(),
+        prompt_tokens: shape.prompt_tokens,
+        max_new_tokens: shape.max_new_tokens,
+        prefix_block_hashes: shape.prefix_block_hashes.clone(),
+        ttft_budget_ms: shape.ttft_budget.map_or(0, |d| millis(d).max(1)),
+        itl_budget_ms: shape.itl_budget.map_or(0, |d| millis(d).max(1)),
+        priority: priority_to_proto(shape.priority),
+        exclude_workers: shape.exclude.clone(),
+        prefill_only,
     }
 }
 

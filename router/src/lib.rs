@@ -18,6 +18,7 @@ mod metrics;
 mod pending;
 mod policy;
 mod registry;
+mod remote;
 mod service;
 mod task;
 mod types;
@@ -36,6 +37,7 @@ pub use registry::{
     AdmissionConfig, Calibration, Decision, Lease, ModelAdmission, Registry, RegistryConfig,
     RoleModel,
 };
+pub use remote::{RemoteRouter, RouterLink};
 pub use service::{RouterGrpc, serve};
 pub use task::{RouterConfig, RouterHandle, spawn};
 pub use types::{

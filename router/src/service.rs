@@ -146,7 +146,24 @@ impl RouterService for RouterGrpc {
         &self,
         request: Request<v1::PlaceRequest>,
     ) -> Result<Response<v1::PlaceResponse>, Status> {
-        let shape = RequestShape::try_from(request.into_inner())?;
+        let request = request.into_inner();
+        let prefill_only = request.prefill_only;
+        let shape = RequestShape::try_from(request)?;
+        if prefill_only {
+            let outcome = match self.handle.place_prefill(shape).await {
+                Ok(prefill) => v1::place_response::Outcome::Placed(v1::Placement {
+                    prefill: Some((*prefill).clone()),
+                    ..v1::Placement::default()
+                }),
+                Err(e) => match e.rejection() {
+                    Some(rejection) => v1::place_response::Outcome::Rejected(rejection),
+                    None => return Err(e.into()),
+                },
+            };
+            return Ok(Response::new(v1::PlaceResponse {
+                outcome: Some(outcome),
+            }));
+        }
         let outcome = match self.handle.place(shape).await {
             Ok(placement) => v1::place_response::Outcome::Placed((&placement).into()),
             Err(e) => match e.rejection() {
@@ -171,5 +188,14 @@ impl RouterService for RouterGrpc {
         }
         self.handle.feedback(Feedback::from(&r));
         Ok(Response::new(v1::FeedbackResponse {}))
+    }
+
+    async fn report(
+        &self,
+        request: Request<v1::ReportRequest>,
+    ) -> Result<Response<v1::ReportResponse>, Status> {
+        let r = request.into_inner();
+        self.handle.report(&r.worker_id, r.ok);
+        Ok(Response::new(v1::ReportResponse {}))
     }
 }

@@ -17,6 +17,7 @@ use tandem_proto::v1;
 pub mod chaos;
 pub mod hosts;
 pub mod kv_proxy;
+pub mod procs;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use tandem_router::{Leg, RouterHandle};
+use tandem_router::{Leg, RouterLink};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
@@ -35,6 +35,11 @@ pub struct GatewayArgs {
     /// Address of the embedded router's gRPC service, where workers register (port 0: any).
     #[arg(long, env = "TANDEM_ROUTER_LISTEN", default_value = "127.0.0.1:0")]
     pub router_listen: String,
+    /// Place through standalone routers (`tandem router`) instead of an embedded one, as
+    /// host:port[,host:port...]: tried in turn; while none answers, the gateway places with the
+    /// last worker set it saw. Workers then register with a router, not with the gateway.
+    #[arg(long, env = "TANDEM_ROUTERS", value_delimiter = ',')]
+    pub router: Vec<String>,
     /// Times a stream may move to another decode worker when its own fails mid-stream (0: never;
     /// the client then gets an error chunk).
     #[arg(long, env = "TANDEM_MAX_MIGRATIONS", default_value_t = 2)]
@@ -95,8 +100,11 @@ struct SimFront {
 
 /// The gateway and its embedded router, started.
 struct Front {
-    router: RouterHandle,
-    router_addr: std::net::SocketAddr,
+    router: RouterLink,
+    /// The embedded router's address, where workers register (none with remote routers).
+    router_addr: Option<std::net::SocketAddr>,
+    /// The standalone routers placed through, if any.
+    remote_routers: Vec<String>,
     http_addr: std::net::SocketAddr,
     model_path: PathBuf,
     model_name: String,
@@ -122,10 +130,20 @@ async fn start_front(args: &GatewayArgs, sim: Option<SimFront>) -> anyhow::Resul
     let router_config = args
         .admission
         .router_config(sim.as_ref().and_then(|s| s.perf.clone()))?;
-    let router = tandem_router::spawn(router_config, Box::new(tandem_router::LeastLoaded));
-    let router_listener = TcpListener::bind(&args.router_listen)
-        .await
-        .with_context(|| format!("router listening on {}", args.router_listen))?;
+    let (router, router_listener) = if args.router.is_empty() {
+        let handle = tandem_router::spawn(router_config, Box::new(tandem_router::LeastLoaded));
+        let listener = TcpListener::bind(&args.router_listen)
+            .await
+            .with_context(|| format!("router listening on {}", args.router_listen))?;
+        (RouterLink::Embedded(handle), Some(listener))
+    } else {
+        let remote = tandem_router::RemoteRouter::new(
+            &args.router,
+            router_config,
+            Box::new(tandem_router::LeastLoaded),
+        )?;
+        (RouterLink::Remote(remote), None)
+    };
     let http = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("HTTP listening on {}:{}", args.host, args.port))?;
@@ -151,37 +169,51 @@ async fn start_front(args: &GatewayArgs, sim: Option<SimFront>) -> anyhow::Resul
     };
     config.default_budget = args.admission.default_budget();
     let state = tandem_gateway::AppState::new(config)?;
+    let http_addr = http.local_addr()?;
+    let mut tasks = vec![tokio::spawn({
+        let s = until_stopped(stopped.clone());
+        async move {
+            if let Err(e) = tandem_gateway::serve(http, state, s).await {
+                tracing::error!(error = %e, "gateway failed");
+            }
+        }
+    })];
+    let router_addr = match (router_listener, &router) {
+        (Some(listener), RouterLink::Embedded(handle)) => {
+            let addr = listener.local_addr()?;
+            let s = until_stopped(stopped.clone());
+            let handle = handle.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = tandem_router::serve(listener, s, handle).await {
+                    tracing::error!(error = %e, "router service failed");
+                }
+            }));
+            Some(addr)
+        }
+        _ => None,
+    };
     let front = Front {
-        router: router.clone(),
-        router_addr: router_listener.local_addr()?,
-        http_addr: http.local_addr()?,
+        router,
+        router_addr,
+        remote_routers: args.router.clone(),
+        http_addr,
         model_path,
         model_name: name,
         stop,
-        tasks: vec![
-            tokio::spawn({
-                let s = until_stopped(stopped.clone());
-                let router = router.clone();
-                async move {
-                    if let Err(e) = tandem_router::serve(router_listener, s, router).await {
-                        tracing::error!(error = %e, "router service failed");
-                    }
-                }
-            }),
-            tokio::spawn({
-                let s = until_stopped(stopped.clone());
-                async move {
-                    if let Err(e) = tandem_gateway::serve(http, state, s).await {
-                        tracing::error!(error = %e, "gateway failed");
-                    }
-                }
-            }),
-        ],
+        tasks,
     };
     Ok(front)
 }
 
 impl Front {
+    /// Where workers register: the embedded router, or the first standalone one.
+    fn registry(&self) -> String {
+        match self.router_addr {
+            Some(addr) => addr.to_string(),
+            None => self.remote_routers.first().cloned().unwrap_or_default(),
+        }
+    }
+
     async fn stop(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
@@ -201,10 +233,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let front = start_front(&args, None).await?;
-        eprintln!(
-            "gateway on http://{} serving {:?}; workers register with --router {}",
-            front.http_addr, front.model_name, front.router_addr
-        );
+        match front.router_addr {
+            Some(addr) => eprintln!(
+                "gateway on http://{} serving {:?}; workers register with --router {addr}",
+                front.http_addr, front.model_name
+            ),
+            None => eprintln!(
+                "gateway on http://{} serving {:?}; placing through routers {}",
+                front.http_addr,
+                front.model_name,
+                front.remote_routers.join(",")
+            ),
+        }
         tandem_runtime::shutdown_signal().await;
         front.stop().await;
         Ok(())
@@ -225,7 +265,7 @@ fn spawn_worker(
         _ => "decode-worker",
     })
     .arg("--router")
-    .arg(front.router_addr.to_string())
+    .arg(front.registry())
     .arg("--model")
     .arg(&front.model_path)
     .arg("--model-name")
@@ -320,7 +360,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         if args.json {
             println!(
                 "{}",
-                serde_json::json!({"url": url, "model": front.model_name, "router": front.router_addr.to_string()})
+                serde_json::json!({"url": url, "model": front.model_name, "router": front.registry()})
             );
         } else {
             println!(
@@ -348,7 +388,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
 
 /// Waits until every worker is ready in the router's set; fails if a worker exits first.
 async fn wait_ready(
-    router: &RouterHandle,
+    router: &RouterLink,
     children: &mut [Worker],
     args: &UpArgs,
 ) -> anyhow::Result<()> {
