@@ -23,9 +23,21 @@ PY
 }
 # Closed loop: 1 stream (added latency on an idle path) and 64 (what the path sustains; with zero
 # compute the machine is saturated by construction, so TTFT there is mostly queueing).
+# CPU seconds the `tandem up` process (gateway and router; the workers are other processes) has
+# used so far: what the path's own bookkeeping costs shows here, with less noise than a rate.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$UP_PID/stat"; }
 for c in 1 64; do
+  before=$(cpu)
   $B bench --url $URL --model $MODEL --api completions --isl 128 --osl 256 --concurrency $c --requests $((c*PER)) --warmup 4 --tokenizer $M --quiet --json /tmp/ovh-$c.json >/dev/null
+  after=$(cpu)
   report "concurrency $c" /tmp/ovh-$c.json
+  python3 - "$c" "$before" "$after" /tmp/ovh-$c.json <<'PY'
+import json, sys
+c, before, after, f = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+r = json.load(open(f))["runs"][0]["summary"]
+tokens = r["total_output_tokens"] + 4 * 256  # the warm-up requests' tokens too
+print(f"concurrency {c}: gateway and router CPU {(after - before) * 1e6 / tokens:.2f} us per output token")
+PY
 done
 # Open loop below saturation: Poisson arrivals at RATE requests/s (RATE*256 tokens/s), so that
 # TTFT is what the path adds to a request that does not queue behind a saturated CPU.

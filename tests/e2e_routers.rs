@@ -3,7 +3,9 @@
 //! loopback. Greedy output equals one engine's run; then, under load, the router is killed and
 //! started again at its address 5 s later: every request ends cleanly with the tokens of its
 //! undisturbed run (the gateway places on the last worker set it saw meanwhile), and the workers
-//! register with the router again. `scripts/chaos.sh` runs it with more rounds (`CHAOS_ROUNDS`).
+//! register with the router again. Then two gateways share the router and one is killed under
+//! load: the other's requests all end well, and no worker keeps decoding for the dead one.
+//! `scripts/chaos.sh` runs it with more rounds (`CHAOS_ROUNDS`).
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -95,7 +97,47 @@ async fn a_gateway_serves_through_a_standalone_router_and_while_it_is_away() {
         let done = running.finish(name).await;
         failures.extend(account(round, name, &done, &want, at, over));
         registered(&addr).await;
+
+        let name = "kill -9 of the other gateway";
+        let (doomed, doomed_url, _) = gateway(&["--router", &addr]);
+        let running = Running::start(&url, &model);
+        let dying = Running::start(&doomed_url, &model);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let at = Instant::now();
+        drop(doomed);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let done = running.finish(name).await;
+        failures.extend(account(round, name, &done, &want, at, at));
+        let lost = dying.finish(name).await;
+        println!(
+            "round {round} {name}: {} of its {} requests cut off with it (then its clients found it gone)",
+            lost.iter().filter(|d| d.answered && !d.clean).count(),
+            lost.iter().filter(|d| d.answered).count()
+        );
+        idle_decoders(&addr).await;
     }
     assert!(failures.is_empty(), "{failures:#?}");
     drop(router_proc);
+}
+
+/// Waits until no decode worker runs a sequence: those of a dead gateway end with its streams.
+async fn idle_decoders(router: &str) {
+    let decoders: Vec<String> = workers_of(router)
+        .await
+        .into_iter()
+        .filter_map(|w| w.identity)
+        .filter(|i| i.role == tandem_proto::v1::WorkerRole::Decode as i32)
+        .map(|i| i.grpc_addr)
+        .collect();
+    for _ in 0..100 {
+        let mut running = 0;
+        for d in &decoders {
+            running += support::info(d).await.load.map_or(0, |l| l.running_seqs);
+        }
+        if running == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("decode workers still run sequences of a gateway that is gone");
 }

@@ -25,6 +25,8 @@ fn body(model: &str, i: usize) -> Value {
 /// longest gap between its events, and when it ran.
 pub struct Done {
     pub prompt: usize,
+    /// A response came (its gateway was there).
+    pub answered: bool,
     pub text: String,
     pub clean: bool,
     pub longest_gap: Duration,
@@ -44,6 +46,7 @@ pub async fn one(url: &str, model: &str, prompt: usize) -> Done {
         .find_map(|e| e["usage"]["completion_tokens"].as_u64());
     Done {
         prompt,
+        answered: s.status != 0,
         text: s.text(),
         clean: s.status == 200 && s.done && !errors && used == Some(u64::from(TOKENS)),
         longest_gap: s.longest_gap,
@@ -63,7 +66,8 @@ pub async fn undisturbed(url: &str, model: &str) -> HashMap<usize, String> {
     want
 }
 
-/// Clients that each send one request after another until told to stop.
+/// Clients that each send one request after another until told to stop, or until their gateway
+/// does not answer.
 pub async fn load(url: String, model: String, stop: watch::Receiver<bool>) -> Vec<Done> {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -72,7 +76,13 @@ pub async fn load(url: String, model: String, stop: watch::Receiver<bool>) -> Ve
                 let mut done = Vec::new();
                 let mut next = c;
                 while !*stop.borrow() {
-                    done.push(one(&url, &model, next % PROMPTS).await);
+                    let d = one(&url, &model, next % PROMPTS).await;
+                    // A client whose gateway is gone stops (it would go elsewhere).
+                    let gone = !d.answered;
+                    done.push(d);
+                    if gone {
+                        break;
+                    }
                     next += CLIENTS;
                 }
                 done

@@ -205,6 +205,7 @@ pub async fn get(url: &str, path: &str) -> (u16, String) {
 
 /// A streamed response: every `data:` event as JSON, and whether `[DONE]` ended it.
 pub struct Streamed {
+    /// 0 when no response came (the connection could not be made or broke first).
     pub status: u16,
     pub events: Vec<Value>,
     pub done: bool,
@@ -229,10 +230,19 @@ impl Streamed {
 /// connection after that many events).
 pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usize>) -> Streamed {
     let sent = Instant::now();
-    let resp = client()
+    let no_answer = Streamed {
+        status: 0,
+        events: Vec::new(),
+        done: false,
+        longest_gap: Duration::ZERO,
+        first_event: None,
+    };
+    let Ok(resp) = client()
         .request(request(url, path, serde_json::to_vec(body).unwrap().into()))
         .await
-        .unwrap();
+    else {
+        return no_answer;
+    };
     let status = resp.status().as_u16();
     let mut body = resp.into_body();
     let mut buf = String::new();
@@ -240,8 +250,8 @@ pub async fn stream(url: &str, path: &str, body: &Value, stop_after: Option<usiz
     let mut done = false;
     let (mut last, mut longest_gap) = (Instant::now(), Duration::ZERO);
     let mut first_event = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.unwrap();
+    // A connection that breaks ends the stream unfinished (`done` stays false).
+    while let Some(Ok(frame)) = body.frame().await {
         let Some(data) = frame.data_ref() else {
             continue;
         };
