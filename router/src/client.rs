@@ -266,18 +266,32 @@ pub async fn keep_registered(
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     beat.tick().await;
     tokio::pin!(shutdown);
+    // Failed beats in a row: the first is logged, the rest only when the router answers again
+    // (a router away for minutes would otherwise log a line per beat).
+    let mut failed = 0u32;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = beat.tick() => {
-                match client.heartbeat(&worker_id, report()).await {
-                    Ok(_) => {}
-                    Err(RouterError::UnknownWorker(_)) => {
-                        if let Err(e) = client.register(identity.clone(), report()).await {
-                            tracing::warn!(%worker_id, error = %e, "re-registration failed");
-                        }
+                let outcome = match client.heartbeat(&worker_id, report()).await {
+                    Err(RouterError::UnknownWorker(_)) => client
+                        .register(identity.clone(), report())
+                        .await
+                        .map(|_| tracing::info!(%worker_id, "registered again")),
+                    other => other.map(|_| ()),
+                };
+                match outcome {
+                    Ok(()) if failed > 0 => {
+                        tracing::info!(%worker_id, failed, "the router answers again");
+                        failed = 0;
                     }
-                    Err(e) => tracing::warn!(%worker_id, error = %e, "heartbeat failed"),
+                    Ok(()) => {}
+                    Err(e) => {
+                        if failed == 0 {
+                            tracing::warn!(%worker_id, error = %e, "heartbeat failed; retrying at each interval");
+                        }
+                        failed = failed.saturating_add(1);
+                    }
                 }
             }
         }
