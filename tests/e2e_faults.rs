@@ -319,6 +319,64 @@ async fn a_decode_worker_told_to_stop_moves_what_outlasts_its_grace_and_exits() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_shm_a_decode_worker_told_to_stop_moves_its_streams_and_exits() {
+    let up = Up::start(&[
+        "--decode",
+        "2",
+        "--worker-threads",
+        "1",
+        "--drain-grace",
+        "1s",
+        "--transport",
+        "shm",
+    ]);
+    let victim = streams_survive(&up, "-TERM").await;
+    let took = tokio::time::timeout(Duration::from_secs(60), victim.exit)
+        .await
+        .expect("the drained worker never exited")
+        .unwrap();
+    assert!(
+        took < Duration::from_secs(6),
+        "exited {took:?} after SIGTERM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_worker_told_to_stop_finishes_its_queue_then_exits() {
+    let up = Up::start(&["--worker-threads", "1"]);
+    let (addr, pid) = up
+        .addrs(v1::WorkerRole::Prefill)
+        .await
+        .pop()
+        .expect("a prefill worker");
+    // Long prompts, so that all four wait in its queue when it is told to stop; it is the only
+    // prefill worker, so each can only finish there.
+    let long = "The lighthouse keeper climbed the stairs again, counting each one. ".repeat(80);
+    let requests: Vec<_> = (0..4)
+        .map(|i| {
+            let body = json!({"model": up.model, "prompt": format!("{i}. {long}"),
+                              "max_tokens": 8, "temperature": 0});
+            let url = up.url.clone();
+            tokio::spawn(async move { post(&url, "/v1/completions", &body).await })
+        })
+        .collect();
+    eventually("four prompts at the prefill worker", async || {
+        info(&addr).await.prefill_requests >= 4
+    })
+    .await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    for r in requests {
+        let (status, v) = r.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+    }
+    eventually("the drained prefill worker exiting", async || exited(pid)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alone_a_decode_worker_told_to_stop_finishes_its_streams_then_exits() {
     let up = Up::start(&["--worker-threads", "1"]);
     // No other decode worker could take a stream: each ends on this one, then it exits, long

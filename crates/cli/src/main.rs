@@ -3,9 +3,9 @@ use clap::{Parser, Subcommand};
 
 mod admission_args;
 mod bench;
-mod drain;
 mod engine_args;
 mod generate;
+mod operate;
 mod profile;
 mod profile_served;
 mod roles;
@@ -45,8 +45,10 @@ enum Command {
     DecodeWorker(roles::DecodeArgs),
     /// Run a standalone router (the gateway embeds one; this serves gateways on other hosts).
     Router(roles::RouterArgs),
+    /// List the workers registered with a router: id, role, state, address, model.
+    Workers(operate::WorkersArgs),
     /// Drain a worker: it takes no new work, finishes what it holds within a grace, then stops.
-    Drain(drain::DrainArgs),
+    Drain(operate::DrainArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -76,6 +78,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::PrefillWorker(args) => roles::run_prefill(args),
         Command::DecodeWorker(args) => roles::run_decode(args),
         Command::Router(args) => roles::run_router(args),
-        Command::Drain(args) => drain::run(args),
+        Command::Workers(args) => operate::run_workers(args),
+        Command::Drain(args) => operate::run(args),
     }
 }
