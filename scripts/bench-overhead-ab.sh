@@ -21,22 +21,19 @@ done
 python3 - "$out" "$ROUNDS" <<'PY'
 import re, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
+def values(side, pattern, number):
+    """Each round's figure of the 64-stream run that `pattern` captures."""
+    v = []
+    for r in range(1, rounds + 1):
+        for line in open(f"{out}/{side}-{r}.txt"):
+            m = re.match(pattern, line)
+            if m:
+                v.append(number(m.group(1)))
+    return v
 def rates(side):
-    v = []
-    for r in range(1, rounds + 1):
-        for line in open(f"{out}/{side}-{r}.txt"):
-            m = re.match(r"concurrency 64: .* (\d+) output tokens/s", line)
-            if m:
-                v.append(int(m.group(1)))
-    return v
+    return values(side, r"concurrency 64: .* (\d+) output tokens/s", int)
 def cpu(side):
-    v = []
-    for r in range(1, rounds + 1):
-        for line in open(f"{out}/{side}-{r}.txt"):
-            m = re.match(r"concurrency 64: gateway and router CPU ([0-9.]+) us per output token", line)
-            if m:
-                v.append(float(m.group(1)))
-    return v
+    return values(side, r"concurrency 64: gateway and router CPU ([0-9.]+) us per output token", float)
 a, b = rates("A"), rates("B")
 print(f"64 streams, output tokens/s: A {a} (median {statistics.median(a):.0f}), B {b} (median {statistics.median(b):.0f})")
 print(f"B/A = {statistics.median(b) / statistics.median(a):.3f}")

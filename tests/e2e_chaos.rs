@@ -66,10 +66,7 @@ enum Fault {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_no_request_is_lost_hung_or_failed_when_workers_die_stop_or_slow() {
-    let rounds: usize = std::env::var("CHAOS_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(1);
+    let rounds = support::chaos::rounds();
     let up = Up::start(&["--prefill", "2", "--decode", "2", "--worker-threads", "1"]);
     let want = undisturbed(&up.url, &up.model).await;
     let faults = [

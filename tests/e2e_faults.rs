@@ -222,6 +222,16 @@ struct Victim {
     exit: tokio::task::JoinHandle<Duration>,
 }
 
+impl Victim {
+    /// The time from the signal to the worker's exit, which must come within a minute.
+    async fn exited(self) -> Duration {
+        tokio::time::timeout(Duration::from_secs(60), self.exit)
+            .await
+            .expect("the drained worker never exited")
+            .unwrap()
+    }
+}
+
 /// Runs four streams undisturbed, then again while `signal` hits the decode worker running the
 /// most of them: every stream must end cleanly with its 200 tokens and the undisturbed text.
 async fn streams_survive(up: &Up, signal: &str) -> Victim {
@@ -308,10 +318,7 @@ async fn a_decode_worker_told_to_stop_moves_what_outlasts_its_grace_and_exits() 
     ]);
     // Its streams have seconds of tokens left: they move when the grace is over.
     let victim = streams_survive(&up, "-TERM").await;
-    let took = tokio::time::timeout(Duration::from_secs(60), victim.exit)
-        .await
-        .expect("the drained worker never exited")
-        .unwrap();
+    let took = victim.exited().await;
     assert!(
         took >= grace && took < grace + Duration::from_secs(5),
         "exited {took:?} after SIGTERM with a {grace:?} grace"
@@ -331,10 +338,7 @@ async fn over_shm_a_decode_worker_told_to_stop_moves_its_streams_and_exits() {
         "shm",
     ]);
     let victim = streams_survive(&up, "-TERM").await;
-    let took = tokio::time::timeout(Duration::from_secs(60), victim.exit)
-        .await
-        .expect("the drained worker never exited")
-        .unwrap();
+    let took = victim.exited().await;
     assert!(
         took < Duration::from_secs(6),
         "exited {took:?} after SIGTERM"
@@ -382,10 +386,7 @@ async fn alone_a_decode_worker_told_to_stop_finishes_its_streams_then_exits() {
     // No other decode worker could take a stream: each ends on this one, then it exits, long
     // before its 30 s grace.
     let victim = streams_survive(&up, "-TERM").await;
-    let took = tokio::time::timeout(Duration::from_secs(60), victim.exit)
-        .await
-        .expect("the drained worker never exited")
-        .unwrap();
+    let took = victim.exited().await;
     assert!(took < Duration::from_secs(30), "exited after {took:?}");
 }
 

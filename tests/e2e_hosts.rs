@@ -157,10 +157,7 @@ async fn busiest_decode(net: &Net) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_hosts_output_is_one_engines_and_survives_cut_links_and_corrupted_kv() {
-    let rounds: usize = std::env::var("CHAOS_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(1);
+    let rounds = support::chaos::rounds();
     let net = Net::new(3);
     let kv = format!("{}:{KV_PORT}", net.host(DECODE_PROXIED).ip);
     let proxy = KvProxy::start(&net.gateway_ip(), kv).await;

@@ -52,10 +52,7 @@ async fn registered(addr: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_serves_through_a_standalone_router_and_while_it_is_away() {
-    let rounds: usize = std::env::var("CHAOS_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(1);
+    let rounds = support::chaos::rounds();
     let (mut router_proc, addr) = router("127.0.0.1:0");
     let (_gateway, url, embedded) = gateway(&["--router", &addr]);
     assert_eq!(embedded, None, "a gateway with --router embeds no router");

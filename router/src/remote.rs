@@ -176,8 +176,7 @@ impl RemoteRouter {
         Fut: Future<Output = Result<T, RouterError>>,
     {
         let s = &self.shared;
-        let now = Instant::now();
-        if s.away_until().is_some_and(|t| now < t) {
+        if s.away() {
             return None;
         }
         let n = s.routers.len();
@@ -266,11 +265,12 @@ impl RemoteRouter {
 }
 
 impl Shared {
-    fn away_until(&self) -> Option<Instant> {
-        *self
-            .away_until
+    /// Whether calls skip the remote routers now (all failed their last call, recently).
+    fn away(&self) -> bool {
+        self.away_until
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|t| Instant::now() < t)
     }
 
     fn set_away(&self, until: Option<Instant>) {
@@ -290,7 +290,7 @@ impl Shared {
 
     /// The router to send best-effort messages to, unless all are away.
     fn remote(&self) -> Option<RouterClient> {
-        if self.away_until().is_some_and(|t| Instant::now() < t) {
+        if self.away() {
             return None;
         }
         let k = self.current.load(Ordering::Relaxed) % self.routers.len();

@@ -15,6 +15,14 @@ pub const PROMPTS: usize = 6;
 /// Clients streaming at once (about what two cores serve without a queue building).
 pub const CLIENTS: usize = 3;
 
+/// Rounds of each fault: `CHAOS_ROUNDS` (`scripts/chaos.sh`), or the one CI runs.
+pub fn rounds() -> usize {
+    std::env::var("CHAOS_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
+}
+
 fn body(model: &str, i: usize) -> Value {
     json!({"model": model, "prompt": format!("Chapter {i}. The old lighthouse keeper"),
            "max_tokens": TOKENS, "ignore_eos": true, "temperature": 0, "stream": true,
