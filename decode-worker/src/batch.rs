@@ -1,12 +1,13 @@
-//! The continuous-batching loop: one OS thread that owns the running set. New sequences join at
-//! each step, finished and cancelled ones leave at once and free their blocks.
+//! The continuous-batching loop: one OS thread that owns the engine and the running set. New
+//! sequences join at each step, finished and cancelled ones leave at once and free their blocks;
+//! everyone else reaches the engine through the loop's [`Inbox`].
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use tandem_engine::sampling::{FinishReason, SamplingParams, sample, token_finishes};
-use tandem_engine::{Engine, EngineError, Logits, StepItem};
+use tandem_engine::sampling::{FinishReason, SamplingParams};
+use tandem_engine::{Engine, EngineError, Logits, Pending, Sequence, StepItem, plan_chunks};
 use tandem_proto::v1;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
@@ -32,7 +33,8 @@ pub struct PrefillJob {
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
     pub cancel: Arc<AtomicBool>,
-    pub reply: tokio::sync::oneshot::Sender<Result<Prefilled, Status>>,
+    /// Taken when answered.
+    pub reply: Option<tokio::sync::oneshot::Sender<Result<Prefilled, Status>>>,
 }
 
 /// A computed prompt: its first token and when its compute started and ended.
@@ -54,10 +56,8 @@ struct Prefilling {
 
 struct Running {
     id: u64,
-    prompt_tokens: usize,
     last: u32,
-    generated: u32,
-    sampling: SamplingParams,
+    seq: Sequence,
     tx: UnboundedSender<ChunkResult>,
     /// The engine holds the reservation's blocks as a sequence.
     adopted: bool,
@@ -127,6 +127,12 @@ impl Inbox {
         self.lock().stop = true;
         self.wake.notify_one();
     }
+
+    /// The cancels waiting for the loop.
+    #[cfg(test)]
+    pub fn cancels(&self) -> Vec<u64> {
+        self.lock().cancels.clone()
+    }
 }
 
 /// Settings of the loop.
@@ -136,8 +142,9 @@ pub struct LoopConfig {
     pub step_tokens: usize,
 }
 
-/// Runs the loop on the current thread until [`Inbox::stop`].
+/// Runs the loop on the current thread, owning `engine`, until [`Inbox::stop`].
 pub fn run(
+    mut engine: Engine,
     shared: Arc<Shared>,
     inbox: Arc<Inbox>,
     stats: Arc<LoopStats>,
@@ -147,6 +154,7 @@ pub fn run(
     let mut running: Vec<Running> = Vec::new();
     let mut prefilling: Vec<Prefilling> = Vec::new();
     let stopped = AtomicBool::new(false);
+    let ctx = engine.model().config().max_context;
     while !stopped.load(Ordering::Relaxed) {
         let (joiners, prefills, cancels) = {
             let mut q = inbox.lock();
@@ -174,10 +182,8 @@ pub fn run(
         for j in joiners {
             running.push(Running {
                 id: j.reservation_id,
-                prompt_tokens: j.prompt_tokens,
                 last: j.first_token,
-                generated: j.generated_before,
-                sampling: j.sampling,
+                seq: Sequence::new(j.sampling, j.prompt_tokens, j.generated_before, ctx),
                 tx: j.tx,
                 adopted: false,
             });
@@ -190,7 +196,6 @@ pub fn run(
         }));
         let stop_all = stopped.load(Ordering::Relaxed);
         if !cancels.is_empty() || stop_all {
-            let mut engine = shared.lock();
             running.retain(|r| {
                 let drop = stop_all || cancels.contains(&r.id);
                 if drop {
@@ -198,33 +203,61 @@ pub fn run(
                         let _ =
                             r.tx.send(Err(Status::unavailable("decode worker stopping")));
                     }
-                    shared.end(Some(&mut engine), r.id);
+                    shared.end_in(&mut engine, r.id);
                 }
                 !drop
             });
         }
-        // A cancelled prefill leaves its reservation filling; Release or the lease frees it.
-        prefilling.retain(|p| {
-            let drop = stop_all || p.job.cancel.load(Ordering::Relaxed);
+        // A prefill its caller gave up leaves its reservation filling (Release or the lease frees
+        // it); one whose reservation went (released, lapsed) fails, and the engine lets it go.
+        prefilling.retain_mut(|p| {
+            let id = p.job.reservation_id;
+            let gone = cancels.contains(&id);
+            let drop = stop_all || gone || p.job.cancel.load(Ordering::Relaxed);
             if drop {
                 let left = (p.job.prompt.len() - p.done) as u64;
                 stats
                     .queued_prefill_tokens
                     .fetch_sub(left, Ordering::Relaxed);
             }
+            if gone {
+                shared.end_in(&mut engine, id);
+                if let Some(reply) = p.job.reply.take() {
+                    let _ = reply.send(Err(Status::not_found(format!(
+                        "reservation {id} was released or expired"
+                    ))));
+                }
+            }
             !drop
         });
+        for &id in &cancels {
+            // Released with nothing running here (an aggregated prompt cancelled before, or a
+            // sequence that already ended): whatever the engine still holds goes.
+            if engine.seq_len(id).is_some() && !running.iter().any(|r| r.id == id) {
+                shared.end_in(&mut engine, id);
+            }
+        }
         if running.is_empty() && prefilling.is_empty() {
             stats.running.store(0, Ordering::Relaxed);
             continue;
         }
-        step(&shared, &mut running, &mut prefilling, &stats, &eos, cfg);
+        step(
+            &shared,
+            &mut engine,
+            &mut running,
+            &mut prefilling,
+            &stats,
+            &eos,
+            cfg,
+        );
     }
 }
 
 /// One decode step over every sequence that has room to grow; sequences that do not fit wait.
+#[allow(clippy::too_many_arguments)]
 fn step(
     shared: &Shared,
+    engine: &mut Engine,
     running: &mut Vec<Running>,
     prefilling: &mut Vec<Prefilling>,
     stats: &LoopStats,
@@ -232,9 +265,7 @@ fn step(
     cfg: LoopConfig,
 ) {
     let t0 = Instant::now();
-    let mut engine = shared.lock_for_step();
-    shared.apply_staged(&mut engine);
-    adopt(shared, &mut engine, running, prefilling, stats);
+    adopt(shared, engine, running, prefilling, stats);
     if running.is_empty() && prefilling.is_empty() {
         return;
     }
@@ -256,22 +287,21 @@ fn step(
             let _ = r.tx.send(Err(Status::resource_exhausted(
                 "KV cache full: sequence preempted",
             )));
-            shared.end(Some(&mut engine), r.id);
+            shared.end_in(engine, r.id);
         }
         return;
     }
     // Prompt chunks fill what the decode tokens leave of the step's budget, oldest first. Their
     // blocks were reserved whole, so they need none from the free list.
-    let mut room = cfg.step_tokens.saturating_sub(take.len()).max(1);
-    let mut chunks = Vec::new();
-    for (i, p) in prefilling.iter().enumerate() {
-        if room == 0 {
-            break;
-        }
-        let n = (p.job.prompt.len() - p.done).min(room);
-        room -= n;
-        chunks.push((i, p.done..p.done + n));
-    }
+    let room = cfg.step_tokens.saturating_sub(take.len());
+    let chunks = plan_chunks(
+        prefilling.iter().map(|p| Pending {
+            done: p.done,
+            len: p.job.prompt.len(),
+            boundary: p.job.prompt.len(),
+        }),
+        room,
+    );
     for (i, _) in &chunks {
         prefilling[*i].started.get_or_insert(t0);
     }
@@ -295,18 +325,19 @@ fn step(
     }
     let result = engine.step(&items);
     drop(items);
-    let ctx = engine.model().config().max_context;
     let logits = match result {
         Ok(l) => l,
         Err(e) => {
-            fail_step(shared, &mut engine, running, &take, &e);
+            fail_step(shared, engine, running, &take, &e);
             for (i, _) in chunks.iter().rev() {
                 let p = prefilling.remove(*i);
                 let left = (p.job.prompt.len() - p.done) as u64;
                 stats
                     .queued_prefill_tokens
                     .fetch_sub(left, Ordering::Relaxed);
-                let _ = p.job.reply.send(Err(tandem_wire::engine_status(&e)));
+                if let Some(reply) = p.job.reply {
+                    let _ = reply.send(Err(tandem_wire::engine_status(&e)));
+                }
             }
             return;
         }
@@ -317,18 +348,12 @@ fn step(
     let mut done = Vec::new();
     for (&i, l) in take.iter().zip(decode_logits) {
         let r = &mut running[i];
-        let token = sample(l, &r.sampling, u64::from(r.generated));
-        r.generated += 1;
+        let (token, finish) = r.seq.next(l, eos);
         r.last = token;
-        let finish = token_finishes(&r.sampling, eos, token, r.generated as usize).or((r
-            .prompt_tokens
-            + r.generated as usize
-            >= ctx)
-            .then_some(FinishReason::Length));
         let chunk = v1::DecodeChunk {
             tokens: vec![token],
             finish: tandem_wire::finish_to_proto(finish).into(),
-            completion_tokens: r.generated,
+            completion_tokens: r.seq.generated(),
         };
         // A closed receiver is a dropped stream: the client went away.
         if r.tx.send(Ok(chunk)).is_err() || finish.is_some() {
@@ -337,10 +362,8 @@ fn step(
     }
     for &i in done.iter().rev() {
         let r = running.remove(i);
-        shared.end(Some(&mut engine), r.id);
+        shared.end_in(engine, r.id);
     }
-    // Whoever waits for the engine (a KV write when staging is full) goes before the next step.
-    parking_lot::MutexGuard::unlock_fair(engine);
     let took = t0.elapsed();
     stats.step_log.record(
         chunks.iter().map(|(_, r)| (r.start, r.len())),
@@ -405,9 +428,8 @@ fn finish_prefills(
         let Some(l) = logits.next() else {
             continue;
         };
-        let first_token = sample(l, &p.job.sampling, 0);
-        let finish = token_finishes(&p.job.sampling, eos, first_token, 1)
-            .or((p.job.prompt.len() + 1 >= ctx).then_some(FinishReason::Length));
+        let (first_token, finish) =
+            Sequence::new(p.job.sampling.clone(), p.job.prompt.len(), 0, ctx).next(l, eos);
         shared.book().complete(p.job.reservation_id, 0);
         done.push((
             *i,
@@ -421,7 +443,9 @@ fn finish_prefills(
     }
     for (i, out) in done.into_iter().rev() {
         let p = prefilling.remove(i);
-        let _ = p.job.reply.send(Ok(out));
+        if let Some(reply) = p.job.reply {
+            let _ = reply.send(Ok(out));
+        }
     }
 }
 
@@ -438,7 +462,7 @@ fn fail_step(
     for &i in take.iter().rev() {
         let r = running.remove(i);
         let _ = r.tx.send(Err(tandem_wire::engine_status(e)));
-        shared.end(Some(engine), r.id);
+        shared.end_in(engine, r.id);
     }
 }
 
@@ -456,14 +480,14 @@ fn adopt(
         if r.adopted {
             return true;
         }
-        match shared.adopt(engine, r.id, r.prompt_tokens) {
+        match shared.adopt(engine, r.id, r.seq.prompt_tokens()) {
             Ok(()) => {
                 r.adopted = true;
                 true
             }
             Err(status) => {
                 let _ = r.tx.send(Err(status));
-                shared.end(Some(engine), r.id);
+                shared.end_in(engine, r.id);
                 false
             }
         }
@@ -491,7 +515,9 @@ fn adopt(
                 stats
                     .queued_prefill_tokens
                     .fetch_sub(left, Ordering::Relaxed);
-                let _ = p.job.reply.send(Err(status));
+                if let Some(reply) = p.job.reply {
+                    let _ = reply.send(Err(status));
+                }
             }
         }
     }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tandem_engine::kv::BlockAllocator;
+use tandem_engine::kv::{BlockLease, BlockSource, PoolError};
 use tonic::Status;
 
 /// What a reservation is doing.
@@ -32,12 +32,13 @@ pub struct Reservation {
     pub prompt_tokens: u32,
     pub max_new_tokens: u32,
     pub block_ids: Arc<[u32]>,
+    /// The blocks, until the engine's sequence of the same id holds them (the batch loop
+    /// adopted it): then `None`.
+    pub lease: Option<BlockLease>,
     pub expires: Instant,
     pub phase: Phase,
     /// Frames of attempts below this are refused.
     pub min_attempt: u32,
-    /// The engine owns the blocks, as the sequence of the same id: the batch loop adopted it.
-    pub in_engine: bool,
     /// KV that was acknowledged could not be written into the pool: it must not decode.
     pub damaged: bool,
     /// KV connections reading a frame straight into these blocks right now.
@@ -112,13 +113,20 @@ pub struct Ask {
     pub headroom: usize,
 }
 
+impl Reservation {
+    /// The engine holds the blocks, as the sequence of the same id: the batch loop adopted it.
+    pub fn in_engine(&self) -> bool {
+        self.lease.is_none()
+    }
+}
+
 #[derive(Debug)]
 pub struct Book {
     reservations: HashMap<u64, Reservation>,
-    /// Blocks of reservations that left the table while a KV connection was still reading a
-    /// frame into them, and how many such readers remain: they go back to the allocator when the
-    /// last one ends, not before, so that no other sequence can be handed blocks being written.
-    orphans: HashMap<u64, (Arc<[u32]>, u32)>,
+    /// Leases of reservations that left the table while a KV connection was still reading a
+    /// frame into their blocks, and how many such readers remain: dropped when the last one
+    /// ends, not before, so that no other sequence can be handed blocks being written.
+    orphans: HashMap<u64, (BlockLease, u32)>,
     block_size: usize,
     max_context: usize,
 }
@@ -141,10 +149,10 @@ impl Book {
         self.reservations.get_mut(&id)
     }
 
-    /// Takes blocks for a prompt, all or none.
+    /// Leases blocks for a prompt, all or none.
     pub fn reserve(
         &mut self,
-        alloc: &mut BlockAllocator,
+        source: &BlockSource,
         id: u64,
         ask: Ask,
     ) -> Result<Arc<[u32]>, BookError> {
@@ -157,17 +165,13 @@ impl Book {
             });
         }
         let need = (ask.prompt_tokens as usize).div_ceil(self.block_size);
-        let free = alloc.free_count();
-        if need + ask.headroom > free {
-            return Err(BookError::OutOfBlocks {
-                need,
-                free: free.saturating_sub(ask.headroom),
-            });
-        }
-        let blocks: Arc<[u32]> = alloc
-            .allocate(need)
-            .map_err(|_| BookError::OutOfBlocks { need, free })?
-            .into();
+        let lease = source.lease(need, ask.headroom).map_err(|e| match e {
+            PoolError::OutOfBlocks { needed, free } => {
+                BookError::OutOfBlocks { need: needed, free }
+            }
+            _ => BookError::OutOfBlocks { need, free: 0 },
+        })?;
+        let blocks: Arc<[u32]> = lease.ids().into();
         self.reservations.insert(
             id,
             Reservation {
@@ -175,10 +179,10 @@ impl Book {
                 prompt_tokens: ask.prompt_tokens,
                 max_new_tokens: ask.max_new_tokens,
                 block_ids: blocks.clone(),
+                lease: Some(lease),
                 expires: ask.expires,
                 phase: Phase::Filling,
                 min_attempt: 0,
-                in_engine: false,
                 damaged: false,
                 writers: 0,
                 itl_budget_ms: 0,
@@ -192,13 +196,13 @@ impl Book {
     pub fn accepts_frames(&self, id: u64) -> bool {
         self.reservations
             .get(&id)
-            .is_some_and(|r| r.phase == Phase::Filling && !r.in_engine)
+            .is_some_and(|r| r.phase == Phase::Filling && !r.in_engine())
     }
 
     /// Whether frames staged for it may still be applied: the table owns its blocks. A completed
     /// reservation's staged frames wait for the batch loop's next step boundary.
     pub fn holds_blocks(&self, id: u64) -> bool {
-        self.reservations.get(&id).is_some_and(|r| !r.in_engine)
+        self.reservations.get(&id).is_some_and(|r| !r.in_engine())
     }
 
     /// Every layer of every block arrived for `attempt`; `false` if the reservation does not
@@ -234,9 +238,19 @@ impl Book {
     /// blocks: `false` if it no longer takes frames (or not of that attempt). Otherwise the
     /// blocks stay out of the allocator until the matching [`Book::end_write`].
     pub fn begin_write(&mut self, id: u64, attempt: u32) -> bool {
+        self.reservations
+            .get(&id)
+            .is_some_and(|r| attempt >= r.min_attempt)
+            && self.hold(id)
+    }
+
+    /// As [`Book::begin_write`] for a frame whose attempt the receiver checked already, or a
+    /// read of the blocks (an shm notice's checksum): `false` if the reservation no longer
+    /// takes frames.
+    pub fn hold(&mut self, id: u64) -> bool {
         let takes = self.accepts_frames(id);
         match self.reservations.get_mut(&id) {
-            Some(r) if takes && attempt >= r.min_attempt => {
+            Some(r) if takes => {
                 r.writers += 1;
                 true
             }
@@ -245,44 +259,41 @@ impl Book {
     }
 
     /// The frame's read ended. If the reservation left the table meanwhile and this was its last
-    /// reader, returns its blocks, for the caller to give back to the allocator.
-    #[must_use]
-    pub fn end_write(&mut self, id: u64) -> Option<Arc<[u32]>> {
+    /// reader, its blocks go back now.
+    pub fn end_write(&mut self, id: u64) {
         if let Some(r) = self.reservations.get_mut(&id) {
             r.writers = r.writers.saturating_sub(1);
-            return None;
+            return;
         }
         let Some((_, readers)) = self.orphans.get_mut(&id) else {
             tracing::error!(reservation = id, "end of a KV write nobody began");
-            return None;
+            return;
         };
         *readers -= 1;
-        if *readers > 0 {
-            return None;
+        if *readers == 0 {
+            self.orphans.remove(&id);
         }
-        self.orphans.remove(&id).map(|(blocks, _)| blocks)
     }
 
-    /// Takes a reservation out of the table. Blocks the table owned go back to `alloc`, or, while
-    /// a KV connection still reads a frame into them, when it ends ([`Book::end_write`]).
-    pub fn remove(&mut self, alloc: &mut BlockAllocator, id: u64) -> Option<Removed> {
+    /// Takes a reservation out of the table. Blocks the table leased go back now, or, while a KV
+    /// connection still reads a frame into them, when it ends ([`Book::end_write`]).
+    pub fn remove(&mut self, id: u64) -> Option<Removed> {
         let r = self.reservations.remove(&id)?;
-        if !r.in_engine && r.writers > 0 {
-            self.orphans.insert(id, (r.block_ids.clone(), r.writers));
-        } else if !r.in_engine
-            && let Err(e) = alloc.release(&r.block_ids)
-        {
-            tracing::error!(reservation = id, error = %e, "blocks of a reservation were not allocated");
-        }
-        Some(Removed {
+        let removed = Removed {
             blocks: r.block_ids.len() as u32,
-            in_engine: r.in_engine,
-        })
+            in_engine: r.in_engine(),
+        };
+        if let Some(lease) = r.lease
+            && r.writers > 0
+        {
+            self.orphans.insert(id, (lease, r.writers));
+        }
+        Some(removed)
     }
 
     /// Drops every reservation whose lease ran out before it started decoding. Returns those
     /// whose blocks the engine holds (an aggregated prefill), for the caller to release there.
-    pub fn expire(&mut self, alloc: &mut BlockAllocator, now: Instant) -> Vec<u64> {
+    pub fn expire(&mut self, now: Instant) -> Vec<u64> {
         let lapsed: Vec<u64> = self
             .reservations
             .iter()
@@ -292,7 +303,7 @@ impl Book {
         let mut in_engine = Vec::new();
         for id in lapsed {
             tracing::debug!(reservation = id, "lease lapsed");
-            if self.remove(alloc, id).is_some_and(|r| r.in_engine) {
+            if self.remove(id).is_some_and(|r| r.in_engine) {
                 in_engine.push(id);
             }
         }
@@ -343,12 +354,12 @@ mod tests {
 
     #[test]
     fn the_outlook_counts_what_waits_to_join_and_the_tightest_budget() {
-        let mut alloc = BlockAllocator::new(16);
+        let alloc = BlockSource::new(16);
         let mut book = Book::new(16, 128);
         assert_eq!(book.outlook(), Outlook::default());
-        book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
-        book.reserve(&mut alloc, 2, ask(40, later())).unwrap();
-        book.reserve(&mut alloc, 3, ask(5, later())).unwrap();
+        book.reserve(&alloc, 1, ask(20, later())).unwrap();
+        book.reserve(&alloc, 2, ask(40, later())).unwrap();
+        book.reserve(&alloc, 3, ask(5, later())).unwrap();
         book.get_mut(1).unwrap().itl_budget_ms = 80;
         book.get_mut(2).unwrap().itl_budget_ms = 50;
         // Reservation 2 runs: it no longer waits, but its budget still binds the batch.
@@ -361,21 +372,21 @@ mod tests {
 
     #[test]
     fn reserve_takes_whole_blocks_or_refuses_with_the_free_count() {
-        let mut alloc = BlockAllocator::new(4);
+        let alloc = BlockSource::new(4);
         let mut book = Book::new(16, 128);
-        let blocks = book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
+        let blocks = book.reserve(&alloc, 1, ask(20, later())).unwrap();
         assert_eq!(blocks.len(), 2);
         assert_eq!(alloc.free_count(), 2);
-        let e = book.reserve(&mut alloc, 2, ask(40, later())).unwrap_err();
+        let e = book.reserve(&alloc, 2, ask(40, later())).unwrap_err();
         assert_eq!(e, BookError::OutOfBlocks { need: 3, free: 2 });
         assert_eq!(Status::from(e).code(), tonic::Code::ResourceExhausted);
         let mut headroom = ask(20, later());
         headroom.headroom = 1;
         assert_eq!(
-            book.reserve(&mut alloc, 3, headroom).unwrap_err(),
+            book.reserve(&alloc, 3, headroom).unwrap_err(),
             BookError::OutOfBlocks { need: 2, free: 1 }
         );
-        let e = book.reserve(&mut alloc, 4, ask(125, later())).unwrap_err();
+        let e = book.reserve(&alloc, 4, ask(125, later())).unwrap_err();
         assert_eq!(Status::from(e).code(), tonic::Code::InvalidArgument);
         assert_eq!(alloc.free_count(), 2, "refusals take nothing");
         assert!(book.get(2).is_none());
@@ -383,40 +394,42 @@ mod tests {
 
     #[test]
     fn blocks_being_written_go_back_only_when_the_last_write_ends() {
-        let mut alloc = BlockAllocator::new(4);
+        let alloc = BlockSource::new(4);
         let mut book = Book::new(16, 128);
-        book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
+        book.reserve(&alloc, 1, ask(20, later())).unwrap();
         book.get_mut(1).unwrap().min_attempt = 1;
         assert!(!book.begin_write(1, 0), "a stale attempt writes nothing");
         assert!(!book.begin_write(9, 1), "an unknown reservation");
         assert!(book.begin_write(1, 1));
         assert!(book.begin_write(1, 2));
         assert_eq!(book.get(1).unwrap().writers, 2);
-        assert_eq!(book.end_write(1), None);
+        book.end_write(1);
         assert_eq!(book.get(1).unwrap().writers, 1);
         // Released (a cancel, a lapsed lease) while one frame is still being read in.
-        assert_eq!(book.remove(&mut alloc, 1).unwrap().blocks, 2);
+        assert_eq!(book.remove(1).unwrap().blocks, 2);
         assert_eq!(alloc.free_count(), 2, "not handed out while written");
         assert!(!book.begin_write(1, 1), "gone for new frames");
-        let blocks = book
-            .end_write(1)
-            .expect("the last write's end hands the blocks back");
-        alloc.release(&blocks).unwrap();
-        assert_eq!(alloc.free_count(), 4);
-        assert_eq!(book.end_write(1), None, "nothing left to hand back");
+        book.end_write(1);
+        assert_eq!(
+            alloc.free_count(),
+            4,
+            "the last write's end hands the blocks back"
+        );
+        book.end_write(1);
+        assert_eq!(alloc.free_count(), 4, "nothing left to hand back");
         // A reservation that completed no longer takes frames.
-        book.reserve(&mut alloc, 2, ask(20, later())).unwrap();
+        book.reserve(&alloc, 2, ask(20, later())).unwrap();
         assert!(book.complete(2, 0));
         assert!(!book.begin_write(2, 0));
-        book.remove(&mut alloc, 2);
+        book.remove(2);
         assert_eq!(alloc.free_count(), 4);
     }
 
     #[test]
     fn a_reservation_fills_completes_once_and_is_admitted_once() {
-        let mut alloc = BlockAllocator::new(4);
+        let alloc = BlockSource::new(4);
         let mut book = Book::new(16, 128);
-        book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
+        book.reserve(&alloc, 1, ask(20, later())).unwrap();
         assert!(book.accepts_frames(1) && book.holds_blocks(1));
         assert_eq!(book.admit(1), Err(BookError::NotComplete(1)));
         assert!(book.complete(1, 0));
@@ -431,9 +444,9 @@ mod tests {
 
     #[test]
     fn old_attempts_and_damaged_kv_are_refused() {
-        let mut alloc = BlockAllocator::new(4);
+        let alloc = BlockSource::new(4);
         let mut book = Book::new(16, 128);
-        book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
+        book.reserve(&alloc, 1, ask(20, later())).unwrap();
         book.get_mut(1).unwrap().min_attempt = 2;
         assert!(!book.complete(1, 1));
         assert!(book.complete(1, 2));
@@ -443,54 +456,59 @@ mod tests {
 
     #[test]
     fn removal_frees_what_the_table_owns_and_reports_what_the_engine_owns() {
-        let mut alloc = BlockAllocator::new(4);
+        let alloc = BlockSource::new(4);
         let mut book = Book::new(16, 128);
-        book.reserve(&mut alloc, 1, ask(20, later())).unwrap();
-        book.reserve(&mut alloc, 2, ask(10, later())).unwrap();
+        book.reserve(&alloc, 1, ask(20, later())).unwrap();
+        book.reserve(&alloc, 2, ask(10, later())).unwrap();
         assert_eq!(alloc.free_count(), 1);
         assert_eq!(
-            book.remove(&mut alloc, 1),
+            book.remove(1),
             Some(Removed {
                 blocks: 2,
                 in_engine: false
             })
         );
         assert_eq!(alloc.free_count(), 3);
-        book.get_mut(2).unwrap().in_engine = true;
+        // The engine's sequence holds the lease now.
+        let engine_holds = book.get_mut(2).unwrap().lease.take();
         assert!(!book.accepts_frames(2) && !book.holds_blocks(2));
         assert_eq!(
-            book.remove(&mut alloc, 2),
+            book.remove(2),
             Some(Removed {
                 blocks: 1,
                 in_engine: true
             })
         );
         assert_eq!(alloc.free_count(), 3, "the engine gives those back");
-        assert_eq!(book.remove(&mut alloc, 2), None);
+        assert_eq!(book.remove(2), None);
+        drop(engine_holds);
+        assert_eq!(alloc.free_count(), 4);
     }
 
     #[test]
     fn leases_lapse_before_decoding_only() {
-        let mut alloc = BlockAllocator::new(8);
+        let alloc = BlockSource::new(8);
         let mut book = Book::new(16, 128);
         let now = Instant::now();
         let soon = now + Duration::from_millis(10);
         for id in 1..=4 {
-            book.reserve(&mut alloc, id, ask(16, soon)).unwrap();
+            book.reserve(&alloc, id, ask(16, soon)).unwrap();
         }
-        book.reserve(&mut alloc, 5, ask(16, later())).unwrap();
+        book.reserve(&alloc, 5, ask(16, later())).unwrap();
         assert!(book.complete(2, 0));
         assert!(book.complete(3, 0));
         assert_eq!(book.admit(3), Ok(16));
-        book.get_mut(4).unwrap().in_engine = true;
+        let engine_holds = book.get_mut(4).unwrap().lease.take();
         assert_eq!(book.pending(), 4);
-        assert!(book.expire(&mut alloc, now).is_empty(), "not yet");
-        assert_eq!(book.expire(&mut alloc, soon), vec![4]);
+        assert!(book.expire(now).is_empty(), "not yet");
+        assert_eq!(book.expire(soon), vec![4]);
         assert!(book.get(1).is_none() && book.get(2).is_none());
         assert!(book.get(3).is_some(), "a running sequence has no lease");
         assert!(book.get(5).is_some());
         // 1 and 2 came back; 4's block is the engine's to give back.
         assert_eq!(alloc.free_count(), 8 - 3);
         assert_eq!(book.pending(), 1);
+        drop(engine_holds);
+        assert_eq!(alloc.free_count(), 8 - 2);
     }
 }

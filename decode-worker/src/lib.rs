@@ -3,23 +3,21 @@
 //! sequence in a continuous batch, streaming tokens over gRPC.
 //!
 //! Parts: [`book`] (the reservation table, apart from the engine), [`state`] (what the parts
-//! share, and the KV receiver's sink), [`staging`] (KV frames that found the engine in a step),
-//! [`batch`] (the continuous-batching loop on its own thread), [`service`] (the gRPC
-//! handlers), and [`run`], which wires them to listeners and the router.
+//! share, and the KV receiver's sink), [`batch`] (the continuous-batching loop, on its own thread
+//! and owning the engine), [`service`] (the gRPC handlers), and [`run`], which wires them to
+//! listeners and the router.
 #![forbid(unsafe_code)]
 
 pub mod batch;
 pub mod book;
 pub mod coalesce;
 pub mod service;
-pub mod staging;
 pub mod state;
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tandem_engine::kv::KvPool;
 use tandem_engine::{Engine, Model};
 use tandem_kv_transfer::{ShmRegion, Wire};
 use tandem_proto::v1;
@@ -109,13 +107,12 @@ struct Built {
     engine: Engine,
     /// shm: the pool file's layout, for prefill workers to map.
     shm_layout: Option<v1::ShmPoolLayout>,
-    /// tcp: a mapping of the engine's pool (in anonymous shared memory) for KV connections to
-    /// read frames straight into; `None` keeps the pool on the heap and copies each frame in.
-    direct: Option<ShmRegion>,
+    /// A second mapping of the engine's pool, through which KV lands without the engine.
+    view: ShmRegion,
 }
 
-/// Builds the engine over a pool in anonymous shared memory (tcp; the heap where that cannot be
-/// had) or in a shared-memory pool file (shm).
+/// Builds the engine over a pool in anonymous shared memory (tcp) or in a shared-memory pool
+/// file (shm), with a second mapping of it.
 fn build_engine(
     model: Arc<Model>,
     blocks: usize,
@@ -123,29 +120,24 @@ fn build_engine(
 ) -> Result<Built, DecodeWorkerError> {
     let geom = Engine::geometry_for(&model, blocks);
     match transport {
-        KvTransport::Tcp => match ShmRegion::anonymous_pool(&geom) {
-            Ok((pool, view)) => Ok(Built {
+        KvTransport::Tcp => {
+            let (pool, view) = ShmRegion::anonymous_pool(&geom)?;
+            Ok(Built {
                 engine: Engine::with_pool(model, pool),
                 shm_layout: None,
-                direct: Some(view),
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "KV pool on the heap: tcp frames will be copied in");
-                Ok(Built {
-                    engine: Engine::with_pool(model, KvPool::new(geom)),
-                    shm_layout: None,
-                    direct: None,
-                })
-            }
-        },
+                view,
+            })
+        }
         KvTransport::Shm(path) => {
             let region = ShmRegion::create(path, &geom)?;
             let layout = region.layout().clone();
-            let pool = KvPool::with_memory(geom, Box::new(region))?;
+            let view = ShmRegion::open(&layout)?;
+            let pool = tandem_engine::kv::KvPool::with_memory(geom, Box::new(region))
+                .map_err(tandem_engine::EngineError::from)?;
             Ok(Built {
                 engine: Engine::with_pool(model, pool),
                 shm_layout: Some(layout),
-                direct: None,
+                view,
             })
         }
     }
@@ -161,17 +153,15 @@ pub async fn run(
     let Built {
         engine,
         shm_layout,
-        direct,
+        view,
     } = build_engine(cfg.model.clone(), cfg.kv_blocks, &cfg.transport)?;
-    let shared = Shared::new(engine, shm_layout.is_some());
-    let shared = match &shm_layout {
-        Some(layout) => shared.with_shm_view(ShmRegion::open(layout)?),
-        None => shared,
-    };
-    let shared = Arc::new(match direct {
-        Some(view) => shared.with_direct(view),
-        None => shared,
-    });
+    let inbox = Arc::new(Inbox::default());
+    let shared = Arc::new(Shared::new(
+        &engine,
+        view,
+        shm_layout.is_some(),
+        inbox.clone(),
+    ));
     let grpc_addr = cfg.grpc_listener.local_addr()?;
     let kv_addr = cfg.kv_listener.local_addr()?;
     let identity = v1::WorkerIdentity {
@@ -199,7 +189,6 @@ pub async fn run(
         pid: std::process::id(),
         step_tokens: u32::try_from(cfg.step_tokens).unwrap_or(u32::MAX),
     };
-    let inbox = Arc::new(Inbox::default());
     let stats = Arc::new(LoopStats::default());
     let grpc = DecodeGrpc {
         shared: shared.clone(),
@@ -218,7 +207,7 @@ pub async fn run(
         };
         std::thread::Builder::new()
             .name("decode-batch".into())
-            .spawn(move || batch::run(shared, inbox, stats, eos, lc))?
+            .spawn(move || batch::run(engine, shared, inbox, stats, eos, lc))?
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

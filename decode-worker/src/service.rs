@@ -198,7 +198,7 @@ impl DecodeService for DecodeGrpc {
             }));
         }
         drop(book);
-        let freed = self.shared.end(None, id).unwrap_or(0);
+        let freed = self.shared.end(id).unwrap_or(0);
         Ok(Response::new(v1::ReleaseResponse {
             found: true,
             blocks_freed: freed,
@@ -298,7 +298,7 @@ impl PrefillService for DecodeGrpc {
             prompt: req.prompt_tokens,
             sampling,
             cancel,
-            reply: tx,
+            reply: Some(tx),
         });
         let out = rx
             .await

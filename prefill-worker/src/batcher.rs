@@ -8,8 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tandem_engine::kv::KvPool;
-use tandem_engine::sampling::{FinishReason, sample, token_finishes};
-use tandem_engine::{Engine, EngineError, SeqId, StepItem};
+use tandem_engine::{Engine, EngineError, Pending, SeqId, Sequence, StepItem, plan_chunks};
 use tandem_kv_transfer::{ShmRegion, frame_checksums, pool_checksum};
 use tonic::Status;
 
@@ -192,51 +191,44 @@ fn drop_cancelled(engine: &mut Engine, queue: &Queue, active: &mut Vec<Active>) 
 }
 
 fn plan(active: &[Active], budget: usize, block: usize) -> Vec<Part> {
-    let mut room = budget.max(1);
-    let mut parts = Vec::new();
-    for (index, a) in active.iter().enumerate() {
-        if room == 0 {
-            break;
-        }
+    let pending = active.iter().map(|a| {
         let len = a.job.prompt.len();
-        let given = len - a.job.replayed.min(len - 1);
-        // A chunk stops where the given prompt ends, so that what follows computes as generated.
-        let room_here = if a.done < given {
-            room.min(given - a.done)
-        } else {
-            room
-        };
-        let (tokens, send) = chunk(a.done, a.sent, len, room_here, block);
-        room -= tokens.len();
-        let last = tokens.end == len;
-        parts.push(Part {
-            index,
-            last,
-            logits: last || tokens.end == given,
-            tokens,
-            send,
-        });
-    }
-    parts
+        Pending {
+            done: a.done,
+            len,
+            // A chunk stops where the given prompt ends, so that what follows computes as
+            // generated.
+            boundary: len - a.job.replayed.min(len - 1),
+        }
+    });
+    plan_chunks(pending, budget)
+        .into_iter()
+        .map(|(index, tokens)| {
+            let a = &active[index];
+            let len = a.job.prompt.len();
+            let given = len - a.job.replayed.min(len - 1);
+            let last = tokens.end == len;
+            Part {
+                index,
+                last,
+                logits: last || tokens.end == given,
+                send: sends(a.sent, tokens.end, len, block),
+                tokens,
+            }
+        })
+        .collect()
 }
 
-/// The prompt positions a step computes for a prompt of `len` tokens with `done` computed and
-/// `sent` blocks sent, given `room` tokens of budget; and the blocks that step completes. A block
-/// goes once it is full, or with the prompt's last chunk, so that each goes exactly once.
-fn chunk(
-    done: usize,
-    sent: usize,
-    len: usize,
-    room: usize,
-    block: usize,
-) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
-    let end = done + (len - done).min(room);
+/// The blocks a step completes for a prompt of `len` tokens with `sent` blocks sent, once it has
+/// computed up to `end`: a block goes once it is full, or with the prompt's last chunk, so that
+/// each goes exactly once.
+fn sends(sent: usize, end: usize, len: usize, block: usize) -> std::ops::Range<usize> {
     let upto = if end == len {
         len.div_ceil(block)
     } else {
         end / block
     };
-    (done..end, sent..upto.max(sent))
+    sent..upto.max(sent)
 }
 
 fn step(
@@ -392,9 +384,8 @@ fn step(
             continue;
         }
         let p_job = &a.job;
-        let first_token = sample(&l, &p_job.sampling, 0);
-        let finish = token_finishes(&p_job.sampling, eos, first_token, 1)
-            .or((p_job.prompt.len() + 1 >= ctx).then_some(FinishReason::Length));
+        let (first_token, finish) =
+            Sequence::new(p_job.sampling.clone(), p_job.prompt.len(), 0, ctx).next(&l, eos);
         done.push((
             p.index,
             Computed {
@@ -431,6 +422,25 @@ fn fail_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The positions a step computes for a lone prompt, and the blocks it completes.
+    fn chunk(
+        done: usize,
+        sent: usize,
+        len: usize,
+        room: usize,
+        block: usize,
+    ) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let one = Pending {
+            done,
+            len,
+            boundary: len,
+        };
+        let [(_, tokens)] = &plan_chunks([one], room)[..] else {
+            panic!("one chunk")
+        };
+        (tokens.clone(), sends(sent, tokens.end, len, block))
+    }
 
     #[test]
     fn full_blocks_go_with_their_chunk_and_the_partial_one_with_the_last() {

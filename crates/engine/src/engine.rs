@@ -1,17 +1,19 @@
 //! Sequences over a model and a KV pool: the entry points prefill and decode workers use.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
-use crate::kv::{BlockAllocator, KvGeometry, KvPool};
+use crate::kv::{BlockLease, BlockSource, KvGeometry, KvPool};
 use crate::logits::Logits;
 use crate::model::{Model, SeqChunk};
+use crate::sequence::{Pending, plan_chunks};
 use crate::{EngineError, Result};
 
 pub type SeqId = u64;
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug)]
 struct Seq {
-    blocks: Vec<u32>,
+    /// Dropping the sequence gives its blocks back.
+    blocks: BlockLease,
     /// Positions whose K and V are in the cache.
     len: usize,
     /// The sequence has had logits (its prompt is done): what it is given next was generated, and
@@ -28,22 +30,13 @@ pub struct StepItem<'a> {
     pub logits: bool,
 }
 
-/// A block allocator that several owners draw from (see [`Engine::allocator`]).
-pub type SharedAllocator = Arc<Mutex<BlockAllocator>>;
-
-/// Locks a shared allocator. Every holder keeps it for a few list operations, none of which can
-/// leave it half changed, so a holder that panicked left it consistent.
-pub fn lock_allocator(a: &Mutex<BlockAllocator>) -> MutexGuard<'_, BlockAllocator> {
-    a.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 #[derive(Debug)]
 pub struct Engine {
     model: Arc<Model>,
     pool: KvPool,
-    /// Behind its own lock so that blocks can be handed out while a step runs (a decode worker
-    /// reserves for incoming prompts while the engine is busy); held only for list operations.
-    alloc: SharedAllocator,
+    /// Shared, so that blocks can be handed out while a step runs (a decode worker reserves for
+    /// incoming prompts while the engine is busy).
+    alloc: BlockSource,
     seqs: HashMap<SeqId, Seq>,
 }
 
@@ -61,11 +54,11 @@ impl Engine {
 
     /// An engine over a pool the caller made (for example one in shared memory).
     pub fn with_pool(model: Arc<Model>, pool: KvPool) -> Self {
-        let alloc = BlockAllocator::new(pool.geometry().num_blocks);
+        let alloc = BlockSource::new(pool.geometry().num_blocks);
         Engine {
             model,
             pool,
-            alloc: Arc::new(Mutex::new(alloc)),
+            alloc,
             seqs: HashMap::new(),
         }
     }
@@ -83,17 +76,17 @@ impl Engine {
     }
 
     pub fn free_blocks(&self) -> usize {
-        lock_allocator(&self.alloc).free_count()
+        self.alloc.free_count()
     }
 
     pub fn total_blocks(&self) -> usize {
-        lock_allocator(&self.alloc).total()
+        self.alloc.total()
     }
 
-    /// The allocator this engine's sequences draw their blocks from. Others may take blocks from
+    /// The allocator this engine's sequences draw their blocks from. Others may lease blocks from
     /// it at any time, even during a step (a decode worker's reservations for incoming KV); such
-    /// blocks are theirs until [`Engine::adopt`] hands them to a sequence.
-    pub fn allocator(&self) -> SharedAllocator {
+    /// blocks are theirs until [`Engine::adopt`] hands the lease to a sequence.
+    pub fn allocator(&self) -> BlockSource {
         self.alloc.clone()
     }
 
@@ -106,7 +99,7 @@ impl Engine {
     }
 
     pub fn block_table(&self, id: SeqId) -> Option<&[u32]> {
-        self.seqs.get(&id).map(|s| s.blocks.as_slice())
+        self.seqs.get(&id).map(|s| s.blocks.ids())
     }
 
     /// Blocks needed to hold `tokens` positions.
@@ -120,7 +113,14 @@ impl Engine {
                 "sequence {id} already exists"
             )));
         }
-        self.seqs.insert(id, Seq::default());
+        self.seqs.insert(
+            id,
+            Seq {
+                blocks: self.alloc.empty(),
+                len: 0,
+                generating: false,
+            },
+        );
         Ok(())
     }
 
@@ -131,27 +131,37 @@ impl Engine {
             .seqs
             .get_mut(&id)
             .ok_or(EngineError::UnknownSequence(id))?;
-        if need > seq.blocks.len() {
-            let more = lock_allocator(&self.alloc).allocate(need - seq.blocks.len())?;
-            seq.blocks.extend(more);
-        }
-        Ok(&seq.blocks)
+        seq.blocks.grow_to(need)?;
+        Ok(seq.blocks.ids())
     }
 
-    /// Makes `blocks`, taken from [`Engine::allocator`] by the caller, the block table of a new
+    /// Makes `blocks`, leased from [`Engine::allocator`] by the caller, the block table of a new
     /// sequence `id` whose first `len` positions already hold KV (imported into those blocks).
-    /// The sequence owns the blocks from now on; on an error the caller still does.
-    pub fn adopt(&mut self, id: SeqId, blocks: Vec<u32>, len: usize) -> Result<()> {
+    /// The sequence holds the lease from now on; on an error it is handed back.
+    pub fn adopt(
+        &mut self,
+        id: SeqId,
+        blocks: BlockLease,
+        len: usize,
+    ) -> std::result::Result<(), (EngineError, BlockLease)> {
         if self.seqs.contains_key(&id) {
-            return Err(EngineError::InvalidRequest(format!(
-                "sequence {id} already exists"
-            )));
+            return Err((
+                EngineError::InvalidRequest(format!("sequence {id} already exists")),
+                blocks,
+            ));
+        }
+        if !blocks.is_from(&self.alloc) {
+            return Err((
+                EngineError::InvalidRequest("blocks of another pool".into()),
+                blocks,
+            ));
         }
         if self.blocks_for(len) > blocks.len() {
-            return Err(EngineError::KvImport(format!(
+            let e = EngineError::KvImport(format!(
                 "{len} positions do not fit {} blocks",
                 blocks.len()
-            )));
+            ));
+            return Err((e, blocks));
         }
         // Its prompt was computed elsewhere (that is where its first token came from).
         self.seqs.insert(
@@ -167,11 +177,10 @@ impl Engine {
 
     /// Frees a sequence and its blocks.
     pub fn release(&mut self, id: SeqId) -> Result<()> {
-        let seq = self
-            .seqs
+        self.seqs
             .remove(&id)
-            .ok_or(EngineError::UnknownSequence(id))?;
-        lock_allocator(&self.alloc).release(&seq.blocks)
+            .map(drop)
+            .ok_or(EngineError::UnknownSequence(id))
     }
 
     /// Runs one step over `items` (prefill chunks and decode tokens together), returning the logits
@@ -233,33 +242,33 @@ impl Engine {
             .iter()
             .map(|it| self.seqs[&it.seq].blocks.len())
             .collect();
-        {
-            // Checked and taken under one lock: others may allocate between two locks.
-            let bs = self.block_size();
-            let mut alloc = lock_allocator(&self.alloc);
-            if extra > alloc.free_count() {
-                return Err(EngineError::OutOfBlocks {
-                    needed: extra,
-                    free: alloc.free_count(),
-                });
-            }
-            for it in items {
-                if let Some(s) = self.seqs.get_mut(&it.seq) {
-                    let need = (s.len + it.tokens.len()).div_ceil(bs);
-                    if need > s.blocks.len() {
-                        s.blocks.extend(alloc.allocate(need - s.blocks.len())?);
-                    }
+        let free = self.alloc.free_count();
+        if extra > free {
+            return Err(EngineError::OutOfBlocks {
+                needed: extra,
+                free,
+            });
+        }
+        let bs = self.block_size();
+        let mut grown = Ok(());
+        for it in items {
+            if let Some(s) = self.seqs.get_mut(&it.seq) {
+                // Others may lease between the count and here: then the step changes nothing.
+                grown = s.blocks.grow_to((s.len + it.tokens.len()).div_ceil(bs));
+                if grown.is_err() {
+                    break;
                 }
             }
         }
-        let out = self.run_step(items, on_layer);
+        let out = match grown {
+            Ok(()) => self.run_step(items, on_layer),
+            Err(e) => Err(e.into()),
+        };
         if out.is_err() {
-            // Give back what this step allocated, so a failed step changes nothing.
-            let mut alloc = lock_allocator(&self.alloc);
+            // Give back what this step took, so a failed step changes nothing.
             for (it, n) in items.iter().zip(before) {
                 if let Some(s) = self.seqs.get_mut(&it.seq) {
-                    let extra = s.blocks.split_off(n);
-                    alloc.release(&extra)?;
+                    s.blocks.truncate(n);
                 }
             }
         }
@@ -281,7 +290,7 @@ impl Engine {
                 SeqChunk {
                     tokens: it.tokens,
                     start: s.len,
-                    block_table: &s.blocks,
+                    block_table: s.blocks.ids(),
                     logits: it.logits,
                     generated: s.generating,
                 }
@@ -300,35 +309,29 @@ impl Engine {
     /// Prefills whole prompts, cutting them into chunks of at most `budget` tokens per step
     /// (first come, first served), and returns each prompt's last logits.
     pub fn prefill(&mut self, prompts: &[(SeqId, &[u32])], budget: usize) -> Result<Vec<Logits>> {
-        let budget = budget.max(1);
         let mut done = vec![0usize; prompts.len()];
         let mut logits = vec![Logits::Dense(Vec::new()); prompts.len()];
         while done.iter().zip(prompts).any(|(d, (_, p))| *d < p.len()) {
-            let mut room = budget;
-            let mut items = Vec::new();
-            let mut owners = Vec::new();
-            for (i, (id, p)) in prompts.iter().enumerate() {
-                if room == 0 {
-                    break;
-                }
-                let n = (p.len() - done[i]).min(room);
-                if n == 0 {
-                    continue;
-                }
-                let last = done[i] + n == p.len();
-                items.push(StepItem {
-                    seq: *id,
-                    tokens: &p[done[i]..done[i] + n],
-                    logits: last,
-                });
-                if last {
-                    owners.push(i);
-                }
-                done[i] += n;
-                room -= n;
+            let pending = done.iter().zip(prompts).map(|(&d, (_, p))| Pending {
+                done: d,
+                len: p.len(),
+                boundary: p.len(),
+            });
+            let chunks = plan_chunks(pending, budget);
+            let items: Vec<StepItem<'_>> = chunks
+                .iter()
+                .map(|(i, r)| StepItem {
+                    seq: prompts[*i].0,
+                    tokens: &prompts[*i].1[r.clone()],
+                    logits: r.end == prompts[*i].1.len(),
+                })
+                .collect();
+            let owners = chunks.iter().filter(|(i, r)| r.end == prompts[*i].1.len());
+            for ((i, _), l) in owners.zip(self.step(&items)?) {
+                logits[*i] = l;
             }
-            for (i, l) in owners.into_iter().zip(self.step(&items)?) {
-                logits[i] = l;
+            for (i, r) in chunks {
+                done[i] = r.end;
             }
         }
         Ok(logits)
@@ -338,7 +341,9 @@ impl Engine {
     pub fn export_layer(&self, id: SeqId, layer: usize, out: &mut Vec<u8>) -> Result<()> {
         let seq = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id))?;
         let used = self.blocks_for(seq.len);
-        self.pool.export_layer(layer, &seq.blocks[..used], out)
+        Ok(self
+            .pool
+            .export_layer(layer, &seq.blocks.ids()[..used], out)?)
     }
 
     /// Writes KV bytes made by [`Engine::export_layer`] into the blocks reserved for `id`.
@@ -351,8 +356,8 @@ impl Engine {
                 seq.blocks.len()
             )));
         }
-        let blocks = seq.blocks[..n].to_vec();
-        self.pool.import_layer(layer, &blocks, bytes)
+        let blocks = seq.blocks.ids()[..n].to_vec();
+        Ok(self.pool.import_layer(layer, &blocks, bytes)?)
     }
 
     /// Declares that the first `len` positions of `id` hold imported KV, so decoding may continue.

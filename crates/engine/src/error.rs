@@ -32,6 +32,19 @@ pub enum EngineError {
     Candle(#[from] candle_core::Error),
 }
 
+impl From<tandem_kv_pool::PoolError> for EngineError {
+    fn from(e: tandem_kv_pool::PoolError) -> Self {
+        use tandem_kv_pool::PoolError;
+        match e {
+            PoolError::OutOfBlocks { needed, free } => EngineError::OutOfBlocks { needed, free },
+            PoolError::Import(s) => EngineError::KvImport(s),
+            e @ (PoolError::NotAllocated(_) | PoolError::Memory(_)) => {
+                EngineError::InvalidRequest(e.to_string())
+            }
+        }
+    }
+}
+
 /// A bounded class for metric labels and status mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {

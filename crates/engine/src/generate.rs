@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use crate::engine::{Engine, SeqId, StepItem};
-use crate::sampling::{FinishReason, SamplingParams, sample, token_finishes};
+use crate::sampling::{FinishReason, SamplingParams};
+use crate::sequence::Sequence;
 use crate::{EngineError, Result};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,27 +72,25 @@ fn run(
     let ctx = engine.model().config().max_context;
     let t0 = Instant::now();
     let logits = engine.prefill(&[(id, prompt)], prefill_chunk)?;
-    let mut token = sample(&logits[0], params, 0);
+    let mut seq = Sequence::new(params.clone(), prompt.len(), 0, ctx);
+    let (mut token, mut ends) = seq.next(&logits[0], eos);
     let prefill_time = t0.elapsed();
     let t1 = Instant::now();
     let mut tokens = vec![token];
     let finish = loop {
         let flow = on_token(token);
-        if let Some(f) = token_finishes(params, eos, token, tokens.len()) {
-            break f;
-        }
-        if flow == Flow::Stop {
-            break FinishReason::Stop;
-        }
-        if prompt.len() + tokens.len() >= ctx {
-            break FinishReason::Length;
+        // A stop token, then the caller's stop (a stop string), then the budget or the context.
+        match (ends, flow) {
+            (Some(FinishReason::Stop), _) | (_, Flow::Stop) => break FinishReason::Stop,
+            (Some(f), Flow::Continue) => break f,
+            (None, Flow::Continue) => {}
         }
         let logits = engine.step(&[StepItem {
             seq: id,
             tokens: &[token],
             logits: true,
         }])?;
-        token = sample(&logits[0], params, tokens.len() as u64);
+        (token, ends) = seq.next(&logits[0], eos);
         tokens.push(token);
     };
     Ok(Generated {

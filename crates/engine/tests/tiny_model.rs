@@ -189,28 +189,31 @@ fn release_returns_every_block() {
 fn blocks_taken_from_the_shared_allocator_are_adopted_and_counted_by_steps() {
     let (mut e, _) = engine(false, 10);
     let alloc = e.allocator();
-    // Another owner (a decode worker's reservation) takes blocks while the engine runs.
-    let taken = tandem_engine::lock_allocator(&alloc)
-        .allocate(3)
-        .expect("three");
-    assert_eq!(e.free_blocks(), 7);
+    // Another owner (a decode worker's reservation) leases blocks while the engine runs.
+    let mut short = alloc.lease(1, 0).expect("one");
+    let taken = alloc.lease(3, 0).expect("three");
+    let ids = taken.ids().to_vec();
+    assert_eq!(e.free_blocks(), 6);
+    let (err, back) = e
+        .adopt(5, short, 40)
+        .expect_err("40 positions need 3 blocks");
+    assert!(matches!(err, EngineError::KvImport(_)), "{err}");
+    short = back;
+    assert_eq!(short.len(), 1, "handed back");
+    drop(short);
+    e.adopt(5, taken, 40).expect("adopt");
+    assert_eq!((e.seq_len(5), e.block_table(5)), (Some(40), Some(&ids[..])));
     assert!(
-        matches!(
-            e.adopt(5, taken[..1].to_vec(), 40),
-            Err(EngineError::KvImport(_))
-        ),
-        "40 positions need 3 blocks"
+        e.adopt(5, alloc.empty(), 0).is_err(),
+        "an id is adopted once"
     );
-    e.adopt(5, taken.clone(), 40).expect("adopt");
-    assert_eq!(
-        (e.seq_len(5), e.block_table(5)),
-        (Some(40), Some(&taken[..]))
+    let other = tandem_engine::kv::BlockSource::new(4);
+    assert!(
+        e.adopt(6, other.lease(1, 0).expect("one"), 0).is_err(),
+        "another pool's blocks"
     );
-    assert!(e.adopt(5, Vec::new(), 0).is_err(), "an id is adopted once");
     // The rest goes elsewhere: a step that needs a block fails whole and takes nothing.
-    let rest = tandem_engine::lock_allocator(&alloc)
-        .allocate(7)
-        .expect("the rest");
+    let rest = alloc.lease(7, 0).expect("the rest");
     let t = prompt(9, 2);
     let r = e.step(&[StepItem {
         seq: 5,
@@ -225,9 +228,7 @@ fn blocks_taken_from_the_shared_allocator_are_adopted_and_counted_by_steps() {
         (e.seq_len(5), e.block_table(5).map(<[u32]>::len)),
         (Some(40), Some(3))
     );
-    tandem_engine::lock_allocator(&alloc)
-        .release(&rest)
-        .expect("give back");
+    drop(rest);
     e.release(5).expect("release");
     assert_eq!(e.free_blocks(), 10);
 }

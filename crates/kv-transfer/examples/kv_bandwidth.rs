@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use std::io::{Read, Write};
-use tandem_engine::kv::{KvGeometry, KvPool};
+use tandem_kv_pool::{KvGeometry, KvPool};
 use tandem_kv_transfer::{
     FRAME_BYTES, KvError, KvSender, KvSink, ReservationInfo, ShmRegion, TransferSpec, Wire,
     block_geometry, frame_checksums, serve_with,

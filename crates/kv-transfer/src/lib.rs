@@ -66,7 +66,7 @@ pub use shm::{ShmRegion, pool_checksum, shm_layout};
 pub use tandem_proto::v1::{BlockGeometry, KvAck, KvDtype, KvError, ShmPoolLayout};
 pub use wire::{block_bytes, dtype_size};
 
-use tandem_engine::kv::KvGeometry;
+use tandem_kv_pool::KvGeometry;
 
 /// What a decode worker knows about one reservation, as the receiver needs it.
 #[derive(Debug, Clone)]

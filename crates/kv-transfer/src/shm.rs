@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
-use tandem_engine::kv::{KvGeometry, KvMemory, KvPool};
+use tandem_kv_pool::{KvGeometry, KvMemory, KvPool};
 use tandem_proto::v1::{self, ShmPoolLayout};
 
 use crate::{Crc32c, KvTransferError, Result, block_geometry};

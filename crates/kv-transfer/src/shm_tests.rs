@@ -1,4 +1,4 @@
-use tandem_engine::kv::{KvGeometry, KvPool};
+use tandem_kv_pool::{KvGeometry, KvPool};
 
 use super::*;
 

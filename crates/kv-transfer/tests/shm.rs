@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_engine::kv::{KvGeometry, KvPool};
+use tandem_kv_pool::{KvGeometry, KvPool};
 use tandem_kv_transfer::{
     KvError, KvSender, KvSink, KvTransferError, ReservationInfo, ShmRegion, TransferSpec, Wire,
     block_geometry, pool_checksum, serve_with,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{GEOM, RawClient, TestSink, payload, source, spec, start};
-use tandem_engine::kv::{KvGeometry, KvPool};
+use tandem_kv_pool::{KvGeometry, KvPool};
 use tandem_kv_transfer::{KvError, KvSender, KvTransferError, frame_checksums};
 use tokio::io::AsyncWriteExt;
 

@@ -1,9 +1,5 @@
-//! The paged KV cache: a pool of fixed-size blocks per layer, and the allocator that hands them out.
-mod alloc;
-mod pool;
-
-pub use alloc::BlockAllocator;
-pub use pool::{KvGeometry, KvMemory, KvPool};
-
-/// Tokens per KV block: the unit of allocation and of transfer.
-pub const BLOCK_SIZE: usize = 16;
+//! The paged KV cache: a pool of fixed-size blocks per layer and the allocator that hands them
+//! out, from `tandem-kv-pool` (which the KV transports share without the engine).
+pub use tandem_kv_pool::{
+    BLOCK_SIZE, BlockAllocator, BlockLease, BlockSource, KvGeometry, KvMemory, KvPool, PoolError,
+};

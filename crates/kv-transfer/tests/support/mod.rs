@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use tandem_engine::kv::{KvGeometry, KvPool};
+use tandem_kv_pool::{KvGeometry, KvPool};
 use tandem_kv_transfer::{
     KvError, KvSink, ReservationInfo, ShmRegion, TransferSpec, block_geometry, serve,
 };

@@ -1,4 +1,4 @@
-use crate::{EngineError, Result};
+use crate::{PoolError, Result};
 
 /// Hands out block ids from a free list, with reference counts so that blocks can later be shared
 /// (a cached prefix) and are freed only when the last holder lets go.
@@ -28,7 +28,7 @@ impl BlockAllocator {
     /// Takes `n` blocks, all or none.
     pub fn allocate(&mut self, n: usize) -> Result<Vec<u32>> {
         if n > self.free.len() {
-            return Err(EngineError::OutOfBlocks {
+            return Err(PoolError::OutOfBlocks {
                 needed: n,
                 free: self.free.len(),
             });
@@ -46,9 +46,7 @@ impl BlockAllocator {
         for &id in ids {
             match self.refs.get(id as usize) {
                 Some(0) | None => {
-                    return Err(EngineError::InvalidRequest(format!(
-                        "block {id} is not allocated"
-                    )));
+                    return Err(PoolError::NotAllocated(id));
                 }
                 _ => {}
             }
@@ -64,9 +62,7 @@ impl BlockAllocator {
         for &id in ids {
             match self.refs.get(id as usize) {
                 Some(0) | None => {
-                    return Err(EngineError::InvalidRequest(format!(
-                        "block {id} is not allocated"
-                    )));
+                    return Err(PoolError::NotAllocated(id));
                 }
                 _ => {}
             }
@@ -96,10 +92,7 @@ mod tests {
         let x = a.allocate(3).expect("3 of 4");
         assert_eq!(x, vec![0, 1, 2]);
         let err = a.allocate(2).expect_err("only 1 left");
-        assert!(matches!(
-            err,
-            EngineError::OutOfBlocks { needed: 2, free: 1 }
-        ));
+        assert!(matches!(err, PoolError::OutOfBlocks { needed: 2, free: 1 }));
         assert_eq!(a.free_count(), 1, "a failed allocation takes nothing");
         assert_eq!(a.allocate(1).expect("last"), vec![3]);
         assert_eq!(a.free_count(), 0);

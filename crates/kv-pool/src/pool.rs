@@ -1,5 +1,4 @@
-use super::BLOCK_SIZE;
-use crate::{EngineError, Result};
+use crate::{BLOCK_SIZE, PoolError, Result};
 
 /// The shape of a KV pool. Per layer, K then V, each `[num_blocks][block_size][kv_heads][head_dim]`
 /// of f32: one block of one layer's K (or V) is contiguous, which makes a block the unit of transfer.
@@ -75,7 +74,7 @@ impl KvPool {
     /// A pool over caller-provided memory, which must hold exactly `geom.total_floats()` floats.
     pub fn with_memory(geom: KvGeometry, mem: Box<dyn KvMemory>) -> Result<Self> {
         if mem.floats().len() != geom.total_floats() {
-            return Err(EngineError::InvalidRequest(format!(
+            return Err(PoolError::Memory(format!(
                 "KV memory holds {} floats, the geometry needs {}",
                 mem.floats().len(),
                 geom.total_floats()
@@ -127,10 +126,10 @@ impl KvPool {
 
     fn check_blocks(&self, layer: usize, blocks: &[u32]) -> Result<()> {
         if layer >= self.geom.layers {
-            return Err(EngineError::KvImport(format!("layer {layer} out of range")));
+            return Err(PoolError::Import(format!("layer {layer} out of range")));
         }
         if let Some(b) = blocks.iter().find(|b| **b as usize >= self.geom.num_blocks) {
-            return Err(EngineError::KvImport(format!("block {b} out of range")));
+            return Err(PoolError::Import(format!("block {b} out of range")));
         }
         Ok(())
     }
@@ -157,7 +156,7 @@ impl KvPool {
         self.check_blocks(layer, blocks)?;
         let want = self.geom.layer_bytes(blocks.len());
         if bytes.len() != want {
-            return Err(EngineError::KvImport(format!(
+            return Err(PoolError::Import(format!(
                 "layer {layer}: {} bytes for {} blocks, expected {want}",
                 bytes.len(),
                 blocks.len()
