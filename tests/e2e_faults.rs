@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use prost::Message;
 use serde_json::{Value, json};
+use support::streams::{exited, streams_survive};
 use support::{Up, generate, ids, info, post, post_raw, stream};
 use tandem_proto::v1;
 use tandem_proto::v1::decode_service_client::DecodeServiceClient;
@@ -164,185 +165,21 @@ async fn a_stopped_prefill_worker_fails_its_request_over_after_the_stall_gap_not
     assert!((1..=4).contains(&retried), "{metrics}");
 }
 
-/// Four streams of 200 tokens that ignore EOS: two greedy, two sampled at temperature 0.8 with
-/// a seed.
-fn four_streams(model: &str) -> Vec<Value> {
-    (0..4)
-        .map(|i| {
-            let mut b = json!({"model": model, "max_tokens": 200, "ignore_eos": true,
-                "prompt": format!("Story {i}: once upon a time"), "stream": true,
-                "stream_options": {"include_usage": true}, "temperature": 0});
-            if i >= 2 {
-                b["temperature"] = json!(0.8);
-                b["seed"] = json!(1000 + i);
-            }
-            b
-        })
-        .collect()
-}
-
-/// Runs the bodies as concurrent streams; each one's text, tokens counted, and whether it ended
-/// cleanly (status 200, `[DONE]`, no error event).
-async fn run_streams(url: &str, bodies: &[Value]) -> Vec<(String, u64, bool)> {
-    let tasks: Vec<_> = bodies
-        .iter()
-        .map(|b| {
-            let (url, b) = (url.to_owned(), b.clone());
-            tokio::spawn(async move { stream(&url, "/v1/completions", &b, None).await })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        let s = t.await.unwrap();
-        let errors = s.events.iter().any(|e| e.get("error").is_some());
-        let used = s
-            .events
-            .iter()
-            .rev()
-            .find_map(|e| e["usage"]["completion_tokens"].as_u64())
-            .unwrap_or(0);
-        out.push((s.text(), used, s.status == 200 && s.done && !errors));
-    }
-    out
-}
-
-/// Whether process `pid` is gone (or a zombie its parent has yet to reap).
-fn exited(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-    })
-}
-
-/// The decode worker a signal hit.
-struct Victim {
-    pid: u32,
-    /// Ends with the time from the signal to the process's exit.
-    exit: tokio::task::JoinHandle<Duration>,
-}
-
-impl Victim {
-    /// The time from the signal to the worker's exit, which must come within a minute.
-    async fn exited(self) -> Duration {
-        tokio::time::timeout(Duration::from_secs(60), self.exit)
-            .await
-            .expect("the drained worker never exited")
-            .unwrap()
-    }
-}
-
-/// Runs four streams undisturbed, then again while `signal` hits the decode worker running the
-/// most of them: every stream must end cleanly with its 200 tokens and the undisturbed text.
-async fn streams_survive(up: &Up, signal: &str) -> Victim {
-    let bodies = four_streams(&up.model);
-    let undisturbed = run_streams(&up.url, &bodies).await;
-    for (text, used, clean) in &undisturbed {
-        assert!(*clean && *used == 200, "{used} {text:?}");
-    }
-    let url = up.url.clone();
-    let disturbed = tokio::spawn({
-        let bodies = bodies.clone();
-        async move { run_streams(&url, &bodies).await }
-    });
-    // Once they have produced some tokens.
-    let decodes = up.addrs(v1::WorkerRole::Decode).await;
-    let mut victim = None;
-    for _ in 0..400 {
-        let mut best = (0, 0);
-        for (addr, pid) in &decodes {
-            let running = info(addr).await.load.unwrap().running_seqs;
-            if running > best.0 {
-                best = (running, *pid);
-            }
-        }
-        if best.0 > 0 {
-            victim = Some(best.1);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let pid = victim.expect("no decode worker ever ran a stream");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .unwrap();
-    let signalled = std::time::Instant::now();
-    let exit = tokio::spawn(async move {
-        while !exited(pid) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        signalled.elapsed()
-    });
-    // Well before the 600 s decode deadline: a stopped worker is failed by the watchdog's gap.
-    let disturbed = tokio::time::timeout(Duration::from_secs(120), disturbed)
-        .await
-        .expect("the streams hung")
-        .unwrap();
-    for (i, ((text, used, clean), (want, _, _))) in disturbed.iter().zip(&undisturbed).enumerate() {
-        assert!(*clean, "stream {i} did not end cleanly: {text:?}");
-        assert_eq!(*used, 200, "stream {i}");
-        assert_eq!(text, want, "stream {i}");
-    }
-    Victim { pid, exit }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_on_a_killed_decode_worker_move_to_another_and_end_as_undisturbed() {
     let up = Up::start(&["--decode", "2", "--worker-threads", "1"]);
-    streams_survive(&up, "-KILL").await;
+    streams_survive(&up.url, &up.addrs(v1::WorkerRole::Decode).await, "-KILL").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_on_a_stopped_decode_worker_move_after_the_watchdog_and_end_as_undisturbed() {
     let up = Up::start(&["--decode", "2", "--worker-threads", "1"]);
-    let victim = streams_survive(&up, "-STOP").await;
+    let victim = streams_survive(&up.url, &up.addrs(v1::WorkerRole::Decode).await, "-STOP").await;
     victim.exit.abort();
     std::process::Command::new("kill")
         .args(["-CONT", &victim.pid.to_string()])
         .status()
         .unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_decode_worker_told_to_stop_moves_what_outlasts_its_grace_and_exits() {
-    let grace = Duration::from_secs(1);
-    let up = Up::start(&[
-        "--decode",
-        "2",
-        "--worker-threads",
-        "1",
-        "--drain-grace",
-        "1s",
-    ]);
-    // Its streams have seconds of tokens left: they move when the grace is over.
-    let victim = streams_survive(&up, "-TERM").await;
-    let took = victim.exited().await;
-    assert!(
-        took >= grace && took < grace + Duration::from_secs(5),
-        "exited {took:?} after SIGTERM with a {grace:?} grace"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn over_shm_a_decode_worker_told_to_stop_moves_its_streams_and_exits() {
-    let up = Up::start(&[
-        "--decode",
-        "2",
-        "--worker-threads",
-        "1",
-        "--drain-grace",
-        "1s",
-        "--transport",
-        "shm",
-    ]);
-    let victim = streams_survive(&up, "-TERM").await;
-    let took = victim.exited().await;
-    assert!(
-        took < Duration::from_secs(6),
-        "exited {took:?} after SIGTERM"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,16 +215,6 @@ async fn a_prefill_worker_told_to_stop_finishes_its_queue_then_exits() {
         assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
     }
     eventually("the drained prefill worker exiting", async || exited(pid)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn alone_a_decode_worker_told_to_stop_finishes_its_streams_then_exits() {
-    let up = Up::start(&["--worker-threads", "1"]);
-    // No other decode worker could take a stream: each ends on this one, then it exits, long
-    // before its 30 s grace.
-    let victim = streams_survive(&up, "-TERM").await;
-    let took = victim.exited().await;
-    assert!(took < Duration::from_secs(30), "exited after {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

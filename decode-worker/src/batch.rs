@@ -1,50 +1,17 @@
 //! The continuous-batching loop: one OS thread that owns the engine and the running set. New
 //! sequences join at each step, finished and cancelled ones leave at once and free their blocks;
 //! everyone else reaches the engine through the loop's [`Inbox`].
-use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use tandem_engine::sampling::{FinishReason, SamplingParams};
 use tandem_engine::{Engine, EngineError, Logits, Pending, Sequence, StepItem, plan_chunks};
 use tandem_proto::v1;
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
+use crate::inbox::{ChunkResult, Detached, Inbox, PrefillJob, Prefilled, Snapshot};
 use crate::state::Shared;
-
-/// What a Decode stream receives.
-pub type ChunkResult = Result<v1::DecodeChunk, Status>;
-
-/// A committed reservation that asks to run.
-pub struct Joiner {
-    pub reservation_id: u64,
-    pub prompt_tokens: usize,
-    pub first_token: u32,
-    pub generated_before: u32,
-    pub sampling: SamplingParams,
-    pub tx: UnboundedSender<ChunkResult>,
-}
-
-/// Aggregated mode: a prompt to compute inside the running batch, into its own reservation.
-pub struct PrefillJob {
-    pub reservation_id: u64,
-    pub prompt: Vec<u32>,
-    pub sampling: SamplingParams,
-    pub cancel: Arc<AtomicBool>,
-    /// Taken when answered.
-    pub reply: Option<tokio::sync::oneshot::Sender<Result<Prefilled, Status>>>,
-}
-
-/// A computed prompt: its first token and when its compute started and ended.
-#[derive(Debug, Clone, Copy)]
-pub struct Prefilled {
-    pub first_token: u32,
-    pub finish: Option<FinishReason>,
-    pub started: Instant,
-    pub finished: Instant,
-}
 
 struct Prefilling {
     job: PrefillJob,
@@ -54,11 +21,13 @@ struct Prefilling {
     adopted: bool,
 }
 
-struct Running {
-    id: u64,
+pub(crate) struct Running {
+    pub(crate) id: u64,
+    /// Positions of KV the reservation held when it joined (what the engine adopts).
+    kv_tokens: usize,
     last: u32,
-    seq: Sequence,
-    tx: UnboundedSender<ChunkResult>,
+    pub(crate) seq: Sequence,
+    pub(crate) tx: UnboundedSender<ChunkResult>,
     /// The engine holds the reservation's blocks as a sequence.
     adopted: bool,
 }
@@ -79,60 +48,6 @@ pub struct LoopStats {
     pub context_tokens: AtomicU64,
     /// Steps measured since the last heartbeat.
     pub step_log: tandem_wire::StepLog,
-}
-
-/// The loop's inbox.
-#[derive(Default)]
-pub struct Inbox {
-    queue: Mutex<Inboxed>,
-    wake: Condvar,
-}
-
-#[derive(Default)]
-struct Inboxed {
-    joiners: VecDeque<Joiner>,
-    prefills: VecDeque<PrefillJob>,
-    cancels: Vec<u64>,
-    stop: bool,
-}
-
-impl Inbox {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inboxed> {
-        self.queue
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub fn join(&self, j: Joiner) {
-        self.lock().joiners.push_back(j);
-        self.wake.notify_one();
-    }
-
-    pub fn prefill(&self, j: PrefillJob) {
-        self.lock().prefills.push_back(j);
-        self.wake.notify_one();
-    }
-
-    /// Wakes the loop, so that it looks at cancelled prefills.
-    pub fn poke(&self) {
-        self.wake.notify_one();
-    }
-
-    pub fn cancel(&self, reservation_id: u64) {
-        self.lock().cancels.push(reservation_id);
-        self.wake.notify_one();
-    }
-
-    pub fn stop(&self) {
-        self.lock().stop = true;
-        self.wake.notify_one();
-    }
-
-    /// The cancels waiting for the loop.
-    #[cfg(test)]
-    pub fn cancels(&self) -> Vec<u64> {
-        self.lock().cancels.clone()
-    }
 }
 
 /// Settings of the loop.
@@ -156,38 +71,29 @@ pub fn run(
     let stopped = AtomicBool::new(false);
     let ctx = engine.model().config().max_context;
     while !stopped.load(Ordering::Relaxed) {
-        let (joiners, prefills, cancels) = {
-            let mut q = inbox.lock();
-            while q.joiners.is_empty()
-                && q.prefills.is_empty()
-                && q.cancels.is_empty()
-                && running.is_empty()
-                && prefilling.is_empty()
-                && !q.stop
-            {
-                q = inbox
-                    .wake
-                    .wait(q)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-            }
+        let q = {
+            let busy = !running.is_empty() || !prefilling.is_empty();
+            let mut q = inbox.wait(busy);
             if q.stop {
                 stopped.store(true, Ordering::Relaxed);
             }
-            (
-                std::mem::take(&mut q.joiners),
-                std::mem::take(&mut q.prefills),
-                std::mem::take(&mut q.cancels),
-            )
+            std::mem::take(&mut *q)
         };
+        let (joiners, prefills, cancels) = (q.joiners, q.prefills, q.cancels);
         for j in joiners {
+            // The prompt as the context counts it: the KV held, less the tokens generated into
+            // it (a failover's replayed tokens, a migrated sequence's), plus the one pending.
+            let prompt = (j.kv_tokens + 1).saturating_sub(j.generated_before as usize);
             running.push(Running {
                 id: j.reservation_id,
+                kv_tokens: j.kv_tokens,
                 last: j.first_token,
-                seq: Sequence::new(j.sampling, j.prompt_tokens, j.generated_before, ctx),
+                seq: Sequence::new(j.sampling, prompt, j.generated_before, ctx),
                 tx: j.tx,
                 adopted: false,
             });
         }
+        running.extend(q.reattached.into_iter().map(|d| d.run));
         prefilling.extend(prefills.into_iter().map(|job| Prefilling {
             job,
             done: 0,
@@ -237,6 +143,15 @@ pub fn run(
                 shared.end_in(&mut engine, id);
             }
         }
+        for (id, reply) in q.snapshots {
+            let _ = reply.send(snapshot(&engine, &running, id));
+        }
+        for (id, reply) in q.detaches {
+            if let Err(Some(d)) = reply.send(detach(&engine, &mut running, id)) {
+                // Whoever asked went away: the sequence goes on here.
+                running.push(d.run);
+            }
+        }
         if running.is_empty() && prefilling.is_empty() {
             stats.running.store(0, Ordering::Relaxed);
             continue;
@@ -251,6 +166,28 @@ pub fn run(
             cfg,
         );
     }
+}
+
+/// A running sequence's KV between two steps.
+fn snapshot(engine: &Engine, running: &[Running], id: u64) -> Option<Snapshot> {
+    let r = running.iter().find(|r| r.id == id && r.adopted)?;
+    Some(Snapshot {
+        kv_tokens: engine.seq_len(id)?,
+        blocks: engine.block_table(id)?.to_vec(),
+        left: r.seq.left(),
+    })
+}
+
+/// Takes a running sequence out of the batch; the engine keeps its KV.
+fn detach(engine: &Engine, running: &mut Vec<Running>, id: u64) -> Option<Detached> {
+    let i = running.iter().position(|r| r.id == id && r.adopted)?;
+    let kv_tokens = engine.seq_len(id)?;
+    let blocks = engine.block_table(id)?.to_vec();
+    Some(Detached {
+        run: running.remove(i),
+        kv_tokens,
+        blocks,
+    })
 }
 
 /// One decode step over every sequence that has room to grow; sequences that do not fit wait.
@@ -354,6 +291,7 @@ fn step(
             tokens: vec![token],
             finish: tandem_wire::finish_to_proto(finish).into(),
             completion_tokens: r.seq.generated(),
+            moved: None,
         };
         // A closed receiver is a dropped stream: the client went away.
         if r.tx.send(Ok(chunk)).is_err() || finish.is_some() {
@@ -480,7 +418,7 @@ fn adopt(
         if r.adopted {
             return true;
         }
-        match shared.adopt(engine, r.id, r.seq.prompt_tokens()) {
+        match shared.adopt(engine, r.id, r.kv_tokens) {
             Ok(()) => {
                 r.adopted = true;
                 true
@@ -522,3 +460,7 @@ fn adopt(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "batch_tests.rs"]
+mod tests;

@@ -310,6 +310,18 @@ impl Book {
         in_engine
     }
 
+    /// Reservations decoding (their sequences run in the batch, or are about to join it).
+    pub fn running(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.phase == Phase::Running)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Reservations that have not started decoding.
     pub fn pending(&self) -> u32 {
         self.outlook().waiting
@@ -500,6 +512,7 @@ mod tests {
         assert_eq!(book.admit(3), Ok(16));
         let engine_holds = book.get_mut(4).unwrap().lease.take();
         assert_eq!(book.pending(), 4);
+        assert_eq!(book.running(), vec![3]);
         assert!(book.expire(now).is_empty(), "not yet");
         assert_eq!(book.expire(soon), vec![4]);
         assert!(book.get(1).is_none() && book.get(2).is_none());

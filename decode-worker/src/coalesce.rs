@@ -9,7 +9,7 @@ use futures::Stream;
 use tandem_proto::v1;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::batch::ChunkResult;
+use crate::inbox::ChunkResult;
 
 /// Most tokens merged into one message, so that a consumer far behind still gets steady messages
 /// of bounded size.
@@ -29,8 +29,9 @@ impl Coalesced {
     }
 }
 
+/// A stream's last message: a finish, or the sequence moved elsewhere.
 fn last(c: &v1::DecodeChunk) -> bool {
-    c.finish != v1::FinishReason::Unspecified as i32
+    c.finish != v1::FinishReason::Unspecified as i32 || c.moved.is_some()
 }
 
 impl Stream for Coalesced {
@@ -50,7 +51,10 @@ impl Stream for Coalesced {
         };
         while !last(&merged) && merged.tokens.len() < MAX_TOKENS_PER_CHUNK {
             match self.rx.try_recv() {
-                Ok(Ok(next)) if merged.tokens.len() + next.tokens.len() <= MAX_TOKENS_PER_CHUNK => {
+                Ok(Ok(next))
+                    if next.moved.is_none()
+                        && merged.tokens.len() + next.tokens.len() <= MAX_TOKENS_PER_CHUNK =>
+                {
                     merged.tokens.extend_from_slice(&next.tokens);
                     merged.finish = next.finish;
                     merged.completion_tokens = next.completion_tokens;
@@ -77,6 +81,7 @@ mod tests {
             tokens: vec![token],
             finish: finish as i32,
             completion_tokens: n,
+            moved: None,
         })
     }
 
@@ -115,6 +120,29 @@ mod tests {
         let e = s.next().await.unwrap().unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(s.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_move_goes_on_its_own_after_the_tokens_before_it() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut s = Coalesced::new(rx);
+        tx.send(chunk(1, 2, v1::FinishReason::Unspecified)).unwrap();
+        tx.send(chunk(2, 3, v1::FinishReason::Unspecified)).unwrap();
+        let moved = v1::SequenceMoved {
+            worker_id: "decode-2".into(),
+            grpc_addr: "127.0.0.1:1".into(),
+            reservation_id: 7,
+            kv_tokens: 40,
+        };
+        tx.send(Ok(v1::DecodeChunk {
+            completion_tokens: 3,
+            moved: Some(moved.clone()),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(s.next().await.unwrap().unwrap().tokens, vec![1, 2]);
+        let last = s.next().await.unwrap().unwrap();
+        assert_eq!((last.tokens.len(), last.moved), (0, Some(moved)));
     }
 
     #[tokio::test]

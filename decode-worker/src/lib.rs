@@ -4,13 +4,16 @@
 //!
 //! Parts: [`book`] (the reservation table, apart from the engine), [`state`] (what the parts
 //! share, and the KV receiver's sink), [`batch`] (the continuous-batching loop, on its own thread
-//! and owning the engine), [`service`] (the gRPC handlers), and [`run`], which wires them to
+//! and owning the engine) and its [`inbox`], [`migrate`] (moving a running sequence to another
+//! decode worker), [`service`] (the gRPC handlers), and [`run`], which wires them to
 //! listeners and the router.
 #![forbid(unsafe_code)]
 
 pub mod batch;
 pub mod book;
 pub mod coalesce;
+pub mod inbox;
+pub mod migrate;
 pub mod service;
 pub mod state;
 
@@ -27,7 +30,8 @@ use tandem_proto::v1::worker_control_server::WorkerControlServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
-use crate::batch::{Inbox, LoopStats};
+use crate::batch::LoopStats;
+use crate::inbox::Inbox;
 use crate::service::DecodeGrpc;
 use crate::state::{Shared, Sink};
 
@@ -199,6 +203,9 @@ pub async fn run(
         default_lease: cfg.default_lease,
         drain: tandem_router::Drain::new(cfg.drain_grace),
         aggregated: cfg.aggregated,
+        kv_sender: Arc::new(tandem_kv_transfer::KvSender::new(
+            identity.grpc_addr.clone(),
+        )),
     };
     let loop_thread = {
         let (shared, inbox, stats, eos) = (shared.clone(), inbox.clone(), stats.clone(), cfg.eos);
@@ -241,10 +248,9 @@ pub async fn run(
             stopped(stop_rx.clone()),
         );
     let server = tokio::spawn(server);
-    let registration = match cfg.router {
+    let registration = match &cfg.router {
         Some(addr) => {
-            let client =
-                tandem_router::RouterClient::connect(&addr, Duration::from_secs(5)).await?;
+            let client = tandem_router::RouterClient::connect(addr, Duration::from_secs(5)).await?;
             let g = grpc.clone();
             Some(tokio::spawn(tandem_router::keep_registered(
                 client,
@@ -255,6 +261,14 @@ pub async fn run(
         }
         None => None,
     };
+    // A drain moves the running sequences to other decode workers, which the router knows.
+    let mover = cfg.router.clone().map(|router| {
+        let g = grpc.clone();
+        tokio::spawn(async move {
+            g.drain.asked().await;
+            crate::migrate::move_all(&g, &router).await;
+        })
+    });
     tracing::info!(grpc = %grpc_addr, kv = %kv_addr, "decode worker serving");
     let drain = grpc.drain.clone();
     drain
@@ -271,6 +285,9 @@ pub async fn run(
     }
     inbox.stop();
     sweeper.abort();
+    if let Some(m) = mover {
+        m.abort();
+    }
     let _ = kv.await;
     let _ = server.await;
     let _ = tokio::task::spawn_blocking(move || loop_thread.join()).await;

@@ -11,8 +11,9 @@ use tandem_proto::v1::prefill_service_server::PrefillService;
 use tandem_proto::v1::worker_control_server::WorkerControl;
 use tonic::{Request, Response, Status};
 
-use crate::batch::{ChunkResult, Inbox, Joiner, LoopStats, PrefillJob};
+use crate::batch::LoopStats;
 use crate::coalesce::Coalesced;
+use crate::inbox::{ChunkResult, Inbox, Joiner, PrefillJob};
 use crate::state::{Phase, Shared};
 
 /// Longest lease a Reserve may ask for.
@@ -30,6 +31,8 @@ pub struct DecodeGrpc {
     pub drain: tandem_router::Drain,
     /// Aggregated mode: also serves Prefill, computing prompts inside its own batch.
     pub aggregated: bool,
+    /// Moves running sequences' KV to other decode workers (Migrate, drain).
+    pub kv_sender: Arc<tandem_kv_transfer::KvSender>,
 }
 
 impl DecodeGrpc {
@@ -73,7 +76,7 @@ impl DecodeGrpc {
         }
     }
 
-    fn identity(&self) -> v1::WorkerIdentity {
+    pub(crate) fn identity(&self) -> v1::WorkerIdentity {
         self.identity
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -164,12 +167,28 @@ impl DecodeService for DecodeGrpc {
                 "generated_before counts first_token, so it is at least 1",
             ));
         }
-        // The batch loop hands the blocks to the engine at its next step boundary.
-        let prompt_tokens = self.shared.book().admit(req.reservation_id)?;
+        let kv_tokens = {
+            let mut book = self.shared.book();
+            let room = book
+                .get(req.reservation_id)
+                .map(|r| r.block_ids.len() * self.shared.geometry.block_tokens as usize);
+            if room.is_some_and(|room| req.kv_tokens as usize > room) {
+                return Err(Status::invalid_argument(format!(
+                    "{} positions of KV do not fit reservation {}",
+                    req.kv_tokens, req.reservation_id
+                )));
+            }
+            // The batch loop hands the blocks to the engine at its next step boundary.
+            let prompt_tokens = book.admit(req.reservation_id)?;
+            match req.kv_tokens {
+                0 => prompt_tokens,
+                n => n as usize,
+            }
+        };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.inbox.join(Joiner {
             reservation_id: req.reservation_id,
-            prompt_tokens,
+            kv_tokens,
             first_token: req.first_token,
             generated_before: req.generated_before,
             sampling,
@@ -203,6 +222,19 @@ impl DecodeService for DecodeGrpc {
             found: true,
             blocks_freed: freed,
         }))
+    }
+
+    async fn migrate(
+        &self,
+        request: Request<v1::MigrateRequest>,
+    ) -> Result<Response<v1::MigrateResponse>, Status> {
+        let req = request.into_inner();
+        if req.destination_grpc_addr == self.identity().grpc_addr {
+            return Err(Status::invalid_argument(
+                "a sequence cannot move to the worker it runs on",
+            ));
+        }
+        crate::migrate::migrate(self, req).await.map(Response::new)
     }
 }
 

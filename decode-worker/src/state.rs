@@ -18,9 +18,9 @@ use tandem_kv_transfer::{KvError, KvSink, ReservationInfo, ShmRegion, block_geom
 use tandem_proto::v1;
 use tonic::Status;
 
-use crate::batch::Inbox;
 use crate::book::{Ask, Book};
 pub use crate::book::{Phase, Reservation};
+use crate::inbox::Inbox;
 
 /// State shared by every part of a decode worker.
 pub struct Shared {
@@ -133,6 +133,15 @@ impl Shared {
         for id in in_engine {
             self.inbox.cancel(id);
         }
+    }
+
+    /// Appends K then V of `blocks` of `layer` to `out`, read through the pool's second mapping:
+    /// the blocks of a sequence the engine is not writing (full ones, or a detached sequence's).
+    pub fn read_kv(&self, layer: u32, blocks: &[u32], out: &mut Vec<u8>) -> Result<(), Status> {
+        self.view
+            .read()
+            .read_blocks(layer as usize, blocks, out)
+            .map_err(|e| Status::internal(format!("reading KV to move: {e}")))
     }
 
     /// Hands an admitted reservation's blocks to the engine as sequence `id` with `len` positions
@@ -260,12 +269,12 @@ impl KvSink for Sink {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// An engine over a pool in anonymous shared memory, and what the worker shares beside it
     /// (no batch loop runs: the test owns the engine as the loop would).
-    fn worker(blocks: usize) -> (Engine, Arc<Shared>, Arc<Inbox>) {
+    pub(crate) fn worker(blocks: usize) -> (Engine, Arc<Shared>, Arc<Inbox>) {
         let model = Arc::new(tandem_engine::tiny::tiny_model(7, false).unwrap().0);
         let geom = Engine::geometry_for(&model, blocks);
         let (pool, view) = ShmRegion::anonymous_pool(&geom).unwrap();

@@ -99,6 +99,9 @@ struct LegMetrics {
     retries_refused: AtomicU64,
     /// Measured over predicted TTFT of admitted requests.
     ttft_ratio: Histogram,
+    /// Streams moved to another decode worker: by their worker (migrated), after its failure.
+    moved_migrated: AtomicU64,
+    moved_failed: AtomicU64,
 }
 
 /// Buckets of measured/predicted ratios.
@@ -132,6 +135,8 @@ impl DisaggBackend {
                     retries: AtomicU64::new(0),
                     retries_refused: AtomicU64::new(0),
                     ttft_ratio: Histogram::new(RATIO_BUCKETS),
+                    moved_migrated: AtomicU64::new(0),
+                    moved_failed: AtomicU64::new(0),
                 },
             }),
         }
@@ -310,9 +315,9 @@ impl Legs {
         let rest = self.open_decode(
             decode,
             &req,
-            (answer.first_token, 1),
+            (answer.first_token, 1, 0),
             (reservation.reservation_id, release),
-            &placement,
+            gap_for(placement.predicted.map(|p| p.itl)),
             None,
         );
         let decode_worker = placement.decode.worker_id.clone();
@@ -335,16 +340,16 @@ impl Legs {
     }
 
     /// The Decode call on a reservation whose KV is in place, from `first` = (the last token the
-    /// client was sent, tokens sent so far): opened when first polled, under the decode deadline
-    /// and the stream's watchdog. `ticket`: a failover placement's end, reported when the leg
-    /// is dropped.
+    /// client was sent, tokens sent so far, positions of KV the reservation holds when not its
+    /// prompt, else 0): opened when first polled, under the decode deadline and a watchdog of
+    /// `gap`. `ticket`: a failover placement's end, reported when the leg is dropped.
     pub(crate) fn open_decode(
         &self,
         mut client: DecodeServiceClient<Channel>,
         req: &GenerateRequest,
-        first: (u32, u32),
+        first: (u32, u32, u32),
         (reservation_id, release): (u64, ReleaseOnDrop),
-        placement: &tandem_router::Placement,
+        gap: Duration,
         ticket: Option<Measure>,
     ) -> DecodeRest {
         let timeout = self.config.decode_timeout;
@@ -354,6 +359,7 @@ impl Legs {
             first_token: first.0,
             sampling: Some(tandem_wire::sampling_to_proto(&req.sampling)),
             generated_before: first.1,
+            kv_tokens: first.2,
         });
         call_req.set_timeout(timeout);
         let opening: DecodeOpening = Box::pin(async move { client.decode(call_req).await });
@@ -363,8 +369,48 @@ impl Legs {
             release: Some(release),
             movable: false,
             _ticket: ticket,
-            watchdog: Watchdog::new(gap_for(placement.predicted.map(|p| p.itl))),
+            watchdog: Watchdog::new(gap),
+            moved: None,
         }
+    }
+
+    /// Counts a stream moved to another decode worker.
+    pub(crate) fn count_move(&self, migrated: bool) {
+        let m = &self.metrics;
+        let c = if migrated {
+            &m.moved_migrated
+        } else {
+            &m.moved_failed
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A leg on the decode worker a stream's sequence migrated to: its reservation there holds
+    /// the KV of every token sent but the last.
+    pub(crate) fn continue_on(
+        &self,
+        req: &GenerateRequest,
+        sent: &[u32],
+        moved: &v1::SequenceMoved,
+        gap: Duration,
+    ) -> Result<DecodeRest, BackendError> {
+        let last = *sent.last().ok_or_else(|| {
+            BackendError::Internal("a stream migrated before its first token".into())
+        })?;
+        let client = DecodeServiceClient::new(self.channel(&moved.grpc_addr)?);
+        let release = ReleaseOnDrop {
+            client: Some(client.clone()),
+            reservation_id: moved.reservation_id,
+            timeout: self.config.control_timeout,
+        };
+        Ok(self.open_decode(
+            client,
+            req,
+            (last, sent.len() as u32, moved.kv_tokens),
+            (moved.reservation_id, release),
+            gap,
+            None,
+        ))
     }
 
     /// Reserves the KV of `prompt_tokens` plus `max_new_tokens` on `decode`; the guard releases
@@ -571,6 +617,14 @@ impl Backend for DisaggBackend {
         let _ = writeln!(
             out,
             "# HELP tandem_kv_transfer_bytes_total KV payload bytes sent to decode workers.\n# TYPE tandem_kv_transfer_bytes_total counter\ntandem_kv_transfer_bytes_total {bytes}"
+        );
+        let (migrated, failed) = (
+            m.moved_migrated.load(Ordering::Relaxed),
+            m.moved_failed.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tandem_stream_moves_total Streams that went on on another decode worker: moved by their worker with their KV (migrated), or recomputed there after it failed (failover).\n# TYPE tandem_stream_moves_total counter\ntandem_stream_moves_total{{cause=\"migrated\"}} {migrated}\ntandem_stream_moves_total{{cause=\"failover\"}} {failed}"
         );
         let _ = writeln!(
             out,
@@ -811,12 +865,24 @@ pub(crate) struct DecodeRest {
     _ticket: Option<Measure>,
     /// Fails the leg when the worker sends nothing for longer than it should.
     watchdog: Watchdog,
+    /// Where the sequence went, when its decode worker moved it (the leg then ends).
+    moved: Option<v1::SequenceMoved>,
 }
 
 impl DecodeRest {
     /// Whether it ended because its decode worker failed, so that another can take it over.
     pub(crate) fn movable(&self) -> bool {
         self.movable
+    }
+
+    /// Where the sequence continues, once the leg ended because its decode worker moved it.
+    pub(crate) fn take_moved(&mut self) -> Option<v1::SequenceMoved> {
+        self.moved.take()
+    }
+
+    /// The watchdog's gap: how long the worker may send nothing.
+    pub(crate) fn gap(&self) -> Duration {
+        self.watchdog.gap()
     }
 
     fn end(&mut self, e: BackendError) -> Poll<Option<Result<TokenChunk, BackendError>>> {
@@ -874,6 +940,18 @@ impl Stream for DecodeRest {
                         Poll::Ready(Some(Ok(chunk))) => {
                             this.watchdog.fed();
                             let finish = tandem_wire::finish_from_proto(chunk.finish);
+                            if chunk.moved.is_some() {
+                                // The worker released its reservation as it handed the KV over;
+                                // the stream goes on where `moved` says.
+                                if let Some(g) = this.release.as_mut() {
+                                    g.client = None;
+                                }
+                                this.moved = chunk.moved;
+                                this.leg = DecodeLeg::Done;
+                                if chunk.tokens.is_empty() {
+                                    return Poll::Ready(None);
+                                }
+                            }
                             if finish.is_some() {
                                 // D freed the sequence itself when it finished.
                                 if let Some(g) = this.release.as_mut() {

@@ -25,8 +25,10 @@ pub(crate) struct Resumable {
     req: Arc<GenerateRequest>,
     /// Every token the client has been sent, the prefill's first included.
     sent: Vec<u32>,
-    /// Decode workers this stream ran on, the current one last (its moves: one fewer).
+    /// Decode workers this stream ran on, the current one last.
     workers: Vec<String>,
+    /// Of those moves, the ones its decode worker made (migrations, not failures).
+    migrated: usize,
     state: State,
 }
 
@@ -50,6 +52,7 @@ impl Resumable {
             req: Arc::new(req),
             sent: vec![first_token],
             workers: vec![decode_worker],
+            migrated: 0,
             state: State::Running(Box::new(rest)),
         }
     }
@@ -94,7 +97,7 @@ impl Stream for Resumable {
                     Poll::Ready(Some(Err(e))) => {
                         let most = this.legs.config.max_migrations;
                         let movable = rest.movable();
-                        let moves = this.workers.len().saturating_sub(1);
+                        let moves = this.workers.len().saturating_sub(1 + this.migrated);
                         if !movable || moves >= most as usize {
                             this.state = State::Done;
                             let e = if movable {
@@ -116,6 +119,7 @@ impl Stream for Resumable {
                         if let Some(w) = this.workers.last() {
                             this.legs.router.report(w, false);
                         }
+                        this.legs.count_move(false);
                         let legs = this.legs.clone();
                         let (req, sent) = (this.req.clone(), this.sent.clone());
                         let exclude = this.workers.clone();
@@ -123,8 +127,24 @@ impl Stream for Resumable {
                         this.state = State::Moving(legs.resume(req, sent, exclude).boxed());
                     }
                     Poll::Ready(None) => {
-                        this.state = State::Done;
-                        return Poll::Ready(None);
+                        let Some(moved) = rest.take_moved() else {
+                            this.state = State::Done;
+                            return Poll::Ready(None);
+                        };
+                        tracing::info!(
+                            request = %this.req.request_id,
+                            from = this.workers.last().map_or("", String::as_str),
+                            to = %moved.worker_id,
+                            after = this.sent.len(),
+                            "stream migrated to another decode worker"
+                        );
+                        this.migrated += 1;
+                        this.legs.count_move(true);
+                        let gap = rest.gap();
+                        let next = this.legs.continue_on(&this.req, &this.sent, &moved, gap);
+                        let worker = moved.worker_id;
+                        this.state =
+                            State::Moving(async move { next.map(|r| (r, worker)) }.boxed());
                     }
                     Poll::Pending => return Poll::Pending,
                 },
@@ -176,9 +196,9 @@ impl Legs {
         let rest = self.open_decode(
             decode,
             &req,
-            (last, sent.len() as u32),
+            (last, sent.len() as u32, 0),
             (reservation.reservation_id, release),
-            &placement,
+            crate::watchdog::gap_for(placement.predicted.map(|p| p.itl)),
             ticket,
         );
         Ok((rest, placement.decode.worker_id.clone()))

@@ -51,6 +51,12 @@ impl Drain {
         });
     }
 
+    /// Resolves once a drain is asked for (at once if one was).
+    pub async fn asked(&self) {
+        let mut asked = self.asked.subscribe();
+        let _ = asked.wait_for(Option::is_some).await;
+    }
+
     /// Waits for `stop` or a drain asked for otherwise, then until `idle()` holds or the drain's
     /// grace has passed; the worker stops when this returns.
     pub async fn run(&self, stop: impl Future<Output = ()>, idle: impl Fn() -> bool) {

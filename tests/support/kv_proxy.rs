@@ -1,8 +1,8 @@
 //! A KV link that can damage what crosses it: a proxy in front of a decode worker's KV endpoint
 //! (the worker advertises it with `--kv-advertise`) that reads the prefill side's frames and, while
 //! told to, flips one byte in the middle of each frame's payload, as a bad NIC or cable would.
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use tandem_proto::{KV_MAGIC, v1};
@@ -12,22 +12,27 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct KvProxy {
     /// Where prefill workers dial.
     pub addr: String,
+    /// Where it forwards to.
+    to: Arc<Mutex<String>>,
     corrupt: Arc<AtomicBool>,
     corrupted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl KvProxy {
-    /// Listens on `ip` (any port) and forwards each connection to `to`.
+    /// Listens on `ip` (any port) and forwards each connection to `to` (which
+    /// [`KvProxy::forward_to`] may set later, once the worker behind it is listening).
     pub async fn start(ip: &str, to: String) -> KvProxy {
         let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let corrupt = Arc::new(AtomicBool::new(false));
         let corrupted = Arc::new(AtomicUsize::new(0));
-        let (c, n) = (corrupt.clone(), corrupted.clone());
+        let target = Arc::new(Mutex::new(to));
+        let (c, n, t) = (corrupt.clone(), corrupted.clone(), target.clone());
         let task = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
-                let (to, c, n) = (to.clone(), c.clone(), n.clone());
+                let to = t.lock().unwrap().clone();
+                let (c, n) = (c.clone(), n.clone());
                 tokio::spawn(async move {
                     if let Ok(up) = TcpStream::connect(&to).await {
                         let _ = (up.set_nodelay(true), down.set_nodelay(true));
@@ -45,10 +50,16 @@ impl KvProxy {
         });
         KvProxy {
             addr,
+            to: target,
             corrupt,
             corrupted,
             task,
         }
+    }
+
+    /// Forwards connections made from now on to `to`.
+    pub fn forward_to(&self, to: String) {
+        *self.to.lock().unwrap() = to;
     }
 
     /// Damages every frame from now on (`true`), or none.

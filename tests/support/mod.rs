@@ -18,6 +18,7 @@ pub mod chaos;
 pub mod hosts;
 pub mod kv_proxy;
 pub mod procs;
+pub mod streams;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 
@@ -32,10 +33,10 @@ static BUSY: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
 static FREED: std::sync::Condvar = std::sync::Condvar::new();
 
 /// The right to run a cluster; given back when dropped.
-struct Permit;
+pub struct Permit;
 
 impl Permit {
-    fn take() -> Permit {
+    pub fn take() -> Permit {
         let mut busy = BUSY
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -201,6 +202,22 @@ pub async fn get(url: &str, path: &str) -> (u16, String) {
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The first model the gateway at `url` lists.
+pub async fn model_name(url: &str) -> String {
+    let (status, body) = get(url, "/v1/models").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["data"][0]["id"].as_str().unwrap().to_owned()
+}
+
+/// A counter's value in the Prometheus text at `url`/metrics (0 when absent).
+pub async fn counter(url: &str, series: &str) -> f64 {
+    let (_, text) = get(url, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// A streamed response: every `data:` event as JSON, and whether `[DONE]` ended it.

@@ -47,8 +47,13 @@ pub fn run_workers(args: WorkersArgs) -> anyhow::Result<()> {
     block_on(async move {
         for w in registered(&args.router).await? {
             let Some(i) = w.identity else { continue };
-            let state = w
-                .load
+            // The worker's own count, current (the router's set changes with membership only).
+            let load = match current_load(&i.grpc_addr).await {
+                Some(l) => Some(l),
+                None => w.load,
+            };
+            let state = load
+                .as_ref()
                 .map_or(v1::WorkerState::Unspecified, |l| l.state())
                 .as_str_name()
                 .trim_start_matches("WORKER_STATE_")
@@ -58,19 +63,40 @@ pub fn run_workers(args: WorkersArgs) -> anyhow::Result<()> {
                 .as_str_name()
                 .trim_start_matches("WORKER_ROLE_")
                 .to_lowercase();
+            let running = load.as_ref().map_or(0, |l| l.running_seqs);
             if args.json {
                 let o = serde_json::json!({"id": i.worker_id, "role": role, "state": state,
-                    "address": i.grpc_addr, "model": i.model, "pid": i.pid});
+                    "address": i.grpc_addr, "model": i.model, "pid": i.pid,
+                    "running": running});
                 println!("{o}");
             } else {
                 println!(
-                    "{:<14} {:<10} {:<9} {:<22} {}",
-                    i.worker_id, role, state, i.grpc_addr, i.model
+                    "{:<14} {:<10} {:<9} {:>7} {:<22} {}",
+                    i.worker_id, role, state, running, i.grpc_addr, i.model
                 );
             }
         }
         Ok(())
     })
+}
+
+/// A worker's load as it answers Info now; `None` when it does not answer within a second.
+async fn current_load(addr: &str) -> Option<v1::LoadReport> {
+    let ask = async {
+        let mut c =
+            v1::worker_control_client::WorkerControlClient::connect(format!("http://{addr}"))
+                .await
+                .ok()?;
+        c.info(v1::InfoRequest::default())
+            .await
+            .ok()?
+            .into_inner()
+            .load
+    };
+    tokio::time::timeout(Duration::from_secs(1), ask)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The workers registered with the router at `router`.

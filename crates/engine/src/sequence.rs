@@ -45,6 +45,11 @@ impl Sequence {
         self.generated
     }
 
+    /// Tokens it may still generate before its budget ends it.
+    pub fn left(&self) -> u32 {
+        self.sampling.max_tokens.saturating_sub(self.generated)
+    }
+
     /// Samples the next token from the step's `logits` (seeded by its position among the
     /// generated, so that a sequence continued elsewhere draws the same) and accepts it.
     pub fn next(&mut self, logits: &Logits, eos: &[u32]) -> (u32, Option<FinishReason>) {
@@ -140,7 +145,7 @@ mod tests {
     fn next_samples_greedily_and_counts_the_token() {
         let mut s = Sequence::new(greedy(4), 3, 1, 100);
         let (t, f) = s.next(&Logits::Dense(vec![0.0, 3.0, 1.0]), &[7]);
-        assert_eq!((t, f, s.generated()), (1, None, 2));
+        assert_eq!((t, f, s.generated(), s.left()), (1, None, 2, 2));
         assert_eq!(s.prompt_tokens(), 3);
     }
 

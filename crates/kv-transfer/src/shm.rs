@@ -268,6 +268,17 @@ impl ShmRegion {
         Ok(2 * bf * 4 * dst_blocks.len())
     }
 
+    /// Appends K of `block_ids` of `layer` in list order, then their V, to `out`: a payload as
+    /// `KvPool::export_layer` lays it out (a decode worker reading a running sequence's blocks to
+    /// move them, while its engine computes others).
+    pub fn read_blocks(&self, layer: usize, block_ids: &[u32], out: &mut Vec<u8>) -> Result<()> {
+        out.reserve(2 * self.geom.block_floats() * 4 * block_ids.len());
+        for r in self.payload_ranges(layer, block_ids) {
+            out.extend_from_slice(&self.map[r?]);
+        }
+        Ok(())
+    }
+
     /// CRC-32C of K of `block_ids` of `layer` in list order, then their V (as a notice carries).
     pub fn checksum(&self, layer: usize, block_ids: &[u32]) -> Result<u32> {
         let mut crc = Crc32c::default();

@@ -65,6 +65,14 @@ fn bytes_written_through_one_mapping_are_read_through_another() {
         prefill.checksum(1, &[4, 1]).expect("crc"),
         crc32c::crc32c(&payload)
     );
+    // Read back through a mapping, laid out as the pool exports it.
+    let mut read = Vec::new();
+    prefill.read_blocks(1, &[4, 1], &mut read).expect("read");
+    assert_eq!(read, payload);
+    assert!(
+        prefill.read_blocks(1, &[6], &mut read).is_err(),
+        "outside the pool"
+    );
     drop(pool);
     assert!(!path.exists(), "the creator removes the file");
 }
