@@ -274,7 +274,8 @@ pub async fn run(
     drain
         .run(shutdown, || {
             let l = grpc.load();
-            l.running_seqs == 0 && l.reservations == 0
+            // A sequence out of the batch while it migrates is still this worker's to hand over.
+            l.running_seqs == 0 && l.reservations == 0 && grpc.shared.book().running().is_empty()
         })
         .await;
     let _ = stop_tx.send(true);

@@ -246,7 +246,7 @@ impl Destination {
         let mut bytes = Vec::new();
         for layer in 0..grpc.shared.geometry.num_layers {
             bytes.clear();
-            grpc.shared.read_kv(layer, src, &mut bytes)?;
+            off_runtime(|| grpc.shared.read_kv(layer, src, &mut bytes))?;
             self.layer(t, layer, dst, &bytes).await?;
         }
         Ok(())
@@ -278,8 +278,7 @@ impl Destination {
     ) -> Result<(), Status> {
         match &mut self.region {
             Some(region) => {
-                region
-                    .write_blocks(layer as usize, dst, bytes)
+                off_runtime(|| region.write_blocks(layer as usize, dst, bytes))
                     .map_err(kv_status)?;
                 t.notify_shm(layer, dst, bytes.len() as u64, crc32c(bytes))
                     .await
@@ -299,6 +298,17 @@ impl Destination {
             call.set_timeout(Duration::from_secs(1));
             let _ = client.release(call).await;
         });
+    }
+}
+
+/// Runs a copy of megabytes where it does not hold up the runtime's other tasks (the worker's
+/// token streams among them): on a multi-threaded runtime, its worker thread is handed over to
+/// them for the copy's length.
+fn off_runtime<R>(copy: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(copy),
+        _ => copy(),
     }
 }
 
