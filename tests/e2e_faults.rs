@@ -184,7 +184,9 @@ async fn streams_on_a_stopped_decode_worker_move_after_the_watchdog_and_end_as_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefill_worker_told_to_stop_finishes_its_queue_then_exits() {
-    let up = Up::start(&["--worker-threads", "1"]);
+    // Admission would hold back unbudgeted prompts predicted to wait past its 30 s horizon (a
+    // debug build's four long prompts can be): all four must be at the worker when it stops.
+    let up = Up::start(&["--worker-threads", "1", "--unbudgeted-horizon", "600s"]);
     let (addr, pid) = up
         .addrs(v1::WorkerRole::Prefill)
         .await

@@ -25,7 +25,7 @@ use crate::service::DecodeGrpc;
 /// Positions reserved beyond the sequence's KV when the copy begins: what it may generate before
 /// the pause (the copy of full blocks takes milliseconds; a step, tens).
 const SLACK_BLOCKS: usize = 4;
-/// Longest a whole migration may take, pause included.
+/// Longest the copy before the pause may take.
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Lease asked for on the destination: until its Decode call.
 const LEASE: Duration = Duration::from_secs(30);
@@ -43,12 +43,7 @@ pub async fn migrate(
         .await
         .ok_or_else(|| Status::not_found(format!("no running sequence {id}")))?;
     let mut dest = Destination::reserve(grpc, &req, &snap).await?;
-    let moved = tokio::time::timeout(DEADLINE, dest.fill(grpc, &snap, t0)).await;
-    let moved = moved.unwrap_or_else(|_| {
-        Err(Status::deadline_exceeded(format!(
-            "migration of {id} took over {DEADLINE:?}"
-        )))
-    });
+    let moved = dest.fill(grpc, &snap, t0).await;
     if moved.is_err() {
         dest.give_back();
     }
@@ -133,16 +128,27 @@ impl Destination {
             attempt: 0,
             geometry: shared.geometry,
         };
-        let mut t = grpc
-            .kv_sender
-            .open(&self.res.kv_endpoint, spec)
-            .await
-            .map_err(kv_status)?;
         let dst = self.res.block_ids.clone();
-        // Full blocks do not change any more: copied while the sequence decodes.
+        // Full blocks do not change any more: copied while the sequence decodes. Bounded as a
+        // whole; what follows the pause is bounded by the transfer's own stall timeout and
+        // must not be cut short (the detached sequence would be dropped, not put back).
         let full = (snap.kv_tokens / bs).min(dst.len());
-        self.send(grpc, &mut t, &snap.blocks[..full], &dst[..full])
-            .await?;
+        let copy = async {
+            let mut t = grpc
+                .kv_sender
+                .open(&self.res.kv_endpoint, spec)
+                .await
+                .map_err(kv_status)?;
+            self.send(grpc, &mut t, &snap.blocks[..full], &dst[..full])
+                .await?;
+            Ok::<_, Status>(t)
+        };
+        let t = tokio::time::timeout(DEADLINE, copy).await.map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "copying the KV of {} took over {DEADLINE:?}",
+                self.req.reservation_id
+            ))
+        })??;
         let copied = Instant::now();
         let id = self.req.reservation_id;
         let d = grpc

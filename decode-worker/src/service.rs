@@ -234,7 +234,13 @@ impl DecodeService for DecodeGrpc {
                 "a sequence cannot move to the worker it runs on",
             ));
         }
-        crate::migrate::migrate(self, req).await.map(Response::new)
+        // On its own task: a caller that goes away must not cut a migration short between the
+        // pause and the hand-over.
+        let g = self.clone();
+        tokio::spawn(async move { crate::migrate::migrate(&g, req).await })
+            .await
+            .map_err(|e| Status::internal(format!("migration task: {e}")))?
+            .map(Response::new)
     }
 }
 

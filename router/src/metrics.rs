@@ -199,7 +199,7 @@ fn render_models(out: &mut String, models: &[ModelAdmission]) {
     }
     let _ = writeln!(
         out,
-        "# HELP tandem_router_prediction_factor The median line through recent admitted requests' measured against predicted latency (median = offset + slope x prediction), applied to what clients are told, per load regime (requests in flight per prefill/decode pair or aggregated worker: 0 idle, then doubling from a quarter).\n# TYPE tandem_router_prediction_factor gauge"
+        "# HELP tandem_router_prediction_factor The median line through recent admitted requests' measured against predicted latency (median = offset + slope x prediction), applied to what clients are told, per load regime (admitted requests waiting for their first token per worker that computes prompts: 0 idle, then doubling from a quarter).\n# TYPE tandem_router_prediction_factor gauge"
     );
     each_regime(out, models, |out, labels, c| {
         let _ = writeln!(
@@ -221,7 +221,7 @@ fn render_models(out: &mut String, models: &[ModelAdmission]) {
     });
     let _ = writeln!(
         out,
-        "# HELP tandem_router_prediction_samples Admitted requests measured in each load regime (a regime with fewer than 16 uses all regimes' ratios).\n# TYPE tandem_router_prediction_samples gauge"
+        "# HELP tandem_router_prediction_samples Admitted requests measured in each load regime (a regime with fewer than 16 borrows a quieter one's line, or takes its prediction with the default margin).\n# TYPE tandem_router_prediction_samples gauge"
     );
     each_regime(out, models, |out, labels, c| {
         let _ = writeln!(

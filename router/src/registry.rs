@@ -204,7 +204,7 @@ pub struct ModelAdmission {
     /// Step-time models of prefill, decode and aggregated workers.
     pub roles: [RoleModel; 3],
     /// Calibration of TTFT and ITL by recent admitted requests, per load regime; a regime with too
-    /// few measurements of its own uses all regimes'.
+    /// few measurements of its own borrows a quieter regime's.
     pub ttft: [Calibration; REGIMES],
     pub itl: [Calibration; REGIMES],
     /// Seconds of exposed KV transfer per prompt token.
