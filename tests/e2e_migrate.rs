@@ -7,13 +7,13 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use support::kv_proxy::KvProxy;
-use support::procs::{Proc, gateway};
+use support::procs::{gateway, worker};
 use support::streams::{streams_survive, streams_survive_with};
-use support::{BIN, Up, counter, model_path, workers_of};
+use support::{Up, counter, workers_of};
 use tandem_proto::v1;
 
 const MIGRATED: &str = "tandem_stream_moves_total{cause=\"migrated\"}";
@@ -67,27 +67,6 @@ async fn alone_a_decode_worker_told_to_stop_finishes_its_streams_then_exits() {
     let took = victim.exited().await;
     assert!(took < Duration::from_secs(30), "exited after {took:?}");
     assert_eq!(counter(&up.url, MIGRATED).await, 0.0);
-}
-
-fn worker(role: &str, router: &str, extra: &[&str]) -> Proc {
-    Proc(
-        Command::new(BIN)
-            .args([
-                role,
-                "--router",
-                router,
-                "--threads",
-                "1",
-                "--exit-with-stdin",
-            ])
-            .arg("--model")
-            .arg(model_path())
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 /// The TCP ports process `pid` listens on (`ss` from iproute2).

@@ -10,34 +10,12 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::chaos::{Running, account, undisturbed};
-use support::procs::{Proc, gateway, router};
-use support::{BIN, generate, ids, model_path, post, workers_of};
-
-fn worker(role: &str, router: &str) -> Proc {
-    let model = model_path();
-    Proc(
-        Command::new(BIN)
-            .args([
-                role,
-                "--router",
-                router,
-                "--threads",
-                "1",
-                "--exit-with-stdin",
-            ])
-            .arg("--model")
-            .arg(model)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
+use support::procs::{gateway, router, worker};
+use support::{generate, ids, post, workers_of};
 
 /// Waits until the router at `addr` lists three workers.
 async fn registered(addr: &str) {
@@ -57,9 +35,9 @@ async fn a_gateway_serves_through_a_standalone_router_and_while_it_is_away() {
     let (_gateway, url, embedded) = gateway(&["--router", &addr]);
     assert_eq!(embedded, None, "a gateway with --router embeds no router");
     let _workers = [
-        worker("prefill-worker", &addr),
-        worker("decode-worker", &addr),
-        worker("decode-worker", &addr),
+        worker("prefill-worker", &addr, &[]),
+        worker("decode-worker", &addr, &[]),
+        worker("decode-worker", &addr, &[]),
     ];
     registered(&addr).await;
     let (status, models) = support::get(&url, "/v1/models").await;

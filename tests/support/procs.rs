@@ -64,3 +64,26 @@ pub fn gateway(args: &[&str]) -> (Proc, String, Option<String>) {
         .map(|(_, r)| r.to_owned());
     (p, format!("http://{addr}"), router)
 }
+
+/// `tandem <role> --router <router> --threads 1 --exit-with-stdin --model <default> <extra>`: a
+/// worker that stops with the test.
+pub fn worker(role: &str, router: &str, extra: &[&str]) -> Proc {
+    Proc(
+        Command::new(super::BIN)
+            .args([
+                role,
+                "--router",
+                router,
+                "--threads",
+                "1",
+                "--exit-with-stdin",
+            ])
+            .arg("--model")
+            .arg(super::model_path())
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}

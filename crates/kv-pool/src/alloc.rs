@@ -43,14 +43,7 @@ impl BlockAllocator {
 
     /// Adds a holder to blocks that are already allocated.
     pub fn retain(&mut self, ids: &[u32]) -> Result<()> {
-        for &id in ids {
-            match self.refs.get(id as usize) {
-                Some(0) | None => {
-                    return Err(PoolError::NotAllocated(id));
-                }
-                _ => {}
-            }
-        }
+        self.check_allocated(ids)?;
         for &id in ids {
             self.refs[id as usize] = self.refs[id as usize].saturating_add(1);
         }
@@ -59,14 +52,7 @@ impl BlockAllocator {
 
     /// Drops one holder of each block; a block whose last holder goes returns to the free list.
     pub fn release(&mut self, ids: &[u32]) -> Result<()> {
-        for &id in ids {
-            match self.refs.get(id as usize) {
-                Some(0) | None => {
-                    return Err(PoolError::NotAllocated(id));
-                }
-                _ => {}
-            }
-        }
+        self.check_allocated(ids)?;
         for &id in ids {
             let r = &mut self.refs[id as usize];
             *r -= 1;
@@ -75,6 +61,14 @@ impl BlockAllocator {
             }
         }
         Ok(())
+    }
+
+    /// Every one of `ids` is allocated (checked before a change, so that a bad id changes nothing).
+    fn check_allocated(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&id| self.ref_count(id) == 0) {
+            Some(&id) => Err(PoolError::NotAllocated(id)),
+            None => Ok(()),
+        }
     }
 
     pub fn ref_count(&self, id: u32) -> u16 {
