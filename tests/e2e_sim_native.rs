@@ -13,8 +13,9 @@
 //! requests at 0.5/s take under a minute.
 //!
 //! The served pair's speed is checked right before and right after the run, through the run's own
-//! `tandem up` (`tandem profile --check --served-url`: 8 prompts beside a decoding client, set
-//! against the profile's served part, about 8 s each), and the DES works from the profile rescaled
+//! `tandem up` (`tandem profile --check --served-url`: 8 prompts on the idle pair time the
+//! prefill, then answers decoded beside 8 more prompts time the decode steps, set against the
+//! profile's served part, about 20 s each), and the DES works from the profile rescaled
 //! to the mean of the two checks (`ProfileFile::rescaled`): what the test holds the simulator to is
 //! the queueing, batching and step spread of the run, given the pair's speed while it ran. A shared
 //! host (the Intel one of 2026-12-04) moves by tens of percent over minutes, and without checks
@@ -145,7 +146,7 @@ fn take_profile(model: &Path, profile: &Path) {
 }
 
 /// The served pair's speed now against `profile`'s served part: `tandem profile --check
-/// --served-url` (8 prompts beside a decoding client, about 8 s).
+/// --served-url` (8 prompts on the idle pair, then decode steps beside 8 more, about 20 s).
 fn speed(model: &Path, profile: &Path, url: &str) -> SpeedRatio {
     let out = tandem(
         &[

@@ -39,10 +39,11 @@ pub struct ProfileArgs {
     #[arg(long, value_name = "CHECK_JSON", requires = "check")]
     since: Option<PathBuf>,
     /// With `--check`: check a running served pair (`tandem up`, its base URL) against the
-    /// profile's served part instead of timing the engine here: `--served-requests` prompts back
-    /// to back with one-token answers while another client has the decode worker decode long
-    /// answers, their times to first token and decode gaps set against the profile's served ones
-    /// (about 8 s). A check of one engine cannot see the two workers slowed together (by each
+    /// profile's served part instead of timing the engine here: `--served-requests` prompts with
+    /// one-token answers on the idle pair (their times to first token give the prefill's speed),
+    /// then as many back to back while another client has the decode worker decode long answers
+    /// (their gaps give the decode steps' speed), set against the profile's served ones (about
+    /// 20 s). A check of one engine cannot see the two workers slowed together (by each
     /// other or by the neighbours); this can. The profile must have been taken with `--served`.
     #[arg(long, value_name = "URL", requires = "check")]
     served_url: Option<String>,

@@ -95,8 +95,7 @@ pub fn measure(
     };
     let prompts = PROMPTS;
     let back_to_back: &[&str] = &["--concurrency", "1"];
-    // One prompt every 1.6 s: a 400-token prompt takes about 1.2 s, the mean one 0.7 s.
-    let on_a_clock: &[&str] = &["--rate", "0.625", "--arrival", "constant"];
+    let on_a_clock = ON_A_CLOCK;
     let run = |what: &str, c: &mut Command| -> anyhow::Result<()> {
         let status = c.status().context("running tandem bench")?;
         if !status.success() {
@@ -154,6 +153,10 @@ pub fn measure(
 /// The prompt lengths the served part times.
 const PROMPTS: &str = "uniform:64-400";
 
+/// One prompt every 1.6 s, the prefill worker idle between them: a 400-token prompt takes about
+/// 1.2 s, the mean one 0.7 s.
+const ON_A_CLOCK: &[&str] = &["--rate", "0.625", "--arrival", "constant"];
+
 /// A running server that `tandem bench` (this binary) sends requests to.
 struct Server<'a> {
     exe: &'a Path,
@@ -200,13 +203,17 @@ impl Server<'_> {
 }
 
 /// A check of a running served pair against a profile's served part (`tandem profile --check
-/// --served-url`), measured the way the profile's part was: a client keeps the decode worker
-/// decoding 256-token answers one after the other while `requests` prompts of the served part's
-/// lengths go through back to back with one-token answers (the case "decode worker decoding,
-/// straight after the previous prompt"); the answers' gaps are decode steps beside a working
-/// prefill worker, as the profile's are (a quiet pair decodes about a tenth faster, so answers
-/// alone would read a faster host). The same requests every time (fixed seeds), so that two checks
-/// around a run compare like with like. About 8 s on SmolLM2.
+/// --served-url`), measured the way the profile's part was. First `requests` prompts of the served
+/// part's lengths go through on the profile's clock with one-token answers and nothing else
+/// running (the case "idle pair, prefill worker idle before the prompt"): these time the prefill,
+/// as most of a light run's prompts meet an idle pair. Prompts beside a decoding worker are not
+/// used for it: how much the decode worker slows the prefill moves from one minute to the next
+/// (10% and more), and a check on them rescaled every prompt by that. Then a client keeps the
+/// decode worker decoding 256-token answers one after the other while as many prompts go through
+/// back to back; the answers' gaps are decode steps beside a working prefill worker, as the
+/// profile's are (a quiet pair decodes about a tenth faster, so answers alone would read a faster
+/// host). The same requests every time (fixed seeds), so that two checks around a run compare
+/// like with like. About 20 s on SmolLM2.
 pub fn check(
     url: &str,
     name: &str,
@@ -229,8 +236,19 @@ pub fn check(
         model,
     };
     let b2b: &[&str] = &["--concurrency", "1"];
-    let (prompts, answers) = (dir.join("prompts.json"), dir.join("answers.json"));
+    let (idle, prompts, answers) = (
+        dir.join("idle.json"),
+        dir.join("prompts.json"),
+        dir.join("answers.json"),
+    );
     let n = requests.max(1);
+    let status = server
+        .bench(PROMPTS, "1", n, "20", ON_A_CLOCK, &idle)
+        .status()
+        .context("running tandem bench")?;
+    if !status.success() {
+        bail!("tandem bench against {url} failed: prompts on an idle pair {status}");
+    }
     // Enough answers to outlast the prompts (a prompt takes about half a second, an answer about
     // two and a half).
     let mut background = server
@@ -249,7 +267,7 @@ pub fn check(
     if !fg.success() || !bg.success() {
         bail!("tandem bench against {url} failed: prompts {fg}, answers {bg}");
     }
-    let out = (samples(&prompts, true, false)?, gaps(&answers)?);
+    let out = (samples(&idle, false, true)?, gaps(&answers)?);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
 }
