@@ -27,9 +27,15 @@ pub const RECENT: usize = 16;
 /// workers reporting, the fit runs once in a while, not once per report (it costs milliseconds,
 /// taken from the serving process). The recent level is updated with every report.
 const MIN_REFIT_GAP_S: f64 = 2.0;
-/// Seconds without a measured step after which the recent level gives way to the whole window's:
-/// a worker that went quiet after a burst is no longer as slow as its last contended steps.
+/// Seconds without a measured step after which the recent level gives way to the level of the
+/// steps of the last [`LEVEL_HORIZON_S`]: a worker that went quiet after a burst is no longer as
+/// slow as its last contended steps.
 pub const LEVEL_TTL_S: f64 = 5.0;
+/// How far back a settled level looks, seconds, when at least [`MIN_SAMPLES`] steps arrived in
+/// that time (else the whole window). A window filled by a long overload would otherwise hold a
+/// lightly loaded cluster at the overload's contended speed for hundreds of requests (a prompt is
+/// about one step), so that every prediction of the quiet cluster read twice what it measured.
+pub const LEVEL_HORIZON_S: f64 = 30.0;
 /// Most prompt chunks a sample or a predicted step carries.
 pub const MAX_CHUNKS: usize = 8;
 
@@ -129,6 +135,9 @@ pub enum Coefficients {
 pub struct StepModel {
     base: Option<Arc<dyn PerfModel>>,
     samples: VecDeque<StepSample>,
+    /// When each of `samples` arrived, on the caller's clock (the latest report's time for
+    /// samples given without one).
+    arrived: VecDeque<f64>,
     unfitted: usize,
     coefficients: Coefficients,
     /// |predicted/measured - 1| of each sample against the model in force when it arrived.
@@ -138,6 +147,8 @@ pub struct StepModel {
     /// When it last received a step, on the same clock, and whether the level has settled since.
     stepped_at: f64,
     settled: bool,
+    /// The latest report's time, which samples are filed under.
+    reported_at: f64,
 }
 
 impl StepModel {
@@ -152,11 +163,13 @@ impl StepModel {
         StepModel {
             base,
             samples: VecDeque::with_capacity(WINDOW),
+            arrived: VecDeque::with_capacity(WINDOW),
             unfitted: 0,
             coefficients,
             errors: VecDeque::with_capacity(WINDOW),
             fitted_at: f64::NEG_INFINITY,
             stepped_at: f64::NEG_INFINITY,
+            reported_at: f64::NEG_INFINITY,
             settled: false,
         }
     }
@@ -197,6 +210,7 @@ impl StepModel {
     /// least [`MIN_REFIT_GAP_S`] before `now_s` (seconds on the caller's clock).
     pub fn observe_batch(&mut self, steps: &[StepSample], now_s: f64) {
         let mut added = false;
+        self.reported_at = now_s;
         for s in steps {
             added |= self.push(*s);
         }
@@ -215,12 +229,23 @@ impl StepModel {
         }
     }
 
-    /// Once no step has arrived for [`LEVEL_TTL_S`] before `now_s`, takes the level from the whole
-    /// window instead of the latest steps.
+    /// Once no step has arrived for [`LEVEL_TTL_S`] before `now_s`, takes the level from the steps
+    /// of the last [`LEVEL_HORIZON_S`] (the whole window where too few came in that time) instead
+    /// of the latest steps.
     pub fn settle(&mut self, now_s: f64) {
         if !self.settled && now_s - self.stepped_at > LEVEL_TTL_S {
             self.settled = true;
-            self.set_level(WINDOW);
+            let horizon = self
+                .arrived
+                .iter()
+                .rev()
+                .take_while(|&&at| at >= now_s - LEVEL_HORIZON_S)
+                .count();
+            self.set_level(if horizon >= MIN_SAMPLES {
+                horizon
+            } else {
+                WINDOW
+            });
         }
     }
 
@@ -248,6 +273,7 @@ impl StepModel {
             push_bounded(&mut self.errors, (p / s.seconds - 1.0).abs());
         }
         push_bounded(&mut self.samples, s);
+        push_bounded(&mut self.arrived, self.reported_at);
         self.unfitted += 1;
         true
     }
@@ -435,6 +461,34 @@ mod tests {
         // A new step brings the recent level back.
         m.observe_batch(&steps(3.0, 1), 20.0);
         assert!((m.step_time(&shape).unwrap() - 0.3).abs() < 1e-9);
+    }
+
+    #[test]
+    fn after_a_long_overload_a_quiet_worker_settles_to_its_recent_steps() {
+        let mut m = StepModel::new(Some(Arc::new(TOY)));
+        let one = [PrefillItem::fresh(100)];
+        let shape = StepShape {
+            prefill: &one,
+            ..StepShape::default()
+        };
+        let steps = |scale: f64, n: usize| -> Vec<StepSample> {
+            (0..n).map(|_| prefill(100, scale * 0.1)).collect()
+        };
+        // The whole window at 2x (an overload), then a quiet minute later eight steps at 1x, one
+        // report every two seconds: their level, not the window's median, once settled.
+        m.observe_batch(&steps(2.0, WINDOW), 0.0);
+        for i in 0..MIN_SAMPLES + 2 {
+            m.observe_batch(&steps(1.0, 1), 60.0 + 2.0 * i as f64);
+        }
+        let last = 60.0 + 2.0 * (MIN_SAMPLES + 1) as f64;
+        m.observe_batch(&[], last + LEVEL_TTL_S + 0.1);
+        assert!((m.step_time(&shape).unwrap() - 0.1).abs() < 1e-9);
+        // Too few steps in the horizon: the whole window's level (2x here).
+        let mut m = StepModel::new(Some(Arc::new(TOY)));
+        m.observe_batch(&steps(2.0, WINDOW), 0.0);
+        m.observe_batch(&steps(1.0, MIN_SAMPLES - 1), 60.0);
+        m.observe_batch(&[], 60.0 + LEVEL_TTL_S + 0.1);
+        assert!((m.step_time(&shape).unwrap() - 0.2).abs() < 1e-9);
     }
 
     #[test]
