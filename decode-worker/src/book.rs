@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tandem_engine::kv::{BlockLease, BlockSource, PoolError};
+use tandem_kv_transfer::Writer;
+use tandem_kv_transfer::fence::Fences;
 use tonic::Status;
 
 /// What a reservation is doing.
@@ -127,6 +129,11 @@ pub struct Book {
     /// frame into their blocks, and how many such readers remain: dropped when the last one
     /// ends, not before, so that no other sequence can be handed blocks being written.
     orphans: HashMap<u64, (BlockLease, u32)>,
+    /// Over shm, who may write each block ([`tandem_kv_transfer::fence`]).
+    fences: Option<Fences>,
+    /// Leases of reservations that ended unfilled while another process was copying into one of
+    /// their blocks: they go back once the copy ends ([`Book::expire`] checks again).
+    quarantine: Vec<(u64, BlockLease)>,
     block_size: usize,
     max_context: usize,
 }
@@ -136,9 +143,17 @@ impl Book {
         Book {
             reservations: HashMap::new(),
             orphans: HashMap::new(),
+            fences: None,
+            quarantine: Vec::new(),
             block_size: block_size.max(1),
             max_context,
         }
+    }
+
+    /// Other processes write the blocks (shm): stamp, seal and revoke them in `fences`.
+    pub fn with_fences(mut self, fences: Fences) -> Self {
+        self.fences = Some(fences);
+        self
     }
 
     pub fn get(&self, id: u64) -> Option<&Reservation> {
@@ -172,6 +187,11 @@ impl Book {
             _ => BookError::OutOfBlocks { need, free: 0 },
         })?;
         let blocks: Arc<[u32]> = lease.ids().into();
+        if let Some(f) = &self.fences
+            && let Err(e) = f.stamp(&blocks, id)
+        {
+            tracing::error!(reservation = id, error = %e, "blocks not stamped");
+        }
         self.reservations.insert(
             id,
             Reservation {
@@ -203,6 +223,24 @@ impl Book {
     /// reservation's staged frames wait for the batch loop's next step boundary.
     pub fn holds_blocks(&self, id: u64) -> bool {
         self.reservations.get(&id).is_some_and(|r| !r.in_engine())
+    }
+
+    /// Over shm, before the KV of `attempt` is complete: no writer may touch the blocks again.
+    /// Fails if another attempt took a block over or is copying into one.
+    pub fn seal(&self, id: u64, attempt: u32) -> Result<(), String> {
+        let (Some(f), Some(r)) = (&self.fences, self.reservations.get(&id)) else {
+            return Ok(());
+        };
+        let w = Writer {
+            reservation_id: id,
+            attempt,
+        };
+        f.seal(&r.block_ids, w).map_err(|e| e.to_string())
+    }
+
+    /// Blocks kept out of the allocator until a copy into them ends.
+    pub fn quarantined(&self) -> usize {
+        self.quarantine.iter().map(|(_, l)| l.len()).sum()
     }
 
     /// Every layer of every block arrived for `attempt`; `false` if the reservation does not
@@ -283,10 +321,15 @@ impl Book {
             blocks: r.block_ids.len() as u32,
             in_engine: r.in_engine(),
         };
-        if let Some(lease) = r.lease
-            && r.writers > 0
-        {
-            self.orphans.insert(id, (lease, r.writers));
+        if let Some(lease) = r.lease {
+            if r.writers > 0 {
+                self.orphans.insert(id, (lease, r.writers));
+            } else if let Some(f) = &self.fences
+                && !f.revoke(&r.block_ids, id)
+            {
+                tracing::warn!(reservation = id, "a late copy into its blocks is in flight");
+                self.quarantine.push((id, lease));
+            }
         }
         Some(removed)
     }
@@ -294,6 +337,10 @@ impl Book {
     /// Drops every reservation whose lease ran out before it started decoding. Returns those
     /// whose blocks the engine holds (an aggregated prefill), for the caller to release there.
     pub fn expire(&mut self, now: Instant) -> Vec<u64> {
+        if let Some(f) = &self.fences {
+            self.quarantine
+                .retain(|(id, lease)| !f.revoke(lease.ids(), *id));
+        }
         let lapsed: Vec<u64> = self
             .reservations
             .iter()
@@ -362,6 +409,55 @@ mod tests {
 
     fn later() -> Instant {
         Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn over_shm_blocks_a_late_copy_is_writing_stay_out_of_the_allocator_until_it_ends() {
+        use tandem_engine::kv::KvGeometry;
+        use tandem_kv_transfer::ShmRegion;
+        let geom = KvGeometry {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 4,
+            block_size: 16,
+            num_blocks: 8,
+        };
+        let pool = ShmRegion::anonymous(&geom).unwrap();
+        let prefill = pool.remap().unwrap();
+        let alloc = BlockSource::new(8);
+        let mut book = Book::new(16, 128).with_fences(pool.fence_map().unwrap());
+        let blocks = book.reserve(&alloc, 9, ask(40, later())).unwrap();
+        assert_eq!((blocks.len(), alloc.free_count()), (3, 5));
+        // The prefill worker is in the middle of a copy into the second block when the
+        // reservation ends (a cancel, a lapsed lease).
+        let w = Writer {
+            reservation_id: 9,
+            attempt: 0,
+        };
+        prefill.fences().claim(blocks[1], w).unwrap();
+        book.remove(9).unwrap();
+        assert_eq!((book.quarantined(), alloc.free_count()), (3, 5));
+        book.expire(Instant::now());
+        assert_eq!(book.quarantined(), 3, "still copying");
+        // The copy ends: the next sweep gives the blocks back, and the writer may not start
+        // another copy into any of them.
+        prefill.fences().release(blocks[1], w);
+        book.expire(Instant::now());
+        assert_eq!((book.quarantined(), alloc.free_count()), (0, 8));
+        assert!(
+            blocks
+                .iter()
+                .all(|&b| prefill.fences().claim(b, w).is_err())
+        );
+        // A reservation whose KV arrived is sealed: no attempt writes it any more.
+        let blocks = book.reserve(&alloc, 10, ask(20, later())).unwrap();
+        book.seal(10, 0).unwrap();
+        assert!(book.complete(10, 0));
+        let w = Writer {
+            reservation_id: 10,
+            attempt: 1,
+        };
+        assert!(prefill.fences().claim(blocks[0], w).is_err());
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! where it goes on from its last token, and gives the destination's reservation back.
 use std::time::{Duration, Instant};
 
-use tandem_kv_transfer::{KvTransferError, OutboundTransfer, ShmRegion, TransferSpec, crc32c};
+use tandem_kv_transfer::{
+    KvTransferError, OutboundTransfer, ShmRegion, TransferSpec, Writer, crc32c,
+};
 use tandem_proto::v1;
 use tandem_proto::v1::decode_service_client::DecodeServiceClient;
 use tonic::Status;
@@ -282,9 +284,13 @@ impl Destination {
         dst: &[u32],
         bytes: &[u8],
     ) -> Result<(), Status> {
+        let writer = Writer {
+            reservation_id: self.res.reservation_id,
+            attempt: 0,
+        };
         match &mut self.region {
             Some(region) => {
-                off_runtime(|| region.write_blocks(layer as usize, dst, bytes))
+                off_runtime(|| region.write_blocks_as(layer as usize, dst, bytes, writer))
                     .map_err(kv_status)?;
                 t.notify_shm(layer, dst, bytes.len() as u64, crc32c(bytes))
                     .await

@@ -45,8 +45,16 @@ impl Shared {
     /// `view` maps the memory of `engine`'s pool; `inbox` is the loop's that will own `engine`.
     pub fn new(engine: &Engine, view: ShmRegion, shm: bool, inbox: Arc<Inbox>) -> Self {
         let model = engine.model().clone();
+        let mut book = Book::new(engine.block_size(), model.config().max_context);
+        // Over shm other processes write the blocks: the table fences them.
+        if shm {
+            match view.fence_map() {
+                Ok(f) => book = book.with_fences(f),
+                Err(e) => tracing::error!(error = %e, "the pool's fence table is not mapped"),
+            }
+        }
         Shared {
-            book: Mutex::new(Book::new(engine.block_size(), model.config().max_context)),
+            book: Mutex::new(book),
             alloc: engine.allocator(),
             model,
             // Ids start at a process-specific point so that a stale id from a restarted worker at
@@ -236,6 +244,11 @@ impl KvSink for Sink {
         if book.get(reservation_id).is_some_and(|r| r.writers > 0) {
             // An older attempt's frame is still being written into these blocks on another
             // connection: committing now could decode its bytes. The prefill is retried.
+            return Err(KvError::Incomplete);
+        }
+        if let Err(e) = book.seal(reservation_id, attempt) {
+            // Another attempt writes these blocks (or took them over): the KV cannot be trusted.
+            tracing::warn!(reservation = reservation_id, error = %e, "KV not sealed");
             return Err(KvError::Incomplete);
         }
         book.complete(reservation_id, attempt);

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tandem_engine::kv::KvPool;
 use tandem_engine::{Engine, EngineError, Pending, SeqId, Sequence, StepItem, plan_chunks};
-use tandem_kv_transfer::{ShmRegion, frame_checksums, pool_checksum};
+use tandem_kv_transfer::{ShmRegion, Writer, frame_checksums, pool_checksum};
 use tonic::Status;
 
 use crate::queue::{Computed, Job, LayerMsg, Queue};
@@ -295,7 +295,11 @@ fn step(
                         job.cancel.store(true, Ordering::Relaxed);
                         continue;
                     };
-                    match region.write_blocks_from(layer, dst, pool.layer(layer), src) {
+                    let writer = Writer {
+                        reservation_id: job.destination.reservation_id,
+                        attempt: job.destination.attempt,
+                    };
+                    match region.write_blocks_from(layer, dst, pool.layer(layer), src, writer) {
                         Ok(bytes) => LayerMsg::Written {
                             layer: layer as u32,
                             dst: dst.clone(),

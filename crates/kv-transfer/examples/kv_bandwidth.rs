@@ -452,6 +452,13 @@ fn shm_case(src: &KvPool, tokens: usize) {
     let dst_ids: Vec<u32> = (0..blocks as u32)
         .map(|b| blocks as u32 - 1 - b + blocks as u32 / 2)
         .collect();
+    // Leased to one reservation, whose writer claims each block for each copy as a prefill
+    // worker does.
+    decode.fences().stamp(&dst_ids, 1).unwrap();
+    let writer = tandem_kv_transfer::Writer {
+        reservation_id: 1,
+        attempt: 0,
+    };
     let total = 30 * g.layer_bytes(blocks);
     // The memcpy's destination has the pool's footprint too, so both write the same cache lines' worth.
     let mut plain = vec![0f32; g.total_floats()];
@@ -471,7 +478,7 @@ fn shm_case(src: &KvPool, tokens: usize) {
         let mut written = 0;
         for l in 0..30 {
             written += prefill
-                .write_blocks_from(l, &dst_ids, src.layer(l), &src_ids)
+                .write_blocks_from(l, &dst_ids, src.layer(l), &src_ids, writer)
                 .unwrap();
         }
         let o = t0.elapsed();

@@ -28,6 +28,9 @@ pub enum KvTransferError {
     /// A call that does not fit the geometry or the layout (wrong sizes, ids out of range).
     #[error("kv invalid: {0}")]
     Invalid(String),
+    /// An shm writer may no longer write a block ([`crate::fence`]).
+    #[error("kv write fenced: {0}")]
+    Fenced(String),
 }
 
 /// This crate's result type.

@@ -29,9 +29,11 @@
 //! accesses disjoint in time and space: a prefill worker writes only the blocks of a reservation the
 //! decode worker granted it, and the decode worker never reads or writes a reserved block until the
 //! transfer's last notice has been checked and the sequence committed; blocks outside a live
-//! reservation are never written by a prefill worker. After commit, the prefill worker writes no
-//! more into those blocks (its attempt is over; a retried attempt writes only before commit, and a
-//! stale attempt's notices are refused). The writes become visible to the decode worker through the
+//! reservation are never written by a prefill worker. That holds for a writer that is late too (paused
+//! past its lease, or an attempt the gateway retried elsewhere): every copy claims its block in the
+//! pool file's fence table first ([`fence`]), and the decode worker seals a reservation's blocks
+//! before the engine takes them and revokes them when it ends unfilled, keeping a block out of the
+//! allocator while a copy into it is in flight. The writes become visible to the decode worker through the
 //! socket round trip that carries the notice (a system call on both sides orders the memory
 //! accesses). A misbehaving prefill worker can at worst put wrong numbers into blocks it was
 //! granted; it cannot make the decode worker read torn memory that Rust relies on (f32 has no
@@ -47,6 +49,7 @@
 
 mod checksum;
 mod error;
+pub mod fence;
 mod progress;
 mod receiver;
 mod sender;
@@ -58,6 +61,7 @@ use std::time::Instant;
 
 pub use checksum::{Crc32c, crc32c};
 pub use error::{KvTransferError, Result};
+pub use fence::Writer;
 pub use receiver::{Wire, serve, serve_with};
 pub use sender::{
     FRAME_BYTES, KvSender, OutboundTransfer, STALL_TIMEOUT, TransferSpec, frame_checksums,

@@ -8,6 +8,7 @@ use memmap2::MmapMut;
 use tandem_kv_pool::{KvGeometry, KvMemory, KvPool};
 use tandem_proto::v1::{self, ShmPoolLayout};
 
+use crate::fence::{Fences, Writer, table_len};
 use crate::{Crc32c, KvTransferError, Result, block_geometry};
 
 const _: () = assert!(
@@ -16,13 +17,16 @@ const _: () = assert!(
 );
 
 /// The layout of a pool with geometry `g` in the file at `path`: exactly the engine pool's order
-/// (per layer K then V, each `[num_blocks][block_size][kv_heads][head_dim]` f32), from offset 0.
+/// (per layer K then V, each `[num_blocks][block_size][kv_heads][head_dim]` f32), from offset 0,
+/// then on the next page the fence table ([`crate::fence`]).
 pub fn shm_layout(path: &Path, g: &KvGeometry) -> ShmPoolLayout {
     let block = (g.block_floats() * 4) as u64;
     let half = block * g.num_blocks as u64;
+    let fence_offset = (g.total_floats() as u64 * 4).next_multiple_of(4096);
     ShmPoolLayout {
         path: path.to_string_lossy().into_owned(),
-        file_len: g.total_floats() as u64 * 4,
+        file_len: fence_offset + table_len(g.num_blocks as u32),
+        fence_offset,
         num_blocks: g.num_blocks as u32,
         geometry: Some(block_geometry(g)),
         base_offset: 0,
@@ -40,6 +44,7 @@ pub struct ShmRegion {
     file: std::fs::File,
     layout: ShmPoolLayout,
     geom: KvGeometry,
+    fences: Fences,
     /// The creator removes the file when it drops its mapping; other mappings stay valid.
     owner: Option<PathBuf>,
 }
@@ -66,12 +71,14 @@ impl ShmRegion {
         geom: KvGeometry,
         owner: Option<PathBuf>,
     ) -> Result<Self> {
-        let map = map(&file)?;
+        let map = map(&file, layout.fence_offset)?;
+        let fences = Fences::map(&file, layout.fence_offset, layout.num_blocks)?;
         Ok(ShmRegion {
             map,
             file,
             layout,
             geom,
+            fences,
             owner,
         })
     }
@@ -186,6 +193,17 @@ impl ShmRegion {
         &self.geom
     }
 
+    /// Who may write each block ([`crate::fence`]).
+    pub fn fences(&self) -> &Fences {
+        &self.fences
+    }
+
+    /// The fence table mapped again, for an owner that needs no KV bytes (the decode worker's
+    /// reservation table).
+    pub fn fence_map(&self) -> Result<Fences> {
+        Fences::map(&self.file, self.layout.fence_offset, self.layout.num_blocks)
+    }
+
     /// The byte ranges of K of `block_ids` of `layer` in list order, then of their V: a payload's
     /// order (`KvPool::export_layer`'s).
     fn payload_ranges<'a>(
@@ -214,8 +232,36 @@ impl ShmRegion {
         Ok(start..start + self.geom.block_floats() * 4)
     }
 
+    /// [`ShmRegion::write_blocks`] as writer `w` of another process's pool: each block claimed
+    /// for its copy ([`crate::fence`]). Stops at the first block `w` may no longer write.
+    pub fn write_blocks_as(
+        &mut self,
+        layer: usize,
+        block_ids: &[u32],
+        payload: &[u8],
+        w: Writer,
+    ) -> Result<usize> {
+        let block = self.geom.block_floats() * 4;
+        let n = block_ids.len();
+        if payload.len() != 2 * block * n {
+            return Err(invalid(&format!("{} bytes for {n} blocks", payload.len())));
+        }
+        for (i, &b) in block_ids.iter().enumerate() {
+            let (k, v) = (
+                self.block_range(layer, 0, b)?,
+                self.block_range(layer, 1, b)?,
+            );
+            self.fences.claim(b, w)?;
+            self.map[k].copy_from_slice(&payload[i * block..(i + 1) * block]);
+            self.map[v].copy_from_slice(&payload[(n + i) * block..(n + i + 1) * block]);
+            self.fences.release(b, w);
+        }
+        Ok(payload.len())
+    }
+
     /// Copies a payload laid out as `KvPool::export_layer` makes it (K of `block_ids` in order,
-    /// then V) into those blocks of `layer`. Returns the bytes written.
+    /// then V) into those blocks of `layer`. Returns the bytes written. For this process's own
+    /// pool; a writer into another's uses [`ShmRegion::write_blocks_as`].
     pub fn write_blocks(
         &mut self,
         layer: usize,
@@ -240,14 +286,16 @@ impl ShmRegion {
     }
 
     /// Copies blocks `src_blocks` of a source pool's layer (`src_k`, `src_v` as `KvPool::layer`
-    /// returns them) into blocks `dst_blocks` of `layer`, with no staging buffer. Returns the
-    /// bytes written.
+    /// returns them) into blocks `dst_blocks` of `layer` as writer `w`, each block claimed for its
+    /// copy ([`crate::fence`]), with no staging buffer. Returns the bytes written; stops at the
+    /// first block `w` may no longer write.
     pub fn write_blocks_from(
         &mut self,
         layer: usize,
         dst_blocks: &[u32],
         src: (&[f32], &[f32]),
         src_blocks: &[u32],
+        w: Writer,
     ) -> Result<usize> {
         if dst_blocks.len() != src_blocks.len() {
             return Err(invalid(
@@ -255,15 +303,20 @@ impl ShmRegion {
             ));
         }
         let bf = self.geom.block_floats();
-        for (kv, region) in [src.0, src.1].into_iter().enumerate() {
-            for (&d, &s) in dst_blocks.iter().zip(src_blocks) {
-                let from = region
-                    .get(s as usize * bf..(s as usize + 1) * bf)
-                    .ok_or_else(|| invalid(&format!("source block {s} outside its pool")))?;
-                let r = self.block_range(layer, kv, d)?;
-                let floats = self.floats_mut();
-                floats[r.start / 4..r.end / 4].copy_from_slice(from);
-            }
+        let outside = |s: u32| invalid(&format!("source block {s} outside its pool"));
+        for (&d, &s) in dst_blocks.iter().zip(src_blocks) {
+            let at = s as usize * bf..(s as usize + 1) * bf;
+            let k = src.0.get(at.clone()).ok_or_else(|| outside(s))?;
+            let v = src.1.get(at).ok_or_else(|| outside(s))?;
+            let (rk, rv) = (
+                self.block_range(layer, 0, d)?,
+                self.block_range(layer, 1, d)?,
+            );
+            self.fences.claim(d, w)?;
+            let floats = self.floats_mut();
+            floats[rk.start / 4..rk.end / 4].copy_from_slice(k);
+            floats[rv.start / 4..rv.end / 4].copy_from_slice(v);
+            self.fences.release(d, w);
         }
         Ok(2 * bf * 4 * dst_blocks.len())
     }
@@ -302,12 +355,15 @@ impl Drop for ShmRegion {
     }
 }
 
+/// Maps the KV part of a pool file: its first `len` bytes (the fence table after them is mapped
+/// on its own, [`Fences`], and only ever reached through atomics).
 #[allow(unsafe_code)]
-fn map(file: &std::fs::File) -> Result<MmapMut> {
+fn map(file: &std::fs::File, len: u64) -> Result<MmapMut> {
+    let len = usize::try_from(len).map_err(|_| invalid("pool larger than the address space"))?;
     // SAFETY: the file is a KV pool that only this protocol's processes open. Other processes
     // change its bytes while mapped, which the crate docs' rule confines to blocks this process does
     // not read or write at that time; its length never changes after creation (nobody truncates it).
-    Ok(unsafe { MmapMut::map_mut(file)? })
+    Ok(unsafe { memmap2::MmapOptions::new().len(len).map_mut(file)? })
 }
 
 impl KvMemory for ShmRegion {
@@ -317,7 +373,8 @@ impl KvMemory for ShmRegion {
         // and a mapping starts on a page boundary with a length that is a multiple of 4.
         let (head, floats, tail) = unsafe { self.map.align_to::<f32>() };
         debug_assert!(head.is_empty() && tail.is_empty());
-        floats
+        // The KV only, not the fence table after it.
+        &floats[..self.geom.total_floats()]
     }
 
     #[allow(unsafe_code)]
@@ -325,7 +382,8 @@ impl KvMemory for ShmRegion {
         // SAFETY: as in `floats`; writing any f32 leaves valid bytes behind.
         let (head, floats, tail) = unsafe { self.map.align_to_mut::<f32>() };
         debug_assert!(head.is_empty() && tail.is_empty());
-        floats
+        let kv = self.geom.total_floats();
+        &mut floats[..kv]
     }
 }
 

@@ -2,6 +2,102 @@ use tandem_kv_pool::{KvGeometry, KvPool};
 
 use super::*;
 
+fn writer(reservation_id: u64, attempt: u32) -> Writer {
+    Writer {
+        reservation_id,
+        attempt,
+    }
+}
+
+fn fenced<T: std::fmt::Debug>(r: Result<T>) -> bool {
+    matches!(r, Err(KvTransferError::Fenced(_)))
+}
+
+fn small() -> KvGeometry {
+    KvGeometry {
+        layers: 2,
+        kv_heads: 1,
+        head_dim: 4,
+        block_size: 4,
+        num_blocks: 6,
+    }
+}
+
+#[test]
+fn late_and_superseded_writers_are_fenced_out() {
+    let g = small();
+    let path = scratch("fence");
+    let decode = ShmRegion::create(&path, &g).expect("create");
+    let mut prefill = ShmRegion::open(decode.layout()).expect("open");
+    let one = vec![1u8; g.layer_bytes(1)];
+    let two = vec![2u8; g.layer_bytes(2)];
+    let (a0, a1) = (writer(11, 0), writer(11, 1));
+    // Blocks not leased to reservation 11: nothing written.
+    assert!(fenced(prefill.write_blocks_as(0, &[2, 3], &two, a0)));
+    let mut back = Vec::new();
+    prefill.read_blocks(0, &[2, 3], &mut back).expect("read");
+    assert_eq!(back, vec![0u8; two.len()]);
+    decode.fences().stamp(&[2, 3], 11).expect("stamp");
+    prefill
+        .write_blocks_as(0, &[2, 3], &two, a0)
+        .expect("attempt 0");
+    // The gateway retried into the same reservation: attempt 1 takes block 2 over, and attempt 0
+    // may no longer write it (block 3 it still may, until attempt 1 gets there).
+    prefill
+        .write_blocks_as(1, &[2], &one, a1)
+        .expect("attempt 1");
+    assert!(fenced(prefill.write_blocks_as(0, &[2], &one, a0)));
+    prefill
+        .write_blocks_as(1, &[3], &one, a0)
+        .expect("not taken over yet");
+    // Complete for attempt 0: refused, a newer attempt wrote. For attempt 1: sealed, and then
+    // no attempt writes.
+    assert!(fenced(decode.fences().seal(&[2, 3], a0)));
+    decode.fences().seal(&[2, 3], a1).expect("seal");
+    assert!(fenced(prefill.write_blocks_as(0, &[3], &one, a1)));
+    // Another reservation ends unfilled: revoked, its writer is fenced out, and its old words
+    // never let a later reservation's writer in.
+    decode.fences().stamp(&[4], 12).expect("stamp");
+    assert!(decode.fences().revoke(&[4], 12));
+    assert!(fenced(prefill.write_blocks_as(
+        0,
+        &[4],
+        &one,
+        writer(12, 0)
+    )));
+    decode.fences().stamp(&[4], 13).expect("stamp");
+    assert!(fenced(prefill.write_blocks_as(
+        0,
+        &[4],
+        &one,
+        writer(12, 3)
+    )));
+    prefill
+        .write_blocks_as(0, &[4], &one, writer(13, 0))
+        .expect("its owner");
+}
+
+#[test]
+fn a_block_being_copied_is_neither_revoked_nor_sealed_until_the_copy_ends() {
+    let g = small();
+    let path = scratch("fence-copy");
+    let decode = ShmRegion::create(&path, &g).expect("create");
+    let prefill = ShmRegion::open(decode.layout()).expect("open");
+    let w = writer(5, 0);
+    decode.fences().stamp(&[1, 2], 5).expect("stamp");
+    // A writer paused in the middle of its copy into block 1.
+    prefill.fences().claim(1, w).expect("claim");
+    assert!(
+        !decode.fences().revoke(&[1, 2], 5),
+        "block 1 is being written"
+    );
+    assert!(fenced(decode.fences().seal(&[1], w)));
+    assert!(fenced(prefill.fences().claim(2, w)), "block 2 is revoked");
+    prefill.fences().release(1, w);
+    assert!(decode.fences().revoke(&[1, 2], 5));
+    assert!(fenced(prefill.fences().claim(1, w)));
+}
+
 fn scratch(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("tandem-kv-{}-{name}", std::process::id()))
 }
@@ -18,6 +114,7 @@ fn bytes_written_through_one_mapping_are_read_through_another() {
     let path = scratch("two-maps");
     let decode = ShmRegion::create(&path, &g).expect("create");
     let mut prefill = ShmRegion::open(decode.layout()).expect("open");
+    decode.fences().stamp(&[3], 7).expect("stamp");
 
     let mut src = KvPool::new(g);
     for l in 0..3 {
@@ -37,7 +134,7 @@ fn bytes_written_through_one_mapping_are_read_through_another() {
     );
     assert_eq!(
         prefill
-            .write_blocks_from(2, &[3], src.layer(2), &[5])
+            .write_blocks_from(2, &[3], src.layer(2), &[5], writer(7, 0))
             .expect("copy"),
         g.layer_bytes(1)
     );

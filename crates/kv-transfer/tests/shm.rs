@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tandem_kv_pool::{KvGeometry, KvPool};
 use tandem_kv_transfer::{
     KvError, KvSender, KvSink, KvTransferError, ReservationInfo, ShmRegion, TransferSpec, Wire,
-    block_geometry, pool_checksum, serve_with,
+    Writer, block_geometry, pool_checksum, serve_with,
 };
 use tokio::net::TcpListener;
 
@@ -48,6 +48,13 @@ async fn blocks_written_into_the_mapping_commit_after_checked_notices() {
     let path = std::env::temp_dir().join(format!("tandem-kv-shm-e2e-{}", std::process::id()));
     let decode = ShmRegion::create(&path, &G).unwrap();
     let mut prefill = ShmRegion::open(decode.layout()).unwrap();
+    // Leased as the decode worker leases them: only each reservation's writer may write.
+    decode.fences().stamp(&[5, 2, 9], 1).unwrap();
+    decode.fences().stamp(&[0], 2).unwrap();
+    let writer = |reservation_id| Writer {
+        reservation_id,
+        attempt: 0,
+    };
     let sink = Arc::new(ShmSink {
         pool: Mutex::new(KvPool::with_memory(G, Box::new(decode)).unwrap()),
         reservations: Mutex::default(),
@@ -92,7 +99,7 @@ async fn blocks_written_into_the_mapping_commit_after_checked_notices() {
     let mut t = sender.open(&addr, spec(1)).await.unwrap();
     let mut notice = |l: usize| {
         let n = prefill
-            .write_blocks_from(l, &dst, src.layer(l), &src_blocks)
+            .write_blocks_from(l, &dst, src.layer(l), &src_blocks, writer(1))
             .unwrap() as u64;
         (n, prefill.checksum(l, &dst).unwrap())
     };
@@ -119,7 +126,7 @@ async fn blocks_written_into_the_mapping_commit_after_checked_notices() {
     // A notice whose checksum does not match what lies in the pool is refused.
     let t = sender.open(&addr, spec(2)).await.unwrap();
     let n = prefill
-        .write_blocks_from(0, &[0], src.layer(0), &[0])
+        .write_blocks_from(0, &[0], src.layer(0), &[0], writer(2))
         .unwrap() as u64;
     let crc = prefill.checksum(0, &[0]).unwrap() ^ 0x55;
     match t.finish_shm(0, &[0], n, crc).await {
