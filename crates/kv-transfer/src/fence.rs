@@ -159,6 +159,25 @@ impl Fences {
         }
     }
 
+    /// Claims every block of `blocks` for one copy, or none (those claimed before a refusal are
+    /// given back).
+    pub fn claim_all(&self, blocks: &[u32], w: Writer) -> Result<()> {
+        for (i, &b) in blocks.iter().enumerate() {
+            if let Err(e) = self.claim(b, w) {
+                self.release_all(&blocks[..i], w);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back every block of `blocks` claimed for a copy.
+    pub fn release_all(&self, blocks: &[u32], w: Writer) {
+        for &b in blocks {
+            self.release(b, w);
+        }
+    }
+
     /// Decode side, once every layer of attempt `w` arrived and before the engine adopts the
     /// blocks: no writer may touch them again. Fails if a newer attempt took a block over or a copy
     /// is in flight (the KV cannot be trusted then); blocks sealed before the failure stay sealed.

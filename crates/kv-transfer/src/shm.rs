@@ -232,8 +232,8 @@ impl ShmRegion {
         Ok(start..start + self.geom.block_floats() * 4)
     }
 
-    /// [`ShmRegion::write_blocks`] as writer `w` of another process's pool: each block claimed
-    /// for its copy ([`crate::fence`]). Stops at the first block `w` may no longer write.
+    /// [`ShmRegion::write_blocks`] as writer `w` of another process's pool: the blocks claimed
+    /// for the copy ([`crate::fence`]), all of them or none.
     pub fn write_blocks_as(
         &mut self,
         layer: usize,
@@ -241,22 +241,10 @@ impl ShmRegion {
         payload: &[u8],
         w: Writer,
     ) -> Result<usize> {
-        let block = self.geom.block_floats() * 4;
-        let n = block_ids.len();
-        if payload.len() != 2 * block * n {
-            return Err(invalid(&format!("{} bytes for {n} blocks", payload.len())));
-        }
-        for (i, &b) in block_ids.iter().enumerate() {
-            let (k, v) = (
-                self.block_range(layer, 0, b)?,
-                self.block_range(layer, 1, b)?,
-            );
-            self.fences.claim(b, w)?;
-            self.map[k].copy_from_slice(&payload[i * block..(i + 1) * block]);
-            self.map[v].copy_from_slice(&payload[(n + i) * block..(n + i + 1) * block]);
-            self.fences.release(b, w);
-        }
-        Ok(payload.len())
+        self.fences.claim_all(block_ids, w)?;
+        let written = self.write_blocks(layer, block_ids, payload);
+        self.fences.release_all(block_ids, w);
+        written
     }
 
     /// Copies a payload laid out as `KvPool::export_layer` makes it (K of `block_ids` in order,
@@ -286,9 +274,10 @@ impl ShmRegion {
     }
 
     /// Copies blocks `src_blocks` of a source pool's layer (`src_k`, `src_v` as `KvPool::layer`
-    /// returns them) into blocks `dst_blocks` of `layer` as writer `w`, each block claimed for its
-    /// copy ([`crate::fence`]), with no staging buffer. Returns the bytes written; stops at the
-    /// first block `w` may no longer write.
+    /// returns them) into blocks `dst_blocks` of `layer` as writer `w`, with no staging buffer.
+    /// The blocks are claimed for the whole layer's copy ([`crate::fence`]), all of them or none,
+    /// so that K and V each go in one pass over the blocks (claimed one block at a time, K and V
+    /// of each block in turn, the copy ran about 10% slower). Returns the bytes written.
     pub fn write_blocks_from(
         &mut self,
         layer: usize,
@@ -302,21 +291,29 @@ impl ShmRegion {
                 "source and destination block lists differ in length",
             ));
         }
+        self.fences.claim_all(dst_blocks, w)?;
+        let written = self.copy_blocks(layer, dst_blocks, src, src_blocks);
+        self.fences.release_all(dst_blocks, w);
+        written
+    }
+
+    fn copy_blocks(
+        &mut self,
+        layer: usize,
+        dst_blocks: &[u32],
+        src: (&[f32], &[f32]),
+        src_blocks: &[u32],
+    ) -> Result<usize> {
         let bf = self.geom.block_floats();
-        let outside = |s: u32| invalid(&format!("source block {s} outside its pool"));
-        for (&d, &s) in dst_blocks.iter().zip(src_blocks) {
-            let at = s as usize * bf..(s as usize + 1) * bf;
-            let k = src.0.get(at.clone()).ok_or_else(|| outside(s))?;
-            let v = src.1.get(at).ok_or_else(|| outside(s))?;
-            let (rk, rv) = (
-                self.block_range(layer, 0, d)?,
-                self.block_range(layer, 1, d)?,
-            );
-            self.fences.claim(d, w)?;
-            let floats = self.floats_mut();
-            floats[rk.start / 4..rk.end / 4].copy_from_slice(k);
-            floats[rv.start / 4..rv.end / 4].copy_from_slice(v);
-            self.fences.release(d, w);
+        for (kv, region) in [src.0, src.1].into_iter().enumerate() {
+            for (&d, &s) in dst_blocks.iter().zip(src_blocks) {
+                let from = region
+                    .get(s as usize * bf..(s as usize + 1) * bf)
+                    .ok_or_else(|| invalid(&format!("source block {s} outside its pool")))?;
+                let r = self.block_range(layer, kv, d)?;
+                let floats = self.floats_mut();
+                floats[r.start / 4..r.end / 4].copy_from_slice(from);
+            }
         }
         Ok(2 * bf * 4 * dst_blocks.len())
     }
