@@ -1,16 +1,16 @@
 //! The continuous-batching loop: one OS thread that owns the engine and the running set. New
 //! sequences join at each step, finished and cancelled ones leave at once and free their blocks;
-//! everyone else reaches the engine through the loop's [`Inbox`].
+//! everyone else reaches the engine through the loop's [`Inbox`]. What it tells streams and
+//! callers are plain [`Event`]s and [`Failure`]s; `coalesce` and the service make gRPC of them.
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use tandem_engine::{Engine, EngineError, Logits, Pending, Sequence, StepItem, plan_chunks};
-use tandem_proto::v1;
 use tokio::sync::mpsc::UnboundedSender;
-use tonic::Status;
 
-use crate::inbox::{ChunkResult, Detached, Inbox, PrefillJob, Prefilled, Snapshot};
+use crate::events::{Event, Failure};
+use crate::inbox::{Detached, Inbox, PrefillJob, Prefilled, Snapshot};
 use crate::state::Shared;
 
 struct Prefilling {
@@ -27,7 +27,7 @@ pub(crate) struct Running {
     kv_tokens: usize,
     last: u32,
     pub(crate) seq: Sequence,
-    pub(crate) tx: UnboundedSender<ChunkResult>,
+    pub(crate) tx: UnboundedSender<Event>,
     /// The engine holds the reservation's blocks as a sequence.
     adopted: bool,
 }
@@ -106,8 +106,7 @@ pub fn run(
                 let drop = stop_all || cancels.contains(&r.id);
                 if drop {
                     if stop_all {
-                        let _ =
-                            r.tx.send(Err(Status::unavailable("decode worker stopping")));
+                        let _ = r.tx.send(Event::Failed(Failure::Stopping));
                     }
                     shared.end_in(&mut engine, r.id);
                 }
@@ -129,9 +128,7 @@ pub fn run(
             if gone {
                 shared.end_in(&mut engine, id);
                 if let Some(reply) = p.job.reply.take() {
-                    let _ = reply.send(Err(Status::not_found(format!(
-                        "reservation {id} was released or expired"
-                    ))));
+                    let _ = reply.send(Err(Failure::Gone(id)));
                 }
             }
             !drop
@@ -221,9 +218,7 @@ fn step(
         // Every sequence needs a block and none is free: the youngest gives its blocks back so
         // that the others can go on (it fails; the gateway may retry it elsewhere).
         if let Some(r) = running.pop() {
-            let _ = r.tx.send(Err(Status::resource_exhausted(
-                "KV cache full: sequence preempted",
-            )));
+            let _ = r.tx.send(Event::Failed(Failure::Preempted));
             shared.end_in(engine, r.id);
         }
         return;
@@ -273,7 +268,7 @@ fn step(
                     .queued_prefill_tokens
                     .fetch_sub(left, Ordering::Relaxed);
                 if let Some(reply) = p.job.reply {
-                    let _ = reply.send(Err(tandem_wire::engine_status(&e)));
+                    let _ = reply.send(Err(Failure::from(&e)));
                 }
             }
             return;
@@ -287,14 +282,13 @@ fn step(
         let r = &mut running[i];
         let (token, finish) = r.seq.next(l, eos);
         r.last = token;
-        let chunk = v1::DecodeChunk {
-            tokens: vec![token],
-            finish: tandem_wire::finish_to_proto(finish).into(),
-            completion_tokens: r.seq.generated(),
-            moved: None,
+        let event = Event::Token {
+            token,
+            generated: r.seq.generated(),
+            finish,
         };
         // A closed receiver is a dropped stream: the client went away.
-        if r.tx.send(Ok(chunk)).is_err() || finish.is_some() {
+        if r.tx.send(event).is_err() || finish.is_some() {
             done.push(i);
         }
     }
@@ -399,7 +393,7 @@ fn fail_step(
     tracing::error!(error = %e, "decode step failed");
     for &i in take.iter().rev() {
         let r = running.remove(i);
-        let _ = r.tx.send(Err(tandem_wire::engine_status(e)));
+        let _ = r.tx.send(Event::Failed(Failure::from(e)));
         shared.end_in(engine, r.id);
     }
 }
@@ -423,8 +417,8 @@ fn adopt(
                 r.adopted = true;
                 true
             }
-            Err(status) => {
-                let _ = r.tx.send(Err(status));
+            Err(failure) => {
+                let _ = r.tx.send(Event::Failed(failure));
                 shared.end_in(engine, r.id);
                 false
             }
@@ -435,10 +429,7 @@ fn adopt(
         let p = &mut prefilling[i];
         let id = p.job.reservation_id;
         let ok = if p.adopted {
-            engine
-                .seq_len(id)
-                .map(|_| ())
-                .ok_or_else(|| Status::not_found(format!("reservation {id} expired")))
+            engine.seq_len(id).map(|_| ()).ok_or(Failure::Gone(id))
         } else {
             shared.adopt(engine, id, 0)
         };
@@ -447,14 +438,14 @@ fn adopt(
                 p.adopted = true;
                 i += 1;
             }
-            Err(status) => {
+            Err(failure) => {
                 let p = prefilling.remove(i);
                 let left = (p.job.prompt.len() - p.done) as u64;
                 stats
                     .queued_prefill_tokens
                     .fetch_sub(left, Ordering::Relaxed);
                 if let Some(reply) = p.job.reply {
-                    let _ = reply.send(Err(status));
+                    let _ = reply.send(Err(failure));
                 }
             }
         }

@@ -1,4 +1,4 @@
-//! The Decode stream: chunks the batch loop produced while the stream's consumer was busy go out
+//! The Decode stream: tokens the batch loop produced while the stream's consumer was busy go out
 //! merged into one message. With fast steps (small models, the `sim` engine, large batches) the
 //! loop makes tokens faster than one gRPC message each can carry them; merging costs nothing when
 //! the consumer keeps up (each message then carries the one token that was waiting).
@@ -8,30 +8,30 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use tandem_proto::v1;
 use tokio::sync::mpsc::UnboundedReceiver;
+use tonic::Status;
 
-use crate::inbox::ChunkResult;
+use crate::events::{Event, chunk};
+
+/// What a Decode stream sends.
+pub type ChunkResult = Result<v1::DecodeChunk, Status>;
 
 /// Most tokens merged into one message, so that a consumer far behind still gets steady messages
 /// of bounded size.
 pub const MAX_TOKENS_PER_CHUNK: usize = 256;
 
-/// Merges waiting chunks; an error is never merged and ends what came before it.
+/// The batch loop's events of one sequence as Decode messages: waiting tokens merged, a move or an
+/// error on its own after the tokens before it. The one place they become gRPC.
 #[derive(Debug)]
 pub struct Coalesced {
-    rx: UnboundedReceiver<ChunkResult>,
+    rx: UnboundedReceiver<Event>,
     /// What could not join the message just sent: the next one to send.
-    held: Option<ChunkResult>,
+    held: Option<Event>,
 }
 
 impl Coalesced {
-    pub fn new(rx: UnboundedReceiver<ChunkResult>) -> Self {
+    pub fn new(rx: UnboundedReceiver<Event>) -> Self {
         Coalesced { rx, held: None }
     }
-}
-
-/// A stream's last message: a finish, or the sequence moved elsewhere.
-fn last(c: &v1::DecodeChunk) -> bool {
-    c.finish != v1::FinishReason::Unspecified as i32 || c.moved.is_some()
 }
 
 impl Stream for Coalesced {
@@ -41,23 +41,30 @@ impl Stream for Coalesced {
         let first = match self.held.take() {
             Some(held) => held,
             None => match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(c)) => c,
+                Poll::Ready(Some(e)) => e,
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             },
         };
-        let Ok(mut merged) = first else {
-            return Poll::Ready(Some(first));
+        let (mut tokens, mut generated, mut finish) = match first {
+            Event::Token {
+                token,
+                generated,
+                finish,
+            } => (vec![token], generated, finish),
+            Event::Moved(m) => return Poll::Ready(Some(Ok(m.into()))),
+            Event::Failed(f) => return Poll::Ready(Some(Err(f.into()))),
         };
-        while !last(&merged) && merged.tokens.len() < MAX_TOKENS_PER_CHUNK {
+        while finish.is_none() && tokens.len() < MAX_TOKENS_PER_CHUNK {
             match self.rx.try_recv() {
-                Ok(Ok(next))
-                    if next.moved.is_none()
-                        && merged.tokens.len() + next.tokens.len() <= MAX_TOKENS_PER_CHUNK =>
-                {
-                    merged.tokens.extend_from_slice(&next.tokens);
-                    merged.finish = next.finish;
-                    merged.completion_tokens = next.completion_tokens;
+                Ok(Event::Token {
+                    token,
+                    generated: g,
+                    finish: f,
+                }) => {
+                    tokens.push(token);
+                    generated = g;
+                    finish = f;
                 }
                 Ok(other) => {
                     self.held = Some(other);
@@ -66,41 +73,38 @@ impl Stream for Coalesced {
                 Err(_) => break,
             }
         }
-        Poll::Ready(Some(Ok(merged)))
+        Poll::Ready(Some(Ok(chunk(tokens, generated, finish))))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::{Failure, Moved};
     use futures::StreamExt;
-    use tonic::Status;
+    use tandem_engine::sampling::FinishReason;
 
-    fn chunk(token: u32, n: u32, finish: v1::FinishReason) -> ChunkResult {
-        Ok(v1::DecodeChunk {
-            tokens: vec![token],
-            finish: finish as i32,
-            completion_tokens: n,
-            moved: None,
-        })
+    fn token(token: u32, generated: u32, finish: Option<FinishReason>) -> Event {
+        Event::Token {
+            token,
+            generated,
+            finish,
+        }
     }
 
     #[tokio::test]
-    async fn waiting_chunks_go_out_as_one_and_the_stream_ends_after_the_last() {
+    async fn waiting_tokens_go_out_as_one_message_and_the_stream_ends_after_the_last() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut s = Coalesced::new(rx);
-        tx.send(chunk(10, 2, v1::FinishReason::Unspecified))
-            .unwrap();
+        tx.send(token(10, 2, None)).unwrap();
         let one = s.next().await.unwrap().unwrap();
         assert_eq!((one.tokens, one.completion_tokens), (vec![10], 2));
         for (i, t) in [11, 12, 13].into_iter().enumerate() {
-            tx.send(chunk(t, 3 + i as u32, v1::FinishReason::Unspecified))
-                .unwrap();
+            tx.send(token(t, 3 + i as u32, None)).unwrap();
         }
-        tx.send(chunk(14, 6, v1::FinishReason::Length)).unwrap();
-        // Sent after the last chunk: not merged into it.
-        tx.send(chunk(99, 7, v1::FinishReason::Unspecified))
-            .unwrap();
+        tx.send(token(14, 6, Some(FinishReason::Length))).unwrap();
+        // Sent after the last token: not merged into it.
+        tx.send(token(99, 7, None)).unwrap();
         let merged = s.next().await.unwrap().unwrap();
         assert_eq!(merged.tokens, vec![11, 12, 13, 14]);
         assert_eq!(merged.completion_tokens, 6);
@@ -111,10 +115,9 @@ mod tests {
     async fn an_error_is_sent_on_its_own_after_the_tokens_before_it() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut s = Coalesced::new(rx);
-        tx.send(chunk(1, 2, v1::FinishReason::Unspecified)).unwrap();
-        tx.send(chunk(2, 3, v1::FinishReason::Unspecified)).unwrap();
-        tx.send(Err(Status::resource_exhausted("preempted")))
-            .unwrap();
+        tx.send(token(1, 2, None)).unwrap();
+        tx.send(token(2, 3, None)).unwrap();
+        tx.send(Event::Failed(Failure::Preempted)).unwrap();
         drop(tx);
         assert_eq!(s.next().await.unwrap().unwrap().tokens, vec![1, 2]);
         let e = s.next().await.unwrap().unwrap_err();
@@ -126,23 +129,28 @@ mod tests {
     async fn a_move_goes_on_its_own_after_the_tokens_before_it() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut s = Coalesced::new(rx);
-        tx.send(chunk(1, 2, v1::FinishReason::Unspecified)).unwrap();
-        tx.send(chunk(2, 3, v1::FinishReason::Unspecified)).unwrap();
-        let moved = v1::SequenceMoved {
+        tx.send(token(1, 2, None)).unwrap();
+        tx.send(token(2, 3, None)).unwrap();
+        tx.send(Event::Moved(Moved {
+            worker_id: "decode-2".into(),
+            grpc_addr: "127.0.0.1:1".into(),
+            reservation_id: 7,
+            kv_tokens: 40,
+            generated: 3,
+        }))
+        .unwrap();
+        assert_eq!(s.next().await.unwrap().unwrap().tokens, vec![1, 2]);
+        let last = s.next().await.unwrap().unwrap();
+        let want = v1::SequenceMoved {
             worker_id: "decode-2".into(),
             grpc_addr: "127.0.0.1:1".into(),
             reservation_id: 7,
             kv_tokens: 40,
         };
-        tx.send(Ok(v1::DecodeChunk {
-            completion_tokens: 3,
-            moved: Some(moved.clone()),
-            ..Default::default()
-        }))
-        .unwrap();
-        assert_eq!(s.next().await.unwrap().unwrap().tokens, vec![1, 2]);
-        let last = s.next().await.unwrap().unwrap();
-        assert_eq!((last.tokens.len(), last.moved), (0, Some(moved)));
+        assert_eq!(
+            (last.tokens.len(), last.completion_tokens, last.moved),
+            (0, 3, Some(want))
+        );
     }
 
     #[tokio::test]
@@ -151,8 +159,7 @@ mod tests {
         let mut s = Coalesced::new(rx);
         let n = MAX_TOKENS_PER_CHUNK as u32 + 10;
         for t in 0..n {
-            tx.send(chunk(t, t + 2, v1::FinishReason::Unspecified))
-                .unwrap();
+            tx.send(token(t, t + 2, None)).unwrap();
         }
         drop(tx);
         let a = s.next().await.unwrap().unwrap();

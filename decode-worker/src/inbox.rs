@@ -7,15 +7,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use tandem_engine::sampling::{FinishReason, SamplingParams};
-use tandem_proto::v1;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
-use tonic::Status;
 
 use crate::batch::Running;
-
-/// What a Decode stream receives.
-pub type ChunkResult = Result<v1::DecodeChunk, Status>;
+use crate::events::{Event, Failure, Moved};
 
 /// A committed reservation that asks to run.
 pub struct Joiner {
@@ -27,7 +23,7 @@ pub struct Joiner {
     /// Tokens generated before this stream, `first_token` included.
     pub generated_before: u32,
     pub sampling: SamplingParams,
-    pub tx: UnboundedSender<ChunkResult>,
+    pub tx: UnboundedSender<Event>,
 }
 
 /// Aggregated mode: a prompt to compute inside the running batch, into its own reservation.
@@ -37,7 +33,7 @@ pub struct PrefillJob {
     pub sampling: SamplingParams,
     pub cancel: Arc<AtomicBool>,
     /// Taken when answered.
-    pub reply: Option<oneshot::Sender<Result<Prefilled, Status>>>,
+    pub reply: Option<oneshot::Sender<Result<Prefilled, Failure>>>,
 }
 
 /// A computed prompt: its first token and when its compute started and ended.
@@ -77,9 +73,10 @@ impl Detached {
         self.run.seq.generated()
     }
 
-    /// Ends its Decode stream with `last`; `false` if the stream's caller went away.
-    pub fn end_stream(self, last: v1::DecodeChunk) -> bool {
-        self.run.tx.send(Ok(last)).is_ok()
+    /// Ends its Decode stream: the sequence goes on at `to`. `false` if the stream's caller went
+    /// away.
+    pub fn end_stream(self, to: Moved) -> bool {
+        self.run.tx.send(Event::Moved(to)).is_ok()
     }
 }
 

@@ -12,6 +12,7 @@
 pub mod batch;
 pub mod book;
 pub mod coalesce;
+pub mod events;
 pub mod inbox;
 pub mod migrate;
 pub mod service;

@@ -21,6 +21,7 @@ use tandem_proto::v1::decode_service_client::DecodeServiceClient;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::events::Moved;
 use crate::inbox::Detached;
 use crate::service::DecodeGrpc;
 
@@ -168,15 +169,12 @@ impl Destination {
             }
         }
         let (kv_tokens, generated) = (d.kv_tokens, d.generated());
-        let told = d.end_stream(v1::DecodeChunk {
-            completion_tokens: generated,
-            moved: Some(v1::SequenceMoved {
-                worker_id: self.req.destination_worker_id.clone(),
-                grpc_addr: self.req.destination_grpc_addr.clone(),
-                reservation_id: self.res.reservation_id,
-                kv_tokens: kv_tokens as u32,
-            }),
-            ..Default::default()
+        let told = d.end_stream(Moved {
+            worker_id: self.req.destination_worker_id.clone(),
+            grpc_addr: self.req.destination_grpc_addr.clone(),
+            reservation_id: self.res.reservation_id,
+            kv_tokens: kv_tokens as u32,
+            generated,
         });
         // Its KV is the destination's now; here the engine lets it go.
         shared.end(id);

@@ -12,8 +12,9 @@ use tandem_proto::v1::worker_control_server::WorkerControl;
 use tonic::{Request, Response, Status};
 
 use crate::batch::LoopStats;
-use crate::coalesce::Coalesced;
-use crate::inbox::{ChunkResult, Inbox, Joiner, PrefillJob};
+use crate::coalesce::{ChunkResult, Coalesced};
+use crate::events::Failure;
+use crate::inbox::{Inbox, Joiner, PrefillJob};
 use crate::state::{Phase, Shared};
 
 /// Longest lease a Reserve may ask for.
@@ -340,7 +341,8 @@ impl PrefillService for DecodeGrpc {
         });
         let out = rx
             .await
-            .unwrap_or_else(|_| Err(Status::unavailable("decode worker stopping")))?;
+            .unwrap_or(Err(Failure::Stopping))
+            .map_err(Status::from)?;
         drop(guard.disarm());
         let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros() as u64;
         Ok(Response::new(v1::PrefillResponse {

@@ -20,6 +20,7 @@ use tonic::Status;
 
 use crate::book::{Ask, Book};
 pub use crate::book::{Phase, Reservation};
+use crate::events::Failure;
 use crate::inbox::Inbox;
 
 /// State shared by every part of a decode worker.
@@ -154,20 +155,16 @@ impl Shared {
 
     /// Hands an admitted reservation's blocks to the engine as sequence `id` with `len` positions
     /// of KV (the prompt it imported, or 0 for an aggregated prefill about to be computed).
-    pub fn adopt(&self, engine: &mut Engine, id: u64, len: usize) -> Result<(), Status> {
+    pub fn adopt(&self, engine: &mut Engine, id: u64, len: usize) -> Result<(), Failure> {
         let mut book = self.book();
-        let r = book
-            .get_mut(id)
-            .ok_or_else(|| Status::not_found(format!("reservation {id} is unknown or expired")))?;
+        let r = book.get_mut(id).ok_or(Failure::Gone(id))?;
         let Some(lease) = r.lease.take() else {
             // Computed here (aggregated): the engine's sequence already holds the prompt.
-            return engine
-                .commit(id, len)
-                .map_err(|e| tandem_wire::engine_status(&e));
+            return engine.commit(id, len).map_err(|e| Failure::from(&e));
         };
         engine.adopt(id, lease, len).map_err(|(e, lease)| {
             r.lease = Some(lease);
-            tandem_wire::engine_status(&e)
+            Failure::from(&e)
         })
     }
 }
