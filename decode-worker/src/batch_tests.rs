@@ -34,7 +34,9 @@ fn admitted(s: &Arc<Shared>, tokens: u32) -> u64 {
 
 /// A batch loop on its own thread, with one sequence of up to `tokens` joined; its stream's
 /// receiver.
-fn started(tokens: u32) -> (
+fn started(
+    tokens: u32,
+) -> (
     Arc<Inbox>,
     u64,
     UnboundedReceiver<Event>,

@@ -308,8 +308,10 @@ impl Book {
             return;
         };
         *readers -= 1;
-        if *readers == 0 {
-            self.orphans.remove(&id);
+        if *readers == 0
+            && let Some((lease, _)) = self.orphans.remove(&id)
+        {
+            self.retire(id, lease);
         }
     }
 
@@ -324,14 +326,23 @@ impl Book {
         if let Some(lease) = r.lease {
             if r.writers > 0 {
                 self.orphans.insert(id, (lease, r.writers));
-            } else if let Some(f) = &self.fences
-                && !f.revoke(&r.block_ids, id)
-            {
-                tracing::warn!(reservation = id, "a late copy into its blocks is in flight");
-                self.quarantine.push((id, lease));
+            } else {
+                self.retire(id, lease);
             }
         }
         Some(removed)
+    }
+
+    /// The blocks of reservation `id`, which left the table unfilled, go back to the allocator:
+    /// over shm once no other process may write them (revoked), or later, from the quarantine,
+    /// while a copy into one of them is still in flight.
+    fn retire(&mut self, id: u64, lease: BlockLease) {
+        if let Some(f) = &self.fences
+            && !f.revoke(lease.ids(), id)
+        {
+            tracing::warn!(reservation = id, "a late copy into its blocks is in flight");
+            self.quarantine.push((id, lease));
+        }
     }
 
     /// Drops every reservation whose lease ran out before it started decoding. Returns those
@@ -449,6 +460,21 @@ mod tests {
                 .iter()
                 .all(|&b| prefill.fences().claim(b, w).is_err())
         );
+        // Ended while a notice's checksum was read from its blocks, with a copy in flight: the
+        // read's end retires it the same way.
+        let blocks = book.reserve(&alloc, 11, ask(20, later())).unwrap();
+        let w = Writer {
+            reservation_id: 11,
+            attempt: 0,
+        };
+        prefill.fences().claim(blocks[0], w).unwrap();
+        assert!(book.hold(11));
+        book.remove(11).unwrap();
+        book.end_write(11);
+        assert_eq!((book.quarantined(), alloc.free_count()), (2, 6));
+        prefill.fences().release(blocks[0], w);
+        book.expire(Instant::now());
+        assert_eq!((book.quarantined(), alloc.free_count()), (0, 8));
         // A reservation whose KV arrived is sealed: no attempt writes it any more.
         let blocks = book.reserve(&alloc, 10, ask(20, later())).unwrap();
         book.seal(10, 0).unwrap();
