@@ -183,6 +183,15 @@ async fn across_hosts_output_is_one_engines_and_survives_cut_links_and_corrupted
                 _ => net.link(busiest, false),
             }
             tokio::time::sleep(Duration::from_secs(5)).await;
+            // The router may have placed every request of those 5 s on the other decode worker:
+            // the corruption lasts until a frame has crossed the proxy (at most 20 s more).
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while name.starts_with("corrupt")
+                && proxy.corrupted() == before
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
             proxy.corrupt(false);
             match name {
                 "cut prefill-decode link 5 s" => net.link_between(PREFILL, DECODE_DIRECT, true),
