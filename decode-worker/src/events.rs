@@ -63,22 +63,7 @@ impl From<Failure> for Status {
             Failure::Gone(id) => {
                 Status::not_found(format!("reservation {id} was released or expired"))
             }
-            Failure::Engine { class, message } => match class {
-                ErrorClass::InvalidInput => Status::invalid_argument(message),
-                ErrorClass::Exhausted => Status::resource_exhausted(message),
-                ErrorClass::Model => Status::failed_precondition(message),
-                ErrorClass::Internal => Status::internal(message),
-            },
-        }
-    }
-}
-
-impl Event {
-    /// The stream's last event.
-    pub fn is_last(&self) -> bool {
-        match self {
-            Event::Token { finish, .. } => finish.is_some(),
-            Event::Moved(_) | Event::Failed(_) => true,
+            Failure::Engine { class, message } => tandem_wire::class_status(class, message),
         }
     }
 }

@@ -95,14 +95,6 @@ pub fn measure(
     };
     let prompts = PROMPTS;
     let back_to_back: &[&str] = &["--concurrency", "1"];
-    let on_a_clock = ON_A_CLOCK;
-    let run = |what: &str, c: &mut Command| -> anyhow::Result<()> {
-        let status = c.status().context("running tandem bench")?;
-        if !status.success() {
-            bail!("tandem bench ({what}) failed: {status}");
-        }
-        Ok(())
-    };
     let (idle_b2b, idle_clock) = (dir.join("idle-b2b.json"), dir.join("idle-clock.json"));
     run(
         "decode worker idle",
@@ -110,7 +102,7 @@ pub fn measure(
     )?;
     run(
         "decode worker idle, on a clock",
-        &mut bench(prompts, "1", requests, "12", on_a_clock, &idle_clock),
+        &mut bench(prompts, "1", requests, "12", ON_A_CLOCK, &idle_clock),
     )?;
     // A second client keeps the decode worker decoding 256-token answers (about 4.3 s each, 256
     // steps) while both sets of prompts go through (about 9 s back to back, 19 s on the clock, for
@@ -130,7 +122,7 @@ pub fn measure(
     .and_then(|()| {
         run(
             "beside a decoding answer, on a clock",
-            &mut bench(prompts, "1", requests, "15", on_a_clock, &dec_clock),
+            &mut bench(prompts, "1", requests, "15", ON_A_CLOCK, &dec_clock),
         )
     });
     let bg = background
@@ -152,6 +144,15 @@ pub fn measure(
 
 /// The prompt lengths the served part times.
 const PROMPTS: &str = "uniform:64-400";
+
+/// Runs one `tandem bench` (`what` it times) to success.
+fn run(what: &str, c: &mut Command) -> anyhow::Result<()> {
+    let status = c.status().context("running tandem bench")?;
+    if !status.success() {
+        bail!("tandem bench ({what}) failed: {status}");
+    }
+    Ok(())
+}
 
 /// One prompt every 1.6 s, the prefill worker idle between them: a 400-token prompt takes about
 /// 1.2 s, the mean one 0.7 s.
@@ -242,13 +243,10 @@ pub fn check(
         dir.join("answers.json"),
     );
     let n = requests.max(1);
-    let status = server
-        .bench(PROMPTS, "1", n, "20", ON_A_CLOCK, &idle)
-        .status()
-        .context("running tandem bench")?;
-    if !status.success() {
-        bail!("tandem bench against {url} failed: prompts on an idle pair {status}");
-    }
+    run(
+        "prompts on an idle pair",
+        &mut server.bench(PROMPTS, "1", n, "20", ON_A_CLOCK, &idle),
+    )?;
     // Enough answers to outlast the prompts (a prompt takes about half a second, an answer about
     // two and a half).
     let mut background = server

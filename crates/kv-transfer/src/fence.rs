@@ -63,6 +63,12 @@ fn attempt_of(word: u64) -> u32 {
     ((word >> 1) & ((1 << ATTEMPT_BITS) - 1)) as u32
 }
 
+/// Whether `word` lets writer `w` start a copy (or attempt `w` be sealed): no copy in flight, and
+/// it names `w`'s reservation with an attempt no newer than `w`'s.
+fn open_to(word: u64, w: Writer) -> bool {
+    word & WRITING == 0 && tag_of(word) == tag(w.reservation_id) && attempt_of(word) <= w.attempt
+}
+
 /// Bytes of the fence table of a pool of `num_blocks` blocks.
 pub fn table_len(num_blocks: u32) -> u64 {
     8 * u64::from(num_blocks)
@@ -126,26 +132,13 @@ impl Fences {
     /// Writer side: claims `block` for one copy. Fails once the reservation ended, its KV was
     /// sealed or a newer attempt took the block over.
     pub fn claim(&self, block: u32, w: Writer) -> Result<()> {
-        let word = self.word(block)?;
-        let mine = w.word();
-        let mut cur = word.load(Ordering::Acquire);
-        loop {
-            if cur & WRITING != 0
-                || tag_of(cur) != tag(w.reservation_id)
-                || attempt_of(cur) > w.attempt
-            {
-                return Err(fenced(block, w, cur));
-            }
-            match word.compare_exchange_weak(
-                cur,
-                mine | WRITING,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(()),
-                Err(now) => cur = now,
-            }
-        }
+        let mine = w.word() | WRITING;
+        self.word(block)?
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                open_to(cur, w).then_some(mine)
+            })
+            .map(drop)
+            .map_err(|cur| fenced(block, w, cur))
     }
 
     /// Writer side: the copy into `block` ended (its bytes are visible to whoever next changes the
@@ -183,23 +176,11 @@ impl Fences {
     /// is in flight (the KV cannot be trusted then); blocks sealed before the failure stay sealed.
     pub fn seal(&self, blocks: &[u32], w: Writer) -> Result<()> {
         for &b in blocks {
-            let word = self.word(b)?;
-            let mut cur = word.load(Ordering::Acquire);
-            loop {
-                if cur == SEALED {
-                    break;
-                }
-                if cur & WRITING != 0
-                    || tag_of(cur) != tag(w.reservation_id)
-                    || attempt_of(cur) > w.attempt
-                {
-                    return Err(fenced(b, w, cur));
-                }
-                match word.compare_exchange_weak(cur, SEALED, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => break,
-                    Err(now) => cur = now,
-                }
-            }
+            self.word(b)?
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                    (cur == SEALED || open_to(cur, w)).then_some(SEALED)
+                })
+                .map_err(|cur| fenced(b, w, cur))?;
         }
         Ok(())
     }
@@ -208,24 +189,20 @@ impl Fences {
     /// `false` while a copy into one of them is in flight (that block keeps its word: call again
     /// later; the others are revoked already).
     pub fn revoke(&self, blocks: &[u32], reservation_id: u64) -> bool {
+        let mine = |cur: u64| tag_of(cur) == tag(reservation_id);
         let mut all = true;
         for &b in blocks {
             let Ok(word) = self.word(b) else {
                 continue;
             };
-            let mut cur = word.load(Ordering::Acquire);
-            loop {
-                if tag_of(cur) != tag(reservation_id) {
-                    break;
-                }
-                if cur & WRITING != 0 {
-                    all = false;
-                    break;
-                }
-                match word.compare_exchange_weak(cur, FREE, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => break,
-                    Err(now) => cur = now,
-                }
+            let revoked = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (mine(cur) && cur & WRITING == 0).then_some(FREE)
+            });
+            // Refused on a word of its own: a copy is in flight (another's word is not its).
+            if let Err(cur) = revoked
+                && mine(cur)
+            {
+                all = false;
             }
         }
         all

@@ -241,9 +241,20 @@ impl ShmRegion {
         payload: &[u8],
         w: Writer,
     ) -> Result<usize> {
-        self.fences.claim_all(block_ids, w)?;
-        let written = self.write_blocks(layer, block_ids, payload);
-        self.fences.release_all(block_ids, w);
+        self.as_writer(block_ids, w, |r| r.write_blocks(layer, block_ids, payload))
+    }
+
+    /// Runs `copy` with `blocks` claimed for writer `w` ([`crate::fence`]): all of them or none,
+    /// given back after.
+    fn as_writer(
+        &mut self,
+        blocks: &[u32],
+        w: Writer,
+        copy: impl FnOnce(&mut Self) -> Result<usize>,
+    ) -> Result<usize> {
+        self.fences.claim_all(blocks, w)?;
+        let written = copy(self);
+        self.fences.release_all(blocks, w);
         written
     }
 
@@ -291,10 +302,9 @@ impl ShmRegion {
                 "source and destination block lists differ in length",
             ));
         }
-        self.fences.claim_all(dst_blocks, w)?;
-        let written = self.copy_blocks(layer, dst_blocks, src, src_blocks);
-        self.fences.release_all(dst_blocks, w);
-        written
+        self.as_writer(dst_blocks, w, |r| {
+            r.copy_blocks(layer, dst_blocks, src, src_blocks)
+        })
     }
 
     fn copy_blocks(

@@ -61,8 +61,12 @@ pub fn finish_from_proto(f: i32) -> Option<FinishReason> {
 
 /// The gRPC status for an engine error, by its class.
 pub fn engine_status(e: &EngineError) -> Status {
-    let msg = e.to_string();
-    match e.class() {
+    class_status(e.class(), e.to_string())
+}
+
+/// The status of an engine error of `class` with message `msg` (one carried as plain values).
+pub fn class_status(class: ErrorClass, msg: String) -> Status {
+    match class {
         ErrorClass::InvalidInput => Status::invalid_argument(msg),
         ErrorClass::Exhausted => Status::resource_exhausted(msg),
         ErrorClass::Model => Status::failed_precondition(msg),

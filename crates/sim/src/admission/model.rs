@@ -380,23 +380,18 @@ mod tests {
     #[test]
     fn a_base_model_predicts_at_once_and_its_scale_follows_the_host() {
         let mut m = StepModel::new(Some(Arc::new(TOY)));
-        let one = [PrefillItem::fresh(100)];
-        let shape = StepShape {
-            prefill: &one,
-            ..StepShape::default()
-        };
-        assert_eq!(m.step_time(&shape), Some(0.1));
+        assert_eq!(hundred_time(&m), 0.1);
         // The host runs 1.5x slower than the base says.
         for i in 0..MIN_SAMPLES {
             m.observe(prefill(50 + i as u32, 1.5e-3 * f64::from(50 + i as u32)));
         }
-        let t = m.step_time(&shape).unwrap();
+        let t = hundred_time(&m);
         assert!((t - 0.15).abs() < 1e-12, "{t}");
         // Then it runs 3x slower: the level follows the recent steps, not the whole window.
         for i in 0..RECENT {
             m.observe(prefill(50 + i as u32, 3e-3 * f64::from(50 + i as u32)));
         }
-        let t = m.step_time(&shape).unwrap();
+        let t = hundred_time(&m);
         assert!((t - 0.3).abs() < 1e-9, "{t}");
     }
 
@@ -410,16 +405,11 @@ mod tests {
                 .collect()
         };
         m.observe_batch(&batch(1.0), 0.0);
-        let one = [PrefillItem::fresh(100)];
-        let shape = StepShape {
-            prefill: &one,
-            ..StepShape::default()
-        };
-        assert!((m.step_time(&shape).unwrap() - 0.011).abs() < 1e-9);
+        assert!((hundred_time(&m) - 0.011).abs() < 1e-9);
         // Twice as slow, reported 0.1 s later: within the gap no refit, but the level follows.
         m.observe_batch(&batch(2.0), 0.1);
         m.observe_batch(&batch(2.0), 0.15);
-        let t = m.step_time(&shape).unwrap();
+        let t = hundred_time(&m);
         assert!((t - 0.022).abs() < 1e-9, "{t}");
         let Coefficients::Linear { coef, .. } = m.coefficients() else {
             panic!("{:?}", m.coefficients());
@@ -434,61 +424,60 @@ mod tests {
         };
         // Refitted over the window (both speeds); the level keeps it on the recent one.
         assert!(coef[0] > 1.2e-4, "refitted: {coef:?}");
-        let t = m.step_time(&shape).unwrap();
+        let t = hundred_time(&m);
         assert!((t - 0.022).abs() < 1e-6, "{t}");
+    }
+
+    /// `n` steps of one 100-token prompt, at `scale` times the toy base's 0.1 s.
+    fn hundreds(scale: f64, n: usize) -> Vec<StepSample> {
+        (0..n).map(|_| prefill(100, scale * 0.1)).collect()
+    }
+
+    /// What `m` predicts for a step of one 100-token prompt.
+    fn hundred_time(m: &StepModel) -> f64 {
+        let one = [PrefillItem::fresh(100)];
+        let shape = StepShape {
+            prefill: &one,
+            ..StepShape::default()
+        };
+        m.step_time(&shape).unwrap()
     }
 
     #[test]
     fn a_quiet_worker_s_level_settles_to_the_whole_window() {
         let mut m = StepModel::new(Some(Arc::new(TOY)));
-        let one = [PrefillItem::fresh(100)];
-        let shape = StepShape {
-            prefill: &one,
-            ..StepShape::default()
-        };
-        let steps = |scale: f64, n: usize| -> Vec<StepSample> {
-            (0..n).map(|_| prefill(100, scale * 0.1)).collect()
-        };
         // A long run at the base's speed, then a burst at 3x (contended).
-        m.observe_batch(&steps(1.0, WINDOW - RECENT), 0.0);
-        m.observe_batch(&steps(3.0, RECENT), 10.0);
-        assert!((m.step_time(&shape).unwrap() - 0.3).abs() < 1e-9);
+        m.observe_batch(&hundreds(1.0, WINDOW - RECENT), 0.0);
+        m.observe_batch(&hundreds(3.0, RECENT), 10.0);
+        assert!((hundred_time(&m) - 0.3).abs() < 1e-9);
         // Reports without steps: nothing changes until the level's time is up.
         m.observe_batch(&[], 10.0 + LEVEL_TTL_S);
-        assert!((m.step_time(&shape).unwrap() - 0.3).abs() < 1e-9);
+        assert!((hundred_time(&m) - 0.3).abs() < 1e-9);
         m.observe_batch(&[], 10.1 + LEVEL_TTL_S);
-        assert!((m.step_time(&shape).unwrap() - 0.1).abs() < 1e-9);
+        assert!((hundred_time(&m) - 0.1).abs() < 1e-9);
         // A new step brings the recent level back.
-        m.observe_batch(&steps(3.0, 1), 20.0);
-        assert!((m.step_time(&shape).unwrap() - 0.3).abs() < 1e-9);
+        m.observe_batch(&hundreds(3.0, 1), 20.0);
+        assert!((hundred_time(&m) - 0.3).abs() < 1e-9);
     }
 
     #[test]
     fn after_a_long_overload_a_quiet_worker_settles_to_its_recent_steps() {
         let mut m = StepModel::new(Some(Arc::new(TOY)));
-        let one = [PrefillItem::fresh(100)];
-        let shape = StepShape {
-            prefill: &one,
-            ..StepShape::default()
-        };
-        let steps = |scale: f64, n: usize| -> Vec<StepSample> {
-            (0..n).map(|_| prefill(100, scale * 0.1)).collect()
-        };
         // The whole window at 2x (an overload), then a quiet minute later eight steps at 1x, one
         // report every two seconds: their level, not the window's median, once settled.
-        m.observe_batch(&steps(2.0, WINDOW), 0.0);
+        m.observe_batch(&hundreds(2.0, WINDOW), 0.0);
         for i in 0..MIN_SAMPLES + 2 {
-            m.observe_batch(&steps(1.0, 1), 60.0 + 2.0 * i as f64);
+            m.observe_batch(&hundreds(1.0, 1), 60.0 + 2.0 * i as f64);
         }
         let last = 60.0 + 2.0 * (MIN_SAMPLES + 1) as f64;
         m.observe_batch(&[], last + LEVEL_TTL_S + 0.1);
-        assert!((m.step_time(&shape).unwrap() - 0.1).abs() < 1e-9);
+        assert!((hundred_time(&m) - 0.1).abs() < 1e-9);
         // Too few steps in the horizon: the whole window's level (2x here).
         let mut m = StepModel::new(Some(Arc::new(TOY)));
-        m.observe_batch(&steps(2.0, WINDOW), 0.0);
-        m.observe_batch(&steps(1.0, MIN_SAMPLES - 1), 60.0);
+        m.observe_batch(&hundreds(2.0, WINDOW), 0.0);
+        m.observe_batch(&hundreds(1.0, MIN_SAMPLES - 1), 60.0);
         m.observe_batch(&[], 60.0 + LEVEL_TTL_S + 0.1);
-        assert!((m.step_time(&shape).unwrap() - 0.2).abs() < 1e-9);
+        assert!((hundred_time(&m) - 0.2).abs() < 1e-9);
     }
 
     #[test]
